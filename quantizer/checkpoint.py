@@ -1,0 +1,98 @@
+"""Reading a spillover-int4 model directory: manifest, config, tensors, and verification against the manifest.
+
+Both processes read through this class: the loader takes the quantized Linears (``qweight``/``scales``), the
+compute process takes everything else (embeddings, norms, biases). Nothing here allocates device memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from quantizer.format import (
+    QWEIGHT_SUFFIX,
+    SCALES_SUFFIX,
+    FormatError,
+    Manifest,
+    TensorEntry,
+    read_manifest,
+    sha256_file,
+)
+
+# safetensors dtype strings <-> torch dtypes, for the dtypes this format stores.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+class QuantizedCheckpoint:
+    """A spillover-int4 model directory, opened read-only."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FormatError(f"{self.path} is not a directory")
+        self.manifest: Manifest = read_manifest(self.path)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise FormatError(f"{self.path} has no config.json")
+        try:
+            self.config: dict = json.loads(config_path.read_text())
+        except ValueError as e:
+            raise FormatError(f"{config_path} is not valid JSON: {e}") from None
+        self._entries = {t.name: t for t in self.manifest.tensors}
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise FormatError(f"{self.path}: tensor {name!r} is not in the manifest") from None
+
+    def has(self, name: str) -> bool:
+        return name in self._entries
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor from its shard (a CPU tensor)."""
+        entry = self.entry(name)
+        with safe_open(self.path / entry.file, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def linear(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight uint8 [out, in / 2], scales bf16 [out, in / 128]) of one quantized Linear."""
+        return self.tensor(module_name + QWEIGHT_SUFFIX), self.tensor(module_name + SCALES_SUFFIX)
+
+    @cached_property
+    def quantized_tensor_names(self) -> frozenset[str]:
+        return frozenset(m + s for m in self.manifest.linears for s in (QWEIGHT_SUFFIX, SCALES_SUFFIX))
+
+    def dense_tensor_names(self) -> list[str]:
+        """Every stored tensor that is not part of a quantized Linear weight (embeddings, norms, biases)."""
+        return [t.name for t in self.manifest.tensors if t.name not in self.quantized_tensor_names]
+
+    def verify(self, checksums: bool = True) -> None:
+        """Raise ``FormatError`` naming the first shard that is missing, of the wrong size, or corrupt."""
+        for shard in self.manifest.shards:
+            shard_path = self.path / shard.file
+            if not shard_path.is_file():
+                raise FormatError(f"shard {shard_path} is missing")
+            size = os.path.getsize(shard_path)
+            if size != shard.nbytes:
+                raise FormatError(f"shard {shard_path} has {size} bytes, the manifest says {shard.nbytes}")
+            if checksums and sha256_file(shard_path) != shard.sha256:
+                raise FormatError(f"shard {shard_path} does not match its sha256 in the manifest")
+        names = {shard.file for shard in self.manifest.shards}
+        for t in self.manifest.tensors:
+            if t.file not in names:
+                raise FormatError(f"tensor {t.name!r} is in {t.file}, which is not a listed shard")
