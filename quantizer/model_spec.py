@@ -1,0 +1,107 @@
+"""What a model is made of, read from its ``config.json`` alone: parameters, Linears, and the units they form.
+
+The model is built on the meta device (no memory, no weights), and its ``nn.Linear`` modules are found by type,
+never by matching names. Linears are grouped into units in execution order (docs/architecture.md, "Units"): one
+per decoder layer, then ``lm_head`` when it is not tied to the embedding. Quantizing and synthesizing both start
+from the ``ModelSpec`` built here, so the two always agree on which tensors a model has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from quantizer.format import BLOCK_SIZE, UnitEntry
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+
+class UnsupportedModelError(ValueError):
+    """The config describes a model this format cannot hold; the message says why and what is supported."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParameterSpec:
+    name: str  # the parameter's name in the checkpoint, e.g. "model.layers.0.self_attn.q_proj.weight"
+    shape: tuple[int, ...]
+    linear: bool  # True for the weight of an nn.Linear that is quantized
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    architecture: str  # config.architectures[0]
+    tied: bool  # lm_head shares the embedding's weight (tie_word_embeddings): it is neither stored nor a unit
+    parameters: tuple[ParameterSpec, ...]  # every stored parameter, in module (execution) order
+    units: tuple[UnitEntry, ...]  # the quantized Linears grouped by unit, in execution order
+
+    def parameter(self, name: str) -> ParameterSpec:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def describe_model(config: dict) -> ModelSpec:
+    """Build the model of ``config`` (a parsed config.json) on the meta device and describe it.
+
+    Raises ``UnsupportedModelError`` for an architecture other than those in ``SUPPORTED_ARCHITECTURES`` and
+    for a Linear whose input size is not a multiple of the block size.
+    """
+    architectures = config.get("architectures") or []
+    architecture = architectures[0] if architectures else None
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {architecture!r} in config.json: "
+            f"supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    # Imported here: transformers takes seconds to import and only this step needs it.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    hf_config = AutoConfig.for_model(config.get("model_type", "qwen2"), **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    if type(model).__name__ != architecture:
+        raise UnsupportedModelError(
+            f"config.json names {architecture} but its model_type {config.get('model_type')!r} builds "
+            f"{type(model).__name__}; supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    module_names = {id(module): name for name, module in model.named_modules()}
+    units: list[UnitEntry] = []
+    claimed: set[str] = set()
+    for index, layer in enumerate(model.model.layers):
+        prefix = module_names[id(layer)]
+        linears = tuple(
+            f"{prefix}.{name}" for name, module in layer.named_modules() if isinstance(module, nn.Linear)
+        )
+        units.append(UnitEntry(name=f"layers.{index}", linears=linears))
+        claimed.update(linears)
+    lm_head = model.get_output_embeddings()
+    lm_head_name = module_names[id(lm_head)]
+    if not tied:
+        units.append(UnitEntry(name="lm_head", linears=(lm_head_name,)))
+        claimed.add(lm_head_name)
+
+    linear_weights: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or (tied and name == lm_head_name):
+            continue
+        if name not in claimed:
+            raise UnsupportedModelError(f"Linear {name} belongs to no decoder layer and is not the lm_head")
+        if module.in_features % BLOCK_SIZE:
+            raise UnsupportedModelError(
+                f"Linear {name} has in_features={module.in_features}, not a multiple of the block size "
+                f"{BLOCK_SIZE}: this format cannot hold it"
+            )
+        linear_weights.add(f"{name}.weight")
+
+    # named_parameters() lists a shared (tied) weight once, under the embedding's name.
+    parameters = tuple(
+        ParameterSpec(name=name, shape=tuple(param.shape), linear=name in linear_weights)
+        for name, param in model.named_parameters()
+    )
+    return ModelSpec(architecture=architecture, tied=tied, parameters=parameters, units=tuple(units))

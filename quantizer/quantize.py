@@ -1,0 +1,301 @@
+"""``quantize_checkpoint``: a Hugging Face safetensors checkpoint -> a spillover-int4 directory, streamed.
+
+Host memory stays bounded whatever the model's size: tensors are read in pieces of at most ``CHUNK_BYTES``
+(a few rows at a time, each through a fresh ``safe_open`` so no mapping of a multi-GB shard stays resident),
+quantized (on the GPU when there is one), and appended to output shards whose layout was planned up front
+(``quantizer.writer``). Every input is checked before anything is written, and every problem a person can
+fix raises ``QuantizeError`` with one line saying what is wrong and where.
+
+This module reads checkpoints and writes the format; it never builds a real model or touches the loader.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from quantizer import format as fmt
+from quantizer.checkpoint import SAFETENSORS_DTYPES
+from quantizer.model_spec import ModelSpec, UnsupportedModelError, describe_model
+from quantizer.writer import (
+    DestinationExistsError,
+    PlannedTensor,
+    ShardWriter,
+    plan_shards,
+    planned_file_bytes,
+    staged_directory,
+)
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE_NAME = "model.safetensors"
+# Copied unchanged next to the weights: the config and everything a tokenizer may consist of.
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack")
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Source bytes read, quantized and written as one piece: bounds the memory a tensor of any size needs.
+CHUNK_BYTES = 64 << 20
+
+
+class QuantizeError(Exception):
+    """An input or environment problem a person can fix; the message is one line naming the file or value."""
+
+
+def resolve_source(src: str | Path) -> tuple[Path, str]:
+    """(local checkpoint directory, the source's name for the manifest); downloads a Hub repo id first."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise QuantizeError(f"{path} is not a directory: SRC must be a checkpoint directory or a repo id")
+        return path, str(path.resolve())
+    if not REPO_ID.fullmatch(str(src)):
+        raise QuantizeError(f"{src} does not exist, and is not a Hugging Face repo id of the form Org/Name")
+    from huggingface_hub import snapshot_download
+
+    log.info("downloading %s from the Hugging Face Hub", src)
+    try:
+        local = snapshot_download(repo_id=str(src), allow_patterns=["*.safetensors", INDEX_NAME, *COPIED_FILES])
+    except Exception as e:  # the hub raises many types (offline, missing repo, auth, HTTP): all end the same way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QuantizeError(
+            f"could not download {src} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
+            f"check the repo id and the network, or pass a local checkpoint directory"
+        ) from None
+    return Path(local), str(src)
+
+
+def _read_config(src_dir: Path) -> dict:
+    path = src_dir / "config.json"
+    if not path.is_file():
+        raise QuantizeError(f"{src_dir} has no config.json: it is not a Hugging Face checkpoint directory")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise QuantizeError(f"{path} is not valid JSON: {e}") from None
+
+
+def _shard_files(src_dir: Path) -> tuple[dict[str, str] | None, list[str]]:
+    """(the index's tensor -> file map or None, the safetensors files holding the weights)."""
+    index_path = src_dir / INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise QuantizeError(f"{index_path} is not a valid safetensors index ({e!r})") from None
+        for file in files:
+            if not (src_dir / file).is_file():
+                raise QuantizeError(f"shard {src_dir / file} named by {INDEX_NAME} is missing")
+        return weight_map, files
+    files = sorted(p.name for p in src_dir.glob("*.safetensors"))
+    if files:
+        return None, files
+    others = sorted({p.name for pattern in OTHER_WEIGHT_PATTERNS for p in src_dir.glob(pattern)})
+    if others:
+        raise QuantizeError(
+            f"{src_dir} holds no safetensors weights, only {', '.join(others)}: only safetensors checkpoints "
+            f"are supported (convert it, e.g. load it with transformers and save_pretrained)"
+        )
+    raise QuantizeError(f"{src_dir} holds no model weights (no *.safetensors and no {INDEX_NAME})")
+
+
+def read_source_tensors(src_dir: Path) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """Every tensor of the checkpoint: name -> (shard file, safetensors dtype, shape), from the headers only."""
+    weight_map, files = _shard_files(src_dir)
+    tensors: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for file in files:
+        try:
+            with safe_open(src_dir / file, framework="pt") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    tensors.setdefault(name, (file, piece.get_dtype(), tuple(piece.get_shape())))
+        except SafetensorError as e:
+            raise QuantizeError(f"shard {src_dir / file} is truncated or not a safetensors file ({e})") from None
+    if weight_map is None:
+        return tensors
+    for name, file in weight_map.items():
+        if name not in tensors or tensors[name][0] != file:
+            raise QuantizeError(f"{INDEX_NAME} places tensor {name} in {file}, but {src_dir / file} does not hold it")
+    return {name: tensors[name] for name in weight_map}
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QuantizeError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
+    if device not in ("cpu", "cuda"):
+        raise QuantizeError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _plan_outputs(spec: ModelSpec, source: dict[str, tuple[str, str, tuple[int, ...]]]) -> list[list[PlannedTensor]]:
+    """The output tensors, grouped (a Linear's qweight and scales together), in execution order."""
+    groups: list[list[PlannedTensor]] = []
+    for param in spec.parameters:
+        if param.name not in source:
+            raise QuantizeError(f"the checkpoint has no tensor {param.name}, which its config.json's model needs")
+        _, dtype, shape = source[param.name]
+        if shape != param.shape:
+            raise QuantizeError(f"tensor {param.name} has shape {shape}, config.json implies {param.shape}")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise QuantizeError(f"tensor {param.name} has dtype {dtype}, which this format does not store")
+        if param.linear:
+            module = param.name.removesuffix(".weight")
+            out_features, in_features = shape
+            groups.append([
+                PlannedTensor(name=module + fmt.QWEIGHT_SUFFIX, dtype="U8", shape=(out_features, in_features // 2)),
+                PlannedTensor(
+                    name=module + fmt.SCALES_SUFFIX, dtype="BF16", shape=(out_features, in_features // fmt.BLOCK_SIZE)
+                ),
+            ])
+        else:
+            groups.append([PlannedTensor(name=param.name, dtype=dtype, shape=shape)])
+    # Tensors the model does not have as parameters (a tied checkpoint's lm_head.weight, say) are kept unchanged.
+    known = {p.name for p in spec.parameters}
+    for name in sorted(set(source) - known):
+        log.info("keeping %s unchanged: it is not a parameter of the model", name)
+        _, dtype, shape = source[name]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise QuantizeError(f"tensor {name} has dtype {dtype}, which this format does not store")
+        groups.append([PlannedTensor(name=name, dtype=dtype, shape=shape)])
+    return groups
+
+
+def _row_pieces(path: Path, name: str, shape: tuple[int, ...], itemsize: int) -> Iterator[torch.Tensor]:
+    """Yield the tensor in consecutive row pieces of about ``CHUNK_BYTES``, each read through a fresh mapping."""
+    if len(shape) == 0:
+        with safe_open(path, framework="pt") as f:
+            yield f.get_tensor(name)
+        return
+    row_bytes = itemsize
+    for dim in shape[1:]:
+        row_bytes *= dim
+    rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+    for start in range(0, shape[0], rows):
+        with safe_open(path, framework="pt") as f:
+            yield f.get_slice(name)[start : start + rows]
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    shard_bytes: int = 2 * 10**9,
+    progress: bool = True,
+) -> Path:
+    """Quantize the checkpoint ``src`` (a directory or a Hub repo id) into the spillover-int4 directory ``dst``."""
+    dst = Path(dst).expanduser()
+    if dst.exists() and not overwrite:
+        raise QuantizeError(f"{dst} already exists: choose another destination or pass --overwrite")
+    torch_device = _resolve_device(device)
+    src_dir, source_name = resolve_source(src)
+    config = _read_config(src_dir)
+    try:
+        spec = describe_model(config)
+    except UnsupportedModelError as e:
+        raise QuantizeError(f"{src_dir}: {e}") from None
+    source = read_source_tensors(src_dir)
+    shards = plan_shards(_plan_outputs(spec, source), shard_bytes)
+    copied = [name for name in COPIED_FILES if (src_dir / name).is_file()]
+    needed = planned_file_bytes(shards) + sum((src_dir / name).stat().st_size for name in copied)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dst.parent).free
+    if free < needed:
+        raise QuantizeError(
+            f"not enough space in {dst.parent}: the quantized model needs {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free"
+        )
+
+    total_bytes = sum(
+        SAFETENSORS_DTYPES[source[n][1]].itemsize * _count(source[n][2]) for n in source
+    )
+    log.info("quantizing %s (%d tensors, %.2f GB) on %s into %s", source_name, len(source), total_bytes / 1e9,
+             torch_device, dst)
+    try:
+        with staged_directory(dst, overwrite=overwrite) as staging:
+            writer = ShardWriter(staging, shards)
+            try:
+                with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
+                    _write_tensors(writer, spec, source, src_dir, torch_device, bar)
+            finally:
+                writer.close()
+            shard_entries, tensor_entries = writer.finish()
+            for name in copied:
+                shutil.copyfile(src_dir / name, staging / name)
+            manifest = fmt.Manifest(
+                architecture=spec.architecture,
+                source=source_name,
+                units=spec.units,
+                tensors=tensor_entries,
+                shards=shard_entries,
+            )
+            (staging / fmt.MANIFEST_NAME).write_text(manifest.to_json())
+    except DestinationExistsError as e:
+        raise QuantizeError(str(e)) from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise QuantizeError(f"no space left on the device while writing {dst}: free some space and retry") from None
+        raise QuantizeError(f"writing {dst} failed: {e.strerror or e} ({e.filename or dst})") from None
+    return dst
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _write_tensors(
+    writer: ShardWriter,
+    spec: ModelSpec,
+    source: dict[str, tuple[str, str, tuple[int, ...]]],
+    src_dir: Path,
+    device: torch.device,
+    bar: tqdm,
+) -> None:
+    linear_weights = {p.name for p in spec.parameters if p.linear}
+    names = [p.name for p in spec.parameters] + sorted(set(source) - {p.name for p in spec.parameters})
+    for done, name in enumerate(names, start=1):
+        file, dtype, shape = source[name]
+        itemsize = SAFETENSORS_DTYPES[dtype].itemsize
+        pieces = _row_pieces(src_dir / file, name, shape, itemsize)
+        if name in linear_weights:
+            module = name.removesuffix(".weight")
+            scales = []
+            for piece in pieces:
+                qweight, piece_scales = fmt.quantize(piece.to(device))
+                writer.write(module + fmt.QWEIGHT_SUFFIX, qweight)
+                scales.append(piece_scales.cpu())  # 1/128 of the weight's bf16 size: fine to hold
+                bar.update(piece.numel() * itemsize)
+            writer.write(module + fmt.SCALES_SUFFIX, torch.cat(scales))
+        else:
+            for piece in pieces:
+                writer.write(name, piece)
+                bar.update(piece.numel() * itemsize)
+        bar.set_postfix_str(f"tensors {done}/{len(names)}", refresh=False)
