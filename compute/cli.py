@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "verify": "quantizer.cli:verify",
     "synth": "quantizer.cli:synth",
     "loader": "loader.main:main",
+    "run": "compute.run:run",
 }
 
 
@@ -41,3 +42,8 @@ def main(verbose: int) -> None:
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+
+
+if __name__ == "__main__":
+    # ``python -m compute.cli loader ...`` is how ``compute.launch`` starts the loader with this interpreter.
+    main()
