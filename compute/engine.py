@@ -1,0 +1,304 @@
+"""The generation engine: one model, one static KV cache, one conversation at a time (batch size 1).
+
+``Engine`` is what the CLI and any server drive. It promises:
+
+* ``Engine(checkpoint, weights, device=..., max_context=N)`` builds the model (``compute.model.build_model``),
+  loads the tokenizer from the model directory (``engine.tokenizer``, a transformers tokenizer; the engine
+  itself only ever sees token ids), and allocates a static KV cache for exactly ``max_context`` tokens:
+  ``kv_cache_nbytes(config, max_context)`` = 2 × layers × kv_heads × head_dim × max_context × 2 bytes (bf16),
+  the number the loader's planner counts in the budget.
+* ``generate(prompt_ids, params, on_token=None, should_stop=None) -> GenerationResult``: prefill in chunks of
+  ``prefill_chunk`` tokens (logits only for the last position), then decode one token per forward until an EOS
+  id (``engine.eos_token_ids``: generation_config.json and config.json together), ``params.max_new_tokens``,
+  a full KV cache (``max_context``), or ``should_stop()``. ``on_token(token_id)`` is called for every token as
+  it is chosen, the EOS that ends a reply included. ``should_stop`` is polled between forward passes (between
+  prefill chunks and between tokens), never during one: a forward interrupted half-way would leave units
+  acquired and the loader's ring out of step. So Ctrl-C handling belongs in a signal handler that sets a
+  flag ``should_stop`` reads, not in an exception.
+* ``prompt_ids`` is the whole conversation so far. The KV cache is kept between calls, and the longest prefix
+  the new prompt shares with what the cache holds is not computed again (a multi-turn chat prefills only the
+  new turn). ``reset()`` empties the cache; it is never required for correctness.
+* A prompt longer than ``max_context`` raises ``ContextLengthError`` before anything runs; ids outside the
+  model's vocabulary raise ``ValueError``. An exception from a forward pass (the loader died, say) propagates
+  and leaves the engine to be discarded: the loader's ring cannot be resynchronised from here.
+
+The engine knows nothing about chat templates, text decoding, terminals or processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import AutoTokenizer, PretrainedConfig, StaticCache
+
+from compute.model import UnitWeights, build_model
+from compute.sampling import SamplingParams, sample_next
+from quantizer.checkpoint import QuantizedCheckpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit in the KV cache (``max_context`` tokens)."""
+
+
+class FinishReason(str, enum.Enum):
+    EOS = "eos"  # the model produced one of the EOS ids (it is the reply's last token)
+    LENGTH = "length"  # params.max_new_tokens tokens were produced
+    CONTEXT = "context"  # the KV cache is full: prompt plus reply reached max_context
+    STOPPED = "stopped"  # should_stop() returned True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationResult:
+    token_ids: tuple[int, ...]  # the reply, in order; ends with the EOS id when finish_reason is EOS
+    finish_reason: FinishReason
+    prompt_tokens: int  # len(prompt_ids)
+    prefill_tokens: int  # prompt tokens run through the model (fewer than prompt_tokens when the cache held a prefix)
+    prefill_seconds: float  # from the first prefill forward to the first reply token chosen
+    decode_tokens: int  # tokens produced by one-token forward passes (the first reply token comes from prefill)
+    decode_seconds: float  # time spent in those forward passes and their sampling
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_cache_nbytes(config: PretrainedConfig, max_context: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of a static KV cache for ``max_context`` tokens: keys and values, every layer, every KV head."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * max_context * itemsize
+
+
+def eos_token_ids(checkpoint: QuantizedCheckpoint) -> frozenset[int]:
+    """Every id that ends a reply: ``eos_token_id`` of generation_config.json and of config.json (int or list)."""
+    sources = [checkpoint.config]
+    generation_config = checkpoint.path / "generation_config.json"
+    if generation_config.is_file():
+        sources.append(json.loads(generation_config.read_text()))
+    ids: set[int] = set()
+    for source in sources:
+        value = source.get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+class Engine:
+    """Model, tokenizer and KV cache for one conversation; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        checkpoint: QuantizedCheckpoint,
+        weights: UnitWeights,
+        *,
+        device: torch.device | str,
+        max_context: int,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
+        if max_context < 1:
+            raise ValueError(f"max_context must be at least 1 token, got {max_context}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        self.device = torch.device(device)
+        self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
+        self.model = build_model(checkpoint, weights, self.device, dtype)
+        self.config: PretrainedConfig = self.model.config
+        self.vocab_size: int = self.config.vocab_size
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+        self.eos_token_ids = eos_token_ids(checkpoint)
+        if not self.eos_token_ids and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids = frozenset({self.tokenizer.eos_token_id})
+        if not self.eos_token_ids:
+            log.warning("%s names no EOS token: replies end only at max_new_tokens or a full context", checkpoint.path)
+        if max_context > self.config.max_position_embeddings:
+            log.warning(
+                "max_context %d exceeds the model's max_position_embeddings %d: output past that length may degrade",
+                max_context,
+                self.config.max_position_embeddings,
+            )
+        self.kv_cache_bytes = kv_cache_nbytes(self.config, max_context, dtype)
+        self.cache = StaticCache(config=self.config, max_cache_len=max_context)
+        # Allocate now, not at the first forward: the budget is counted up front, and the addresses stay fixed
+        # for the engine's lifetime (what a captured decode graph needs).
+        self.cache.early_initialization(
+            batch_size=1,
+            num_heads=self.config.num_key_value_heads,
+            head_dim=head_dim(self.config),
+            dtype=dtype,
+            device=self.device,
+        )
+        # Static inputs of the decode step: one token at one position, rewritten in place every step.
+        self._decode_ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # (B, T)
+        self._decode_position = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # (B, T)
+        self._cached_ids: list[int] = []  # the ids whose keys/values the cache holds, in position order
+        log.info("KV cache: %d tokens, %.1f MiB", max_context, self.kv_cache_bytes / 2**20)
+
+    def reset(self) -> None:
+        """Forget the conversation: the next ``generate`` prefills its whole prompt."""
+        self.cache.reset()
+        self._cached_ids = []
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_token: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Reply to ``prompt_ids`` (the whole conversation so far); see the module docstring for the contract."""
+        prompt = self._check_prompt(prompt_ids)
+        try:
+            return self._generate(prompt, params, on_token, should_stop)
+        except BaseException:
+            # What the cache holds is unknown after a failure: start from scratch next time.
+            self._cached_ids = []
+            self.cache.reset()
+            raise
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt) > self.max_context:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens but max_context is {self.max_context}: "
+                "raise --max-context (the KV cache grows with it) or shorten the prompt or conversation"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt ids {bad[:5]} are outside the model's vocabulary [0, {self.vocab_size})")
+        return prompt
+
+    def _generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        on_token: Callable[[int], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> GenerationResult:
+        stop_requested = should_stop or (lambda: False)
+        generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        # Every id seen so far, for the repetition penalty; preallocated so a step writes one element.
+        history = torch.empty(len(prompt) + params.max_new_tokens, dtype=torch.long, device=self.device)
+        history[: len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+
+        start = time.perf_counter()
+        reused = self._reuse_prefix(prompt)
+        logits = None
+        for begin in range(reused, len(prompt), self.prefill_chunk):
+            if logits is not None and stop_requested():
+                return self._stopped_in_prefill(prompt, begin, reused, time.perf_counter() - start)
+            logits = self._prefill_chunk(prompt[begin : begin + self.prefill_chunk], begin)
+            self._cached_ids.extend(prompt[begin : begin + self.prefill_chunk])
+        token = sample_next(logits, params, generator, history[: len(prompt)])
+        prefill_seconds = time.perf_counter() - start
+
+        reply: list[int] = []
+        decode_seconds = 0.0
+        while True:
+            reply.append(token)
+            history[len(prompt) + len(reply) - 1] = token
+            if on_token is not None:
+                on_token(token)
+            if token in self.eos_token_ids:
+                finish = FinishReason.EOS
+            elif len(reply) >= params.max_new_tokens:
+                finish = FinishReason.LENGTH
+            elif len(self._cached_ids) >= self.max_context:
+                finish = FinishReason.CONTEXT
+            elif stop_requested():
+                finish = FinishReason.STOPPED
+            else:
+                step_start = time.perf_counter()
+                logits = self._decode_step(token, len(self._cached_ids))
+                self._cached_ids.append(token)
+                token = sample_next(logits, params, generator, history[: len(prompt) + len(reply)])
+                decode_seconds += time.perf_counter() - step_start
+                continue
+            break
+        return GenerationResult(
+            token_ids=tuple(reply),
+            finish_reason=finish,
+            prompt_tokens=len(prompt),
+            prefill_tokens=len(prompt) - reused,
+            prefill_seconds=prefill_seconds,
+            decode_tokens=len(reply) - 1,
+            decode_seconds=decode_seconds,
+        )
+
+    def _reuse_prefix(self, prompt: list[int]) -> int:
+        """Keep the cached keys/values the prompt starts with; return how many prompt tokens need no prefill."""
+        shared = 0
+        for cached, new in zip(self._cached_ids, prompt):
+            if cached != new:
+                break
+            shared += 1
+        # At least the prompt's last token must run: its logits choose the first reply token.
+        keep = min(shared, len(prompt) - 1)
+        if keep < len(self._cached_ids):
+            # A static cache is cropped by moving its write position back; positions past it are masked.
+            self.cache.crop(-(len(self._cached_ids) - keep))
+            del self._cached_ids[keep:]
+        if keep:
+            log.debug("reusing %d cached tokens of a %d-token prompt", keep, len(prompt))
+        return keep
+
+    def _stopped_in_prefill(self, prompt: list[int], done: int, reused: int, seconds: float) -> GenerationResult:
+        return GenerationResult(
+            token_ids=(),
+            finish_reason=FinishReason.STOPPED,
+            prompt_tokens=len(prompt),
+            prefill_tokens=done - reused,
+            prefill_seconds=seconds,
+            decode_tokens=0,
+            decode_seconds=0.0,
+        )
+
+    def _prefill_chunk(self, chunk: list[int], position: int) -> torch.Tensor:
+        """Run ``chunk`` at positions ``position …``; return the logits of its last token ([vocab])."""
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (B, T)
+        positions = torch.arange(position, position + len(chunk), device=self.device).unsqueeze(0)  # (B, T)
+        out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
+
+    def _decode_step(self, token: int, position: int) -> torch.Tensor:
+        """One token at ``position`` through the model, its keys/values into the cache; its logits ([vocab]).
+
+        Static shapes and fixed input buffers, so that this one call can later be captured as a CUDA graph.
+        """
+        self._decode_ids.fill_(token)
+        self._decode_position.fill_(position)
+        out = self.model(
+            input_ids=self._decode_ids,
+            position_ids=self._decode_position,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[0, -1]

@@ -1,0 +1,193 @@
+"""Building the patched HF transformers Qwen2 model for a spillover-int4 checkpoint.
+
+``build_model(checkpoint, weights, device)`` returns a stock ``Qwen2ForCausalLM`` (eval mode, no grad) in which:
+
+* every ``nn.Linear`` the manifest lists in its units is an ``Int4Linear`` (``compute.int4_linear``) whose weight
+  is bound, for one forward of its unit, to the views ``weights.acquire(unit)`` returns, and released after;
+* everything else (embeddings, norms, biases) is assigned from the checkpoint's dense tensors, moved to
+  ``device`` once; a tied lm_head (``tie_word_embeddings``) is a plain Linear sharing the embedding;
+* the rotary embedding is rebuilt on ``device`` (its ``inv_freq`` buffer is not in the checkpoint, and a module
+  built on the meta device has no values for it).
+
+``weights`` is anything with ``acquire(unit_name, stream=None) -> dict[str, Tensor]`` (full tensor names, e.g.
+``model.layers.0.self_attn.q_proj.qweight`` / ``.scales``) and ``release(unit_name, stream=None)``: the
+``protocol.client.LoaderClient`` in the product, an in-process double in tests. Units are acquired in the
+model's execution order (``layers.0`` … ``layers.{L-1}``, then ``lm_head`` when untied) once per forward, which
+is the order the loader's ring expects. A forward that raises between a unit's acquire and release leaves the
+unit acquired: the ring cannot continue, so callers treat any exception from a forward as fatal.
+
+This module knows nothing about processes or the loader's placement; it only calls ``acquire``/``release``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, Qwen2ForCausalLM
+
+from compute.int4_linear import Int4Linear
+from quantizer.checkpoint import QuantizedCheckpoint
+from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError
+
+log = logging.getLogger(__name__)
+
+# architecture name in config.json / the manifest -> the transformers class that runs it
+SUPPORTED_ARCHITECTURES: dict[str, type[nn.Module]] = {"Qwen2ForCausalLM": Qwen2ForCausalLM}
+
+
+class UnitWeights(Protocol):
+    """Where the quantized Linears' weights come from: the loader client, or a test double."""
+
+    def acquire(self, unit: str, stream: torch.cuda.Stream | None = None) -> dict[str, torch.Tensor]: ...
+
+    def release(self, unit: str, stream: torch.cuda.Stream | None = None) -> None: ...
+
+
+def attention_implementation() -> str:
+    """Flash-attention 2 when the package is importable, else PyTorch SDPA."""
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def load_config(checkpoint: QuantizedCheckpoint) -> PretrainedConfig:
+    """The checkpoint's ``config.json`` as a transformers config, with the attention implementation chosen."""
+    architecture = checkpoint.manifest.architecture
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise FormatError(
+            f"{checkpoint.path}: architecture {architecture!r} is not supported "
+            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+        )
+    config = AutoConfig.from_pretrained(checkpoint.path)
+    config._attn_implementation = attention_implementation()
+    return config
+
+
+def build_model(
+    checkpoint: QuantizedCheckpoint,
+    weights: UnitWeights,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+) -> nn.Module:
+    """The checkpoint's model on ``device``, its quantized Linears fed by ``weights`` unit by unit."""
+    device = torch.device(device)
+    config = load_config(checkpoint)
+    model_class = SUPPORTED_ARCHITECTURES[checkpoint.manifest.architecture]
+    with torch.device("meta"):
+        model = model_class(config).to(dtype)  # on meta, the cast costs nothing
+    unit_linears = _replace_linears(model, checkpoint)
+    _assign_dense_tensors(model, checkpoint, device, dtype)
+    _rebuild_rotary_embedding(model, config, device)
+    _check_materialized(model, checkpoint)
+    for unit, linears in unit_linears.items():
+        _install_unit_hooks(model, unit, linears, weights, device)
+    model.eval()
+    model.requires_grad_(False)
+    log.info(
+        "built %s on %s (%s, %s attention): %d units, %d INT4 Linears",
+        checkpoint.manifest.architecture,
+        device,
+        dtype,
+        config._attn_implementation,
+        len(unit_linears),
+        sum(len(v) for v in unit_linears.values()),
+    )
+    return model
+
+
+def _replace_linears(model: nn.Module, checkpoint: QuantizedCheckpoint) -> dict[str, tuple[Int4Linear, ...]]:
+    """Swap every manifest-listed ``nn.Linear`` for an ``Int4Linear``; return unit name -> its Int4Linears."""
+    units: dict[str, tuple[Int4Linear, ...]] = {}
+    for unit in checkpoint.manifest.units:
+        replaced = []
+        for name in unit.linears:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            linear = getattr(parent, attr, None)
+            if not isinstance(linear, nn.Linear):
+                raise FormatError(
+                    f"{checkpoint.path}: the manifest's unit {unit.name!r} lists {name!r}, which is not an nn.Linear "
+                    f"of {checkpoint.manifest.architecture} (found {type(linear).__name__})"
+                )
+            int4 = Int4Linear.like(linear, name=name)
+            setattr(parent, attr, int4)
+            replaced.append(int4)
+        units[unit.name] = tuple(replaced)
+    return units
+
+
+def _assign_dense_tensors(model: nn.Module, checkpoint: QuantizedCheckpoint, device: torch.device, dtype) -> None:
+    """Put the checkpoint's dense tensors into the meta model by assignment: one copy, disk -> ``device``."""
+    expected = model.state_dict().keys()
+    state = {}
+    for name in checkpoint.dense_tensor_names():
+        if name not in expected:
+            raise FormatError(
+                f"{checkpoint.path}: tensor {name!r} has no place in {checkpoint.manifest.architecture} "
+                "built from its config.json (is the checkpoint from another model?)"
+            )
+        state[name] = checkpoint.tensor(name).to(device=device, dtype=dtype)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = set(result.missing_keys)
+    if tied:
+        # assign=True replaced the embedding Parameter, which broke the tie made at construction: make it again.
+        model.lm_head.weight = model.get_input_embeddings().weight
+        missing.discard("lm_head.weight")
+    if missing:
+        raise FormatError(f"{checkpoint.path}: the checkpoint has no tensor for {sorted(missing)}")
+
+
+def _rebuild_rotary_embedding(model: nn.Module, config: PretrainedConfig, device: torch.device) -> None:
+    # inv_freq is a non-persistent buffer: built on meta it has no values, and no checkpoint carries it.
+    # Building a fresh module computes it exactly as transformers does (float32, from config.rope_parameters).
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config).to(device)
+
+
+def _check_materialized(model: nn.Module, checkpoint: QuantizedCheckpoint) -> None:
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise FormatError(f"{checkpoint.path}: no values for {left} after loading the checkpoint")
+
+
+def _unit_module(model: nn.Module, linears: tuple[Int4Linear, ...]) -> nn.Module:
+    """The innermost module containing all of a unit's Linears (a decoder layer, or the lm_head itself)."""
+    parts = [linear.name.split(".") for linear in linears]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return model.get_submodule(".".join(common))
+
+
+def _install_unit_hooks(
+    model: nn.Module, unit: str, linears: tuple[Int4Linear, ...], weights: UnitWeights, device: torch.device
+) -> None:
+    def stream() -> torch.cuda.Stream | None:
+        return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+    def bind(_module, _args) -> None:
+        tensors = weights.acquire(unit, stream())
+        for linear in linears:
+            try:
+                linear.bind(tensors[linear.name + QWEIGHT_SUFFIX], tensors[linear.name + SCALES_SUFFIX])
+            except KeyError as e:
+                raise RuntimeError(
+                    f"the weights for unit {unit!r} have no tensor {e.args[0]!r} (got {sorted(tensors)})"
+                ) from None
+
+    def release(_module, _args, _output) -> None:
+        for linear in linears:
+            linear.unbind()
+        weights.release(unit, stream())
+
+    module = _unit_module(model, linears)
+    module.register_forward_pre_hook(bind)
+    module.register_forward_hook(release)
