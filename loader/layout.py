@@ -1,0 +1,77 @@
+"""Where each quantized tensor sits inside its unit: the one byte layout shared by host arena and device pool.
+
+A *unit* (one decoder layer, or an untied ``lm_head``; see ``Manifest.units``) is the piece that is placed
+and copied as one. Its bytes are its Linears' tensors in manifest order, ``qweight`` then ``scales`` per
+Linear, each starting at a multiple of ``ALIGNMENT`` bytes; the unit's size is rounded up to ``ALIGNMENT``
+too, so units laid back to back stay aligned. The pinned arena (host) and the device pool use this same
+layout, which is what makes moving a unit a single contiguous copy, and lets the compute process view a
+tensor at ``unit base + slot.offset`` without any per-tensor bookkeeping on the wire.
+
+This module is pure arithmetic on the manifest: it reads no file and allocates nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError, Manifest
+
+# 256 bytes keeps every tensor aligned for any dtype and for vectorized 128-byte GPU loads.
+ALIGNMENT = 256
+
+# Bytes per element of the safetensors dtypes a unit may hold.
+DTYPE_BYTES: dict[str, int] = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4}
+
+
+def align_up(nbytes: int, alignment: int = ALIGNMENT) -> int:
+    return -(-nbytes // alignment) * alignment
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorSlot:
+    """One tensor's place inside its unit."""
+
+    name: str  # full tensor name, e.g. "model.layers.0.mlp.up_proj.qweight"
+    offset: int  # bytes from the start of the unit; a multiple of ALIGNMENT
+    nbytes: int  # the tensor's own size in bytes (unpadded)
+    dtype: str  # safetensors dtype string: "U8" for qweight, "BF16" for scales
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UnitLayout:
+    """A unit's byte layout: its tensors at aligned offsets, and its total (aligned) size."""
+
+    name: str  # "layers.0" ... "layers.{L-1}", "lm_head"
+    index: int  # position in execution order, from 0
+    nbytes: int  # total bytes, a multiple of ALIGNMENT
+    tensors: tuple[TensorSlot, ...]  # manifest order: qweight, scales of each Linear
+
+    def slot(self, tensor_name: str) -> TensorSlot:
+        for slot in self.tensors:
+            if slot.name == tensor_name:
+                return slot
+        raise KeyError(f"unit {self.name!r} has no tensor {tensor_name!r}; it holds {[s.name for s in self.tensors]}")
+
+
+def layout_units(manifest: Manifest) -> list[UnitLayout]:
+    """The layout of every unit of ``manifest``, in its execution order."""
+    entries = {t.name: t for t in manifest.tensors}
+    layouts = []
+    for index, unit in enumerate(manifest.units):
+        slots = []
+        offset = 0
+        for linear in unit.linears:
+            for suffix in (QWEIGHT_SUFFIX, SCALES_SUFFIX):
+                name = linear + suffix
+                entry = entries.get(name)
+                if entry is None:
+                    raise FormatError(f"unit {unit.name!r}: tensor {name!r} is not in the manifest's tensor list")
+                if entry.dtype not in DTYPE_BYTES:
+                    raise FormatError(f"tensor {name!r} has dtype {entry.dtype!r}; a unit holds only {sorted(DTYPE_BYTES)}")
+                nbytes = math.prod(entry.shape) * DTYPE_BYTES[entry.dtype]
+                slots.append(TensorSlot(name=name, offset=offset, nbytes=nbytes, dtype=entry.dtype, shape=tuple(entry.shape)))
+                offset = align_up(offset + nbytes)
+        layouts.append(UnitLayout(name=unit.name, index=index, nbytes=offset, tensors=tuple(slots)))
+    return layouts

@@ -1,0 +1,266 @@
+"""The planner: one device-memory budget, honestly counted, turned into a placement.
+
+``--gpu-memory`` is the total device memory of BOTH processes. From the model's ``config.json`` and its
+units the planner counts everything that is not the loader's pool (``budget_lines``):
+
+* CUDA contexts: ``CUDA_CONTEXT_BYTES`` per process, two processes (not counted on ``device="cpu"``);
+* the compute process's dense weights: the bf16 embedding (a tied lm_head shares it), the final norm, the
+  per-layer norms and the q/k/v biases;
+* the KV cache for ``max_context`` tokens: 2 x layers x kv_heads x head_dim x max_context, bf16;
+* activations for one prefill chunk of ``prefill_chunk`` tokens: hidden states, q/k/v, MLP intermediates,
+  the attention scores of one layer (chunk x max_context x heads, as SDPA's math path would hold them),
+  and the last position's logits (float32, with room for sampling's sort);
+* a dequantization workspace: the largest decoder-layer Linear as a bf16 weight, for a prefill path that
+  dequantizes one weight at a time (the lm_head is excluded: it only ever sees the last position, a GEMV);
+* ``ALLOCATOR_MARGIN_BYTES`` for the caching allocator's rounding and fragmentation.
+
+What is left bounds the pool; the policy (``loader.policies``) places the units in it. When even the
+policy's minimum does not fit, ``plan_placement`` raises ``BudgetError`` naming every line, before anything
+is allocated. On ``device="cpu"`` the same lines apply without the contexts, so CI runs the same planner.
+The constants are estimates to be checked against NVML per-process usage on the GPU.
+
+Nothing here reads a file or touches a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Sequence
+
+import click
+
+from loader.layout import UnitLayout
+from loader.policies import Policy, Residency
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+CUDA_CONTEXT_BYTES = 512 * MiB  # one process's CUDA context, cuBLAS workspace and loaded kernels
+ALLOCATOR_MARGIN_BYTES = 256 * MiB  # caching-allocator rounding and fragmentation, both processes
+DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill forward pass
+BF16 = 2
+F32 = 4
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}  # fmt: skip
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+class BudgetError(ValueError):
+    """The budget cannot hold the chosen policy's minimum; the message lists what was counted."""
+
+
+def parse_size(text: str) -> int:
+    """``"24GiB"`` -> bytes. KiB/MiB/GiB/TiB and the bare K/M/G/T are binary (``8G`` = 8 GiB, as GPU memory is
+    quoted); KB/MB/GB/TB are decimal (``1.5GB`` = 1.5e9); a bare number is bytes. Case-insensitive; fractions
+    allowed; the result is rounded down to whole bytes and must be positive."""
+    match = _SIZE.fullmatch(text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(
+            f"{text!r} is not a size: write a number and a unit, e.g. 24GiB, 512MiB, 1.5GB or 8G "
+            "(K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000)"
+        )
+    nbytes = int(float(match.group(1)) * _UNITS[unit])
+    if nbytes <= 0:
+        raise ValueError(f"{text!r} is not a usable size: it must be more than 0 bytes")
+    return nbytes
+
+
+class SizeType(click.ParamType):
+    """A click parameter type for sizes such as ``--gpu-memory 24GiB``."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def format_size(nbytes: int) -> str:
+    """Bytes for people: ``1.25 GiB``, ``300.0 MiB``, ``12.0 KiB``, ``17 B``."""
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{nbytes} B"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Placement:
+    """The planner's answer: where every unit lives, and how the budget was spent."""
+
+    policy: str  # the policy's registered name
+    resident: tuple[str, ...]  # unit names in execution order; fixed pool offsets
+    streamed: tuple[str, ...]  # unit names in execution order; served cyclically by the ring
+    ring_slots: int  # K; 0 when nothing streams
+    prefetch_depth: int  # D, 1 <= D <= K; 0 when nothing streams
+    slot_bytes: int  # bytes per ring slot (the largest streamed unit); 0 when nothing streams
+    pool_bytes: int  # resident units + K x slot_bytes: the loader's device pool
+    max_context: int  # tokens; the KV cache was counted for this many and compute must not exceed it
+    prefill_chunk: int  # tokens per prefill forward pass the activations were counted for
+    lines: tuple[tuple[str, int], ...]  # (what, bytes) for everything counted, the pool's lines last
+    budget_bytes: int  # --gpu-memory
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(nbytes for _, nbytes in self.lines)
+
+    def table(self) -> str:
+        """A short table for people: the lines counted, the placement, and the total against the budget."""
+        rows = [(what, format_size(nbytes)) for what, nbytes in self.lines]
+        rows.append(("total", f"{format_size(self.total_bytes)} of {format_size(self.budget_bytes)} budget"))
+        width = max(len(what) for what, _ in rows)
+        out = [f"placement (policy {self.policy!r}, max context {self.max_context}, prefill chunk {self.prefill_chunk}):"]
+        out += [f"  {what:<{width}}  {size}" for what, size in rows]
+        out.append(f"  resident: {_name_ranges(self.resident)}")
+        if self.streamed:
+            out.append(
+                f"  streamed: {_name_ranges(self.streamed)} through {self.ring_slots} x "
+                f"{format_size(self.slot_bytes)} slots, prefetch depth {self.prefetch_depth}"
+            )
+        return "\n".join(out)
+
+
+def _name_ranges(names: Sequence[str]) -> str:
+    """``layers.0 … layers.9, lm_head`` rather than ten names; ``none`` for no names."""
+    if not names:
+        return "none"
+    groups: list[list[str]] = []
+    for name in names:
+        prev = groups[-1][-1] if groups else None
+        if prev and _layer_number(prev) is not None and _layer_number(name) == _layer_number(prev) + 1:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return ", ".join(g[0] if len(g) == 1 else f"{g[0]} … {g[-1]}" for g in groups) + f" ({len(names)} units)"
+
+
+def _layer_number(name: str) -> int | None:
+    match = re.fullmatch(r"layers\.(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def _config_int(config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config.json: {key!r} is {value!r}; the planner needs a positive integer")
+    return value
+
+
+def budget_lines(
+    *, device: str, units: Sequence[UnitLayout], config: dict, max_context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+) -> list[tuple[str, int]]:
+    """Everything the budget must hold besides the loader's pool, as (what, bytes) lines."""
+    if max_context <= 0 or prefill_chunk <= 0:
+        raise ValueError(f"max_context ({max_context}) and prefill_chunk ({prefill_chunk}) must be positive")
+    hidden = _config_int(config, "hidden_size")
+    layers = _config_int(config, "num_hidden_layers")
+    heads = _config_int(config, "num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    intermediate = _config_int(config, "intermediate_size")
+    vocab = _config_int(config, "vocab_size")
+    chunk = min(prefill_chunk, max_context)
+
+    # dense weights the compute process keeps on the device; a tied lm_head is the embedding itself
+    embedding = vocab * hidden * BF16
+    norms = (2 * layers + 1) * hidden * BF16
+    qkv_bias = layers * (heads + 2 * kv_heads) * head_dim * BF16
+
+    kv_cache = 2 * layers * kv_heads * head_dim * max_context * BF16
+
+    # one prefill chunk: residual + normed + attention output + a spare hidden state, q/k/v, gate/up/product,
+    # the scores of one layer over the whole context (plus the mask), and the last position's logits
+    # (float32, plus the sort and indices top-p sampling makes)
+    hidden_states = 4 * chunk * hidden * BF16
+    qkv = chunk * (heads + 2 * kv_heads) * head_dim * BF16
+    mlp = 3 * chunk * intermediate * BF16
+    attention = chunk * max_context * (heads + 1) * BF16
+    logits = vocab * (3 * F32 + 8)
+    activations = hidden_states + qkv + mlp + attention + logits
+
+    layer_units = [u for u in units if _layer_number(u.name) is not None] or list(units)
+    largest_linear = max(
+        (math.prod(s.shape) * 2 * BF16 for u in layer_units for s in u.tensors if s.dtype == "U8"), default=0
+    )
+
+    lines = []
+    if device.startswith("cuda"):
+        lines.append((f"CUDA contexts (2 x {format_size(CUDA_CONTEXT_BYTES)})", 2 * CUDA_CONTEXT_BYTES))
+    lines += [
+        ("embedding, norms, biases (bf16)", embedding + norms + qkv_bias),
+        (f"KV cache ({max_context} tokens)", kv_cache),
+        (f"activations (prefill chunk {chunk})", activations),
+        ("dequantization workspace", largest_linear),
+        ("allocator margin", ALLOCATOR_MARGIN_BYTES),
+    ]
+    return lines
+
+
+def plan_placement(
+    *,
+    budget_bytes: int,
+    device: str,
+    units: Sequence[UnitLayout],
+    config: dict,
+    max_context: int,
+    policy: Policy,
+    ring_slots: int | None = None,
+    prefetch_depth: int | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> Placement:
+    """Count the budget, let ``policy`` place the units in what is left; ``BudgetError`` if its minimum does not fit."""
+    if not units:
+        raise ValueError("the model has no units to place (its manifest lists no quantized Linears)")
+    fixed = budget_lines(device=device, units=units, config=config, max_context=max_context, prefill_chunk=prefill_chunk)
+    pool_budget = budget_bytes - sum(nbytes for _, nbytes in fixed)
+    minimum = policy.minimum(units, ring_slots=ring_slots, prefetch_depth=prefetch_depth)
+    if minimum.pool_bytes > pool_budget:
+        needed = sorted(fixed + _pool_lines(minimum), key=lambda line: -line[1])
+        advice = (
+            "use --policy hybrid or stream, or raise --gpu-memory"
+            if not minimum.streamed
+            else "lower --max-context, use fewer --ring-slots, or raise --gpu-memory"
+        )
+        raise BudgetError(
+            f"--gpu-memory {format_size(budget_bytes)} is too small: "
+            + " + ".join(f"{what} {format_size(nbytes)}" for what, nbytes in needed)
+            + f" = {format_size(sum(n for _, n in needed))} needed for policy {policy.name!r}; {advice}"
+        )
+    residency = policy.place(units, pool_budget, ring_slots=ring_slots, prefetch_depth=prefetch_depth)
+    return Placement(
+        policy=policy.name,
+        resident=residency.resident,
+        streamed=residency.streamed,
+        ring_slots=residency.ring_slots,
+        prefetch_depth=residency.prefetch_depth,
+        slot_bytes=residency.slot_bytes,
+        pool_bytes=residency.pool_bytes,
+        max_context=max_context,
+        prefill_chunk=prefill_chunk,
+        lines=tuple(fixed + _pool_lines(residency)),
+        budget_bytes=budget_bytes,
+    )
+
+
+def _pool_lines(residency: Residency) -> list[tuple[str, int]]:
+    lines = []
+    if residency.resident:
+        lines.append((f"resident weights ({len(residency.resident)} units)", residency.resident_bytes))
+    if residency.streamed:
+        lines.append((f"ring {residency.ring_slots} x {format_size(residency.slot_bytes)}", residency.ring_bytes))
+    return lines
