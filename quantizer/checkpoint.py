@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from quantizer.format import (
     QWEIGHT_SUFFIX,
@@ -82,7 +82,8 @@ class QuantizedCheckpoint:
         return [t.name for t in self.manifest.tensors if t.name not in self.quantized_tensor_names]
 
     def verify(self, checksums: bool = True) -> None:
-        """Raise ``FormatError`` naming the first shard that is missing, of the wrong size, or corrupt."""
+        """Raise ``FormatError`` naming the first problem: a shard missing, of the wrong size or corrupt (sha256),
+        a tensor not in its shard as the manifest describes it, or a quantized Linear without its two tensors."""
         for shard in self.manifest.shards:
             shard_path = self.path / shard.file
             if not shard_path.is_file():
@@ -96,3 +97,30 @@ class QuantizedCheckpoint:
         for t in self.manifest.tensors:
             if t.file not in names:
                 raise FormatError(f"tensor {t.name!r} is in {t.file}, which is not a listed shard")
+        for module in self.manifest.linears:
+            for suffix in (QWEIGHT_SUFFIX, SCALES_SUFFIX):
+                if not self.has(module + suffix):
+                    raise FormatError(f"{self.path}: quantized Linear {module} has no tensor {module + suffix}")
+        self._verify_headers()
+
+    def _verify_headers(self) -> None:
+        for shard in self.manifest.shards:
+            shard_path = self.path / shard.file
+            stored: dict[str, tuple[str, tuple[int, ...]]] = {}
+            try:
+                with safe_open(shard_path, framework="pt") as f:
+                    for name in f.keys():
+                        piece = f.get_slice(name)
+                        stored[name] = (piece.get_dtype(), tuple(piece.get_shape()))
+            except SafetensorError as e:
+                raise FormatError(f"shard {shard_path} is not a readable safetensors file ({e})") from None
+            for t in self.manifest.tensors:
+                if t.file != shard.file:
+                    continue
+                if t.name not in stored:
+                    raise FormatError(f"tensor {t.name!r} is not in {shard_path}, though the manifest says so")
+                if stored[t.name] != (t.dtype, t.shape):
+                    raise FormatError(
+                        f"tensor {t.name!r} in {shard_path} is {stored[t.name][0]} {stored[t.name][1]}, "
+                        f"the manifest says {t.dtype} {t.shape}"
+                    )

@@ -11,9 +11,9 @@ This module reads checkpoints and writes the format; it never builds a real mode
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
+import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -27,12 +27,13 @@ from quantizer import format as fmt
 from quantizer.checkpoint import SAFETENSORS_DTYPES
 from quantizer.model_spec import ModelSpec, UnsupportedModelError, describe_model
 from quantizer.writer import (
-    DestinationExistsError,
     PlannedTensor,
     ShardWriter,
+    check_destination,
+    linear_group,
     plan_shards,
     planned_file_bytes,
-    staged_directory,
+    write_model_directory,
 )
 
 log = logging.getLogger(__name__)
@@ -163,14 +164,7 @@ def _plan_outputs(spec: ModelSpec, source: dict[str, tuple[str, str, tuple[int, 
         if dtype not in SAFETENSORS_DTYPES:
             raise QuantizeError(f"tensor {param.name} has dtype {dtype}, which this format does not store")
         if param.linear:
-            module = param.name.removesuffix(".weight")
-            out_features, in_features = shape
-            groups.append([
-                PlannedTensor(name=module + fmt.QWEIGHT_SUFFIX, dtype="U8", shape=(out_features, in_features // 2)),
-                PlannedTensor(
-                    name=module + fmt.SCALES_SUFFIX, dtype="BF16", shape=(out_features, in_features // fmt.BLOCK_SIZE)
-                ),
-            ])
+            groups.append(linear_group(param.name.removesuffix(".weight"), *shape))
         else:
             groups.append([PlannedTensor(name=param.name, dtype=dtype, shape=shape)])
     # Tensors the model does not have as parameters (a tied checkpoint's lm_head.weight, say) are kept unchanged.
@@ -190,10 +184,7 @@ def _row_pieces(path: Path, name: str, shape: tuple[int, ...], itemsize: int) ->
         with safe_open(path, framework="pt") as f:
             yield f.get_tensor(name)
         return
-    row_bytes = itemsize
-    for dim in shape[1:]:
-        row_bytes *= dim
-    rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+    rows = max(1, CHUNK_BYTES // max(1, itemsize * math.prod(shape[1:])))
     for start in range(0, shape[0], rows):
         with safe_open(path, framework="pt") as f:
             yield f.get_slice(name)[start : start + rows]
@@ -208,10 +199,13 @@ def quantize_checkpoint(
     shard_bytes: int = 2 * 10**9,
     progress: bool = True,
 ) -> Path:
-    """Quantize the checkpoint ``src`` (a directory or a Hub repo id) into the spillover-int4 directory ``dst``."""
+    """Quantize the checkpoint ``src`` (a directory or a Hub repo id) into the spillover-int4 directory ``dst``.
+
+    Raises ``QuantizeError`` for a bad source and ``ModelWriteError`` when ``dst`` cannot be written; in both
+    cases ``dst`` is left as it was.
+    """
     dst = Path(dst).expanduser()
-    if dst.exists() and not overwrite:
-        raise QuantizeError(f"{dst} already exists: choose another destination or pass --overwrite")
+    check_destination(dst, overwrite=overwrite, needed_bytes=0)
     torch_device = _resolve_device(device)
     src_dir, source_name = resolve_source(src)
     config = _read_config(src_dir)
@@ -223,52 +217,30 @@ def quantize_checkpoint(
     shards = plan_shards(_plan_outputs(spec, source), shard_bytes)
     copied = [name for name in COPIED_FILES if (src_dir / name).is_file()]
     needed = planned_file_bytes(shards) + sum((src_dir / name).stat().st_size for name in copied)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dst.parent).free
-    if free < needed:
-        raise QuantizeError(
-            f"not enough space in {dst.parent}: the quantized model needs {needed / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB are free"
-        )
+    check_destination(dst, overwrite=overwrite, needed_bytes=needed)
 
-    total_bytes = sum(
-        SAFETENSORS_DTYPES[source[n][1]].itemsize * _count(source[n][2]) for n in source
-    )
+    total_bytes = sum(SAFETENSORS_DTYPES[dtype].itemsize * math.prod(shape) for _, dtype, shape in source.values())
     log.info("quantizing %s (%d tensors, %.2f GB) on %s into %s", source_name, len(source), total_bytes / 1e9,
              torch_device, dst)
-    try:
-        with staged_directory(dst, overwrite=overwrite) as staging:
-            writer = ShardWriter(staging, shards)
-            try:
-                with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
-                    _write_tensors(writer, spec, source, src_dir, torch_device, bar)
-            finally:
-                writer.close()
-            shard_entries, tensor_entries = writer.finish()
-            for name in copied:
-                shutil.copyfile(src_dir / name, staging / name)
-            manifest = fmt.Manifest(
-                architecture=spec.architecture,
-                source=source_name,
-                units=spec.units,
-                tensors=tensor_entries,
-                shards=shard_entries,
-            )
-            (staging / fmt.MANIFEST_NAME).write_text(manifest.to_json())
-    except DestinationExistsError as e:
-        raise QuantizeError(str(e)) from None
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise QuantizeError(f"no space left on the device while writing {dst}: free some space and retry") from None
-        raise QuantizeError(f"writing {dst} failed: {e.strerror or e} ({e.filename or dst})") from None
-    return dst
 
+    def write_tensors(writer: ShardWriter) -> None:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
+            _write_tensors(writer, spec, source, src_dir, torch_device, bar)
 
-def _count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+    def write_files(staging: Path) -> None:
+        for name in copied:
+            shutil.copyfile(src_dir / name, staging / name)
+
+    return write_model_directory(
+        dst,
+        overwrite=overwrite,
+        shards=shards,
+        architecture=spec.architecture,
+        source=source_name,
+        units=spec.units,
+        write_tensors=write_tensors,
+        write_files=write_files,
+    )
 
 
 def _write_tensors(

@@ -12,18 +12,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from quantizer.checkpoint import SAFETENSORS_DTYPES
-from quantizer.format import ShardEntry, TensorEntry
+from quantizer.format import (
+    BLOCK_SIZE,
+    MANIFEST_NAME,
+    QWEIGHT_SUFFIX,
+    SCALES_SUFFIX,
+    Manifest,
+    ShardEntry,
+    TensorEntry,
+    UnitEntry,
+)
 
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 # The safetensors header is padded with spaces so that the data starts 8-byte aligned, as safetensors does.
@@ -38,10 +49,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * SAFETENSORS_DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +60,14 @@ class PlannedShard:
     @property
     def data_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+
+def linear_group(module: str, out_features: int, in_features: int) -> list[PlannedTensor]:
+    """The two stored tensors of one quantized Linear, qweight first."""
+    return [
+        PlannedTensor(name=module + QWEIGHT_SUFFIX, dtype="U8", shape=(out_features, in_features // 2)),
+        PlannedTensor(name=module + SCALES_SUFFIX, dtype="BF16", shape=(out_features, in_features // BLOCK_SIZE)),
+    ]
 
 
 def plan_shards(groups: Sequence[Sequence[PlannedTensor]], shard_bytes: int) -> tuple[PlannedShard, ...]:
@@ -170,15 +186,66 @@ def planned_file_bytes(shards: Sequence[PlannedShard]) -> int:
     return sum(len(_header_bytes(s)) + s.data_bytes for s in shards)
 
 
-class DestinationExistsError(FileExistsError):
-    """The destination exists and overwriting was not asked for."""
+class ModelWriteError(Exception):
+    """The destination cannot be written (exists, no space, no permission); the message says what to do."""
+
+
+def check_destination(dst: Path, *, overwrite: bool, needed_bytes: int) -> None:
+    """Refuse an existing ``dst`` without ``overwrite``, and a file system with less than ``needed_bytes`` free."""
+    if dst.exists() and not overwrite:
+        raise ModelWriteError(f"{dst} already exists: choose another destination or pass --overwrite")
+    parent = dst.parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes:
+        raise ModelWriteError(
+            f"not enough space for {dst}: the model needs {needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
+        )
+
+
+def write_model_directory(
+    dst: Path,
+    *,
+    overwrite: bool,
+    shards: Sequence[PlannedShard],
+    architecture: str,
+    source: str,
+    units: tuple[UnitEntry, ...],
+    write_tensors: Callable[[ShardWriter], None],
+    write_files: Callable[[Path], None],
+) -> Path:
+    """Write a complete model directory at ``dst``, atomically.
+
+    ``write_tensors`` gets a ``ShardWriter`` for ``shards`` and must write every planned tensor; ``write_files``
+    gets the staging directory and adds config, generation config and tokenizer files. The manifest comes last.
+    Operating-system failures become ``ModelWriteError`` (no space left, permission denied), naming ``dst``.
+    """
+    try:
+        with staged_directory(dst, overwrite=overwrite) as staging:
+            writer = ShardWriter(staging, shards)
+            try:
+                write_tensors(writer)
+            finally:
+                writer.close()
+            shard_entries, tensor_entries = writer.finish()
+            write_files(staging)
+            manifest = Manifest(
+                architecture=architecture, source=source, units=units, tensors=tensor_entries, shards=shard_entries
+            )
+            (staging / MANIFEST_NAME).write_text(manifest.to_json())
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ModelWriteError(f"no space left on the device while writing {dst}: free some space and retry") from None
+        raise ModelWriteError(f"writing {dst} failed: {e.strerror or e} ({e.filename or dst})") from None
+    return dst
 
 
 @contextlib.contextmanager
 def staged_directory(dst: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield an empty hidden directory beside ``dst``; on success it replaces ``dst``, on failure it is removed."""
     if dst.exists() and not overwrite:
-        raise DestinationExistsError(f"{dst} already exists: choose another destination or pass --overwrite")
+        raise ModelWriteError(f"{dst} already exists: choose another destination or pass --overwrite")
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the model directory is an ordinary one
