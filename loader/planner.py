@@ -32,7 +32,7 @@ from typing import Sequence
 import click
 
 from loader.layout import UnitLayout
-from loader.policies import Policy, Residency
+from loader.policies import MIN_RING_SLOTS, Policy, Residency
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -129,7 +129,7 @@ class Placement:
         out.append(f"  resident: {_name_ranges(self.resident)}")
         if self.streamed:
             out.append(
-                f"  streamed: {_name_ranges(self.streamed)} through {self.ring_slots} x "
+                f"  streamed: {_name_ranges(self.streamed)} through {self.ring_slots} × "
                 f"{format_size(self.slot_bytes)} slots, prefetch depth {self.prefetch_depth}"
             )
         return "\n".join(out)
@@ -200,7 +200,7 @@ def budget_lines(
 
     lines = []
     if device.startswith("cuda"):
-        lines.append((f"CUDA contexts (2 x {format_size(CUDA_CONTEXT_BYTES)})", 2 * CUDA_CONTEXT_BYTES))
+        lines.append((f"CUDA contexts (2 × {format_size(CUDA_CONTEXT_BYTES)})", 2 * CUDA_CONTEXT_BYTES))
     lines += [
         ("embedding, norms, biases (bf16)", embedding + norms + qkv_bias),
         (f"KV cache ({max_context} tokens)", kv_cache),
@@ -231,11 +231,12 @@ def plan_placement(
     minimum = policy.minimum(units, ring_slots=ring_slots, prefetch_depth=prefetch_depth)
     if minimum.pool_bytes > pool_budget:
         needed = sorted(fixed + _pool_lines(minimum), key=lambda line: -line[1])
-        advice = (
-            "use --policy hybrid or stream, or raise --gpu-memory"
-            if not minimum.streamed
-            else "lower --max-context, use fewer --ring-slots, or raise --gpu-memory"
-        )
+        if not minimum.streamed:
+            advice = "use --policy hybrid or stream, or raise --gpu-memory"
+        elif minimum.ring_slots > MIN_RING_SLOTS:
+            advice = f"lower --max-context, use --ring-slots {MIN_RING_SLOTS}, or raise --gpu-memory"
+        else:
+            advice = "lower --max-context or raise --gpu-memory"
         raise BudgetError(
             f"--gpu-memory {format_size(budget_bytes)} is too small: "
             + " + ".join(f"{what} {format_size(nbytes)}" for what, nbytes in needed)
@@ -262,5 +263,5 @@ def _pool_lines(residency: Residency) -> list[tuple[str, int]]:
     if residency.resident:
         lines.append((f"resident weights ({len(residency.resident)} units)", residency.resident_bytes))
     if residency.streamed:
-        lines.append((f"ring {residency.ring_slots} x {format_size(residency.slot_bytes)}", residency.ring_bytes))
+        lines.append((f"ring ({residency.ring_slots} slots × {format_size(residency.slot_bytes)})", residency.ring_bytes))
     return lines
