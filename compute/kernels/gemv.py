@@ -1,0 +1,275 @@
+"""Fused INT4 dequantize-and-multiply for few rows (decode): ``out = x @ dequantize(qweight, scales).T + bias``.
+
+The weight is read once, packed, and never written back as bf16. Two Triton kernels share one unpacking
+trick and one wrapper, ``int4_gemv``:
+
+* ``_gemv_fma_kernel`` for a single row of ``x`` (batch-1 decode): CUDA-core FMAs, fp32 accumulation.
+* ``_gemv_dot_kernel`` for a few rows (2 ... ``GEMV_MAX_ROWS`` in the dispatcher): tensor-core dots on
+  16-row blocks of ``x``, fp32 accumulation.
+
+Operands, as the kernels see them:
+
+    x        [M, K]       bf16 or fp16, unit stride along K, row stride ``stride_xm``
+    words    [N, K / 8]   int32: the uint8 ``qweight [N, K / 2]`` viewed as little-endian int32, contiguous
+    scales   [N, K / 128] bf16, contiguous: one scale per 128-element group
+    bias     [N] or absent
+    out      [M, N]       x's dtype; with split-K > 1 an fp32 workspace of zeros, filled by atomic adds
+
+Why the float trick: converting each nibble with an integer-to-float instruction is what limits a plain
+INT4 GEMV on Hopper (those conversions issue at a quarter of the FMA rate, two per weight byte). Instead,
+every nibble is first turned into offset binary ``u = q + 8`` (one XOR per 32-bit word), shifted to mantissa
+bits 19..22 and OR-ed with the bits of 1.0, giving the float ``f = 1 + u / 16`` exactly, with integer ops only.
+Per 128-element group, ``sum(x * q) = 16 * sum(x * f) - 24 * sum(x)``; ``sum(x)`` is shared by all rows of
+the tile, so it costs almost nothing. Products ``x * f`` are exact in fp32 (8 + 5 significant bits), and the
+cancellation in ``16 * a - 24 * b`` loses about 5 of fp32's 24 bits, far below the bf16 output's rounding.
+
+Element ``8i + e`` of a row sits in word ``i`` at bit ``8 * (e // 2) + (4 if e is even else 0)``: byte
+``j`` holds element ``2j`` in its high nibble (``quantizer/format.py``). The kernels take the eight positions
+of every word separately and load ``x`` at stride 8 to match, so nothing is ever interleaved.
+
+The kernels allocate nothing whose size depends on data and never synchronise with the host, so a call can
+be captured in a CUDA graph. Configs are chosen by ``gemv_config`` from a table measured on the H200 (see
+docs/kernels.md); nothing is autotuned at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from quantizer.format import BLOCK_SIZE
+
+WORDS_PER_GROUP = BLOCK_SIZE // 8  # int32 words holding one 128-element group of a row
+DOT_BLOCK_M = 16  # rows of x per program in the dot kernel: the smallest tensor-core tile
+
+# 0x88888888 as a signed int32 (a Python literal above 2**31 would make Triton widen the words to int64):
+# XOR-ing a word with it adds 8 to each two's complement nibble, modulo 16, giving offset binary.
+_OFFSET_BINARY_XOR = -0x77777778
+_UNIT_FLOAT_BITS = 0x3F800000  # 1.0f
+_MANTISSA_NIBBLE_MASK = 0x00780000  # mantissa bits 19..22: a nibble there adds u / 16 to 1.0
+
+
+@triton.jit
+def _unit_float(words, NIBBLE_BIT: tl.constexpr):
+    """int32 words in offset binary -> fp32 ``1 + u / 16`` for the nibble starting at bit ``NIBBLE_BIT``."""
+    if NIBBLE_BIT <= 19:
+        moved = words << (19 - NIBBLE_BIT)
+    else:
+        moved = words >> (NIBBLE_BIT - 19)
+    return ((moved & _MANTISSA_NIBBLE_MASK) | _UNIT_FLOAT_BITS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_fma_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
+    N, KW, KG, stride_xm, stride_om, n_tiles, tiles_per_split,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+):
+    """One row of x (program axis 2) times BLOCK_N weight rows, over this program's share of K.
+
+    Each loop step loads a [BLOCK_N, GROUPS, 16] tile of words (GROUPS * 64 bytes of each row) and the
+    matching GROUPS * 128 values of x, eight stride-8 slices, one per nibble position.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_in = tl.minimum(rows, N - 1)  # clamped so that loads need no mask; the store is masked
+    g = tl.arange(0, GROUPS)
+    i = tl.arange(0, 16)
+    word_in_tile = g[:, None] * 16 + i[None, :]  # (GROUPS, 16)
+    w_ptrs = w_ptr + rows_in.to(tl.int64)[:, None, None] * KW + word_in_tile[None, :, :]
+    s_ptrs = s_ptr + rows_in.to(tl.int64)[:, None] * KG + g[None, :]
+    x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + word_in_tile * 8
+
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t_begin = pid_k * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+    for t in range(t_begin, t_end):
+        g0 = t * GROUPS
+        if EVEN_K:
+            words = tl.load(w_ptrs + g0 * 16)
+            scales = tl.load(s_ptrs + g0)
+        else:
+            live = (g0 + g) < KG
+            words = tl.load(w_ptrs + g0 * 16, mask=live[None, :, None], other=0)
+            scales = tl.load(s_ptrs + g0, mask=live[None, :], other=0.0)
+        words = words ^ _OFFSET_BINARY_XOR
+        part = tl.zeros((BLOCK_N, GROUPS, 16), dtype=tl.float32)
+        x_sum = tl.zeros((GROUPS, 16), dtype=tl.float32)
+        for e in tl.static_range(8):
+            if EVEN_K:
+                xe = tl.load(x_ptrs + g0 * 128 + e).to(tl.float32)
+            else:
+                xe = tl.load(x_ptrs + g0 * 128 + e, mask=live[:, None], other=0.0).to(tl.float32)
+            part += _unit_float(words, 8 * (e // 2) + 4 * (1 - e % 2)) * xe[None, :, :]
+            x_sum += xe
+        group_dots = 16.0 * tl.sum(part, axis=2) - 24.0 * tl.sum(x_sum, axis=1)[None, :]  # (BLOCK_N, GROUPS)
+        acc += tl.sum(group_dots * scales.to(tl.float32), axis=1)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows_in).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)  # with split-K, only the first split adds the bias
+    out_ptrs = out_ptr + m.to(tl.int64) * stride_om + rows
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=rows < N, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _gemv_dot_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
+    M, N, KW, KG, stride_xm, stride_om, n_tiles, tiles_per_split,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):
+    """BLOCK_M rows of x (program axis 2) times BLOCK_N weight rows, over this program's share of K.
+
+    Per 128-element group: eight tensor-core dots of [BLOCK_M, 16] x [16, BLOCK_N], one per nibble
+    position, on the exact values ``1 + u / 16`` in x's dtype; the group's scale is applied in fp32.
+    DOT_IN_FP32 widens both operands (exactly) for the Triton interpreter, whose bf16 dot is wrong.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_m_in = tl.minimum(rows_m, M - 1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_in = tl.minimum(rows, N - 1)
+    i = tl.arange(0, 16)
+    w_ptrs = w_ptr + rows_in.to(tl.int64)[:, None] * KW + i[None, :]  # (BLOCK_N, 16)
+    s_ptrs = s_ptr + rows_in.to(tl.int64) * KG  # (BLOCK_N,)
+    x_ptrs = x_ptr + rows_m_in.to(tl.int64)[:, None] * stride_xm + i[None, :] * 8  # (BLOCK_M, 16)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t_begin = pid_k * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+    for t in range(t_begin, t_end):
+        for gg in tl.static_range(GROUPS):
+            kg = t * GROUPS + gg
+            if EVEN_K:
+                words = tl.load(w_ptrs + kg * 16)
+                scales = tl.load(s_ptrs + kg)
+            else:
+                # Tensor masks: a group past the end of K reads as zeros (zero scale, zero x).
+                words = tl.load(w_ptrs + kg * 16, mask=(kg * 16 + i[None, :]) < KW, other=0)
+                scales = tl.load(s_ptrs + kg, mask=tl.full((BLOCK_N,), kg, tl.int32) < KG, other=0.0)
+            words = words ^ _OFFSET_BINARY_XOR
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for e in tl.static_range(8):
+                if EVEN_K:
+                    xe = tl.load(x_ptrs + kg * 128 + e)
+                else:
+                    xe = tl.load(x_ptrs + kg * 128 + e, mask=(kg * 16 + i[None, :]) < KW, other=0.0)
+                unit = _unit_float(words, 8 * (e // 2) + 4 * (1 - e % 2))
+                if DOT_IN_FP32:
+                    part = tl.dot(xe.to(tl.float32), tl.trans(unit), part, input_precision="ieee")
+                else:
+                    part = tl.dot(xe, tl.trans(unit.to(xe.dtype)), part)  # exact: 5 significant bits
+                x_sum += tl.sum(xe.to(tl.float32), axis=1)
+            acc += (16.0 * part - 24.0 * x_sum[:, None]) * scales.to(tl.float32)[None, :]
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows_in).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    out_ptrs = out_ptr + rows_m.to(tl.int64)[:, None] * stride_om + rows[None, :]
+    mask = (rows_m[:, None] < M) & (rows[None, :] < N)
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of one GEMV kernel call."""
+
+    block_n: int  # weight rows (output features) per program
+    groups: int  # 128-element groups per K step: each step reads groups * 64 bytes of every row
+    split_k: int  # programs sharing one row block along K; > 1 accumulates in fp32 with atomic adds
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the K loop
+
+
+# Measured on the H200 with `python -m bench.kernels --sweep` (docs/kernels.md): the best config per
+# (kernel, N, K) for the 32B model's shapes. Other shapes get the heuristic in `gemv_config`.
+TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {}
+
+_TARGET_PROGRAMS = 1024  # enough resident programs to keep every SM's loads in flight (132 SMs on an H200)
+
+
+def gemv_config(kernel: str, n: int, k: int) -> GemvConfig:
+    """The config for ``kernel`` ("fma" or "dot") on an ``[n, k]`` weight: the measured one, else a heuristic."""
+    tuned = TUNED_CONFIGS.get((kernel, n, k))
+    if tuned is not None:
+        return tuned
+    block_n = 16 if kernel == "fma" else 32
+    groups = 4 if kernel == "fma" else 2
+    n_tiles = triton.cdiv(k // BLOCK_SIZE, groups)
+    split_k = 1
+    # Few row blocks (small N, long K) leave SMs idle: share K among more programs, in powers of two.
+    while triton.cdiv(n, block_n) * split_k * 2 <= _TARGET_PROGRAMS and split_k * 2 <= n_tiles // 2:
+        split_k *= 2
+    return GemvConfig(block_n=block_n, groups=groups, split_k=split_k, num_warps=4, num_stages=3)
+
+
+def int4_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """``x [M, K] @ dequantize(qweight [N, K/2], scales [N, K/128]).T + bias [N]`` -> ``[M, N]`` in x's dtype.
+
+    The caller (``compute.kernels.int4_matmul``) has checked shapes, dtypes and alignment; ``x`` must have
+    unit stride along K. M == 1 runs the FMA kernel, larger M the dot kernel.
+    """
+    m, k = x.shape
+    n = qweight.shape[0]
+    kernel = "fma" if m == 1 else "dot"
+    cfg = config or gemv_config(kernel, n, k)
+    words = qweight.view(torch.int32)  # [N, K / 8]; the pool keeps every tensor 256-byte aligned
+    n_groups = k // BLOCK_SIZE
+    n_tiles = triton.cdiv(n_groups, cfg.groups)
+    split_k = max(1, min(cfg.split_k, n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, split_k)
+    split_k = triton.cdiv(n_tiles, tiles_per_split)  # no program left without a tile
+    atomic = split_k > 1
+    if atomic:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    common = dict(
+        HAS_BIAS=bias is not None,
+        ATOMIC=atomic,
+        EVEN_K=n_groups % cfg.groups == 0,
+        BLOCK_N=cfg.block_n,
+        GROUPS=cfg.groups,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    bias_arg = bias if bias is not None else scales  # never read when HAS_BIAS is False
+    if kernel == "fma":
+        grid = (triton.cdiv(n, cfg.block_n), split_k, m)
+        _gemv_fma_kernel[grid](
+            x, words, scales, bias_arg, out,
+            n, k // 8, n_groups, x.stride(0), out.stride(0), n_tiles, tiles_per_split,
+            **common,
+        )
+    else:
+        grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, DOT_BLOCK_M))
+        _gemv_dot_kernel[grid](
+            x, words, scales, bias_arg, out,
+            m, n, k // 8, n_groups, x.stride(0), out.stride(0), n_tiles, tiles_per_split,
+            BLOCK_M=DOT_BLOCK_M,
+            DOT_IN_FP32=x.device.type == "cpu",  # on CPU the kernels only run in the Triton interpreter
+            **common,
+        )
+    return out.to(x.dtype) if atomic else out

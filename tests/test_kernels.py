@@ -1,0 +1,246 @@
+"""The INT4 kernels against ``x @ dequantize(W).T``, on fresh random inputs of many shapes.
+
+* The torch reference against an independent numpy unpacking of the format.
+* ``int4_matmul`` on CPU, and on CUDA (``gpu``-marked) where it dispatches to the Triton GEMV or the
+  dequantize-then-cuBLAS path, including weights that are views into a pool and CUDA-graph capture.
+* The Triton kernels themselves on CPU, through the Triton interpreter. ``TRITON_INTERPRET=1`` must be set
+  before ``@triton.jit`` runs, so those cases run in a child process: this file, executed as a script.
+
+Tolerance: every path accumulates in fp32 and rounds the output to bf16 once (relative error 2**-9), and the
+reference also rounds each weight to bf16 first (2**-9 per product). So against float64 on the exact weights
+``|y - y64| <= 2**-8 * (|y64| + sum_k |x_k w_k|)`` must hold elementwise; a wrong nibble, scale or row
+gives errors near ``sqrt(K)`` typical products, well above that bound at these sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compute.kernels import int4_matmul, reference_int4_matmul
+from quantizer.format import BLOCK_SIZE, dequantize, quantize
+
+REPO = Path(__file__).resolve().parent.parent
+gpu = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+DEVICES = ["cpu", pytest.param("cuda", marks=gpu)]
+
+
+def random_linear(n: int, k: int, device: str = "cpu", bias: bool = False, seed: int | None = None):
+    """Fresh random quantized weight (qweight, scales), its exact float64 value, and an optional bf16 bias."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ())))
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)  # rows of different magnitude
+    qweight, scales = quantize(w)
+    b = (torch.randn(n, generator=gen) if bias else torch.zeros(0)).to(torch.bfloat16)
+    return (
+        qweight.to(device),
+        scales.to(device),
+        dequantize(qweight, scales, torch.float64),
+        b.to(device) if bias else None,
+    )
+
+
+def assert_close_to_exact(y: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``y`` against float64 ``x @ w64.T + bias`` within the bound in the module docstring."""
+    x64 = x.detach().cpu().double()
+    exact = x64 @ w64.T
+    magnitude = x64.abs() @ w64.abs().T
+    if bias is not None:
+        exact = exact + bias.cpu().double()
+    assert y.shape == exact.shape, f"shape {tuple(y.shape)}, expected {tuple(exact.shape)}"
+    y64 = y.detach().cpu().double()
+    assert torch.isfinite(y64).all(), "non-finite output"
+    excess = (y64 - exact).abs() - 2.0**-8 * (exact.abs() + magnitude)
+    assert excess.max() <= 0, f"max error over the bound {excess.max():.3g} at {np.unravel_index(int(excess.argmax()), excess.shape)}"
+    rel = (y64 - exact).norm() / exact.norm()
+    assert rel < 1e-2, f"relative error {rel:.3g}"
+
+
+def numpy_dequantize(qweight: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+    """The format read independently of quantizer.format: high nibble first, two's complement, 128-blocks."""
+    packed = qweight.cpu().numpy().astype(np.int64)
+    nibbles = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.int64)
+    nibbles[:, 0::2] = packed >> 4
+    nibbles[:, 1::2] = packed & 0xF
+    q = np.where(nibbles >= 8, nibbles - 16, nibbles)
+    s = scales.cpu().float().numpy().astype(np.float64)
+    return q * np.repeat(s, BLOCK_SIZE, axis=1)
+
+
+@pytest.mark.parametrize("n,k", [(8, 128), (40, 384), (130, 640)])
+def test_reference_matches_independent_unpacking(n, k):
+    qweight, scales, w64, bias = random_linear(n, k, bias=True)
+    np.testing.assert_array_equal(numpy_dequantize(qweight, scales), w64.numpy())
+    x = torch.randn(5, k, dtype=torch.bfloat16)
+    y = reference_int4_matmul(x, qweight, scales, bias)
+    assert y.dtype == torch.bfloat16
+    assert_close_to_exact(y, x, torch.from_numpy(numpy_dequantize(qweight, scales)), bias)
+
+
+SHAPES = [(m, n, k) for m in (1, 2, 3, 8, 16, 17, 64, 300) for n, k in ((128, 128), (384, 640), (200, 1152))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int4_matmul_matches_dequantized(device, m, n, k):
+    has_bias = (m + n) % 2 == 1
+    qweight, scales, w64, bias = random_linear(n, k, device, bias=has_bias)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+    assert_close_to_exact(int4_matmul(x, qweight, scales, bias), x, w64, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("leading", [(2, 3), (1, 1), (4, 75)])
+def test_int4_matmul_keeps_leading_dimensions(device, leading):
+    n, k = 256, 512
+    qweight, scales, w64, bias = random_linear(n, k, device, bias=True)
+    x = torch.randn(*leading, k, dtype=torch.bfloat16, device=device)
+    y = int4_matmul(x, qweight, scales, bias)
+    assert y.shape == (*leading, n) and y.dtype == x.dtype
+    assert_close_to_exact(y.reshape(-1, n), x.reshape(-1, k), w64, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_int4_matmul_on_views_into_a_pool(device, m):
+    """Weights as the loader hands them out: uint8 pool bytes at 256-byte-aligned offsets, reinterpreted."""
+    n, k = 96, 384
+    qweight, scales, w64, _ = random_linear(n, k)
+    pool = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8)  # garbage around the tensors
+    q_at, s_at = 256 * 7, 256 * 7 + (qweight.numel() + 255) // 256 * 256
+    pool[q_at : q_at + qweight.numel()] = qweight.flatten()
+    pool[s_at : s_at + scales.numel() * 2] = scales.flatten().view(torch.uint8)
+    pool = pool.to(device)
+    q_view = pool[q_at : q_at + qweight.numel()].view(n, k // 2)
+    s_view = pool[s_at : s_at + scales.numel() * 2].view(torch.bfloat16).view(n, k // BLOCK_SIZE)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+    assert_close_to_exact(int4_matmul(x, q_view, s_view), x, w64, None)
+
+
+@pytest.mark.parametrize(
+    "x_shape,q_shape,s_shape,message",
+    [
+        ((2, 256), (64, 64), (64, 2), "input features"),
+        ((2, 192), (64, 96), (64, 1), "multiple of the block size"),
+        ((2, 256), (64, 128), (64, 1), "scales must be"),
+    ],
+)
+def test_int4_matmul_rejects_mismatched_operands(x_shape, q_shape, s_shape, message):
+    x = torch.randn(*x_shape, dtype=torch.bfloat16)
+    qweight = torch.zeros(q_shape, dtype=torch.uint8)
+    scales = torch.ones(s_shape, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        int4_matmul(x, qweight, scales)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gemv_explicit_configs_on_cuda(m):
+    """Every code path of the GEMV: split-K with atomics, K not a multiple of the tile, N not of the block."""
+    from compute.kernels.gemv import GemvConfig, int4_gemv
+
+    qweight, scales, w64, bias = random_linear(300, 1408, "cuda", bias=True)  # 11 groups along K
+    x = torch.randn(m, 1408, dtype=torch.bfloat16, device="cuda")
+    for cfg in (GemvConfig(16, 4, 1, 4, 1), GemvConfig(32, 2, 3, 4, 3), GemvConfig(64, 1, 11, 8, 2), GemvConfig(16, 8, 2, 4, 4)):
+        assert_close_to_exact(int4_gemv(x, qweight, scales, bias, cfg), x, w64, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dequantize_kernel_is_bit_exact_on_cuda():
+    from compute.kernels.gemm import dequantize_into
+
+    qweight, scales, _, _ = random_linear(333, 1280, "cuda")
+    out = torch.full((333, 1280), float("nan"), dtype=torch.bfloat16, device="cuda")
+    assert torch.equal(dequantize_into(qweight, scales, out), dequantize(qweight, scales))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gemm_chunks_large_weights_on_cuda(monkeypatch):
+    import compute.kernels.gemm as gemm
+
+    monkeypatch.setattr(gemm, "PREFILL_SCRATCH_BYTES", 48 * 640 * 2)  # 48 rows at a time: 7 chunks
+    qweight, scales, w64, bias = random_linear(300, 640, "cuda", bias=True)
+    x = torch.randn(70, 640, dtype=torch.bfloat16, device="cuda")
+    assert_close_to_exact(gemm.int4_gemm(x, qweight, scales, bias), x, w64, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("m,n,k", [(1, 256, 1024), (1, 128, 4096), (4, 384, 512)])
+def test_int4_matmul_replays_in_a_cuda_graph(m, n, k):
+    qweight, scales, w64, bias = random_linear(n, k, "cuda", bias=True)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    int4_matmul(x, qweight, scales, bias)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = int4_matmul(x, qweight, scales, bias)
+    for _ in range(2):
+        x.copy_(torch.randn(m, k, dtype=torch.bfloat16, device="cuda"))
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_to_exact(y, x, w64, bias)
+
+
+def test_triton_kernels_in_the_interpreter():
+    """Runs ``interpreter_cases`` below in a child process with TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, f"interpreter cases failed:\n{done.stdout}\n{done.stderr}"
+    assert done.stdout.count("ok ") == len(INTERPRETER_CASES) + 2, done.stdout
+
+
+# (M, N, K, bias, GemvConfig fields or None for the heuristic): both kernels, split-K with atomics,
+# K not a multiple of the tile, N not a multiple of the row block, more rows than one dot block.
+INTERPRETER_CASES = [
+    (1, 40, 384, True, None),
+    (1, 64, 1152, False, (16, 4, 1, 4, 1)),
+    (1, 72, 640, True, (32, 2, 3, 4, 1)),
+    (2, 40, 384, True, None),
+    (3, 64, 1152, False, (32, 4, 2, 4, 1)),
+    (17, 48, 256, True, (16, 1, 2, 4, 1)),
+]
+
+
+def interpreter_cases() -> None:
+    """The Triton kernels on CPU tensors; this process must have TRITON_INTERPRET=1 set at start."""
+    from compute.kernels import gemm
+    from compute.kernels.gemv import GemvConfig, int4_gemv
+
+    for m, n, k, has_bias, fields in INTERPRETER_CASES:
+        qweight, scales, w64, bias = random_linear(n, k, bias=has_bias)
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        assert_close_to_exact(int4_gemv(x, qweight, scales, bias, fields and GemvConfig(*fields)), x, w64, bias)
+        print("ok gemv", m, n, k)
+
+    # The interpreter rounds fp32 -> bf16 toward zero (CUDA rounds to nearest, and the GPU test checks
+    # bit-exactness), so here each weight may be off by one bf16 unit in the last place.
+    qweight, scales, w64, _ = random_linear(70, 640)
+    out = gemm.dequantize_into(qweight, scales, torch.full((70, 640), float("nan"), dtype=torch.bfloat16))
+    ulp = 2.0 ** (torch.frexp(w64.abs().clamp(min=1e-30))[1].double() - 8)
+    assert ((out.double() - w64).abs() <= ulp).all(), "dequantize kernel off by more than one bf16 ulp"
+    print("ok dequantize")
+
+    gemm.PREFILL_SCRATCH_BYTES = 32 * 640 * 2  # three chunks of 32 rows (and a short last one)
+    _, _, _, bias = random_linear(70, 640, bias=True)
+    x = torch.randn(20, 640, dtype=torch.bfloat16)
+    assert_close_to_exact(gemm.int4_gemm(x, qweight, scales, bias), x, w64, bias)
+    print("ok gemm chunks")
+
+
+if __name__ == "__main__":
+    interpreter_cases()
