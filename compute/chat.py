@@ -221,6 +221,10 @@ class ReplyPrinter:
         self.out.write(piece)
 
 
+class ReplyRefused(ValueError):
+    """A reply cannot start for a reason the person can act on (e.g. the conversation outgrew the context)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Reply:
     """What one generation produced, as the REPL needs it."""
@@ -255,6 +259,7 @@ class StopOnInterrupt:
         signal.signal(signal.SIGINT, self._previous)
 
 
+PROMPT = ">>> "
 HELP = "Commands: /reset forgets the conversation, /exit quits (or Ctrl-D). Ctrl-C stops a reply."
 
 
@@ -267,9 +272,12 @@ def repl(
     err: TextIO,
     styled: bool,
 ) -> None:
-    """The interactive loop; returns on ``/exit`` or end of input. Ctrl-C at the prompt raises KeyboardInterrupt."""
+    """The interactive loop; returns on ``/exit`` or end of input. Ctrl-C at the prompt raises KeyboardInterrupt.
+
+    A ``ReplyRefused`` from ``generate`` is reported and the loop goes on; any other error ends it.
+    """
     err.write(HELP + "\n")
-    for line in _lines(read_line, styled):
+    for line in _lines(read_line):
         command = line.strip()
         if not command:
             continue
@@ -282,7 +290,10 @@ def repl(
         if command.startswith("/") and command.split()[0] in ("/help", "/?"):
             err.write(HELP + "\n")
             continue
-        reply_once(conversation, line, generate, out=out, err=err, styled=styled)
+        try:
+            reply_once(conversation, line, generate, out=out, err=err, styled=styled)
+        except ReplyRefused as e:
+            err.write(f"{e} (/reset starts a new conversation)\n")
 
 
 def reply_once(
@@ -306,10 +317,9 @@ def reply_once(
     return reply
 
 
-def _lines(read_line: Callable[[str], str], styled: bool) -> Iterator[str]:
-    prompt = "\x1b[1m>>> \x1b[0m" if styled else ">>> "
+def _lines(read_line: Callable[[str], str]) -> Iterator[str]:
     while True:
         try:
-            yield read_line(prompt)
+            yield read_line(PROMPT)
         except EOFError:
             return

@@ -1,0 +1,209 @@
+"""One ``spillover run`` session: the connection to the loader, the engine, and the replies it writes.
+
+``Session.open(address, model, config)`` connects to a ready loader (``protocol.client.LoaderClient``), builds
+the ``compute.engine.Engine`` on its plan (the KV cache for the plan's ``max_context``, prefill in the plan's
+chunks: what the budget counted), and closes the connection when left. It then serves:
+
+* ``answer(prompt)``: one reply streamed to stdout, statistics to stderr;
+* ``answer_json(prompt)``: one reply as a dict for ``--output-format json`` (nothing written to stdout);
+* ``chat()``: the multi-turn REPL of ``compute.chat``.
+
+Any failure of the loader connection becomes ``LoaderLost``, whose message names the loader and its pid. A
+watchdog thread also checks, every ``WATCH_S``, that the loader process lives: resident weights need no
+messages, so without it a reply could go on, or the REPL wait for input, with the loader long gone. When it
+finds the loader dead it signals the main thread (SIGUSR1), whose handler raises ``LoaderLost`` wherever the
+main thread is, a blocking ``input()`` included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from compute.chat import Conversation, Reply, ReplyRefused, StreamingDetokenizer, reply_once, repl
+from compute.engine import ContextLengthError, Engine, GenerationResult
+from compute.resolve import ResolvedModel
+from compute.usage import PeakMemorySampler
+from protocol.client import LoaderClient, LoaderError
+from protocol.ring import pid_alive
+from quantizer.checkpoint import QuantizedCheckpoint
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 30.0  # the loader is ready before anyone connects, so the handshake is quick
+WATCH_S = 0.2  # how often the watchdog checks that the loader process lives
+
+
+class LoaderLost(RuntimeError):
+    """The loader died or failed while this session needed it; the message names it."""
+
+
+class LoaderWatchdog:
+    """While active, turns the loader's death into ``LoaderLost`` in the main thread within ``WATCH_S``."""
+
+    def __init__(self, loader_pid: int):
+        self.loader_pid = loader_pid
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="loader-watchdog", daemon=True)
+        self._previous = None
+
+    def __enter__(self) -> "LoaderWatchdog":
+        self._previous = signal.signal(signal.SIGUSR1, self._on_loader_dead)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        signal.signal(signal.SIGUSR1, self._previous)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_S):
+            if not pid_alive(self.loader_pid):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+
+    def _on_loader_dead(self, signum, frame) -> None:
+        raise LoaderLost(f"the loader process (pid {self.loader_pid}) is gone; compute cannot go on without it")
+
+
+class Session:
+    def __init__(self, client: LoaderClient, engine: Engine, model: ResolvedModel, config):
+        self.client = client
+        self.engine = engine
+        self.model = model
+        self.config = config  # compute.run.RunConfig
+        self.params = config.sampling()
+        self.loader_pid = client.plan.loader_pid
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, address: str, model: ResolvedModel, config) -> Iterator["Session"]:
+        try:
+            client = LoaderClient.connect(address, timeout_s=CONNECT_TIMEOUT_S)
+        except LoaderError as e:
+            raise LoaderLost(f"could not connect to the loader at {address}: {e}") from None
+        try:
+            plan = client.plan
+            log.info("loader pid %d, policy %s, max_context %d", plan.loader_pid, plan.policy, plan.max_context)
+            with cls._loader_errors(plan.loader_pid):
+                engine = Engine(
+                    QuantizedCheckpoint(model.path),
+                    client,
+                    device=config.device,
+                    max_context=plan.max_context,
+                    prefill_chunk=plan.prefill_chunk,
+                )
+            with LoaderWatchdog(plan.loader_pid):
+                yield cls(client, engine, model, config)
+        finally:
+            client.close()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _loader_errors(loader_pid: int) -> Iterator[None]:
+        try:
+            yield
+        except LoaderError as e:
+            raise LoaderLost(f"the loader (pid {loader_pid}) failed: {e}") from None
+
+    def _streamed_bytes(self) -> int:
+        return sum(p.streamed_bytes for p in self.client.stats().policies)
+
+    def _generate(
+        self, prompt_ids: list[int], write: Callable[[str], None], should_stop: Callable[[], bool]
+    ) -> tuple[GenerationResult, str, int]:
+        """(result, decoded text, bytes the loader streamed meanwhile), writing text as it comes."""
+        detokenizer = StreamingDetokenizer(self.engine.tokenizer)
+        pieces: list[str] = []
+
+        def on_token(token_id: int) -> None:
+            text = detokenizer.add(token_id)
+            if text:
+                pieces.append(text)
+                write(text)
+
+        with self._loader_errors(self.loader_pid):
+            streamed_before = self._streamed_bytes()
+            try:
+                result = self.engine.generate(prompt_ids, self.params, on_token=on_token, should_stop=should_stop)
+            except ContextLengthError as e:
+                raise ReplyRefused(str(e)) from None
+            streamed = self._streamed_bytes() - streamed_before
+        tail = detokenizer.flush()
+        if tail:
+            pieces.append(tail)
+            write(tail)
+        if detokenizer.unknown_ids:
+            log.info("%d generated ids have no token in the tokenizer (shown as U+FFFD)", detokenizer.unknown_ids)
+        return result, "".join(pieces), streamed
+
+    def _reply(self, prompt_ids: list[int], write: Callable[[str], None], should_stop: Callable[[], bool]) -> Reply:
+        """``compute.chat.Generate``: one reply for the REPL or a one-shot prompt."""
+        result, text, streamed = self._generate(prompt_ids, write, should_stop)
+        line = (
+            f"prefill {result.prefill_tokens} tok, {result.prefill_tokens_per_s:.1f} tok/s | "
+            f"decode {result.decode_tokens} tok, {result.decode_tokens_per_s:.1f} tok/s"
+        )
+        if streamed:
+            line += f" | streamed {_forward_share(streamed, result) / 2**20:.1f} MiB/token"
+        return Reply(text=text, stopped=result.finish_reason.value == "stopped", stats_line=line)
+
+    def answer(self, prompt: str) -> Reply:
+        """One reply to ``prompt`` on stdout (reasoning dimmed on a terminal)."""
+        conversation = Conversation(self.engine.tokenizer, raw=self.config.raw)
+        return reply_once(conversation, prompt, self._reply, out=sys.stdout, err=sys.stderr, styled=sys.stdout.isatty())
+
+    def answer_json(self, prompt: str) -> dict:
+        """One reply to ``prompt`` as the ``--output-format json`` object; nothing is printed."""
+        conversation = Conversation(self.engine.tokenizer, raw=self.config.raw)
+        prompt_ids = conversation.prompt_ids(prompt)
+        pids = {"compute": os.getpid(), "loader": self.loader_pid}
+        with PeakMemorySampler(pids, device=self.config.device) as memory:
+            started = time.perf_counter()
+            result, text, streamed = self._generate(prompt_ids, lambda _text: None, lambda: False)
+            seconds = time.perf_counter() - started
+        return {
+            "model": self.model.label,
+            "prompt_token_ids": prompt_ids,
+            "token_ids": list(result.token_ids),
+            "text": text,
+            "finish_reason": result.finish_reason.value,
+            "stats": {
+                "prompt_tokens": result.prompt_tokens,
+                "prefill_tokens": result.prefill_tokens,
+                "prefill_seconds": result.prefill_seconds,
+                "prefill_tokens_per_s": result.prefill_tokens_per_s,
+                "decode_tokens": result.decode_tokens,
+                "decode_seconds": result.decode_seconds,
+                "decode_tokens_per_s": result.decode_tokens_per_s,
+                "total_seconds": seconds,
+                "policy": self.client.plan.policy,
+                "budget_bytes": self.client.plan.budget_bytes,
+                "streamed_bytes": streamed,
+                "streamed_bytes_per_token": _forward_share(streamed, result),
+                "device": self.config.device,
+                **memory.report(),
+            },
+        }
+
+    def chat(self) -> None:
+        """The interactive REPL until /exit or end of input."""
+        if sys.stdin.isatty():
+            import readline  # noqa: F401  (line editing and history for input())
+        conversation = Conversation(self.engine.tokenizer, raw=self.config.raw)
+        styled = sys.stdout.isatty()
+        repl(conversation, self._reply, read_line=input, out=sys.stdout, err=sys.stderr, styled=styled)
+
+
+def _forward_share(streamed_bytes: int, result: GenerationResult) -> float:
+    """Bytes streamed per forward pass of the reply: one pass per generated token, plus the prefill passes."""
+    passes = result.decode_tokens + (1 if result.prefill_tokens else 0)
+    return streamed_bytes / passes if passes else 0.0
+
