@@ -74,10 +74,12 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     _check_weight(w)
     out_features, in_features = w.shape
-    blocks = w.to(torch.float32).reshape(out_features, in_features // BLOCK_SIZE, BLOCK_SIZE)
+    # A private float32 copy, divided, rounded and clamped in place: the caller's tensor is never modified and
+    # the temporaries stay at a few bytes per element (quantize_checkpoint's memory bound depends on it).
+    blocks = w.to(torch.float32, copy=True).reshape(out_features, in_features // BLOCK_SIZE, BLOCK_SIZE)
     absmax = blocks.abs().amax(dim=-1)  # (out, in / 128) float32
     scales = torch.where(absmax == 0, torch.ones_like(absmax), absmax / 7).to(torch.bfloat16)
-    q = torch.round(blocks / scales.to(torch.float32).unsqueeze(-1)).clamp_(QMIN, QMAX)
+    q = blocks.div_(scales.to(torch.float32).unsqueeze(-1)).round_().clamp_(QMIN, QMAX)  # round_: half to even
     return pack_nibbles(q.reshape(out_features, in_features)), scales
 
 

@@ -56,8 +56,9 @@ COPIED_FILES = (
 )
 OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack")
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# Source bytes read, quantized and written as one piece: bounds the memory a tensor of any size needs.
-CHUNK_BYTES = 64 << 20
+# Source bytes read, quantized and written as one piece: bounds the memory a tensor of any size needs (quantizing
+# a piece takes about six times its bf16 size in temporaries, so ~25 MB here).
+CHUNK_BYTES = 4 << 20
 
 
 class QuantizeError(Exception):

@@ -58,14 +58,15 @@ def make_tiny_qwen2(
         dtype="bfloat16",
     )
     generator = torch.Generator().manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    # Built on the meta device and materialized uninitialized: transformers' own init would be thrown away anyway.
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.to_empty(device="cpu")
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    model = model.to(torch.bfloat16)
+            values = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.1 * values if name.endswith("norm.weight") else 0.05 * values)
+    model.tie_weights()  # to_empty gave the tied lm_head a storage of its own
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # save_pretrained never splits a tensor, so the shard size is a little above an even split.
     model.save_pretrained(str(path), max_shard_size=total_bytes // shards + 1)
