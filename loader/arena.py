@@ -42,6 +42,8 @@ READ_CHUNK_BYTES = 16 << 20  # one read + hash step; small enough to hash while 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 MAX_READ_THREADS = 8
 
+Wanted = dict[str, tuple[str, TensorSlot]]  # tensor name -> (unit name, its slot): what to take from one shard
+
 
 class PinnedArena:
     """Host memory holding every unit back to back; pinned for fast device copies when built with ``pin=True``."""
@@ -62,7 +64,7 @@ class PinnedArena:
         if hasattr(mmap, "MADV_HUGEPAGE"):
             self._mmap.madvise(mmap.MADV_HUGEPAGE)
         self._buffer = memoryview(self._mmap)[: self.nbytes]
-        self.data = torch.frombuffer(self._mmap, dtype=torch.uint8, count=self.nbytes) if self.nbytes else torch.empty(0, dtype=torch.uint8)
+        self.data = torch.frombuffer(self._mmap, dtype=torch.uint8)[: self.nbytes]  # (nbytes,) uint8
         self.pinned = False
         if pin:
             self._pin()
@@ -77,7 +79,10 @@ class PinnedArena:
         verify_checksums: bool,
         threads: int | None = None,
     ) -> "PinnedArena":
-        """Read ``units`` of ``checkpoint`` into a new arena; raise ``FormatError`` naming the file on any mismatch."""
+        """Read ``units`` of ``checkpoint`` into a new arena; raise ``FormatError`` naming the file on any mismatch.
+
+        ``threads`` bounds how many shards are read at once (default: one per core, at most ``MAX_READ_THREADS``).
+        """
         if not isinstance(checkpoint, QuantizedCheckpoint):
             checkpoint = QuantizedCheckpoint(checkpoint)
         wanted = _tensors_by_shard(checkpoint, units)
@@ -87,14 +92,17 @@ class PinnedArena:
                 raise FormatError(f"shard {path} is missing")
             size = path.stat().st_size
             if size != shard.nbytes:
-                raise FormatError(f"shard {path} has {size} bytes, the manifest says {shard.nbytes}: truncated or replaced")
+                raise FormatError(
+                    f"shard {path} has {size} bytes, the manifest says {shard.nbytes}: truncated or replaced"
+                )
 
         arena = cls(units, pin=False)
         start = time.perf_counter()
         shards = checkpoint.manifest.shards
         workers = max(1, min(threads or os.cpu_count() or 1, MAX_READ_THREADS, len(shards)))
         try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="arena-read") as pool:
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="arena-read")
+            try:
                 futures = [
                     pool.submit(
                         arena._fill_from_shard,
@@ -105,6 +113,8 @@ class PinnedArena:
                     for shard in shards
                 ]
                 read = sum(f.result() for f in futures)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # after a failure, shards not yet started are not read
             seconds = time.perf_counter() - start
             log.info(
                 "read %.2f GB from %d shards into a %.2f GB arena in %.2f s (%.2f GB/s, %d threads, checksums %s)",
@@ -142,6 +152,7 @@ class PinnedArena:
             self.pinned = False
         self._buffer.release()
         self.data = torch.empty(0, dtype=torch.uint8)
+        self._mmap = None  # unmapped by the garbage collector once the last view is gone
 
     def __enter__(self) -> "PinnedArena":
         return self
@@ -150,6 +161,8 @@ class PinnedArena:
         self.close()
 
     def _pin(self) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("cannot pin the weight arena: CUDA is not available (the CPU device does not pin)")
         if self.nbytes == 0:
             return
         start = time.perf_counter()
@@ -161,10 +174,12 @@ class PinnedArena:
             )
         self.pinned = True
         seconds = time.perf_counter() - start
-        log.info("pinned %.2f GB in %.2f s (%.2f GB/s)", self.nbytes / 1e9, seconds, self.nbytes / 1e9 / max(seconds, 1e-9))
+        gb = self.nbytes / 1e9
+        log.info("pinned %.2f GB in %.2f s (%.2f GB/s)", gb, seconds, gb / max(seconds, 1e-9))
 
-    def _fill_from_shard(self, path: Path, wanted: dict[str, tuple[str, TensorSlot]], sha256: str | None) -> int:
-        """Read one shard front to back, placing the ``wanted`` tensors (name -> (unit, slot)); returns bytes read."""
+    def _fill_from_shard(self, path: Path, wanted: Wanted, sha256: str | None) -> int:
+        """Read one shard front to back, placing the ``wanted`` tensors (name -> (unit, slot)); returns bytes read
+        (the whole file when hashing it, else the header and the wanted tensors)."""
         digest = hashlib.sha256() if sha256 is not None else None
         size = path.stat().st_size
         with open(path, "rb", buffering=0) as f:
@@ -184,7 +199,7 @@ class PinnedArena:
             position = 0  # bytes into the data section
             for begin, end, name in sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in entries.items()):
                 if begin < position:
-                    raise FormatError(f"{path}: tensor {name!r} overlaps the tensor before it (data_offsets {begin}..{end})")
+                    raise FormatError(f"{path}: tensor {name!r} (data_offsets {begin}..{end}) overlaps the one before it")
                 _skip(f, begin - position, scratch, digest, path)
                 if name in wanted:
                     unit, slot = wanted[name]
@@ -195,10 +210,11 @@ class PinnedArena:
                 position = end
             _skip(f, size - data_start - position, scratch, digest, path)
         if digest is not None and digest.hexdigest() != sha256:
-            raise FormatError(f"shard {path} does not match its sha256 in the manifest: the file is corrupt or was replaced")
-        return size
+            raise FormatError(f"shard {path} does not match its sha256 in the manifest: it is corrupt or was replaced")
+        return size if digest is not None else data_start + sum(slot.nbytes for _, slot in wanted.values())
 
-    def _check_entries(self, entries: dict, wanted: dict[str, tuple[str, TensorSlot]], path: Path, data_bytes: int) -> None:
+    @staticmethod
+    def _check_entries(entries: dict, wanted: Wanted, path: Path, data_bytes: int) -> None:
         for name, (_, slot) in wanted.items():
             entry = entries.get(name)
             if entry is None:
@@ -212,13 +228,15 @@ class PinnedArena:
         for name, entry in entries.items():
             begin, end = entry["data_offsets"]
             if not 0 <= begin <= end <= data_bytes:
-                raise FormatError(f"{path}: tensor {name!r} has data_offsets {begin}..{end} outside the file's {data_bytes} data bytes")
+                raise FormatError(
+                    f"{path}: tensor {name!r} has data_offsets {begin}..{end} outside the file's {data_bytes} data bytes"
+                )
 
 
-def _tensors_by_shard(checkpoint: QuantizedCheckpoint, units: Sequence[UnitLayout]) -> dict[str, dict[str, tuple[str, TensorSlot]]]:
+def _tensors_by_shard(checkpoint: QuantizedCheckpoint, units: Sequence[UnitLayout]) -> dict[str, Wanted]:
     """shard file -> {tensor name -> (unit name, slot)} for every tensor of ``units``."""
     shard_files = {s.file for s in checkpoint.manifest.shards}
-    by_shard: dict[str, dict[str, tuple[str, TensorSlot]]] = {}
+    by_shard: dict[str, Wanted] = {}
     for unit in units:
         for slot in unit.tensors:
             file = checkpoint.entry(slot.name).file
@@ -234,8 +252,8 @@ def _parse_header(header_bytes: bytes, path: Path) -> dict:
         entries = {name: e for name, e in header.items() if name != "__metadata__"}
         for e in entries.values():
             begin, end = e["data_offsets"]
-            if not (isinstance(begin, int) and isinstance(end, int) and isinstance(e["dtype"], str) and isinstance(e["shape"], list)):
-                raise ValueError("malformed tensor entry")
+            if not all(isinstance(v, t) for v, t in ((begin, int), (end, int), (e["dtype"], str), (e["shape"], list))):
+                raise ValueError(f"malformed tensor entry {e!r}")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FormatError(f"{path} has a malformed safetensors header: {e}") from None
     return entries

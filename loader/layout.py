@@ -69,9 +69,10 @@ def layout_units(manifest: Manifest) -> list[UnitLayout]:
                 if entry is None:
                     raise FormatError(f"unit {unit.name!r}: tensor {name!r} is not in the manifest's tensor list")
                 if entry.dtype not in DTYPE_BYTES:
-                    raise FormatError(f"tensor {name!r} has dtype {entry.dtype!r}; a unit holds only {sorted(DTYPE_BYTES)}")
+                    raise FormatError(f"tensor {name!r} has dtype {entry.dtype!r}; units hold only {sorted(DTYPE_BYTES)}")
                 nbytes = math.prod(entry.shape) * DTYPE_BYTES[entry.dtype]
-                slots.append(TensorSlot(name=name, offset=offset, nbytes=nbytes, dtype=entry.dtype, shape=tuple(entry.shape)))
+                shape = tuple(entry.shape)
+                slots.append(TensorSlot(name=name, offset=offset, nbytes=nbytes, dtype=entry.dtype, shape=shape))
                 offset = align_up(offset + nbytes)
         layouts.append(UnitLayout(name=unit.name, index=index, nbytes=offset, tensors=tuple(slots)))
     return layouts

@@ -124,7 +124,9 @@ class Placement:
         rows = [(what, format_size(nbytes)) for what, nbytes in self.lines]
         rows.append(("total", f"{format_size(self.total_bytes)} of {format_size(self.budget_bytes)} budget"))
         width = max(len(what) for what, _ in rows)
-        out = [f"placement (policy {self.policy!r}, max context {self.max_context}, prefill chunk {self.prefill_chunk}):"]
+        out = [
+            f"placement (policy {self.policy!r}, max context {self.max_context}, prefill chunk {self.prefill_chunk}):"
+        ]
         out += [f"  {what:<{width}}  {size}" for what, size in rows]
         out.append(f"  resident: {_name_ranges(self.resident)}")
         if self.streamed:
@@ -162,7 +164,12 @@ def _config_int(config: dict, key: str) -> int:
 
 
 def budget_lines(
-    *, device: str, units: Sequence[UnitLayout], config: dict, max_context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    *,
+    device: str,
+    units: Sequence[UnitLayout],
+    config: dict,
+    max_context: int,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> list[tuple[str, int]]:
     """Everything the budget must hold besides the loader's pool, as (what, bytes) lines."""
     if max_context <= 0 or prefill_chunk <= 0:
@@ -226,7 +233,9 @@ def plan_placement(
     """Count the budget, let ``policy`` place the units in what is left; ``BudgetError`` if its minimum does not fit."""
     if not units:
         raise ValueError("the model has no units to place (its manifest lists no quantized Linears)")
-    fixed = budget_lines(device=device, units=units, config=config, max_context=max_context, prefill_chunk=prefill_chunk)
+    fixed = budget_lines(
+        device=device, units=units, config=config, max_context=max_context, prefill_chunk=prefill_chunk
+    )
     pool_budget = budget_bytes - sum(nbytes for _, nbytes in fixed)
     minimum = policy.minimum(units, ring_slots=ring_slots, prefetch_depth=prefetch_depth)
     if minimum.pool_bytes > pool_budget:
@@ -263,5 +272,6 @@ def _pool_lines(residency: Residency) -> list[tuple[str, int]]:
     if residency.resident:
         lines.append((f"resident weights ({len(residency.resident)} units)", residency.resident_bytes))
     if residency.streamed:
-        lines.append((f"ring ({residency.ring_slots} slots × {format_size(residency.slot_bytes)})", residency.ring_bytes))
+        label = f"ring ({residency.ring_slots} slots × {format_size(residency.slot_bytes)})"
+        lines.append((label, residency.ring_bytes))
     return lines

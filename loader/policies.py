@@ -74,7 +74,7 @@ def _ring_shape(
     """(K, D) from the caller's choices or the policy's defaults, checked."""
     slots = default_slots if ring_slots is None else ring_slots
     if slots < MIN_RING_SLOTS:
-        raise ValueError(f"policy {policy!r}: --ring-slots {slots} is too few; the ring needs at least {MIN_RING_SLOTS}")
+        raise ValueError(f"policy {policy!r}: --ring-slots {slots} is too few; a ring needs at least {MIN_RING_SLOTS}")
     depth = min(default_depth, slots) if prefetch_depth is None else prefetch_depth
     if not 1 <= depth <= slots:
         raise ValueError(f"policy {policy!r}: --prefetch-depth {depth} must be between 1 and the ring's {slots} slots")
@@ -178,7 +178,7 @@ class HybridPolicy(Policy):
         slots, depth = _ring_shape(self.name, ring_slots, prefetch_depth, self.default_slots, self.default_depth)
         fitting = [s for s in self._stretches(units, slots) if s[0] <= pool_budget]
         if not fitting:
-            raise ValueError(f"policy 'hybrid': no placement fits a pool of {pool_budget} bytes (the planner checks this first)")
+            raise ValueError(f"policy 'hybrid': no placement fits a pool of {pool_budget} bytes (check `minimum` first)")
         return self._residency(units, min(fitting, key=self._preference(len(units))), slots, depth)
 
 

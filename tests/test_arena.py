@@ -229,3 +229,48 @@ def copy_rate(src: torch.Tensor, dst: torch.Tensor) -> float:
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return src.numel() / best / 1e9
+
+
+def test_load_runs_at_about_the_speed_of_reading_and_hashing(tmp_path, caplog):
+    """No second pass, no intermediate tensors: loading costs about what reading and hashing the files costs."""
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    tensors, entries, units = {}, [], []
+    for layer in range(8):  # 8 x 4.2 MB of random bytes: the bytes need not be a real quantization here
+        name = f"model.layers.{layer}.mlp.up_proj"
+        tensors[name + ".qweight"] = torch.randint(0, 256, (2048, 2048), dtype=torch.uint8, generator=gen)
+        tensors[name + ".scales"] = torch.randn(2048, 32, generator=gen).bfloat16()
+        units.append(UnitEntry(name=f"layers.{layer}", linears=(name,)))
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    data = (model_dir / "model.safetensors").read_bytes()
+    entries = [TensorEntry(name=n, dtype="U8" if t.dtype == torch.uint8 else "BF16", shape=tuple(t.shape), file="model.safetensors") for n, t in tensors.items()]
+    shard = ShardEntry(file="model.safetensors", nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest = Manifest(architecture="Qwen2ForCausalLM", source="test", units=tuple(units), tensors=tuple(entries), shards=(shard,))
+    (model_dir / MANIFEST_NAME).write_text(manifest.to_json())
+    (model_dir / "config.json").write_text("{}")
+
+    def timed(action) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            action()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    baseline = timed(lambda: hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest())
+    caplog.set_level("INFO", logger="loader.arena")
+    load = timed(lambda: _load(model_dir).close())
+    assert load < 2 * baseline + 0.05, f"loading took {load:.3f} s, reading and hashing {baseline:.3f} s"
+    assert any("GB/s" in r.getMessage() and "checksums verified" in r.getMessage() for r in caplog.records)
+
+
+def test_close_frees_the_memory_and_views_stay_valid(tmp_path):
+    model_dir = write_quantized_model(tmp_path / "m", layers=1, shards=1, seed=random.randrange(1 << 30))
+    arena = _load(model_dir)
+    unit = arena.unit("layers.0")
+    expected = unit.clone()
+    arena.close()
+    arena.close()
+    assert arena.data.numel() == 0
+    assert torch.equal(unit, expected)  # a view outlives close(); the mapping goes with its last view
