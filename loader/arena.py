@@ -67,7 +67,7 @@ class PinnedArena:
         self.data = torch.frombuffer(self._mmap, dtype=torch.uint8)[: self.nbytes]  # (nbytes,) uint8
         self.pinned = False
         if pin:
-            self._pin()
+            self.pin()
 
     @classmethod
     def load(
@@ -122,7 +122,7 @@ class PinnedArena:
                 "verified" if verify_checksums else "not verified",
             )  # fmt: skip
             if pin:
-                arena._pin()
+                arena.pin()  # after filling: locking pages already present is cheaper than faulting them in locked
         except BaseException:
             arena.close()
             raise
@@ -160,7 +160,10 @@ class PinnedArena:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _pin(self) -> None:
+    def pin(self) -> None:
+        """Page-lock the arena with one ``cudaHostRegister`` call (a no-op when already pinned)."""
+        if self.pinned:
+            return
         if not torch.cuda.is_available():
             raise RuntimeError("cannot pin the weight arena: CUDA is not available (the CPU device does not pin)")
         if self.nbytes == 0:

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 import pytest
 
 from loader.layout import layout_units
+from quantizer.checkpoint import QuantizedCheckpoint
 from loader.planner import (
     ALLOCATOR_MARGIN_BYTES,
     CUDA_CONTEXT_BYTES,
@@ -185,3 +186,18 @@ def test_size_click_type():
     assert ok.exit_code == 0 and ok.output.strip() == str(3 * GiB // 2)
     bad = CliRunner().invoke(show, ["--gpu-memory", "lots"])
     assert bad.exit_code == 2 and "'lots' is not a size" in bad.output
+
+
+@pytest.mark.parametrize(("policy", "slots"), [("hybrid", 2), ("stream", 2), ("stream", 3)])
+def test_tiny_model_on_cpu_streams_through_a_small_ring(tiny_q, policy, slots):
+    """On the real quantizer's output and config.json: a budget a little over the fixed lines forces the ring."""
+    checkpoint = QuantizedCheckpoint(tiny_q)
+    units = layout_units(checkpoint.manifest)
+    fixed = sum(n for _, n in budget_lines(device="cpu", units=units, config=checkpoint.config, max_context=256))
+    largest = max(u.nbytes for u in units)
+    kwargs = dict(device="cpu", units=units, config=checkpoint.config, max_context=256, policy=get_policy(policy))
+    placement = plan_placement(budget_bytes=fixed + slots * largest, ring_slots=slots, **kwargs)
+    assert placement.ring_slots == slots and placement.streamed and placement.total_bytes <= fixed + slots * largest
+    assert not any(what.startswith("CUDA") for what, _ in placement.lines)
+    with pytest.raises(BudgetError, match=f"needed for policy '{policy}'"):
+        plan_placement(budget_bytes=fixed + slots * largest - 1, ring_slots=slots, **kwargs)
