@@ -191,14 +191,15 @@ class PinnedArena:
             if header_len > min(MAX_HEADER_BYTES, size - 8):
                 raise FormatError(f"{path} is not a safetensors file: its header claims {header_len} bytes")
             header_bytes = _read_exact(f, header_len, path, "the header")
-            if digest:
+            if digest is not None:
                 digest.update(prefix)
                 digest.update(header_bytes)
             entries = _parse_header(header_bytes, path)
             data_start = 8 + header_len
             self._check_entries(entries, wanted, path, size - data_start)
 
-            scratch = memoryview(bytearray(min(READ_CHUNK_BYTES, size)))
+            # bytes of other tensors pass through this buffer to be hashed; without hashing they are seeked over
+            scratch = memoryview(bytearray(min(READ_CHUNK_BYTES, size))) if digest is not None else None
             position = 0  # bytes into the data section
             for begin, end, name in sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in entries.items()):
                 if begin < position:
@@ -282,7 +283,7 @@ def _read_into(f, target: memoryview, digest, path: Path) -> None:
         done += got
 
 
-def _skip(f, nbytes: int, scratch: memoryview, digest, path: Path) -> None:
+def _skip(f, nbytes: int, scratch: memoryview | None, digest, path: Path) -> None:
     """Move past ``nbytes``: read and hash them when verifying, else just seek."""
     if digest is None:
         f.seek(nbytes, os.SEEK_CUR)

@@ -281,3 +281,16 @@ def test_close_frees_the_memory_and_views_stay_valid(tmp_path):
     arena.close()
     assert arena.data.numel() == 0
     assert torch.equal(unit, expected)  # a view outlives close(); the mapping goes with its last view
+
+
+def test_tensor_in_another_shard_than_the_manifest_says_is_named(tmp_path):
+    model_dir = write_quantized_model(tmp_path / "m", seed=random.randrange(1 << 30))
+    manifest = Manifest.from_json((model_dir / MANIFEST_NAME).read_text())
+    name = "model.layers.0.self_attn.o_proj.qweight"
+    entry = manifest.tensor(name)
+    other = next(s.file for s in manifest.shards if s.file != entry.file)
+    moved = TensorEntry(name=name, dtype=entry.dtype, shape=entry.shape, file=other)
+    tensors = tuple(moved if t.name == name else t for t in manifest.tensors)
+    (model_dir / MANIFEST_NAME).write_text(Manifest(**{**manifest.__dict__, "tensors": tensors}).to_json())
+    with pytest.raises(FormatError, match=f"{model_dir / other} does not hold tensor '{name}'"):
+        _load(model_dir)
