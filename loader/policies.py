@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import ClassVar, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 
 from loader.layout import UnitLayout
 
@@ -123,6 +123,15 @@ class StreamPolicy(Policy):
         return self.minimum(units, ring_slots=ring_slots, prefetch_depth=prefetch_depth)
 
 
+class _Stretch(NamedTuple):
+    """A candidate for the hybrid policy: units ``start .. start + length - 1`` (cyclically) streamed."""
+
+    pool: int  # bytes: resident units + K x the stretch's largest unit
+    resident: int  # bytes of the units outside the stretch
+    start: int
+    length: int
+
+
 class HybridPolicy(Policy):
     """As many bytes resident as the pool allows; the rest streams as ONE stretch of the (cyclic) order.
 
@@ -139,44 +148,43 @@ class HybridPolicy(Policy):
     default_slots = 2
     default_depth = 2
 
-    def _stretches(self, units: Sequence[UnitLayout], slots: int) -> list[tuple[int, int, int, int]]:
-        """(pool bytes, resident bytes, start, length) for all-resident (length 0) and every cyclic stretch."""
+    def _stretches(self, units: Sequence[UnitLayout], slots: int) -> list[_Stretch]:
+        """All units resident (length 0), then every cyclic stretch of 1..n units streamed."""
         n = len(units)
         total = sum(u.nbytes for u in units)
-        stretches = [(total, total, 0, 0)]
+        stretches = [_Stretch(pool=total, resident=total, start=0, length=0)]
         for start in range(n):
             streamed = largest = 0
             for length in range(1, n + 1 if start == 0 else n):
                 unit = units[(start + length - 1) % n]
                 streamed += unit.nbytes
                 largest = max(largest, unit.nbytes)
-                stretches.append((total - streamed + slots * largest, total - streamed, start, length))
+                stretches.append(_Stretch(total - streamed + slots * largest, total - streamed, start, length))
         return stretches
-
-    def _residency(self, units, stretch, slots: int, depth: int) -> Residency:
-        _, _, start, length = stretch
-        n = len(units)
-        return _split(units, {units[(start + k) % n].name for k in range(length)}, slots, depth)
 
     @staticmethod
     def _preference(n: int):
-        def key(stretch: tuple[int, int, int, int]) -> tuple[int, bool, int, int]:
-            pool, resident, start, length = stretch
+        def key(s: _Stretch) -> tuple[int, bool, int, int]:
             # most bytes resident (fewest streamed), then a stretch that does not wrap around the end of
             # the order, then the one ending latest (earlier layers stay resident), then the smaller pool
-            return (-resident, start + length > n, -(start + length), pool)
+            return (-s.resident, s.start + s.length > n, -(s.start + s.length), s.pool)
 
         return key
+
+    @staticmethod
+    def _residency(units: Sequence[UnitLayout], s: _Stretch, slots: int, depth: int) -> Residency:
+        streamed = {units[(s.start + k) % len(units)].name for k in range(s.length)}
+        return _split(units, streamed, slots, depth)
 
     def minimum(self, units, *, ring_slots=None, prefetch_depth=None):
         slots, depth = _ring_shape(self.name, ring_slots, prefetch_depth, self.default_slots, self.default_depth)
         prefer = self._preference(len(units))
-        best = min(self._stretches(units, slots), key=lambda s: (s[0], prefer(s)))
+        best = min(self._stretches(units, slots), key=lambda s: (s.pool, prefer(s)))
         return self._residency(units, best, slots, depth)
 
     def place(self, units, pool_budget, *, ring_slots=None, prefetch_depth=None):
         slots, depth = _ring_shape(self.name, ring_slots, prefetch_depth, self.default_slots, self.default_depth)
-        fitting = [s for s in self._stretches(units, slots) if s[0] <= pool_budget]
+        fitting = [s for s in self._stretches(units, slots) if s.pool <= pool_budget]
         if not fitting:
             raise ValueError(f"policy 'hybrid': no placement fits a pool of {pool_budget} bytes (check `minimum` first)")
         return self._residency(units, min(fitting, key=self._preference(len(units))), slots, depth)
