@@ -199,7 +199,8 @@ class LoaderProcess:
         idle_sleep = IDLE_SLEEP_MIN_S
         next_check = 0.0
         while self.stop_reason is None:
-            progressed = self.pool.advance() > 0
+            # the ring runs only for an attached compute process: Hello restarts it anyway
+            progressed = self.compute_pid is not None and self.pool.advance() > 0
             # with no compute attached nothing can move the ring: block on the socket instead of spinning
             received = sock.recv_from_compute(0 if self.compute_pid else LIVENESS_INTERVAL_S)
             if received is not None:

@@ -119,6 +119,9 @@ class LoaderClient:
         """Re-place the units under ``policy`` (call between forward passes, with nothing acquired)."""
         if self._ring.held:
             raise RingOrderError(f"set_policy({policy!r}) while {self._ring.held} streamed unit(s) are acquired; release them first")
+        if self._plan.device == "cuda":
+            # queued kernels may still read units the loader is about to overwrite
+            torch.cuda.synchronize(self._pool.device)
         plan = self._request(SetPolicy(policy=policy, ring_slots=ring_slots, prefetch_depth=depth), Plan)
         self._bind(plan)
         return plan
