@@ -174,6 +174,8 @@ def budget_lines(
     """Everything the budget must hold besides the loader's pool, as (what, bytes) lines."""
     if max_context <= 0 or prefill_chunk <= 0:
         raise ValueError(f"max_context ({max_context}) and prefill_chunk ({prefill_chunk}) must be positive")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device {device!r} is neither 'cpu' nor 'cuda'")
     hidden = _config_int(config, "hidden_size")
     layers = _config_int(config, "num_hidden_layers")
     heads = _config_int(config, "num_attention_heads")
@@ -200,6 +202,7 @@ def budget_lines(
     logits = vocab * (3 * F32 + 8)
     activations = hidden_states + qkv + mlp + attention + logits
 
+    # a qweight [out, in / 2] dequantizes to a bf16 [out, in]; the lm_head only ever multiplies one position
     layer_units = [u for u in units if _layer_number(u.name) is not None] or list(units)
     largest_linear = max(
         (math.prod(s.shape) * 2 * BF16 for u in layer_units for s in u.tensors if s.dtype == "U8"), default=0

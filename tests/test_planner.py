@@ -92,6 +92,10 @@ def test_lines_counted_for_the_32b_model():
     # on CPU the same lines, without the contexts
     cpu = budget_lines(device="cpu", units=UNITS, config=QWEN2_32B, max_context=4096)
     assert cpu == [(what, n) for what, n in lines.items() if not what.startswith("CUDA")]
+    with pytest.raises(ValueError, match="device 'gpu' is neither 'cpu' nor 'cuda'"):
+        budget_lines(device="gpu", units=UNITS, config=QWEN2_32B, max_context=4096)
+    with pytest.raises(ValueError, match="config.json: 'vocab_size' is None"):
+        budget_lines(device="cpu", units=UNITS, config={**QWEN2_32B, "vocab_size": None}, max_context=4096)
 
 
 def test_24gib_keeps_everything_resident():
