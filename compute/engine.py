@@ -31,6 +31,7 @@ import dataclasses
 import enum
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -63,9 +64,15 @@ class GenerationResult:
     finish_reason: FinishReason
     prompt_tokens: int  # len(prompt_ids)
     prefill_tokens: int  # prompt tokens run through the model (fewer than prompt_tokens when the cache held a prefix)
+    prefill_passes: int  # forward passes the prefill took: ceil(prefill_tokens / prefill_chunk)
     prefill_seconds: float  # from the first prefill forward to the first reply token chosen
     decode_tokens: int  # tokens produced by one-token forward passes (the first reply token comes from prefill)
     decode_seconds: float  # time spent in those forward passes and their sampling
+
+    @property
+    def forward_passes(self) -> int:
+        """Forward passes of the whole reply: each one reads every weight once (streamed units cross the bus)."""
+        return self.prefill_passes + self.decode_tokens
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -210,9 +217,8 @@ class Engine:
 
         start = time.perf_counter()
         reused = self._reuse_prefix(prompt)
-        logits = None
         for begin in range(reused, len(prompt), self.prefill_chunk):
-            if logits is not None and stop_requested():
+            if begin > reused and stop_requested():
                 return self._stopped_in_prefill(prompt, begin, reused, time.perf_counter() - start)
             logits = self._prefill_chunk(prompt[begin : begin + self.prefill_chunk], begin)
             self._cached_ids.extend(prompt[begin : begin + self.prefill_chunk])
@@ -226,31 +232,38 @@ class Engine:
             history[len(prompt) + len(reply) - 1] = token
             if on_token is not None:
                 on_token(token)
-            if token in self.eos_token_ids:
-                finish = FinishReason.EOS
-            elif len(reply) >= params.max_new_tokens:
-                finish = FinishReason.LENGTH
-            elif len(self._cached_ids) >= self.max_context:
-                finish = FinishReason.CONTEXT
-            elif stop_requested():
-                finish = FinishReason.STOPPED
-            else:
-                step_start = time.perf_counter()
-                logits = self._decode_step(token, len(self._cached_ids))
-                self._cached_ids.append(token)
-                token = sample_next(logits, params, generator, history[: len(prompt) + len(reply)])
-                decode_seconds += time.perf_counter() - step_start
-                continue
-            break
+            finish = self._finish_reason(token, len(reply), params, stop_requested)
+            if finish is not None:
+                break
+            step_start = time.perf_counter()
+            logits = self._decode_step(token, len(self._cached_ids))
+            self._cached_ids.append(token)
+            token = sample_next(logits, params, generator, history[: len(prompt) + len(reply)])
+            decode_seconds += time.perf_counter() - step_start
         return GenerationResult(
             token_ids=tuple(reply),
             finish_reason=finish,
             prompt_tokens=len(prompt),
             prefill_tokens=len(prompt) - reused,
+            prefill_passes=math.ceil((len(prompt) - reused) / self.prefill_chunk),
             prefill_seconds=prefill_seconds,
             decode_tokens=len(reply) - 1,
             decode_seconds=decode_seconds,
         )
+
+    def _finish_reason(
+        self, token: int, produced: int, params: SamplingParams, stop_requested: Callable[[], bool]
+    ) -> FinishReason | None:
+        """Why the reply ends after ``token`` (its ``produced``-th token), or None to go on."""
+        if token in self.eos_token_ids:
+            return FinishReason.EOS
+        if produced >= params.max_new_tokens:
+            return FinishReason.LENGTH
+        if len(self._cached_ids) >= self.max_context:  # no position left for feeding ``token`` back
+            return FinishReason.CONTEXT
+        if stop_requested():
+            return FinishReason.STOPPED
+        return None
 
     def _reuse_prefix(self, prompt: list[int]) -> int:
         """Keep the cached keys/values the prompt starts with; return how many prompt tokens need no prefill."""
@@ -275,6 +288,7 @@ class Engine:
             finish_reason=FinishReason.STOPPED,
             prompt_tokens=len(prompt),
             prefill_tokens=done - reused,
+            prefill_passes=math.ceil((done - reused) / self.prefill_chunk),
             prefill_seconds=seconds,
             decode_tokens=0,
             decode_seconds=0.0,

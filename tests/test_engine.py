@@ -79,6 +79,7 @@ def test_greedy_reply_follows_stock_transformers_step_by_step(qdir, references):
     assert len(result.token_ids) == GREEDY.max_new_tokens and result.finish_reason is FinishReason.LENGTH
     assert seen == list(result.token_ids)
     assert (result.prompt_tokens, result.prefill_tokens, result.decode_tokens) == (11, 11, 5)
+    assert (result.prefill_passes, result.forward_passes) == (3, 8)
     assert result.prefill_seconds > 0 and result.decode_seconds > 0 and result.decode_tokens_per_s > 0
     assert_follows_reference(references(qdir), prompt, result.token_ids)
 
@@ -113,7 +114,7 @@ def test_sampling_is_reproducible_from_the_seed(tiny_q):
     prompt = random_prompt(6)
 
     def reply(seed: int) -> tuple[int, ...]:
-        params = SamplingParams(temperature=1.0, top_p=1.0, seed=seed, max_new_tokens=8)
+        params = SamplingParams(temperature=1.0, top_p=1.0, seed=seed, max_new_tokens=5)
         return engine.generate(prompt, params).token_ids
 
     first = reply(5)
@@ -159,7 +160,7 @@ def test_should_stop_during_a_long_prefill_stops_before_the_reply(tiny_q):
     polls: list[int] = []
     result = engine.generate(random_prompt(9), GREEDY, should_stop=lambda: polls.append(1) or len(polls) >= 2)
     assert result.finish_reason is FinishReason.STOPPED and result.token_ids == ()
-    assert result.prefill_tokens == 4  # two chunks ran, then the poll between chunks said stop
+    assert (result.prefill_tokens, result.prefill_passes) == (4, 2)  # two chunks ran, then the poll said stop
 
 
 def test_a_prompt_longer_than_max_context_is_refused_with_the_numbers(tiny_q):
