@@ -73,10 +73,10 @@ The sea is wide, the sea is deep, it rocks the boats and sings to sleep.
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "ba", "do", "fi", "gu", "ha", "ji", "pe", "qu", "wy")
 
 
-def _training_corpus() -> list[str]:
+def _training_corpus(vocab_size: int) -> list[str]:
     """The built-in text plus made-up words from a fixed seed, so that large vocabularies have pairs to merge."""
     rng = random.Random(0)
-    words = ["".join(rng.choices(SYLLABLES, k=rng.randint(2, 5))) for _ in range(40_000)]
+    words = ["".join(rng.choices(SYLLABLES, k=rng.randint(2, 5))) for _ in range(10 * vocab_size)]
     return [TRAINING_TEXT] * 4 + [" ".join(words[i : i + 100]) for i in range(0, len(words), 100)]
 
 
@@ -99,7 +99,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(_training_corpus(vocab_size), trainer=trainer)
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -10,8 +10,10 @@ checkpoint once per test run.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +23,67 @@ TINY_HEADS = 4
 TINY_KV_HEADS = 2
 TINY_MAX_POSITIONS = 1024
 BOS_ID, EOS_ID = 0, 1  # the tokenizer's first two special tokens (quantizer/tokenizer.py)
+BLOCK = 128  # the format's block size, restated here so the independent reading below imports nothing of it
+NUMPY_DTYPES = {"U8": np.uint8, "I8": np.int8, "BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I64": np.int64}
+
+
+# An independent reading of the spillover-int4 format and of safetensors files, in numpy only, for tests to
+# check quantizer/ and everything that reads its output against.
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 (ties to even), as float32: the bit trick, independent of torch."""
+    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def numpy_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The format's definition, written again: float32 [out, in] -> (packed uint8 [out, in/2], scales f32 [out, in/128])."""
+    out_features, in_features = w.shape
+    blocks = w.astype(np.float32).reshape(out_features, in_features // BLOCK, BLOCK)
+    absmax = np.abs(blocks).max(axis=-1)
+    scales = np.where(absmax == 0, np.float32(1), bf16_round(absmax / np.float32(7))).astype(np.float32)
+    q = np.clip(np.rint(blocks / scales[..., None]), -8, 7).astype(np.int8).reshape(out_features, in_features)
+    nibbles = q.astype(np.uint8) & 0xF
+    return ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).astype(np.uint8), scales
+
+
+def numpy_dequantize(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(packed uint8 [out, in/2], scales f32 [out, in/128]) -> float32 [out, in]."""
+    high = (packed >> 4).astype(np.int8)
+    low = (packed & 0xF).astype(np.int8)
+    q = np.stack([high, low], axis=-1).reshape(packed.shape[0], -1)
+    q = np.where(q >= 8, q - 16, q).astype(np.float32)
+    return (q.reshape(q.shape[0], -1, BLOCK) * scales[..., None]).reshape(q.shape)
+
+
+def read_safetensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+    """name -> (dtype string, shape, values; bf16 as its raw uint16 bits), parsed by hand from the file."""
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    data = raw[8 + header_len :]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        values = np.frombuffer(data[begin:end], dtype=NUMPY_DTYPES[info["dtype"]]).reshape(info["shape"])
+        tensors[name] = (info["dtype"], tuple(info["shape"]), values)
+    return tensors
+
+
+def read_directory(path: Path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+    """Every tensor of every safetensors file in ``path``."""
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(read_safetensors(file))
+    return tensors
 
 
 def make_tiny_qwen2(

@@ -6,27 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import numpy_quantize
 from quantizer import format as fmt
 
 BLOCK = fmt.BLOCK_SIZE
-
-
-def bf16_round(x: np.ndarray) -> np.ndarray:
-    """float32 -> the nearest bfloat16 (ties to even), as float32: the bit trick, independent of torch."""
-    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return rounded.astype(np.uint32).view(np.float32)
-
-
-def numpy_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The format's definition, written again with numpy: (packed uint8 [out, in/2], scales float32 [out, in/128])."""
-    out_features, in_features = w.shape
-    blocks = w.astype(np.float32).reshape(out_features, in_features // BLOCK, BLOCK)
-    absmax = np.abs(blocks).max(axis=-1)
-    scales = np.where(absmax == 0, np.float32(1), bf16_round(absmax / np.float32(7))).astype(np.float32)
-    q = np.clip(np.rint(blocks / scales[..., None]), -8, 7).astype(np.int8).reshape(out_features, in_features)
-    nibbles = q.astype(np.uint8) & 0xF
-    return ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).astype(np.uint8), scales
 
 
 def quantize_block(values: list[float]) -> tuple[np.ndarray, float]:
