@@ -157,6 +157,8 @@ class LoaderProcess:
             return Error(code="bad_message", message=f"Hello names pid {message.pid}, which is not a running process")
         if self.compute_pid not in (None, message.pid) and pid_alive(self.compute_pid):
             return Error(code="busy", message=f"this loader already serves compute process {self.compute_pid}; start another loader")
+        if not self.pool.quiescent():  # a reconnect restarts the ring: not under a unit still in use
+            return Error(code="busy", message="Hello while compute still holds a streamed unit; release it (or finish_pass) first")
         self.compute_pid, self.compute_peer = message.pid, peer
         self.pool_placement = self.pool.place(self.placement)
         log.info("compute process %d attached; plan generation %d", message.pid, self.pool.generation)
