@@ -76,10 +76,10 @@ def resolve_model(spec: str | None, *, cache_dir: Path, device: str) -> Resolved
                 f"--model {spec}: neither a spillover-int4 model (no {MANIFEST_NAME}) nor a Hugging Face "
                 "checkpoint (no config.json)"
             )
-        return _quantized(path, label=str(path), cache_dir=cache_dir, device=device)
+        return _quantized(path, name=path.resolve().name, label=spec, cache_dir=cache_dir, device=device)
     if not REPO_ID.fullmatch(spec):
         raise ModelResolveError(f"--model {spec}: no such directory, and not a Hugging Face repo id (Org/Name)")
-    return _quantized(_download(spec), label=spec, cache_dir=cache_dir, device=device)
+    return _quantized(_download(spec), name=spec.replace("/", "--"), label=spec, cache_dir=cache_dir, device=device)
 
 
 def _download(repo_id: str) -> Path:
@@ -92,11 +92,10 @@ def _download(repo_id: str) -> Path:
     return local
 
 
-def _quantized(source: Path, *, label: str, cache_dir: Path, device: str) -> ResolvedModel:
+def _quantized(source: Path, *, name: str, label: str, cache_dir: Path, device: str) -> ResolvedModel:
     """The cached quantization of the HF checkpoint ``source``, made now if it is missing."""
     from quantizer.quantize import QuantizeError, quantize_checkpoint
 
-    name = re.sub(r"[^\w.-]+", "-", label.strip("/")).strip("-")[-60:] or "model"
     dst = cache_dir / f"{name}-{_source_key(source)}"
     with _cache_lock(dst):
         if not (dst / MANIFEST_NAME).is_file():
