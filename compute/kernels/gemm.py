@@ -26,9 +26,9 @@ PREFILL_SCRATCH_BYTES = 128 * 2**20  # bf16 scratch per call: counted by the pla
 _DEQUANT_BLOCK_N = 16  # weight rows per dequantization program
 _DEQUANT_GROUPS = 4  # 128-element groups per dequantization program
 
-_OFFSET_BINARY_XOR = 0x88  # adds 8 to both two's complement nibbles of a byte, modulo 16
-_UNIT_FLOAT_BITS = 0x3F800000  # 1.0f
-_MANTISSA_NIBBLE_MASK = 0x00780000  # a nibble at mantissa bits 19..22 adds u / 16 to 1.0
+_OFFSET_BINARY_XOR = tl.constexpr(0x88)  # adds 8 to both two's complement nibbles of a byte, modulo 16
+_UNIT_FLOAT_BITS = tl.constexpr(0x3F800000)  # 1.0f
+_MANTISSA_NIBBLE_MASK = tl.constexpr(0x00780000)  # a nibble at mantissa bits 19..22 adds u / 16 to 1.0
 
 
 @triton.jit

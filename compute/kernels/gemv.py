@@ -47,22 +47,40 @@ DOT_BLOCK_M = 16  # rows of x per program in the dot kernel: the smallest tensor
 
 # 0x88888888 as a signed int32 (a Python literal above 2**31 would make Triton widen the words to int64):
 # XOR-ing a word with it adds 8 to each two's complement nibble, modulo 16, giving offset binary.
-_OFFSET_BINARY_XOR = -0x77777778
-_UNIT_FLOAT_BITS = 0x3F800000  # 1.0f
-_MANTISSA_NIBBLE_MASK = 0x00780000  # mantissa bits 19..22: a nibble there adds u / 16 to 1.0
+_OFFSET_BINARY_XOR = tl.constexpr(-0x77777778)
+_UNIT_FLOAT_BITS = tl.constexpr(0x3F800000)  # 1.0f
 
 
 @triton.jit
-def _unit_float(words, NIBBLE_BIT: tl.constexpr):
-    """int32 words in offset binary -> fp32 ``1 + u / 16`` for the nibble starting at bit ``NIBBLE_BIT``."""
-    if NIBBLE_BIT <= 19:
-        moved = words << (19 - NIBBLE_BIT)
+def _landed_float(words, NIBBLE_BIT: tl.constexpr, LAND_BIT: tl.constexpr):
+    """int32 words in offset binary -> fp32 ``1 + u * 2**(LAND_BIT - 23)`` for the nibble at ``NIBBLE_BIT``.
+
+    One shift (none when the nibble already sits at LAND_BIT; the same shift serves two nibbles) and one
+    mask-and-OR: the nibble becomes four mantissa bits under the exponent of 1.0.
+    """
+    if NIBBLE_BIT < LAND_BIT:
+        moved = words << (LAND_BIT - NIBBLE_BIT)
+    elif NIBBLE_BIT > LAND_BIT:
+        moved = words >> (NIBBLE_BIT - LAND_BIT)
     else:
-        moved = words >> (NIBBLE_BIT - 19)
-    return ((moved & _MANTISSA_NIBBLE_MASK) | _UNIT_FLOAT_BITS).to(tl.float32, bitcast=True)
+        moved = words
+    return ((moved & (0xF << LAND_BIT)) | _UNIT_FLOAT_BITS).to(tl.float32, bitcast=True)
 
 
 @triton.jit
+def _load_x(ptrs, live, EVEN_K: tl.constexpr):
+    """One stride-8 slice of x as fp32; slots of groups past the end of K read as zeros."""
+    if EVEN_K:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=live, other=0.0).to(tl.float32)
+
+
+# Integer arguments Triton would otherwise specialise on (divisibility by 16) without any gain: one compiled
+# kernel per config then serves every shape. KW and the x row stride stay specialised: they align the loads.
+_RUNTIME_INTS = ["M", "N", "KG", "stride_om", "n_tiles", "tiles_per_split"]
+
+
+@triton.jit(do_not_specialize=[a for a in _RUNTIME_INTS if a != "M"])
 def _gemv_fma_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
     N, KW, KG, stride_xm, stride_om, n_tiles, tiles_per_split,
@@ -86,30 +104,48 @@ def _gemv_fma_kernel(
     s_ptrs = s_ptr + rows_in.to(tl.int64)[:, None] * KG + g[None, :]
     x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + word_in_tile * 8
 
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Per word slot, the sum over K steps of scale * sum_e(x_e * q_e) / 16; reduced across slots only once,
+    # after the loop, so that the loop holds no shuffles or barriers.
+    acc = tl.zeros((BLOCK_N, GROUPS, 16), dtype=tl.float32)
     t_begin = pid_k * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
     for t in range(t_begin, t_end):
         g0 = t * GROUPS
+        live = (g0 + g) < KG
         if EVEN_K:
             words = tl.load(w_ptrs + g0 * 16)
             scales = tl.load(s_ptrs + g0)
         else:
-            live = (g0 + g) < KG
             words = tl.load(w_ptrs + g0 * 16, mask=live[None, :, None], other=0)
             scales = tl.load(s_ptrs + g0, mask=live[None, :], other=0.0)
         words = words ^ _OFFSET_BINARY_XOR
-        part = tl.zeros((BLOCK_N, GROUPS, 16), dtype=tl.float32)
-        x_sum = tl.zeros((GROUPS, 16), dtype=tl.float32)
-        for e in tl.static_range(8):
-            if EVEN_K:
-                xe = tl.load(x_ptrs + g0 * 128 + e).to(tl.float32)
-            else:
-                xe = tl.load(x_ptrs + g0 * 128 + e, mask=live[:, None], other=0.0).to(tl.float32)
-            part += _unit_float(words, 8 * (e // 2) + 4 * (1 - e % 2)) * xe[None, :, :]
-            x_sum += xe
-        group_dots = 16.0 * tl.sum(part, axis=2) - 24.0 * tl.sum(x_sum, axis=1)[None, :]  # (BLOCK_N, GROUPS)
-        acc += tl.sum(group_dots * scales.to(tl.float32), axis=1)
+        # Element e of a word is the nibble at bit 8 * (e // 2) + 4 * (1 - e % 2). Elements 0, 2, 4 land at
+        # bit 12 (f = 1 + u / 2048), the others at bit 16 (f = 1 + u / 128); x is pre-scaled to match, so that
+        # x * q / 16 = (128 x) * f - 128.5 x at bit 12 and (8 x) * f - 8.5 x at bit 16 (module docstring).
+        x_tile = x_ptrs + g0 * 128
+        x0 = _load_x(x_tile + 0, live[:, None], EVEN_K)
+        x1 = _load_x(x_tile + 1, live[:, None], EVEN_K)
+        x2 = _load_x(x_tile + 2, live[:, None], EVEN_K)
+        x3 = _load_x(x_tile + 3, live[:, None], EVEN_K)
+        x4 = _load_x(x_tile + 4, live[:, None], EVEN_K)
+        x5 = _load_x(x_tile + 5, live[:, None], EVEN_K)
+        x6 = _load_x(x_tile + 6, live[:, None], EVEN_K)
+        x7 = _load_x(x_tile + 7, live[:, None], EVEN_K)
+        # Per-slot terms shared by every row of the tile: computed once, broadcast over BLOCK_N.
+        neg_offset = (-128.5 * (x0 + x2 + x4) - 8.5 * (x1 + x3 + x5 + x6 + x7))[None, :, :]
+        slot = (
+            neg_offset
+            + _landed_float(words, 4, 12) * (128.0 * x0)[None, :, :]
+            + _landed_float(words, 12, 12) * (128.0 * x2)[None, :, :]
+            + _landed_float(words, 20, 12) * (128.0 * x4)[None, :, :]
+            + _landed_float(words, 0, 16) * (8.0 * x1)[None, :, :]
+            + _landed_float(words, 8, 16) * (8.0 * x3)[None, :, :]
+            + _landed_float(words, 16, 16) * (8.0 * x5)[None, :, :]
+            + _landed_float(words, 28, 16) * (8.0 * x6)[None, :, :]
+            + _landed_float(words, 24, 16) * (8.0 * x7)[None, :, :]
+        )  # (BLOCK_N, GROUPS, 16): sum_e x_e * q_e / 16 of each word
+        acc += slot * scales.to(tl.float32)[:, :, None]
+    acc = 16.0 * tl.sum(tl.sum(acc, axis=2), axis=1)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + rows_in).to(tl.float32)
@@ -121,7 +157,7 @@ def _gemv_fma_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_dot_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
     M, N, KW, KG, stride_xm, stride_om, n_tiles, tiles_per_split,
@@ -161,19 +197,19 @@ def _gemv_dot_kernel(
                 scales = tl.load(s_ptrs + kg, mask=tl.full((BLOCK_N,), kg, tl.int32) < KG, other=0.0)
             words = words ^ _OFFSET_BINARY_XOR
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for e in tl.static_range(8):
                 if EVEN_K:
                     xe = tl.load(x_ptrs + kg * 128 + e)
                 else:
                     xe = tl.load(x_ptrs + kg * 128 + e, mask=(kg * 16 + i[None, :]) < KW, other=0.0)
-                unit = _unit_float(words, 8 * (e // 2) + 4 * (1 - e % 2))
+                # q / 16 = f - 1.5, exact in bf16 and fp16 (four fractional bits)
+                q16 = _landed_float(words, 8 * (e // 2) + 4 * (1 - e % 2), 19) - 1.5
                 if DOT_IN_FP32:
-                    part = tl.dot(xe.to(tl.float32), tl.trans(unit), part, input_precision="ieee")
+                    part = tl.dot(xe.to(tl.float32), tl.trans(q16), part, input_precision="ieee")
                 else:
-                    part = tl.dot(xe, tl.trans(unit.to(xe.dtype)), part)  # exact: 5 significant bits
-                x_sum += tl.sum(xe.to(tl.float32), axis=1)
-            acc += (16.0 * part - 24.0 * x_sum[:, None]) * scales.to(tl.float32)[None, :]
+                    part = tl.dot(xe, tl.trans(q16.to(xe.dtype)), part)
+            acc += part * scales.to(tl.float32)[None, :]
+    acc = 16.0 * acc
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + rows_in).to(tl.float32)
@@ -209,14 +245,17 @@ def gemv_config(kernel: str, n: int, k: int) -> GemvConfig:
     tuned = TUNED_CONFIGS.get((kernel, n, k))
     if tuned is not None:
         return tuned
-    block_n = 16 if kernel == "fma" else 32
-    groups = 4 if kernel == "fma" else 2
+    if kernel == "fma":
+        # 32 words per thread: few instructions per weight byte in the compiled loop (docs/kernels.md).
+        block_n, groups, num_warps, num_stages = 32, 4, 2, 1
+    else:
+        block_n, groups, num_warps, num_stages = 32, 2, 4, 3
     n_tiles = triton.cdiv(k // BLOCK_SIZE, groups)
     split_k = 1
     # Few row blocks (small N, long K) leave SMs idle: share K among more programs, in powers of two.
     while triton.cdiv(n, block_n) * split_k * 2 <= _TARGET_PROGRAMS and split_k * 2 <= n_tiles // 2:
         split_k *= 2
-    return GemvConfig(block_n=block_n, groups=groups, split_k=split_k, num_warps=4, num_stages=3)
+    return GemvConfig(block_n=block_n, groups=groups, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
 
 
 def int4_gemv(
