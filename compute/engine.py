@@ -14,13 +14,14 @@
   it is chosen, the EOS that ends a reply included. ``should_stop`` is polled between forward passes (between
   prefill chunks and between tokens), never during one: a forward interrupted half-way would leave units
   acquired and the loader's ring out of step. So Ctrl-C handling belongs in a signal handler that sets a
-  flag ``should_stop`` reads, not in an exception.
+  flag ``should_stop`` reads, not in an exception. If an exception does stop a forward half-way (a second
+  Ctrl-C), ``generate`` walks the rest of that pass's units before re-raising, so the engine stays usable.
 * ``prompt_ids`` is the whole conversation so far. The KV cache is kept between calls, and the longest prefix
   the new prompt shares with what the cache holds is not computed again (a multi-turn chat prefills only the
   new turn). ``reset()`` empties the cache; it is never required for correctness.
 * A prompt longer than ``max_context`` raises ``ContextLengthError`` before anything runs; ids outside the
-  model's vocabulary raise ``ValueError``. An exception from a forward pass (the loader died, say) propagates
-  and leaves the engine to be discarded: the loader's ring cannot be resynchronised from here.
+  model's vocabulary raise ``ValueError``. Any exception from ``generate`` empties the KV cache; one from the
+  loader (``protocol.client.LoaderGone`` …) means the engine cannot go on.
 
 The engine knows nothing about chat templates, text decoding, terminals or processes.
 """
@@ -182,7 +183,18 @@ class Engine:
             # What the cache holds is unknown after a failure: start from scratch next time.
             self._cached_ids = []
             self.cache.reset()
+            self._abandon_forward()
             raise
+
+    def _abandon_forward(self) -> None:
+        """After a forward interrupted half-way, walk the rest of its units so the loader's ring stays in step."""
+        binder = self.model.unit_binder
+        if not binder.in_pass:
+            return
+        try:
+            binder.abandon_pass()
+        except Exception as e:  # the loader is gone, most likely: the original error says more
+            log.warning("could not finish the interrupted forward pass with the loader: %s", e)
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt = [int(t) for t in prompt_ids]

@@ -13,8 +13,9 @@
 ``model.layers.0.self_attn.q_proj.qweight`` / ``.scales``) and ``release(unit_name, stream=None)``: the
 ``protocol.client.LoaderClient`` in the product, an in-process double in tests. Units are acquired in the
 model's execution order (``layers.0`` … ``layers.{L-1}``, then ``lm_head`` when untied) once per forward, which
-is the order the loader's ring expects. A forward that raises between a unit's acquire and release leaves the
-unit acquired: the ring cannot continue, so callers treat any exception from a forward as fatal.
+is the order the loader's ring expects. The hooks belong to ``model.unit_binder`` (a ``UnitBinder``): after a
+forward that raised half-way (a second Ctrl-C, say), ``model.unit_binder.abandon_pass()`` releases what is held
+and walks the remaining units, so the ring stays in step with the next forward.
 
 This module knows nothing about processes or the loader's placement; it only calls ``acquire``/``release``.
 """
@@ -84,8 +85,9 @@ def build_model(
     _assign_dense_tensors(model, checkpoint, device, dtype)
     _rebuild_rotary_embedding(model, config, device)
     _check_materialized(model, checkpoint)
+    model.unit_binder = UnitBinder(weights, device)
     for unit, linears in unit_linears.items():
-        _install_unit_hooks(model, unit, linears, weights, device)
+        model.unit_binder.install(model, unit, linears)
     model.eval()
     model.requires_grad_(False)
     log.info(
@@ -167,14 +169,56 @@ def _unit_module(model: nn.Module, linears: tuple[Int4Linear, ...]) -> nn.Module
     return model.get_submodule(".".join(common))
 
 
-def _install_unit_hooks(
-    model: nn.Module, unit: str, linears: tuple[Int4Linear, ...], weights: UnitWeights, device: torch.device
-) -> None:
-    def stream() -> torch.cuda.Stream | None:
-        return torch.cuda.current_stream(device) if device.type == "cuda" else None
+class UnitBinder:
+    """Binds each unit's weights around its module's forward, and knows where the current forward pass is.
 
-    def bind(_module, _args) -> None:
-        tensors = weights.acquire(unit, stream())
+    Every forward pass visits the units in execution order, each acquired before its module runs and released
+    after; a unit visited out of that order is refused at once (the loader's ring would refuse it later, less
+    clearly). ``abandon_pass`` brings an interrupted pass to its end without computing anything.
+    """
+
+    def __init__(self, weights: UnitWeights, device: torch.device):
+        self.weights = weights
+        self.device = device
+        self.units: list[tuple[str, tuple[Int4Linear, ...]]] = []  # execution order
+        self.next_unit = 0  # index in ``units`` of the unit the current pass visits next
+        self.held: str | None = None  # the unit acquired and not yet released
+
+    def install(self, model: nn.Module, unit: str, linears: tuple[Int4Linear, ...]) -> None:
+        index = len(self.units)
+        self.units.append((unit, linears))
+        module = _unit_module(model, linears)
+        module.register_forward_pre_hook(lambda _module, _args: self._bind(index))
+        module.register_forward_hook(lambda _module, _args, _output: self._release(index))
+
+    @property
+    def in_pass(self) -> bool:
+        """A forward pass has begun and not reached its end."""
+        return self.next_unit != 0 or self.held is not None
+
+    def abandon_pass(self) -> None:
+        """Finish an interrupted forward pass with the loader: release the unit held, then acquire and release
+        every unit the pass did not reach, so the next pass starts where the loader's ring expects it."""
+        if self.held is not None:
+            self._release(self.next_unit)
+        while self.next_unit != 0:
+            self._bind(self.next_unit)
+            self._release(self.next_unit)
+
+    def _stream(self) -> torch.cuda.Stream | None:
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def _bind(self, index: int) -> None:
+        unit, linears = self.units[index]
+        if index != self.next_unit or self.held is not None:
+            expected = self.units[self.next_unit][0]
+            raise RuntimeError(
+                f"unit {unit!r} ran out of order: the forward pass is at {expected!r}"
+                + (f" and {self.held!r} is still held" if self.held else "")
+                + " (run the whole model, not a part of it)"
+            )
+        tensors = self.weights.acquire(unit, self._stream())
+        self.held = unit
         for linear in linears:
             try:
                 linear.bind(tensors[linear.name + QWEIGHT_SUFFIX], tensors[linear.name + SCALES_SUFFIX])
@@ -183,11 +227,10 @@ def _install_unit_hooks(
                     f"the weights for unit {unit!r} have no tensor {e.args[0]!r} (got {sorted(tensors)})"
                 ) from None
 
-    def release(_module, _args, _output) -> None:
+    def _release(self, index: int) -> None:
+        unit, linears = self.units[index]
         for linear in linears:
             linear.unbind()
-        weights.release(unit, stream())
-
-    module = _unit_module(model, linears)
-    module.register_forward_pre_hook(bind)
-    module.register_forward_hook(release)
+        self.weights.release(unit, self._stream())
+        self.held = None
+        self.next_unit = (index + 1) % len(self.units)

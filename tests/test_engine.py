@@ -108,6 +108,33 @@ def test_next_turns_reuse_the_cached_prefix_and_still_follow_the_reference(qdir,
     assert again.prefill_tokens == len(third_prompt) and again.token_ids == third.token_ids
 
 
+def interrupt_once(module: torch.nn.Module) -> None:
+    """Make the next forward of ``module`` raise KeyboardInterrupt, as a second Ctrl-C would, half-way through."""
+
+    def interrupt(_module, _args):
+        handle.remove()
+        raise KeyboardInterrupt
+
+    handle = module.register_forward_pre_hook(interrupt)
+
+
+def test_a_forward_interrupted_half_way_leaves_the_engine_usable(tiny_q, references):
+    engine = make_engine(tiny_q)
+    engine.eos_token_ids = frozenset()
+    weights = engine.model.unit_binder.weights
+    prompt = random_prompt(6)
+    engine.generate(prompt, GREEDY)
+    interrupt_once(engine.model.model.layers[1].self_attn)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(prompt + random_prompt(3), GREEDY)
+    # the interrupted pass was walked to its end: layers.1 released, lm_head acquired and released
+    assert weights.held is None
+    assert weights.calls[-4:] == [("acquire", "layers.1"), ("release", "layers.1"), ("acquire", "lm_head"), ("release", "lm_head")]
+    result = engine.generate(prompt, GREEDY)
+    assert result.prefill_tokens == len(prompt)  # the cache was emptied: nothing in it can be trusted
+    assert_follows_reference(references(tiny_q), prompt, result.token_ids)
+
+
 def test_sampling_is_reproducible_from_the_seed(tiny_q):
     engine = make_engine(tiny_q)
     engine.eos_token_ids = frozenset()
@@ -258,6 +285,10 @@ def test_greedy_replies_through_a_real_loader_that_must_stream_follow_stock_tran
         assert all(unit.pool_offset is None for unit in client.plan.units)
         engine = pipeline_engine(deep_q, client)
         prompt = random_prompt(10)
+        # A forward interrupted half-way through the ring must not leave it out of step.
+        interrupt_once(engine.model.model.layers[PIPELINE_LAYERS // 2].mlp)
+        with pytest.raises(KeyboardInterrupt):
+            engine.generate(prompt, GREEDY)
         first = engine.generate(prompt, GREEDY)
 
         # The next turn under hybrid: switched between forward passes, the KV cache kept.

@@ -101,6 +101,37 @@ def test_units_are_acquired_in_execution_order_and_released_each_forward(qdir):
     assert not any(m.is_bound for m in model.modules() if isinstance(m, Int4Linear))
 
 
+def test_a_unit_run_out_of_execution_order_is_refused(tiny_q):
+    checkpoint = QuantizedCheckpoint(tiny_q)
+    weights = CheckpointWeights(checkpoint)
+    model = build_model(checkpoint, weights, "cpu")
+    with pytest.raises(RuntimeError, match="unit 'lm_head' ran out of order: the forward pass is at 'layers.0'"):
+        model.lm_head(torch.zeros(1, model.config.hidden_size, dtype=torch.bfloat16))
+    assert weights.calls == []
+
+
+def test_abandon_pass_walks_the_units_an_interrupted_forward_did_not_reach(qdir):
+    checkpoint = QuantizedCheckpoint(qdir)
+    weights = CheckpointWeights(checkpoint)
+    model = build_model(checkpoint, weights, "cpu")
+
+    def interrupt(_module, _args):
+        handle.remove()
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[1].mlp.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.inference_mode():
+        model(input_ids=torch.randint(0, 300, (1, 4)))
+    assert model.unit_binder.in_pass and weights.held == "layers.1"
+    model.unit_binder.abandon_pass()
+    assert not model.unit_binder.in_pass and weights.held is None
+    assert weights.calls == expected_calls(checkpoint)
+    assert not any(m.is_bound for m in model.modules() if isinstance(m, Int4Linear))
+    with torch.inference_mode():
+        model(input_ids=torch.randint(0, 300, (1, 4)))
+    assert weights.calls == expected_calls(checkpoint) * 2
+
+
 def test_every_manifest_linear_is_int4_and_the_rest_is_materialized(qdir, tmp_path):
     checkpoint = QuantizedCheckpoint(qdir)
     model = build_model(checkpoint, CheckpointWeights(checkpoint), "cpu")
