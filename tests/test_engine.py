@@ -59,7 +59,7 @@ def random_prompt(length: int, vocab: int = 300) -> list[int]:
 
 def assert_follows_reference(reference, prompt: list[int], reply: tuple[int, ...]) -> None:
     """Teacher forcing: at every step, the reply's token is the reference's argmax or within the margin of it."""
-    ids = torch.tensor([prompt + list(reply[:-1])])
+    ids = torch.tensor([prompt + list(reply[:-1])], device=reference.device)
     with torch.inference_mode():
         logits = reference(input_ids=ids).logits[0].float()  # (T, V)
     for step, token in enumerate(reply):
@@ -162,6 +162,21 @@ def test_reply_stops_at_an_eos_id_and_includes_it(tiny_q):
     result = engine.generate(prompt, GREEDY, on_token=seen.append)
     assert result.token_ids == full[: stop_at + 1] and result.finish_reason is FinishReason.EOS
     assert seen == list(result.token_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_greedy_reply_on_cuda_follows_stock_transformers(qdir, tmp_path):
+    checkpoint = QuantizedCheckpoint(qdir)
+    weights = CheckpointWeights(checkpoint, device="cuda")
+    engine = Engine(checkpoint, weights, device="cuda", max_context=64, prefill_chunk=4)
+    engine.eos_token_ids = frozenset()
+    prompt = random_prompt(11)
+    result = engine.generate(prompt, GREEDY)
+    assert len(result.token_ids) == GREEDY.max_new_tokens
+    assert_follows_reference(reference_model(qdir, tmp_path).to("cuda"), prompt, result.token_ids)
+    sampled = SamplingParams(temperature=0.8, top_k=20, repetition_penalty=1.2, seed=3, max_new_tokens=6)
+    assert engine.generate(prompt, sampled).token_ids == engine.generate(prompt, sampled).token_ids
 
 
 def test_eos_ids_are_read_from_generation_config_and_config(tiny_q, tmp_path):

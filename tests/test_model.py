@@ -27,10 +27,10 @@ class CheckpointWeights:
     or releasing one that is not held.
     """
 
-    def __init__(self, checkpoint: QuantizedCheckpoint):
+    def __init__(self, checkpoint: QuantizedCheckpoint, device: str = "cpu"):
         self.units = {
             unit.name: {
-                linear + suffix: checkpoint.tensor(linear + suffix)
+                linear + suffix: checkpoint.tensor(linear + suffix).to(device)
                 for linear in unit.linears
                 for suffix in (QWEIGHT_SUFFIX, SCALES_SUFFIX)
             }
