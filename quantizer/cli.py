@@ -13,12 +13,8 @@ import click
 from quantizer.format import FormatError
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
-
-
-def _shard_bytes(shard_mb: int) -> int:
-    if shard_mb < 1:
-        raise click.BadParameter(f"must be at least 1 MB, got {shard_mb}", param_hint="--shard-mb")
-    return shard_mb * 10**6
+SHARD_MB = click.IntRange(min=1)
+MB = 10**6
 
 
 @click.command()
@@ -26,7 +22,7 @@ def _shard_bytes(shard_mb: int) -> int:
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where to quantize (auto: GPU when present).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-@click.option("--shard-mb", type=int, default=2000, show_default=True, help="Largest output shard, in MB.")
+@click.option("--shard-mb", type=SHARD_MB, default=2000, show_default=True, help="Largest output shard, in MB.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def quantize(src: str, dst: Path, device: str, overwrite: bool, shard_mb: int, no_progress: bool) -> None:
     """Quantize the Hugging Face checkpoint SRC (a directory or a repo id) into the spillover-int4 directory DST."""
@@ -35,7 +31,7 @@ def quantize(src: str, dst: Path, device: str, overwrite: bool, shard_mb: int, n
 
     try:
         path = quantize_checkpoint(
-            src, dst, device=device, overwrite=overwrite, shard_bytes=_shard_bytes(shard_mb), progress=not no_progress
+            src, dst, device=device, overwrite=overwrite, shard_bytes=shard_mb * MB, progress=not no_progress
         )
     except (QuantizeError, ModelWriteError, FormatError) as e:
         raise click.ClickException(str(e)) from None
@@ -68,9 +64,9 @@ def verify(directory: Path, no_checksums: bool) -> None:
 @click.option("--preset", type=click.Choice(["qwen2-32b", "demo", "tiny"]), required=True, help="Model shapes.")
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Number of decoder layers (default: the preset's).")
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where random bytes are drawn.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same device kind: same bytes).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-@click.option("--shard-mb", type=int, default=2000, show_default=True, help="Largest output shard, in MB.")
+@click.option("--shard-mb", type=SHARD_MB, default=2000, show_default=True, help="Largest output shard, in MB.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def synth(
     dst: Path, preset: str, layers: int | None, device: str, seed: int, overwrite: bool, shard_mb: int, no_progress: bool
@@ -82,7 +78,7 @@ def synth(
     try:
         path = synthesize(
             dst, preset=preset, layers=layers, device=device, overwrite=overwrite, seed=seed,
-            shard_bytes=_shard_bytes(shard_mb), progress=not no_progress,
+            shard_bytes=shard_mb * MB, progress=not no_progress,
         )
     except (ValueError, ModelWriteError) as e:
         raise click.ClickException(str(e)) from None

@@ -11,6 +11,7 @@ This module reads checkpoints and writes the format; it never builds a real mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -39,7 +40,6 @@ from quantizer.writer import (
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_FILE_NAME = "model.safetensors"
 # Copied unchanged next to the weights: the config and everything a tokenizer may consist of.
 COPIED_FILES = (
     "config.json",
@@ -63,6 +63,19 @@ CHUNK_BYTES = 2 << 20
 
 class QuantizeError(Exception):
     """An input or environment problem a person can fix; the message is one line naming the file or value."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceTensor:
+    """One tensor of the source checkpoint, as its shard's header describes it."""
+
+    file: str  # shard file name inside the checkpoint directory
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
 def resolve_source(src: str | Path) -> tuple[Path, str]:
@@ -123,22 +136,24 @@ def _shard_files(src_dir: Path) -> tuple[dict[str, str] | None, list[str]]:
     raise QuantizeError(f"{src_dir} holds no model weights (no *.safetensors and no {INDEX_NAME})")
 
 
-def read_source_tensors(src_dir: Path) -> dict[str, tuple[str, str, tuple[int, ...]]]:
-    """Every tensor of the checkpoint: name -> (shard file, safetensors dtype, shape), from the headers only."""
+def read_source_tensors(src_dir: Path) -> dict[str, SourceTensor]:
+    """Every tensor of the checkpoint by name, from the shards' headers only (no tensor data is read)."""
     weight_map, files = _shard_files(src_dir)
-    tensors: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    tensors: dict[str, SourceTensor] = {}
     for file in files:
         try:
             with safe_open(src_dir / file, framework="pt") as f:
                 for name in f.keys():
                     piece = f.get_slice(name)
-                    tensors.setdefault(name, (file, piece.get_dtype(), tuple(piece.get_shape())))
+                    tensors.setdefault(
+                        name, SourceTensor(file=file, dtype=piece.get_dtype(), shape=tuple(piece.get_shape()))
+                    )
         except SafetensorError as e:
             raise QuantizeError(f"shard {src_dir / file} is truncated or not a safetensors file ({e})") from None
     if weight_map is None:
         return tensors
     for name, file in weight_map.items():
-        if name not in tensors or tensors[name][0] != file:
+        if name not in tensors or tensors[name].file != file:
             raise QuantizeError(f"{INDEX_NAME} places tensor {name} in {file}, but {src_dir / file} does not hold it")
     return {name: tensors[name] for name in weight_map}
 
@@ -153,29 +168,33 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _plan_outputs(spec: ModelSpec, source: dict[str, tuple[str, str, tuple[int, ...]]]) -> list[list[PlannedTensor]]:
-    """The output tensors, grouped (a Linear's qweight and scales together), in execution order."""
+def _output_order(spec: ModelSpec, source: dict[str, SourceTensor]) -> list[str]:
+    """Source tensor names in the order they are written: the model's parameters in execution order, then any
+    tensor the model does not have as a parameter (a tied checkpoint's lm_head.weight, say), kept unchanged."""
+    known = [p.name for p in spec.parameters]
+    for name in known:
+        if name not in source:
+            raise QuantizeError(f"the checkpoint has no tensor {name}, which its config.json's model needs")
+    extra = sorted(set(source) - set(known))
+    if extra:
+        log.info("keeping %d tensors that are not model parameters unchanged: %s", len(extra), ", ".join(extra))
+    return known + extra
+
+
+def _plan_outputs(spec: ModelSpec, source: dict[str, SourceTensor], order: list[str]) -> list[list[PlannedTensor]]:
+    """The output tensors, grouped (a Linear's qweight and scales together), in ``order``."""
+    expected = {p.name: p for p in spec.parameters}
     groups: list[list[PlannedTensor]] = []
-    for param in spec.parameters:
-        if param.name not in source:
-            raise QuantizeError(f"the checkpoint has no tensor {param.name}, which its config.json's model needs")
-        _, dtype, shape = source[param.name]
-        if shape != param.shape:
-            raise QuantizeError(f"tensor {param.name} has shape {shape}, config.json implies {param.shape}")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise QuantizeError(f"tensor {param.name} has dtype {dtype}, which this format does not store")
-        if param.linear:
-            groups.append(linear_group(param.name.removesuffix(".weight"), *shape))
+    for name in order:
+        tensor = source[name]
+        if name in expected and tensor.shape != expected[name].shape:
+            raise QuantizeError(f"tensor {name} has shape {tensor.shape}, config.json implies {expected[name].shape}")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise QuantizeError(f"tensor {name} has dtype {tensor.dtype}, which this format does not store")
+        if name in expected and expected[name].linear:
+            groups.append(linear_group(name.removesuffix(".weight"), *tensor.shape))
         else:
-            groups.append([PlannedTensor(name=param.name, dtype=dtype, shape=shape)])
-    # Tensors the model does not have as parameters (a tied checkpoint's lm_head.weight, say) are kept unchanged.
-    known = {p.name for p in spec.parameters}
-    for name in sorted(set(source) - known):
-        log.info("keeping %s unchanged: it is not a parameter of the model", name)
-        _, dtype, shape = source[name]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise QuantizeError(f"tensor {name} has dtype {dtype}, which this format does not store")
-        groups.append([PlannedTensor(name=name, dtype=dtype, shape=shape)])
+            groups.append([PlannedTensor(name=name, dtype=tensor.dtype, shape=tensor.shape)])
     return groups
 
 
@@ -215,18 +234,19 @@ def quantize_checkpoint(
     except UnsupportedModelError as e:
         raise QuantizeError(f"{src_dir}: {e}") from None
     source = read_source_tensors(src_dir)
-    shards = plan_shards(_plan_outputs(spec, source), shard_bytes)
+    order = _output_order(spec, source)
+    shards = plan_shards(_plan_outputs(spec, source, order), shard_bytes)
     copied = [name for name in COPIED_FILES if (src_dir / name).is_file()]
     needed = planned_file_bytes(shards) + sum((src_dir / name).stat().st_size for name in copied)
     check_destination(dst, overwrite=overwrite, needed_bytes=needed)
 
-    total_bytes = sum(SAFETENSORS_DTYPES[dtype].itemsize * math.prod(shape) for _, dtype, shape in source.values())
+    total_bytes = sum(t.nbytes for t in source.values())
     log.info("quantizing %s (%d tensors, %.2f GB) on %s into %s", source_name, len(source), total_bytes / 1e9,
              torch_device, dst)
 
     def write_tensors(writer: ShardWriter) -> None:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
-            _write_tensors(writer, spec, source, src_dir, torch_device, bar)
+            _write_tensors(writer, spec, source, order, src_dir, torch_device, bar)
 
     def write_files(staging: Path) -> None:
         for name in copied:
@@ -247,17 +267,17 @@ def quantize_checkpoint(
 def _write_tensors(
     writer: ShardWriter,
     spec: ModelSpec,
-    source: dict[str, tuple[str, str, tuple[int, ...]]],
+    source: dict[str, SourceTensor],
+    order: list[str],
     src_dir: Path,
     device: torch.device,
     bar: tqdm,
 ) -> None:
     linear_weights = {p.name for p in spec.parameters if p.linear}
-    names = [p.name for p in spec.parameters] + sorted(set(source) - {p.name for p in spec.parameters})
-    for done, name in enumerate(names, start=1):
-        file, dtype, shape = source[name]
-        itemsize = SAFETENSORS_DTYPES[dtype].itemsize
-        pieces = _row_pieces(src_dir / file, name, shape, itemsize)
+    for done, name in enumerate(order, start=1):
+        tensor = source[name]
+        itemsize = SAFETENSORS_DTYPES[tensor.dtype].itemsize
+        pieces = _row_pieces(src_dir / tensor.file, name, tensor.shape, itemsize)
         if name in linear_weights:
             module = name.removesuffix(".weight")
             scales = []
@@ -271,4 +291,4 @@ def _write_tensors(
             for piece in pieces:
                 writer.write(name, piece)
                 bar.update(piece.numel() * itemsize)
-        bar.set_postfix_str(f"tensors {done}/{len(names)}", refresh=False)
+        bar.set_postfix_str(f"tensors {done}/{len(order)}", refresh=False)
