@@ -123,7 +123,9 @@ def _replace_linears(model: nn.Module, checkpoint: QuantizedCheckpoint) -> dict[
     return units
 
 
-def _assign_dense_tensors(model: nn.Module, checkpoint: QuantizedCheckpoint, device: torch.device, dtype) -> None:
+def _assign_dense_tensors(
+    model: nn.Module, checkpoint: QuantizedCheckpoint, device: torch.device, dtype: torch.dtype
+) -> None:
     """Put the checkpoint's dense tensors into the meta model by assignment: one copy, disk -> ``device``."""
     expected = model.state_dict().keys()
     state = {}

@@ -17,7 +17,7 @@ from transformers import Qwen2ForCausalLM
 from compute.int4_linear import Int4Linear, UnboundWeightError
 from compute.model import build_model
 from quantizer.checkpoint import QuantizedCheckpoint
-from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, dequantize
+from quantizer.format import MANIFEST_NAME, QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError, dequantize
 
 
 class CheckpointWeights:
@@ -162,6 +162,16 @@ def test_untied_lm_head_is_an_int4_unit(tiny_q):
     model = build_model(checkpoint, CheckpointWeights(checkpoint), "cpu")
     assert isinstance(model.lm_head, Int4Linear)
     assert checkpoint.manifest.units[-1].name == "lm_head"
+
+
+def test_an_unsupported_architecture_is_refused_by_name(tiny_q, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_q, copy)
+    manifest = copy / MANIFEST_NAME
+    manifest.write_text(manifest.read_text().replace('"Qwen2ForCausalLM"', '"LlamaForCausalLM"'))
+    checkpoint = QuantizedCheckpoint(copy)
+    with pytest.raises(FormatError, match="'LlamaForCausalLM' is not supported .supported: Qwen2ForCausalLM"):
+        build_model(checkpoint, CheckpointWeights(checkpoint), "cpu")
 
 
 def test_int4_linear_used_unbound_names_itself():
