@@ -10,9 +10,10 @@ from pathlib import Path
 
 import click
 
+from quantizer.devices import DEVICE_CHOICES
 from quantizer.format import FormatError
 
-DEVICES = click.Choice(["auto", "cpu", "cuda"])
+DEVICES = click.Choice(DEVICE_CHOICES)
 SHARD_MB = click.IntRange(min=1)
 MB = 10**6
 
@@ -27,13 +28,12 @@ MB = 10**6
 def quantize(src: str, dst: Path, device: str, overwrite: bool, shard_mb: int, no_progress: bool) -> None:
     """Quantize the Hugging Face checkpoint SRC (a directory or a repo id) into the spillover-int4 directory DST."""
     from quantizer.quantize import QuantizeError, quantize_checkpoint
-    from quantizer.writer import ModelWriteError
 
     try:
         path = quantize_checkpoint(
             src, dst, device=device, overwrite=overwrite, shard_bytes=shard_mb * MB, progress=not no_progress
         )
-    except (QuantizeError, ModelWriteError, FormatError) as e:
+    except (QuantizeError, FormatError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {path}")
 

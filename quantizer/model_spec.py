@@ -22,11 +22,18 @@ class UnsupportedModelError(ValueError):
     """The config describes a model this format cannot hold; the message says why and what is supported."""
 
 
+ROLES = ("linear", "embedding", "norm", "bias")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ParameterSpec:
     name: str  # the parameter's name in the checkpoint, e.g. "model.layers.0.self_attn.q_proj.weight"
     shape: tuple[int, ...]
-    linear: bool  # True for the weight of an nn.Linear that is quantized
+    role: str  # one of ROLES, from the owning module's type: "linear" is a quantized nn.Linear weight
+
+    @property
+    def linear(self) -> bool:
+        return self.role == "linear"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,7 +93,6 @@ def describe_model(config: dict) -> ModelSpec:
         units.append(UnitEntry(name="lm_head", linears=(lm_head_name,)))
         claimed.add(lm_head_name)
 
-    linear_weights: set[str] = set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or (tied and name == lm_head_name):
             continue
@@ -97,11 +103,25 @@ def describe_model(config: dict) -> ModelSpec:
                 f"Linear {name} has in_features={module.in_features}, not a multiple of the block size "
                 f"{BLOCK_SIZE}: this format cannot hold it"
             )
-        linear_weights.add(f"{name}.weight")
 
-    # named_parameters() lists a shared (tied) weight once, under the embedding's name.
-    parameters = tuple(
-        ParameterSpec(name=name, shape=tuple(param.shape), linear=name in linear_weights)
-        for name, param in model.named_parameters()
-    )
-    return ModelSpec(architecture=architecture, tied=tied, parameters=parameters, units=tuple(units))
+    parameters: list[ParameterSpec] = []
+    seen: set[int] = set()  # a tied weight is listed once, under the embedding that owns it first
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = f"{module_name}.{param_name}"
+            parameters.append(ParameterSpec(name=name, shape=tuple(param.shape), role=_role(module, param_name, name)))
+    return ModelSpec(architecture=architecture, tied=tied, parameters=tuple(parameters), units=tuple(units))
+
+
+def _role(module: nn.Module, param_name: str, name: str) -> str:
+    """What a parameter is, from the type of the module holding it (never from its name's wording)."""
+    if isinstance(module, nn.Linear):
+        return "linear" if param_name == "weight" else "bias"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if param_name == "weight" and type(module).__name__.endswith("Norm"):
+        return "norm"
+    raise UnsupportedModelError(f"parameter {name} of a {type(module).__name__} is neither a Linear, an embedding nor a norm")

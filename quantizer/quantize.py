@@ -26,8 +26,10 @@ from tqdm import tqdm
 
 from quantizer import format as fmt
 from quantizer.checkpoint import SAFETENSORS_DTYPES
+from quantizer.devices import resolve_device
 from quantizer.model_spec import ModelSpec, UnsupportedModelError, describe_model
 from quantizer.writer import (
+    ModelWriteError,
     PlannedTensor,
     ShardWriter,
     check_destination,
@@ -158,16 +160,6 @@ def read_source_tensors(src_dir: Path) -> dict[str, SourceTensor]:
     return {name: tensors[name] for name in weight_map}
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QuantizeError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
-    if device not in ("cpu", "cuda"):
-        raise QuantizeError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
-
-
 def _output_order(spec: ModelSpec, source: dict[str, SourceTensor]) -> list[str]:
     """Source tensor names in the order they are written: the model's parameters in execution order, then any
     tensor the model does not have as a parameter (a tied checkpoint's lm_head.weight, say), kept unchanged."""
@@ -221,12 +213,18 @@ def quantize_checkpoint(
 ) -> Path:
     """Quantize the checkpoint ``src`` (a directory or a Hub repo id) into the spillover-int4 directory ``dst``.
 
-    Raises ``QuantizeError`` for a bad source and ``ModelWriteError`` when ``dst`` cannot be written; in both
-    cases ``dst`` is left as it was.
+    Raises ``QuantizeError``, with one line for a person, for a bad source and when ``dst`` cannot be written
+    (exists without ``overwrite``, no space left); ``dst`` is then left as it was.
     """
     dst = Path(dst).expanduser()
-    check_destination(dst, overwrite=overwrite, needed_bytes=0)
-    torch_device = _resolve_device(device)
+    try:
+        check_destination(dst, overwrite=overwrite, needed_bytes=0)
+    except ModelWriteError as e:
+        raise QuantizeError(str(e)) from None
+    try:
+        torch_device = resolve_device(device)
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
     src_dir, source_name = resolve_source(src)
     config = _read_config(src_dir)
     try:
@@ -238,7 +236,6 @@ def quantize_checkpoint(
     shards = plan_shards(_plan_outputs(spec, source, order), shard_bytes)
     copied = [name for name in COPIED_FILES if (src_dir / name).is_file()]
     needed = planned_file_bytes(shards) + sum((src_dir / name).stat().st_size for name in copied)
-    check_destination(dst, overwrite=overwrite, needed_bytes=needed)
 
     total_bytes = sum(t.nbytes for t in source.values())
     log.info("quantizing %s (%d tensors, %.2f GB) on %s into %s", source_name, len(source), total_bytes / 1e9,
@@ -252,16 +249,20 @@ def quantize_checkpoint(
         for name in copied:
             shutil.copyfile(src_dir / name, staging / name)
 
-    return write_model_directory(
-        dst,
-        overwrite=overwrite,
-        shards=shards,
-        architecture=spec.architecture,
-        source=source_name,
-        units=spec.units,
-        write_tensors=write_tensors,
-        write_files=write_files,
-    )
+    try:
+        check_destination(dst, overwrite=overwrite, needed_bytes=needed)
+        return write_model_directory(
+            dst,
+            overwrite=overwrite,
+            shards=shards,
+            architecture=spec.architecture,
+            source=source_name,
+            units=spec.units,
+            write_tensors=write_tensors,
+            write_files=write_files,
+        )
+    except ModelWriteError as e:
+        raise QuantizeError(str(e)) from None
 
 
 def _write_tensors(

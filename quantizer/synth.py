@@ -22,11 +22,13 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from quantizer.devices import resolve_device
 from quantizer.model_spec import ModelSpec, describe_model
 from quantizer.tokenizer import build_tokenizer
 from quantizer.writer import (
@@ -118,7 +120,10 @@ class RandomBytes:
             self._pool = torch.randint(0, 256, (POOL_BYTES,), dtype=torch.uint8, generator=self.generator)
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Random bytes of ``shape``, at most ``PIECE_BYTES`` of them."""
         count = math.prod(shape)
+        if count > PIECE_BYTES:
+            raise RuntimeError(f"RandomBytes.take of {count} bytes: pieces are at most {PIECE_BYTES}")
         if self._pool is None:
             drawn = torch.randint(0, 256, (count,), dtype=torch.uint8, device=self.device, generator=self.generator)
             return drawn.cpu().reshape(shape)
@@ -136,27 +141,28 @@ def _dense(random: RandomBytes, shape: tuple[int, ...]) -> torch.Tensor:
     return (centred * (WEIGHT_STD / UNIFORM_BYTE_STD)).to(torch.bfloat16)
 
 
+def _row_pieces(shape: tuple[int, ...], itemsize: int) -> Iterator[tuple[int, ...]]:
+    """Shapes of consecutive row pieces of ``shape``, each at most ``PIECE_BYTES`` (at least one row)."""
+    rows = max(1, PIECE_BYTES // (itemsize * math.prod(shape[1:])))
+    for start in range(0, shape[0], rows):
+        yield (min(rows, shape[0] - start), *shape[1:])
+
+
 def _write_random_tensors(writer: ShardWriter, spec: ModelSpec, random: RandomBytes, bar: tqdm) -> None:
     for param in spec.parameters:
-        shape = param.shape
-        module = param.name.removesuffix(".weight")
-        if param.linear:
-            out_features, in_features = shape
-            qweight, scales = linear_group(module, out_features, in_features)
-            rows = max(1, PIECE_BYTES // qweight.shape[1])
-            for start in range(0, out_features, rows):
-                piece = (min(rows, out_features - start), qweight.shape[1])
+        if param.role == "linear":
+            qweight, scales = linear_group(param.name.removesuffix(".weight"), *param.shape)
+            for piece in _row_pieces(qweight.shape, 1):
                 writer.write(qweight.name, random.take(piece))
                 bar.update(math.prod(piece))
-            writer.write(scales.name, _scales(random, scales.shape))
-            bar.update(scales.nbytes)
-        elif param.name.endswith("norm.weight"):
-            writer.write(param.name, torch.ones(shape, dtype=torch.bfloat16))
-            bar.update(math.prod(shape) * 2)
-        else:
-            rows = max(1, PIECE_BYTES // (2 * math.prod(shape[1:])))
-            for start in range(0, shape[0], rows):
-                piece = (min(rows, shape[0] - start), *shape[1:])
+            for piece in _row_pieces(scales.shape, 2):
+                writer.write(scales.name, _scales(random, piece))
+                bar.update(math.prod(piece) * 2)
+        elif param.role == "norm":
+            writer.write(param.name, torch.ones(param.shape, dtype=torch.bfloat16))
+            bar.update(math.prod(param.shape) * 2)
+        else:  # embedding, bias
+            for piece in _row_pieces(param.shape, 2):
                 writer.write(param.name, _dense(random, piece))
                 bar.update(math.prod(piece) * 2)
 
@@ -172,17 +178,16 @@ def synthesize(
     shard_bytes: int = 2 * 10**9,
     progress: bool = True,
 ) -> Path:
-    """Write a random-weight spillover-int4 model of ``preset`` (``PRESETS``), ``layers`` deep if given, to ``dst``."""
+    """Write a random-weight spillover-int4 model of ``preset`` (``PRESETS``), ``layers`` deep if given, to ``dst``.
+
+    Raises ``ValueError`` for an unknown preset, a bad ``layers`` or device, and ``ModelWriteError`` when ``dst``
+    cannot be written (exists without ``overwrite``, no space left); ``dst`` is then left as it was.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if layers is not None and layers < 1:
         raise ValueError(f"--layers must be at least 1, got {layers}")
-    if device == "auto":
-        torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
-    else:
-        torch_device = torch.device(device)
+    torch_device = resolve_device(device)
     dst = Path(dst).expanduser()
     check_destination(dst, overwrite=overwrite, needed_bytes=0)
 
