@@ -3,17 +3,17 @@ through a real pseudo-terminal with both processes running (``/reset``, ``/exit`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
 import re
 import select
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
+import psutil
 import pytest
 from transformers import AutoTokenizer
 
@@ -28,9 +28,6 @@ from compute.chat import (
     StreamingDetokenizer,
     repl,
 )
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_q):
@@ -124,3 +121,88 @@ def test_repl_commands_with_a_fake_generator(tokenizer):
     assert prompts[0] == prompts[1]  # /reset forgot the first exchange
     assert len(prompts[2]) > len(prompts[1])  # the second turn carries the history
     assert out.getvalue().count("reply") == 3 and err.getvalue().count("[stats]") == 3
+
+
+def test_repl_stops_at_end_of_input(tokenizer):
+    def read_line(prompt):
+        raise EOFError
+
+    def generate(prompt_ids, write, should_stop):
+        raise AssertionError("nothing was typed")
+
+    repl(Conversation(tokenizer, raw=False), generate, read_line=read_line, out=io.StringIO(), err=io.StringIO(), styled=False)
+
+
+class Terminal:
+    """A process on a pseudo-terminal (its controlling terminal, so Ctrl-C typed here is a real SIGINT)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        import pty
+
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execve(argv[0], argv, env)
+        self.seen = ""
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def expect(self, pattern: str, timeout: float) -> str:
+        """Read until ``pattern`` (a regex) appears after what earlier calls consumed; return what came before."""
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(pattern, self.seen)):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {pattern!r} within {timeout} s; the terminal shows:\n{self.seen[-2000:]}"
+            if select.select([self.fd], [], [], remaining)[0]:
+                try:
+                    self.seen += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:  # the process closed the terminal
+                    assert False, f"the process ended before {pattern!r}:\n{self.seen[-2000:]}"
+        before, self.seen = self.seen[: match.start()], self.seen[match.end() :]
+        return before
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            if select.select([self.fd], [], [], 0.1)[0]:
+                try:
+                    self.seen += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:
+                    pass
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"the process did not exit within {timeout} s:\n{self.seen[-2000:]}")
+
+
+def test_repl_on_a_terminal_reset_ctrl_c_and_exit(tiny_q, tmp_path):
+    # Greedy replies of the tiny random model run to -n without an EOS: long enough to interrupt.
+    argv = [sys.executable, "-m", "compute.cli", "run", "--model", str(tiny_q), "--device", "cpu",
+            "--gpu-memory", "300MiB", "--temperature", "0", "-n", "1000", "--max-context", "1024"]  # fmt: skip
+    env = {**os.environ, "SPILLOVER_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "TERM": "dumb"}
+    terminal = Terminal(argv, env)
+    try:
+        terminal.expect(">>> ", timeout=120)
+        loaders = [p for p in psutil.Process(terminal.pid).children() if "loader" in p.cmdline()]
+        assert len(loaders) == 1
+        for prompt in ("Hello", "/reset", "Hello again"):
+            terminal.send(prompt + "\r")
+            if prompt == "/reset":
+                terminal.expect(r"\(conversation forgotten\)", timeout=10)
+            else:
+                terminal.expect(re.escape(prompt) + r"\s*\r\n.+", timeout=60)  # the reply has begun
+                terminal.send("\x03")  # Ctrl-C: stops this reply, not the program
+                stats = terminal.expect(r"\(stopped\)", timeout=30)
+                assert re.search(r"prefill \d+ tok, [\d.]+ tok/s \| decode \d+ tok", stats)
+            terminal.expect(">>> ", timeout=30)
+        assert loaders[0].is_running()  # the terminal's Ctrl-C did not reach the loader
+        terminal.send("/exit\r")
+        assert terminal.wait(timeout=30) == 0
+        psutil.wait_procs(loaders, timeout=15)
+        assert not loaders[0].is_running()
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(terminal.pid, signal.SIGKILL)
+            os.waitpid(terminal.pid, 0)
+        os.close(terminal.fd)
