@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(device: str) -> "torch.device":  # noqa: F821 (torch is imported on use)
+def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU. Raises ``ValueError`` for CUDA without a GPU or an unknown name."""
-    import torch  # here, so that the CLI can offer DEVICE_CHOICES without importing torch
-
     if device not in DEVICE_CHOICES:
         raise ValueError(f"unknown device {device!r}: use one of {', '.join(DEVICE_CHOICES)}")
     if device == "auto":
