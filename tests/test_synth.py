@@ -43,6 +43,8 @@ def test_synth_writes_a_verifiable_model_with_plausible_values(preset, tmp_path)
     for module in manifest.linears:
         weight = numpy_dequantize(tensors[module + ".qweight"][2], bf16_bits_to_f32(tensors[module + ".scales"][2]))
         assert np.isfinite(weight).all() and 0.015 < weight.std() < 0.025, module
+    first, second = (tensors[f"model.layers.{i}.mlp.up_proj.qweight"][2] for i in (0, 1))
+    assert not np.array_equal(first, second)  # every tensor gets bytes of its own
     embedding = bf16_bits_to_f32(tensors["model.embed_tokens.weight"][2])
     assert 0.015 < embedding.std() < 0.025
     assert (bf16_bits_to_f32(tensors["model.norm.weight"][2]) == 1).all()
@@ -106,3 +108,14 @@ def test_the_32b_preset_has_the_r1_distill_shapes_and_size():
     ]
     linear_bytes = planned_file_bytes(plan_shards(groups, 2 * 10**9))
     assert 16.3e9 < linear_bytes < 16.7e9  # design.md: ~16.5 GB with an INT4 lm_head
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_synth_on_cuda_writes_a_verifiable_model(tmp_path):
+    dst = synthesize(tmp_path / "m", preset="demo", layers=2, device="cuda", progress=False)
+    QuantizedCheckpoint(dst).verify()
+    tensors = read_directory(dst)
+    module = "model.layers.1.mlp.down_proj"
+    weight = numpy_dequantize(tensors[module + ".qweight"][2], bf16_bits_to_f32(tensors[module + ".scales"][2]))
+    assert 0.015 < weight.std() < 0.025
