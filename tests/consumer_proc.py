@@ -143,7 +143,7 @@ def main() -> int:
         "acquires": checker.acquires,
         "benches": benches,
         "stats": [
-            {"policy": p.policy, "streamed_bytes": p.streamed_bytes, "fills": p.fills, "acquires": p.acquires}
+            {"policy": p.policy, "streamed_bytes": p.streamed_bytes, "fills": p.fills, "acquires": p.acquires, "copy_gbps": p.copy_gbps}
             for p in stats.policies
         ],
     }

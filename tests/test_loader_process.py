@@ -97,11 +97,11 @@ def deep_q(tmp_path_factory) -> Path:
     return synthesize(tmp_path_factory.mktemp("deep_q") / "model", preset="tiny", layers=6, device="cpu", progress=False)
 
 
-def budget_for(model: Path, pool_bytes: int) -> int:
+def budget_for(model: Path, pool_bytes: int, device: str = "cpu") -> int:
     """The --gpu-memory whose pool share (what the planner leaves after its other lines) is ``pool_bytes``."""
     checkpoint = QuantizedCheckpoint(model)
     units = layout_units(checkpoint.manifest)
-    fixed = budget_lines(device="cpu", units=units, config=checkpoint.config, max_context=MAX_CONTEXT)
+    fixed = budget_lines(device=device, units=units, config=checkpoint.config, max_context=MAX_CONTEXT)
     return sum(nbytes for _, nbytes in fixed) + pool_bytes
 
 
