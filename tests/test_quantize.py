@@ -109,8 +109,7 @@ def test_tiny_tokenizer_fits_the_model_and_has_the_r1_template(tiny_q):
     tokenizer = AutoTokenizer.from_pretrained(tiny_q)
     config = json.loads((tiny_q / "config.json").read_text())
     assert len(tokenizer) < config["vocab_size"]
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=False)
     assert max(ids) < config["vocab_size"] and ids[0] == config["bos_token_id"]
     assert tokenizer.decode(ids).endswith("<｜User｜>hi<｜Assistant｜><think>\n")
     assert tokenizer.eos_token_id == config["eos_token_id"]

@@ -51,14 +51,12 @@ def test_synth_writes_a_verifiable_model_with_plausible_values(preset, tmp_path)
 
 
 def test_synthetic_model_runs_in_stock_transformers_with_finite_logits(tmp_path):
-    from transformers import AutoTokenizer, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     dst = synthesize(tmp_path / "m", preset="tiny", layers=3, device="cpu", progress=False)
     checkpoint = QuantizedCheckpoint(dst)
     config = checkpoint.config
     assert config["num_hidden_layers"] == 3 and len(checkpoint.manifest.units) == 4
-
-    from transformers import Qwen2Config
 
     model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in config.items() if k != "model_type"}))
     state = {}
@@ -71,8 +69,7 @@ def test_synthetic_model_runs_in_stock_transformers_with_finite_logits(tmp_path)
     assert not unexpected and not missing
 
     tokenizer = AutoTokenizer.from_pretrained(dst)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_dict=False)
     assert max(ids) < config["vocab_size"]
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
