@@ -17,11 +17,14 @@ Operands, as the kernels see them:
 
 Why the float trick: converting each nibble with an integer-to-float instruction is what limits a plain
 INT4 GEMV on Hopper (those conversions issue at a quarter of the FMA rate, two per weight byte). Instead,
-every nibble is first turned into offset binary ``u = q + 8`` (one XOR per 32-bit word), shifted to mantissa
-bits 19..22 and OR-ed with the bits of 1.0, giving the float ``f = 1 + u / 16`` exactly, with integer ops only.
-Per 128-element group, ``sum(x * q) = 16 * sum(x * f) - 24 * sum(x)``; ``sum(x)`` is shared by all rows of
-the tile, so it costs almost nothing. Products ``x * f`` are exact in fp32 (8 + 5 significant bits), and the
-cancellation in ``16 * a - 24 * b`` loses about 5 of fp32's 24 bits, far below the bf16 output's rounding.
+every nibble is first turned into offset binary ``u = q + 8`` (one XOR per 32-bit word), shifted to
+mantissa bit ``L`` and OR-ed with the bits of 1.0, giving the float ``f = 1 + u * 2**(L - 23)`` exactly, with
+integer ops only (``_landed_float``). The FMA kernel lands three nibbles of a word at bit 12 and five at
+bit 16 (four shifts per word: each serves two nibbles) and pre-scales ``x`` to match, so that
+``x * q / 16 = (128 x) * f - 128.5 x`` (bit 12) or ``(8 x) * f - 8.5 x`` (bit 16): one FMA per nibble, the
+offsets being per-position terms shared by every row of the tile. The dot kernel lands every nibble at
+bit 19, where ``f - 1.5 = q / 16`` is exact in bf16. Products are exact in fp32, and the cancellation
+against the offsets costs about 8 of fp32's 24 bits, far below the bf16 output's rounding.
 
 Element ``8i + e`` of a row sits in word ``i`` at bit ``8 * (e // 2) + (4 if e is even else 0)``: byte
 ``j`` holds element ``2j`` in its high nibble (``quantizer/format.py``). The kernels take the eight positions
@@ -42,21 +45,22 @@ import triton.language as tl
 
 from quantizer.format import BLOCK_SIZE
 
-WORDS_PER_GROUP = BLOCK_SIZE // 8  # int32 words holding one 128-element group of a row
 DOT_BLOCK_M = 16  # rows of x per program in the dot kernel: the smallest tensor-core tile
 
 # 0x88888888 as a signed int32 (a Python literal above 2**31 would make Triton widen the words to int64):
 # XOR-ing a word with it adds 8 to each two's complement nibble, modulo 16, giving offset binary.
 _OFFSET_BINARY_XOR = tl.constexpr(-0x77777778)
-_UNIT_FLOAT_BITS = tl.constexpr(0x3F800000)  # 1.0f
+_UNIT_FLOAT_BITS = 0x3F800000  # 1.0f, a kernel argument (see _landed_float)
 
 
 @triton.jit
-def _landed_float(words, NIBBLE_BIT: tl.constexpr, LAND_BIT: tl.constexpr):
+def _landed_float(words, NIBBLE_BIT: tl.constexpr, LAND_BIT: tl.constexpr, one_bits):
     """int32 words in offset binary -> fp32 ``1 + u * 2**(LAND_BIT - 23)`` for the nibble at ``NIBBLE_BIT``.
 
     One shift (none when the nibble already sits at LAND_BIT; the same shift serves two nibbles) and one
-    mask-and-OR: the nibble becomes four mantissa bits under the exponent of 1.0.
+    mask-and-OR (a single LOP3): the nibble becomes four mantissa bits under the exponent of 1.0.
+    ``one_bits`` is 0x3F800000, passed at run time: as a compile-time constant it made ptxas keep 1.0 as
+    the LOP3's immediate and rematerialise both masks in registers, ~20% more instructions in the loop.
     """
     if NIBBLE_BIT < LAND_BIT:
         moved = words << (LAND_BIT - NIBBLE_BIT)
@@ -64,7 +68,7 @@ def _landed_float(words, NIBBLE_BIT: tl.constexpr, LAND_BIT: tl.constexpr):
         moved = words >> (NIBBLE_BIT - LAND_BIT)
     else:
         moved = words
-    return ((moved & (0xF << LAND_BIT)) | _UNIT_FLOAT_BITS).to(tl.float32, bitcast=True)
+    return ((moved & (0xF << LAND_BIT)) | one_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -77,13 +81,13 @@ def _load_x(ptrs, live, EVEN_K: tl.constexpr):
 
 # Integer arguments Triton would otherwise specialise on (divisibility by 16) without any gain: one compiled
 # kernel per config then serves every shape. KW and the x row stride stay specialised: they align the loads.
-_RUNTIME_INTS = ["M", "N", "KG", "stride_om", "n_tiles", "tiles_per_split"]
+_RUNTIME_INTS = ["M", "N", "KG", "stride_om", "n_tiles", "tiles_per_split", "one_bits"]
 
 
 @triton.jit(do_not_specialize=[a for a in _RUNTIME_INTS if a != "M"])
 def _gemv_fma_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
-    N, KW, KG, stride_xm, stride_om, n_tiles, tiles_per_split,
+    N, KW, KG, stride_xm, stride_om, n_tiles, tiles_per_split, one_bits,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):
@@ -135,14 +139,14 @@ def _gemv_fma_kernel(
         neg_offset = (-128.5 * (x0 + x2 + x4) - 8.5 * (x1 + x3 + x5 + x6 + x7))[None, :, :]
         slot = (
             neg_offset
-            + _landed_float(words, 4, 12) * (128.0 * x0)[None, :, :]
-            + _landed_float(words, 12, 12) * (128.0 * x2)[None, :, :]
-            + _landed_float(words, 20, 12) * (128.0 * x4)[None, :, :]
-            + _landed_float(words, 0, 16) * (8.0 * x1)[None, :, :]
-            + _landed_float(words, 8, 16) * (8.0 * x3)[None, :, :]
-            + _landed_float(words, 16, 16) * (8.0 * x5)[None, :, :]
-            + _landed_float(words, 28, 16) * (8.0 * x6)[None, :, :]
-            + _landed_float(words, 24, 16) * (8.0 * x7)[None, :, :]
+            + _landed_float(words, 4, 12, one_bits) * (128.0 * x0)[None, :, :]
+            + _landed_float(words, 12, 12, one_bits) * (128.0 * x2)[None, :, :]
+            + _landed_float(words, 20, 12, one_bits) * (128.0 * x4)[None, :, :]
+            + _landed_float(words, 0, 16, one_bits) * (8.0 * x1)[None, :, :]
+            + _landed_float(words, 8, 16, one_bits) * (8.0 * x3)[None, :, :]
+            + _landed_float(words, 16, 16, one_bits) * (8.0 * x5)[None, :, :]
+            + _landed_float(words, 28, 16, one_bits) * (8.0 * x6)[None, :, :]
+            + _landed_float(words, 24, 16, one_bits) * (8.0 * x7)[None, :, :]
         )  # (BLOCK_N, GROUPS, 16): sum_e x_e * q_e / 16 of each word
         acc += slot * scales.to(tl.float32)[:, :, None]
     acc = 16.0 * tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -160,7 +164,7 @@ def _gemv_fma_kernel(
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_dot_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
-    M, N, KW, KG, stride_xm, stride_om, n_tiles, tiles_per_split,
+    M, N, KW, KG, stride_xm, stride_om, n_tiles, tiles_per_split, one_bits,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
@@ -203,7 +207,7 @@ def _gemv_dot_kernel(
                 else:
                     xe = tl.load(x_ptrs + kg * 128 + e, mask=(kg * 16 + i[None, :]) < KW, other=0.0)
                 # q / 16 = f - 1.5, exact in bf16 and fp16 (four fractional bits)
-                q16 = _landed_float(words, 8 * (e // 2) + 4 * (1 - e % 2), 19) - 1.5
+                q16 = _landed_float(words, 8 * (e // 2) + 4 * (1 - e % 2), 19, one_bits) - 1.5
                 if DOT_IN_FP32:
                     part = tl.dot(xe.to(tl.float32), tl.trans(q16), part, input_precision="ieee")
                 else:
@@ -299,14 +303,14 @@ def int4_gemv(
         grid = (triton.cdiv(n, cfg.block_n), split_k, m)
         _gemv_fma_kernel[grid](
             x, words, scales, bias_arg, out,
-            n, k // 8, n_groups, x.stride(0), out.stride(0), n_tiles, tiles_per_split,
+            n, k // 8, n_groups, x.stride(0), out.stride(0), n_tiles, tiles_per_split, _UNIT_FLOAT_BITS,
             **common,
         )
     else:
         grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, DOT_BLOCK_M))
         _gemv_dot_kernel[grid](
             x, words, scales, bias_arg, out,
-            m, n, k // 8, n_groups, x.stride(0), out.stride(0), n_tiles, tiles_per_split,
+            m, n, k // 8, n_groups, x.stride(0), out.stride(0), n_tiles, tiles_per_split, _UNIT_FLOAT_BITS,
             BLOCK_M=DOT_BLOCK_M,
             DOT_IN_FP32=x.device.type == "cpu",  # on CPU the kernels only run in the Triton interpreter
             **common,
