@@ -98,4 +98,5 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         state = "bound" if self.is_bound else "unbound"
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {state}"
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, {state}"
