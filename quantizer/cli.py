@@ -21,7 +21,9 @@ MB = 10**6
 @click.command()
 @click.argument("src")
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where to quantize (auto: GPU when present).")
+@click.option(
+    "--device", type=DEVICES, default="auto", show_default=True, help="Where to quantize (auto: GPU when present)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--shard-mb", type=SHARD_MB, default=2000, show_default=True, help="Largest output shard, in MB.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -62,14 +64,25 @@ def verify(directory: Path, no_checksums: bool) -> None:
 @click.command()
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(["qwen2-32b", "demo", "tiny"]), required=True, help="Model shapes.")
-@click.option("--layers", type=click.IntRange(min=1), default=None, help="Number of decoder layers (default: the preset's).")
+@click.option(
+    "--layers", type=click.IntRange(min=1), default=None, help="Number of decoder layers (default: the preset's)."
+)
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where random bytes are drawn.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same device kind: same bytes).")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same device kind: same bytes)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--shard-mb", type=SHARD_MB, default=2000, show_default=True, help="Largest output shard, in MB.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def synth(
-    dst: Path, preset: str, layers: int | None, device: str, seed: int, overwrite: bool, shard_mb: int, no_progress: bool
+    dst: Path,
+    preset: str,
+    layers: int | None,
+    device: str,
+    seed: int,
+    overwrite: bool,
+    shard_mb: int,
+    no_progress: bool,
 ) -> None:
     """Write a spillover-int4 model with random weights and the shapes of PRESET into DST (for benchmarks, demos)."""
     from quantizer.synth import synthesize

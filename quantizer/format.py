@@ -169,7 +169,9 @@ class Manifest:
                     TensorEntry(name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"]), file=t["file"])
                     for t in raw["tensors"]
                 ),
-                shards=tuple(ShardEntry(file=s["file"], nbytes=int(s["nbytes"]), sha256=s["sha256"]) for s in raw["shards"]),
+                shards=tuple(
+                    ShardEntry(file=s["file"], nbytes=int(s["nbytes"]), sha256=s["sha256"]) for s in raw["shards"]
+                ),
             )
         except FormatError:
             raise

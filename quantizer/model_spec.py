@@ -124,4 +124,6 @@ def _role(module: nn.Module, param_name: str, name: str) -> str:
         return "embedding"
     if param_name == "weight" and type(module).__name__.endswith("Norm"):
         return "norm"
-    raise UnsupportedModelError(f"parameter {name} of a {type(module).__name__} is neither a Linear, an embedding nor a norm")
+    raise UnsupportedModelError(
+        f"parameter {name} of a {type(module).__name__} is neither a Linear, an embedding nor a norm"
+    )

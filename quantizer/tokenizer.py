@@ -1,14 +1,17 @@
 """A small working tokenizer for synthetic and test models, shaped like DeepSeek-R1-Distill-Qwen's.
 
-``build_tokenizer(out_dir, vocab_size)`` trains a byte-level BPE on the built-in text below and saves it as
+``build_tokenizer(out_dir, vocab_size)`` trains a byte-level BPE on the built-in text below (plus made-up
+words, so that large vocabularies have pairs to merge) and saves it as
 a transformers fast tokenizer (``tokenizer.json``, ``tokenizer_config.json``, the chat template), so
 ``AutoTokenizer.from_pretrained(out_dir)`` and ``apply_chat_template`` behave as they do for the real model:
 
-* special tokens, in this order, take ids 0..6: ``<｜begin▁of▁sentence｜>`` (BOS), ``<｜end▁of▁sentence｜>`` (EOS,
-  also the pad token), ``<｜User｜>``, ``<｜Assistant｜>``, ``<think>``, ``</think>``, ``<｜▁pad▁｜>``;
+* special tokens, in this order, take ids 0..6: ``<｜begin▁of▁sentence｜>`` (BOS),
+  ``<｜end▁of▁sentence｜>`` (EOS, also the pad token), ``<｜User｜>``, ``<｜Assistant｜>``, ``<think>``,
+  ``</think>``, ``<｜▁pad▁｜>``;
 * then the 256 byte-level symbols, then merges up to ``vocab_size``; every byte string can be encoded;
-* the chat template is DeepSeek-R1's: BOS, an optional system prompt, ``<｜User｜>…``, ``<｜Assistant｜>…`` with the
-  reasoning before ``</think>`` dropped from past replies, and a generation prompt ``<｜Assistant｜><think>\\n``.
+* the chat template is DeepSeek-R1's: BOS, an optional system prompt, ``<｜User｜>…``, ``<｜Assistant｜>…``
+  with the reasoning before ``</think>`` dropped from past replies, and a generation prompt
+  ``<｜Assistant｜><think>\\n``.
 
 Plain ``encode`` adds no BOS: the chat template writes it, and raw prompts are fed exactly as tokenized.
 Training is deterministic, so the same ``vocab_size`` gives the same tokenizer every time.

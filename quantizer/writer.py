@@ -236,7 +236,9 @@ def write_model_directory(
             (staging / MANIFEST_NAME).write_text(manifest.to_json())
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise ModelWriteError(f"no space left on the device while writing {dst}: free some space and retry") from None
+            raise ModelWriteError(
+                f"no space left on the device while writing {dst}: free some space and retry"
+            ) from None
         raise ModelWriteError(f"writing {dst} failed: {e.strerror or e} ({e.filename or dst})") from None
     return dst
 

@@ -43,7 +43,10 @@ def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 def numpy_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The format's definition, written again: float32 [out, in] -> (packed uint8 [out, in/2], scales f32 [out, in/128])."""
+    """The format's definition, written again.
+
+    float32 [out, in] -> (packed uint8 [out, in/2], scales float32 [out, in/128]).
+    """
     out_features, in_features = w.shape
     blocks = w.astype(np.float32).reshape(out_features, in_features // BLOCK, BLOCK)
     absmax = np.abs(blocks).max(axis=-1)

@@ -109,7 +109,8 @@ def test_tiny_tokenizer_fits_the_model_and_has_the_r1_template(tiny_q):
     tokenizer = AutoTokenizer.from_pretrained(tiny_q)
     config = json.loads((tiny_q / "config.json").read_text())
     assert len(tokenizer) < config["vocab_size"]
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=False)
+    messages = [{"role": "user", "content": "hi"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert max(ids) < config["vocab_size"] and ids[0] == config["bos_token_id"]
     assert tokenizer.decode(ids).endswith("<｜User｜>hi<｜Assistant｜><think>\n")
     assert tokenizer.eos_token_id == config["eos_token_id"]
@@ -289,7 +290,8 @@ def test_peak_memory_stays_far_below_the_checkpoint_size(tmp_path):
     assert checkpoint_bytes > 150e6
     # Streaming in 2 MiB pieces grows by 20-50 MB (allocator slack included). Holding a shard's mapping open, or
     # quantizing a 32 MB tensor whole (float32 temporaries), would each pass 0.4x of the checkpoint.
-    assert growth < 0.4 * checkpoint_bytes, f"peak RSS grew {growth / 1e6:.0f} MB for a {checkpoint_bytes / 1e6:.0f} MB model"
+    message = f"peak RSS grew {growth / 1e6:.0f} MB for a {checkpoint_bytes / 1e6:.0f} MB model"
+    assert growth < 0.4 * checkpoint_bytes, message
     QuantizedCheckpoint(tmp_path / "q").verify()
 
 

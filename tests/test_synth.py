@@ -69,7 +69,8 @@ def test_synthetic_model_runs_in_stock_transformers_with_finite_logits(tmp_path)
     assert not unexpected and not missing
 
     tokenizer = AutoTokenizer.from_pretrained(dst)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_dict=False)
+    messages = [{"role": "user", "content": "Hello"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert max(ids) < config["vocab_size"]
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
