@@ -47,6 +47,10 @@ class Tokenizer(Protocol):
     def apply_chat_template(self, messages: list[dict], **kwargs) -> dict: ...
 
 
+class ReplyRefused(ValueError):
+    """A reply cannot start for a reason the person can act on (e.g. the conversation outgrew the context)."""
+
+
 class Conversation:
     """The messages of one chat and the token ids they render to.
 
@@ -57,7 +61,7 @@ class Conversation:
 
     def __init__(self, tokenizer: Tokenizer, *, raw: bool):
         if not raw and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the model's tokenizer has no chat template: run with --raw to feed prompts as they are")
+            raise ReplyRefused("the model's tokenizer has no chat template: run with --raw to feed prompts as they are")
         self.tokenizer = tokenizer
         self.raw = raw
         self.messages: list[dict[str, str]] = []
@@ -219,10 +223,6 @@ class ReplyPrinter:
             self.out.write(DIM if want_dim else RESET)
             self._dim = want_dim
         self.out.write(piece)
-
-
-class ReplyRefused(ValueError):
-    """A reply cannot start for a reason the person can act on (e.g. the conversation outgrew the context)."""
 
 
 @dataclasses.dataclass(frozen=True)

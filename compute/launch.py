@@ -115,7 +115,7 @@ class LaunchedLoader:
             try:
                 self.process.wait(STOP_GRACE_S)
             except subprocess.TimeoutExpired:
-                log.warning("the loader (pid %d) did not stop within %.0f s of SIGTERM: killing it", self.pid, STOP_GRACE_S)
+                log.warning("the loader (pid %d) ignored SIGTERM for %.0f s: killing it", self.pid, STOP_GRACE_S)
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -15,18 +15,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import signal
 import sys
 from pathlib import Path
 
 import click
+import psutil
+import torch
 
 from compute.launch import LaunchedLoader, LoaderOptions, LoaderStartError
 from compute.resolve import ModelResolveError, ResolvedModel, default_cache_dir, resolve_model
-
-log = logging.getLogger(__name__)
+from compute.sampling import SamplingParams
+from quantizer.format import FormatError
 
 DEFAULT_MAX_CONTEXT = 4096
 # With no --model and no --gpu-memory, the demo runs under a budget that holds about half its layers,
@@ -60,9 +61,7 @@ class RunConfig:
     cache_dir: Path  # where quantized checkpoints and the demo model are kept
     print_loader_args: bool  # only print the loader's options (after resolving --model) and exit
 
-    def sampling(self):
-        from compute.sampling import SamplingParams
-
+    def sampling(self) -> SamplingParams:
         return SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -88,19 +87,16 @@ def default_budget(device: str, *, demo: bool) -> str:
     if demo:
         return DEMO_BUDGET[device]
     if device == "cuda":
-        import torch
-
         free, _total = torch.cuda.mem_get_info()
         return str(int(free * CUDA_FREE_FRACTION))
-    import psutil
-
     return str(int(psutil.virtual_memory().available * CPU_AVAILABLE_FRACTION))
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _device(requested: str | None) -> str:
+    """``--device``, checked; cuda when available if not given."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: no CUDA device is usable here (torch sees none); use --device cpu")
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class RunError(click.ClickException):
@@ -115,6 +111,7 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
     return value
 
 
+# fmt: off
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", metavar="PATH|REPO_ID", help="A spillover-int4 directory, a Hugging Face checkpoint directory "
               "or repo id (quantized once into the cache). Default: the built-in demo (random weights).")
@@ -132,17 +129,21 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
               "Default: the free device memory (the demo: less than its model, to show streaming).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when available.")
 @click.option("--max-context", type=click.IntRange(min=1),
-              help=f"Tokens of context (prompt, history and reply); the KV cache is sized for it. [default: {DEFAULT_MAX_CONTEXT}]")
+              help="Tokens of context (prompt, history and reply); the KV cache is sized for it. "
+                   f"[default: {DEFAULT_MAX_CONTEXT}; the demo: {DEMO_MAX_CONTEXT}]")
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is tokenized as it is.")
 @click.option("--output-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one JSON object on stdout (needs -p).")
-@click.option("--connect", metavar="ADDR", help="Use the loader already listening at ADDR instead of starting one.")
+@click.option("--connect", metavar="ADDR", help="Use the loader already listening at ADDR (an ipc:// or "
+              "tcp://127.0.0.1 address) instead of starting one; it keeps the budget, policy and context it was "
+              "started with.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SPILLOVER_CACHE_DIR",
               help="Where quantized models and the demo are kept. [default: ~/.cache/spillover]")
 @click.option("--print-loader-args", is_flag=True,
               help="Print the loader's options, one per line (--model DIR first), and exit. Used by run.sh.")
 @click.pass_context
-def run(ctx: click.Context, **options) -> None:  # fmt: skip
+# fmt: on
+def run(ctx: click.Context, **options) -> None:
     """Chat with a model whose INT4 weights stream from a loader process."""
     config = _build_config(options)
     verbose = ctx.find_root().params.get("verbose", 0)
@@ -157,7 +158,7 @@ def run(ctx: click.Context, **options) -> None:  # fmt: skip
             click.echo("\n".join(loader_options.argv()))
             return
         _serve(config, model, loader_options, verbose)
-    except (ModelResolveError, LoaderStartError) as e:
+    except (ModelResolveError, LoaderStartError, FormatError) as e:
         raise RunError(str(e)) from None
     except KeyboardInterrupt:
         click.echo("", err=True)
@@ -180,7 +181,7 @@ def _build_config(options: dict) -> RunConfig:
         seed=options["seed"],
         policy=options["policy"],
         gpu_memory=options["gpu_memory"],
-        device=options["device"] or default_device(),
+        device=_device(options["device"]),
         max_context=options["max_context"],
         raw=options["raw"],
         output_format=options["output_format"],
@@ -192,7 +193,7 @@ def _build_config(options: dict) -> RunConfig:
 
 def _serve(config: RunConfig, model: ResolvedModel, loader_options: LoaderOptions, verbose: int) -> None:
     """Connect to (or start) the loader, build the engine, and answer the prompt or run the REPL."""
-    # Imported here: torch and transformers are slow to import, and --help or --print-loader-args need neither.
+    # Imported here: transformers is slow to import, and --help or --print-loader-args do not need it.
     from compute.chat import ReplyRefused
     from compute.session import LoaderLost, Session
 
@@ -208,11 +209,12 @@ def _serve(config: RunConfig, model: ResolvedModel, loader_options: LoaderOption
             if config.prompt is None:
                 session.chat()
             elif config.output_format == "json":
-                click.echo(json.dumps(session.answer_json(config.prompt)))
-            else:
-                reply = session.answer(config.prompt)
-                if reply.stopped:
+                reply = session.answer_json(config.prompt)
+                click.echo(json.dumps(reply))
+                if reply["finish_reason"] == "stopped":
                     sys.exit(130)
+            elif session.answer(config.prompt).stopped:
+                sys.exit(130)
         except LoaderLost as e:
             code = launched.exit_code() if launched else None
             raise RunError(f"{e}" + (f" (it exited with code {code})" if code is not None else "")) from None

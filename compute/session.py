@@ -19,24 +19,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from compute.chat import Conversation, Reply, ReplyRefused, StreamingDetokenizer, reply_once, repl
-from compute.engine import ContextLengthError, Engine, GenerationResult
+from compute.chat import Conversation, Reply, ReplyRefused, StopOnInterrupt, StreamingDetokenizer, reply_once, repl
+from compute.engine import ContextLengthError, Engine, FinishReason, GenerationResult
 from compute.resolve import ResolvedModel
 from compute.usage import PeakMemorySampler
 from protocol.client import LoaderClient, LoaderError
 from protocol.ring import pid_alive
+from protocol.sockets import AddressError
 from quantizer.checkpoint import QuantizedCheckpoint
+
+if TYPE_CHECKING:
+    from compute.run import RunConfig
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = 30.0  # the loader is ready before anyone connects, so the handshake is quick
+CONNECT_TIMEOUT_S = 15.0  # the loader is ready before anyone connects, so the handshake is quick
 WATCH_S = 0.2  # how often the watchdog checks that the loader process lives
 
 
@@ -74,36 +80,34 @@ class LoaderWatchdog:
 
 
 class Session:
-    def __init__(self, client: LoaderClient, engine: Engine, model: ResolvedModel, config):
+    """A connected engine and what it needs to answer: the model's name and the run's options."""
+
+    def __init__(self, client: LoaderClient, engine: Engine, model: ResolvedModel, config: RunConfig):
         self.client = client
         self.engine = engine
         self.model = model
-        self.config = config  # compute.run.RunConfig
+        self.config = config
         self.params = config.sampling()
         self.loader_pid = client.plan.loader_pid
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, address: str, model: ResolvedModel, config) -> Iterator["Session"]:
+    def open(cls, address: str, model: ResolvedModel, config: RunConfig) -> Iterator["Session"]:
         try:
             client = LoaderClient.connect(address, timeout_s=CONNECT_TIMEOUT_S)
-        except LoaderError as e:
+        except (LoaderError, AddressError) as e:
             raise LoaderLost(f"could not connect to the loader at {address}: {e}") from None
-        try:
-            plan = client.plan
-            log.info("loader pid %d, policy %s, max_context %d", plan.loader_pid, plan.policy, plan.max_context)
-            with cls._loader_errors(plan.loader_pid):
-                engine = Engine(
-                    QuantizedCheckpoint(model.path),
-                    client,
-                    device=config.device,
-                    max_context=plan.max_context,
-                    prefill_chunk=plan.prefill_chunk,
-                )
-            with LoaderWatchdog(plan.loader_pid):
-                yield cls(client, engine, model, config)
-        finally:
-            client.close()
+        plan = client.plan
+        log.info("loader pid %d, policy %s, max_context %d", plan.loader_pid, plan.policy, plan.max_context)
+        with client, LoaderWatchdog(plan.loader_pid), cls._loader_errors(plan.loader_pid):
+            engine = Engine(
+                QuantizedCheckpoint(model.path),
+                client,
+                device=config.device,
+                max_context=plan.max_context,
+                prefill_chunk=plan.prefill_chunk,
+            )
+            yield cls(client, engine, model, config)
 
     @staticmethod
     @contextlib.contextmanager
@@ -152,8 +156,13 @@ class Session:
             f"decode {result.decode_tokens} tok, {result.decode_tokens_per_s:.1f} tok/s"
         )
         if streamed:
-            line += f" | streamed {_forward_share(streamed, result) / 2**20:.1f} MiB/token"
-        return Reply(text=text, stopped=result.finish_reason.value == "stopped", stats_line=line)
+            line += f" | streamed {self._per_forward(streamed, result) / 2**20:.1f} MiB/token"
+        return Reply(text=text, stopped=result.finish_reason == FinishReason.STOPPED, stats_line=line)
+
+    def _per_forward(self, streamed_bytes: int, result: GenerationResult) -> float:
+        """Bytes streamed per forward pass of a reply: one per decoded token, one per prefill chunk."""
+        passes = result.decode_tokens + math.ceil(result.prefill_tokens / self.engine.prefill_chunk)
+        return streamed_bytes / passes if passes else 0.0
 
     def answer(self, prompt: str) -> Reply:
         """One reply to ``prompt`` on stdout (reasoning dimmed on a terminal)."""
@@ -161,13 +170,14 @@ class Session:
         return reply_once(conversation, prompt, self._reply, out=sys.stdout, err=sys.stderr, styled=sys.stdout.isatty())
 
     def answer_json(self, prompt: str) -> dict:
-        """One reply to ``prompt`` as the ``--output-format json`` object; nothing is printed."""
+        """One reply to ``prompt`` as the ``--output-format json`` object; nothing is printed. Ctrl-C ends the reply
+        early (``finish_reason`` "stopped")."""
         conversation = Conversation(self.engine.tokenizer, raw=self.config.raw)
         prompt_ids = conversation.prompt_ids(prompt)
         pids = {"compute": os.getpid(), "loader": self.loader_pid}
-        with PeakMemorySampler(pids, device=self.config.device) as memory:
+        with PeakMemorySampler(pids, device=self.config.device) as memory, StopOnInterrupt() as stop:
             started = time.perf_counter()
-            result, text, streamed = self._generate(prompt_ids, lambda _text: None, lambda: False)
+            result, text, streamed = self._generate(prompt_ids, lambda _text: None, stop.requested.is_set)
             seconds = time.perf_counter() - started
         return {
             "model": self.model.label,
@@ -187,7 +197,7 @@ class Session:
                 "policy": self.client.plan.policy,
                 "budget_bytes": self.client.plan.budget_bytes,
                 "streamed_bytes": streamed,
-                "streamed_bytes_per_token": _forward_share(streamed, result),
+                "streamed_bytes_per_token": self._per_forward(streamed, result),
                 "device": self.config.device,
                 **memory.report(),
             },
@@ -200,10 +210,4 @@ class Session:
         conversation = Conversation(self.engine.tokenizer, raw=self.config.raw)
         styled = sys.stdout.isatty()
         repl(conversation, self._reply, read_line=input, out=sys.stdout, err=sys.stderr, styled=styled)
-
-
-def _forward_share(streamed_bytes: int, result: GenerationResult) -> float:
-    """Bytes streamed per forward pass of the reply: one pass per generated token, plus the prefill passes."""
-    passes = result.decode_tokens + (1 if result.prefill_tokens else 0)
-    return streamed_bytes / passes if passes else 0.0
 

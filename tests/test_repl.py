@@ -130,7 +130,9 @@ def test_repl_stops_at_end_of_input(tokenizer):
     def generate(prompt_ids, write, should_stop):
         raise AssertionError("nothing was typed")
 
-    repl(Conversation(tokenizer, raw=False), generate, read_line=read_line, out=io.StringIO(), err=io.StringIO(), styled=False)
+    out, err = io.StringIO(), io.StringIO()
+    repl(Conversation(tokenizer, raw=False), generate, read_line=read_line, out=out, err=err, styled=False)
+    assert out.getvalue() == "" and "/exit" in err.getvalue()  # only the help line was written
 
 
 class Terminal:
