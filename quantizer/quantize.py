@@ -1,6 +1,6 @@
 """``quantize_checkpoint``: a Hugging Face safetensors checkpoint -> a spillover-int4 directory, streamed.
 
-Host memory stays bounded whatever the model's size: tensors are read in pieces of at most ``CHUNK_BYTES``
+Host memory stays bounded whatever the model's size: tensors are read in pieces of a few MB (``CHUNK_BYTES``)
 (a few rows at a time, each through a fresh ``safe_open`` so no mapping of a multi-GB shard stays resident),
 quantized (on the GPU when there is one), and appended to output shards whose layout was planned up front
 (``quantizer.writer``). Every input is checked before anything is written, and every problem a person can
@@ -61,6 +61,9 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Source bytes read, quantized and written as one piece: bounds the memory a tensor of any size needs (quantizing
 # a piece takes several times its bf16 size in float32 temporaries: ~20 MB here, measured by the peak-RSS test).
 CHUNK_BYTES = 2 << 20
+# On CUDA the float32 temporaries live in device memory, so host memory holds only the piece itself: larger pieces
+# cost no more host memory than the CPU's small ones plus their temporaries, and save per-piece overhead.
+CUDA_CHUNK_BYTES = 32 << 20
 
 
 class QuantizeError(Exception):
@@ -190,13 +193,15 @@ def _plan_outputs(spec: ModelSpec, source: dict[str, SourceTensor], order: list[
     return groups
 
 
-def _row_pieces(path: Path, name: str, shape: tuple[int, ...], itemsize: int) -> Iterator[torch.Tensor]:
-    """Yield the tensor in consecutive row pieces of about ``CHUNK_BYTES``, each read through a fresh mapping."""
+def _row_pieces(
+    path: Path, name: str, shape: tuple[int, ...], itemsize: int, chunk_bytes: int
+) -> Iterator[torch.Tensor]:
+    """Yield the tensor in consecutive row pieces of about ``chunk_bytes``, each read through a fresh mapping."""
     if len(shape) == 0:
         with safe_open(path, framework="pt") as f:
             yield f.get_tensor(name)
         return
-    rows = max(1, CHUNK_BYTES // max(1, itemsize * math.prod(shape[1:])))
+    rows = max(1, chunk_bytes // max(1, itemsize * math.prod(shape[1:])))
     for start in range(0, shape[0], rows):
         with safe_open(path, framework="pt") as f:
             yield f.get_slice(name)[start : start + rows]
@@ -275,10 +280,11 @@ def _write_tensors(
     bar: tqdm,
 ) -> None:
     linear_weights = {p.name for p in spec.parameters if p.linear}
+    chunk_bytes = CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
     for done, name in enumerate(order, start=1):
         tensor = source[name]
         itemsize = SAFETENSORS_DTYPES[tensor.dtype].itemsize
-        pieces = _row_pieces(src_dir / tensor.file, name, tensor.shape, itemsize)
+        pieces = _row_pieces(src_dir / tensor.file, name, tensor.shape, itemsize, chunk_bytes)
         if name in linear_weights:
             module = name.removesuffix(".weight")
             scales = []

@@ -103,6 +103,14 @@ def test_output_matches_an_independent_reading(fixture, request):
     QuantizedCheckpoint(quantized).verify()
 
 
+def test_reading_in_small_uneven_pieces_gives_the_same_bytes(tiny_hf, tiny_q, tmp_path, monkeypatch):
+    from quantizer.quantize import quantize_checkpoint
+
+    monkeypatch.setattr("quantizer.quantize.CHUNK_BYTES", 3000)  # 11 rows of 128 bf16: every tensor in pieces
+    again = quantize_checkpoint(tiny_hf, tmp_path / "q", device="cpu", shard_bytes=150_000, progress=False)
+    assert read_manifest(again).shards == read_manifest(tiny_q).shards  # same bytes, same sha256
+
+
 def test_tiny_tokenizer_fits_the_model_and_has_the_r1_template(tiny_q):
     from transformers import AutoTokenizer
 
