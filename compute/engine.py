@@ -134,7 +134,7 @@ class Engine:
         self.config: PretrainedConfig = self.model.config
         self.vocab_size: int = self.config.vocab_size
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-        self.eos_token_ids = eos_token_ids(checkpoint)
+        self.eos_token_ids = eos_token_ids(checkpoint)  # a frozenset; a caller may replace it
         if not self.eos_token_ids and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = frozenset({self.tokenizer.eos_token_id})
         if not self.eos_token_ids:
