@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -95,6 +96,12 @@ def run(config: LoaderConfig) -> int:
         return _refuse(str(e))
     if config.device == "cuda" and not _cuda_available():
         return _refuse("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    if config.device == "cuda" and "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower():
+        # the pool is shared as one cudaMalloc segment through CUDA IPC; expandable segments are not that
+        return _refuse(
+            "PYTORCH_CUDA_ALLOC_CONF enables expandable_segments, which the loader's CUDA IPC pool cannot use; "
+            "unset it for the loader (the compute process may keep it)"
+        )
     click.echo(placement.table())
     capacity = pool_capacity(placement, plan_for)
 

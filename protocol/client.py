@@ -74,7 +74,7 @@ class LoaderClient:
             plan = client._request(Hello(protocol_version=PROTOCOL_VERSION, pid=os.getpid()), Plan)
             client._bind(plan)
         except BaseException:
-            client._sock.close()
+            client.close()
             raise
         return client
 

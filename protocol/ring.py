@@ -14,7 +14,9 @@ plus ``generation`` (loader), the plan they belong to. The loader fills access `
 previous user has released it (``released > j - K``) and it is at most D ahead (``j < acquired + D``).
 A counter is written only after the event record it announces is enqueued, so an event wait always waits
 on the record it means (design.md, pitfalls). On CPU the copy is done before ``filled`` moves and the
-counters alone suffice. An aligned 8-byte store is atomic on the machines we target (x86-64, arm64).
+counters alone suffice. An aligned 8-byte store is atomic, and on x86-64 stores become visible to the
+other process in program order, so the bytes copied before ``filled`` moves are visible once it has; a
+weakly ordered CPU would need a fence between the copy and the counter on the CPU path.
 
 Waits spin with back-off, check that the peer process is alive, and time out with a message that says
 where the ring stood. Nothing here sends a message: the ring runs without a round trip per unit.
