@@ -43,12 +43,6 @@ class ModelSpec:
     parameters: tuple[ParameterSpec, ...]  # every stored parameter, in module (execution) order
     units: tuple[UnitEntry, ...]  # the quantized Linears grouped by unit, in execution order
 
-    def parameter(self, name: str) -> ParameterSpec:
-        for p in self.parameters:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
 
 def describe_model(config: dict) -> ModelSpec:
     """Build the model of ``config`` (a parsed config.json) on the meta device and describe it.
@@ -67,9 +61,14 @@ def describe_model(config: dict) -> ModelSpec:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {k: v for k, v in config.items() if k != "model_type"}
-    hf_config = AutoConfig.for_model(config.get("model_type", "qwen2"), **fields)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+    try:
+        hf_config = AutoConfig.for_model(config.get("model_type", "qwen2"), **fields)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except (ValueError, KeyError, TypeError) as e:  # unknown model_type, missing or mistyped fields
+        # transformers' messages can list hundreds of model types: keep the first sentence.
+        reason = str(e).strip().split(". ")[0][:200] if str(e).strip() else type(e).__name__
+        raise UnsupportedModelError(f"config.json does not describe a buildable {architecture}: {reason}") from None
     if type(model).__name__ != architecture:
         raise UnsupportedModelError(
             f"config.json names {architecture} but its model_type {config.get('model_type')!r} builds "

@@ -1,6 +1,6 @@
 """Writing a spillover-int4 directory: safetensors shards streamed tensor by tensor, then the manifest, atomically.
 
-Memory stays bounded by the tensor being written: every shard's layout is planned before any data exists (the
+Memory stays bounded by the piece being written: every shard's layout is planned before any data exists (the
 output names, dtypes and shapes follow from the model's config), so each shard's safetensors header is written
 first and the tensors' bytes are appended as they are produced, hashed on the way. Nothing here holds a shard.
 

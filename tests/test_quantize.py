@@ -26,7 +26,7 @@ from compute.cli import main as spillover
 from conftest import bf16_bits_to_f32, make_tiny_qwen2, numpy_quantize, read_directory, shard_count
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import MANIFEST_NAME, read_manifest
-from quantizer.writer import ShardWriter
+from quantizer.writer import PlannedTensor, ShardWriter, plan_shards
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LAYER_LINEARS = (
@@ -167,6 +167,13 @@ def _break_architecture(src: Path) -> tuple[str, ...]:
     return "LlamaForCausalLM", "Qwen2ForCausalLM"
 
 
+def _break_model_type(src: Path) -> tuple[str, ...]:
+    config = json.loads((src / "config.json").read_text())
+    config.update(model_type="no_such_type")
+    (src / "config.json").write_text(json.dumps(config))
+    return "does not describe a buildable Qwen2ForCausalLM", "no_such_type"
+
+
 def _break_to_pytorch_bin(src: Path) -> tuple[str, ...]:
     for path in src.glob("model*.safetensors*"):
         path.unlink()
@@ -193,6 +200,7 @@ def _break_config(src: Path) -> tuple[str, ...]:
         _break_truncated_shard,
         _break_index_names_an_absent_tensor,
         _break_architecture,
+        _break_model_type,
         _break_to_pytorch_bin,
         _break_block_size,
         _break_config,
@@ -206,6 +214,22 @@ def test_bad_checkpoint_is_refused_in_one_line(breakage, tiny_hf, tmp_path):
     dst = tmp_path / "out" / "q"
     assert_one_line_error(run_cli("quantize", str(src), str(dst), "--no-progress"), *fragments)
     assert_nothing_written(tmp_path, dst)
+
+
+def test_shard_plan_keeps_groups_whole_in_order_and_bounded():
+    rng = np.random.default_rng()
+    groups = [
+        [PlannedTensor(name=f"t{i}.{j}", dtype="U8", shape=(int(rng.integers(1, 1000)),)) for j in range(i % 2 + 1)]
+        for i in range(60)
+    ]
+    limit = int(rng.integers(500, 5000))
+    shards = plan_shards(groups, limit)
+    assert [t for shard in shards for t in shard.tensors] == [t for group in groups for t in group]
+    where = {t.name: shard.file for shard in shards for t in shard.tensors}
+    assert all(len({where[t.name] for t in group}) == 1 for group in groups)
+    for shard in shards:
+        assert shard.data_bytes <= limit or len({t.name.split(".")[0] for t in shard.tensors}) == 1
+    assert [s.file for s in shards][-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
 
 
 def test_not_enough_free_space_is_refused_before_writing(tiny_hf, tmp_path, monkeypatch):
