@@ -256,6 +256,18 @@ def test_no_space_left_while_writing_leaves_nothing(tiny_hf, tmp_path, monkeypat
     assert_nothing_written(tmp_path, dst)
 
 
+def test_an_interrupted_run_leaves_neither_dst_nor_its_staging_directory(tiny_hf, tmp_path, monkeypatch):
+    from quantizer.quantize import quantize_checkpoint
+
+    def interrupted(self, name, piece):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_hf, tmp_path / "q", device="cpu", progress=False)
+    assert_nothing_written(tmp_path, tmp_path / "q")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_without_a_gpu_is_refused(tiny_hf, tmp_path):
     assert_one_line_error(run_cli("quantize", str(tiny_hf), str(tmp_path / "q"), "--device", "cuda"), "no CUDA device")
