@@ -35,7 +35,7 @@ if ! has_spillover "$python"; then
         else
             "$python" -m pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu >&2
         fi
-        "$python" -m pip install -e "$here" >&2
+        "$python" -m pip install -e "$here[dev]" >&2  # [dev]: pytest, for the test command
     fi
 fi
 spillover=("$python" -m compute.cli)

@@ -78,8 +78,15 @@ class RunConfig:
             gpu_memory=self.gpu_memory or default_budget(self.device, demo=model.is_demo),
             policy=self.policy,
             device=self.device,
-            max_context=self.max_context or (DEMO_MAX_CONTEXT if model.is_demo else DEFAULT_MAX_CONTEXT),
+            max_context=self.max_context or default_max_context(model),
         )
+
+
+def default_max_context(model: ResolvedModel) -> int:
+    """``--max-context`` when none is given: DEFAULT_MAX_CONTEXT (the demo's), at most what the model was built for."""
+    config = json.loads((model.path / "config.json").read_text())
+    default = DEMO_MAX_CONTEXT if model.is_demo else DEFAULT_MAX_CONTEXT
+    return min(default, config.get("max_position_embeddings") or default)
 
 
 def default_budget(device: str, *, demo: bool) -> str:
@@ -130,7 +137,7 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when available.")
 @click.option("--max-context", type=click.IntRange(min=1),
               help="Tokens of context (prompt, history and reply); the KV cache is sized for it. "
-                   f"[default: {DEFAULT_MAX_CONTEXT}; the demo: {DEMO_MAX_CONTEXT}]")
+                   f"[default: {DEFAULT_MAX_CONTEXT} or the model's maximum if smaller; the demo: {DEMO_MAX_CONTEXT}]")
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is tokenized as it is.")
 @click.option("--output-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one JSON object on stdout (needs -p).")

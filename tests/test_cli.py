@@ -71,16 +71,16 @@ def test_json_output_is_one_object_with_the_fed_ids_and_stats(tiny_q, tmp_path):
 
 
 def test_print_loader_args_is_the_loaders_share_of_the_options(tiny_q, tmp_path):
-    result = subprocess.run(
-        spillover("run", "--print-loader-args", "--model", str(tiny_q), "--gpu-memory", "3GiB", "--policy", "stream",
-                  "--device", "cpu", "--max-context", "64", "-p", "hi", "-n", "3", "--temperature", "0.1"),
-        capture_output=True, text=True, env=spillover_env(tmp_path), timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    args = ["--model", str(tiny_q), "--gpu-memory", "3GiB", "--policy", "stream", "--device", "cpu", "-p", "hi"]
+    result = CliRunner().invoke(main, ["run", "--print-loader-args", *args, "--max-context", "64", "-n", "3"])
+    assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         "--model", str(Path(tiny_q).resolve()), "--gpu-memory", "3GiB", "--policy", "stream",
         "--device", "cpu", "--max-context", "64",
     ]  # fmt: skip
+    # without --max-context: the default, capped at what the tiny model was built for (1024 positions)
+    result = CliRunner().invoke(main, ["run", "--print-loader-args", *args])
+    assert result.stdout.splitlines()[-2:] == ["--max-context", "1024"]
 
 
 @pytest.mark.parametrize(
