@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+import transformers
 from transformers import AutoTokenizer, PretrainedConfig, StaticCache
 
 from compute.model import UnitWeights, build_model
@@ -110,6 +112,12 @@ def eos_token_ids(checkpoint: QuantizedCheckpoint) -> frozenset[int]:
     return frozenset(ids)
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache by: ``cache`` in recent transformers 5.x,
+    ``past_key_values`` in earlier ones (5.17, on the GPU machine, knows only that)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class Engine:
     """Model, tokenizer and KV cache for one conversation; see the module docstring for the contract."""
 
@@ -156,6 +164,12 @@ class Engine:
             dtype=dtype,
             device=self.device,
         )
+        if not all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) for layer in self.cache.layers):
+            raise RuntimeError(
+                f"transformers {transformers.__version__}: its StaticCache layers keep no cumulative_length, "
+                "which the engine moves to reuse a conversation's cache; install the version pyproject.toml names"
+            )
+        self._cache_keyword = cache_keyword(self.model)
         # Static inputs of the decode step: one token at one position, rewritten in place every step.
         self._decode_ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # (B, T)
         self._decode_position = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # (B, T)
@@ -287,8 +301,11 @@ class Engine:
         # At least the prompt's last token must run: its logits choose the first reply token.
         keep = min(shared, len(prompt) - 1)
         if keep < len(self._cached_ids):
-            # A static cache is cropped by moving its write position back; positions past it are masked.
-            self.cache.crop(-(len(self._cached_ids) - keep))
+            # A static cache layer writes at its cumulative_length, and the causal mask hides every position past
+            # the one being computed: moving the counter back is the whole rewind. (Cache.crop does the same in
+            # recent transformers, but 5.17's static layers have no crop.)
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(keep)
             del self._cached_ids[keep:]
         if keep:
             log.debug("reusing %d cached tokens of a %d-token prompt", keep, len(prompt))
@@ -310,7 +327,9 @@ class Engine:
         """Run ``chunk`` at positions ``position …``; return the logits of its last token ([vocab])."""
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (B, T)
         positions = torch.arange(position, position + len(chunk), device=self.device).unsqueeze(0)  # (B, T)
-        out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{self._cache_keyword: self.cache}
+        )
         return out.logits[0, -1]
 
     def _decode_step(self, token: int, position: int) -> torch.Tensor:
@@ -323,8 +342,8 @@ class Engine:
         out = self.model(
             input_ids=self._decode_ids,
             position_ids=self._decode_position,
-            cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_keyword: self.cache},
         )
         return out.logits[0, -1]
