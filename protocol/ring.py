@@ -39,8 +39,9 @@ from protocol.messages import RingSpec, SharedBuffer
 GENERATION, ACQUIRED, RELEASED, FILLED, WAIT_NS = range(5)
 COUNTERS_BYTES = 128
 
-# back-off of a waiting consumer: spin briefly, then sleep from SLEEP_MIN_S doubling to SLEEP_MAX_S
-SPINS_BEFORE_SLEEP = 200
+# back-off of a waiting consumer: a few polls, then sleeps from SLEEP_MIN_S doubling to SLEEP_MAX_S (longer
+# spinning measured slower on 2 cores: it takes the core the loader needs to make the fill)
+SPINS_BEFORE_SLEEP = 20
 SLEEP_MIN_S = 20e-6
 SLEEP_MAX_S = 1e-3
 LIVENESS_INTERVAL_S = 0.1
