@@ -2,7 +2,7 @@
 
 This module turns what a person types into the exact token ids fed to the model, and the ids the model
 produces back into text on a terminal, as they come. It knows nothing about the model, the loader or the
-device: the REPL drives generation through a ``generate`` callable that ``compute.run`` supplies.
+device: the REPL drives generation through a ``generate`` callable that ``compute.session`` supplies.
 
 * ``Conversation`` keeps the multi-turn history and renders it with the tokenizer's chat template
   (``add_generation_prompt=True``), or, with ``raw=True``, tokenizes each prompt as it is, without history.
@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Protocol, TextIO
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 REPLACEMENT_CHAR = "\ufffd"
+MAX_PENDING_IDS = 4  # a UTF-8 character has at most 4 bytes, so at most 4 byte-level ids
 
 # ANSI styles for a terminal: reasoning dim, statistics dim, errors plain.
 DIM = "\x1b[2m"
@@ -42,7 +43,9 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
-    def convert_tokens_to_ids(self, tokens: str) -> int: ...
+    def convert_tokens_to_ids(self, tokens: str) -> int | None: ...
+
+    def convert_ids_to_tokens(self, ids: int) -> str: ...
 
     def apply_chat_template(self, messages: list[dict], **kwargs) -> dict: ...
 
@@ -100,7 +103,9 @@ class StreamingDetokenizer:
 
     Text for a window of recent ids is decoded and compared with the text of the window without the newest ids;
     the difference is emitted unless it ends in an incomplete character (U+FFFD from a partial UTF-8 sequence),
-    in which case it waits for more ids. The window then slides, so decoding stays O(1) per id.
+    in which case it waits for more ids (at most ``MAX_PENDING_IDS``: bytes that never complete a character, as a
+    random model emits, come out as U+FFFD rather than stalling the stream). The window then slides, so decoding
+    stays O(1) per id.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -108,6 +113,7 @@ class StreamingDetokenizer:
         self.vocab_size = len(tokenizer)
         # Shown: the reasoning tags. Hidden: BOS/EOS/padding and other control tokens.
         shown = {tokenizer.convert_tokens_to_ids(tag) for tag in (THINK_OPEN, THINK_CLOSE)}
+        shown = {i for i in shown if i is not None and tokenizer.convert_ids_to_tokens(i) in (THINK_OPEN, THINK_CLOSE)}
         self.hidden_ids = frozenset(tokenizer.all_special_ids) - shown
         self.unknown_ids = 0  # how many ids had no token (each shown as U+FFFD)
         self._ids: list[int] = []
@@ -124,7 +130,8 @@ class StreamingDetokenizer:
         self._ids.append(token_id)
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
-        if len(after) <= len(before) or after.endswith(REPLACEMENT_CHAR):
+        incomplete = after.endswith(REPLACEMENT_CHAR) and len(self._ids) - self._read < MAX_PENDING_IDS
+        if len(after) <= len(before) or incomplete:
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return after[len(before) :]

@@ -56,6 +56,15 @@ def test_detokenizer_replaces_unknown_ids_and_hides_eos(tokenizer):
     assert detokenizer.unknown_ids == 1
 
 
+def test_detokenizer_does_not_stall_on_bytes_that_never_form_a_character(tokenizer):
+    # byte-level ids that decode to U+FFFD alone and in pairs: lone UTF-8 continuation bytes
+    strays = [i for i in range(len(tokenizer)) if tokenizer.decode([i, i]) == "\ufffd\ufffd"]
+    stray = random.choice(strays)
+    detokenizer = StreamingDetokenizer(tokenizer)
+    streamed = "".join(detokenizer.add(stray) for _ in range(12))
+    assert streamed and set(streamed) == {"\ufffd"}  # shown as it comes, not held until the end
+
+
 def test_reasoning_splitter_handles_tags_split_anywhere():
     text = "let me think</think>The answer is 42. <think>more</think>done"
     for _ in range(20):
