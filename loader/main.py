@@ -112,7 +112,7 @@ def run(config: LoaderConfig) -> int:
     if config.device == "cpu":
         # the loader only copies; torch's intra-op threads make a small copy 50x slower and steal compute's cores
         torch.set_num_threads(1)
-    run_dir = make_run_dir()
+    run_dir = make_run_dir(needed_bytes=capacity if config.device == "cpu" else 0)
     pool = None
     try:
         pool = DevicePool(arena=arena, units=units, device=config.device, capacity_bytes=capacity, run_dir=run_dir)

@@ -1,7 +1,7 @@
 """Sharing a buffer and events between the loader and compute, with plain values only (no pickle).
 
 * Host memory: a file in the loader's private run directory (``protocol.sockets.make_run_dir``: /dev/shm
-  when it exists), mapped shared by both processes. This is the pool on CPU.
+  when it has room), mapped shared by both processes. This is the pool on CPU.
 * Device memory: the CUDA IPC fields of ONE allocation's storage (``_share_cuda_``), rebuilt in the other
   process with ``_new_shared_cuda``. An IPC handle names a whole cudaMalloc segment, so the loader shares
   one big buffer and everything inside it is addressed by offset (design.md, pitfalls). The exporter must

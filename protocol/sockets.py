@@ -32,9 +32,18 @@ class AddressError(ValueError):
     """A socket address that is not private to this user; the message says why and what to use."""
 
 
-def make_run_dir(prefix: str = "spillover-") -> Path:
-    """A new directory only this user can open (mode 0700), in /dev/shm when it exists (memory, not disk)."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+def make_run_dir(prefix: str = "spillover-", needed_bytes: int = 0) -> Path:
+    """A new directory only this user can open (mode 0700), in /dev/shm (memory, not disk) when it has room.
+
+    ``needed_bytes`` is what will be written there (the CPU pool): a container's /dev/shm is often only
+    64 MiB, and writing past a full tmpfs through a mapping kills the writer with SIGBUS, so a /dev/shm
+    with less free space than that (plus a margin) is passed over for the system's temporary directory.
+    """
+    base = None
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        info = os.statvfs("/dev/shm")
+        if info.f_bavail * info.f_frsize >= needed_bytes + (16 << 20):
+            base = "/dev/shm"
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))  # mkdtemp creates it with mode 0700
 
 
