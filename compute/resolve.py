@@ -20,15 +20,14 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from quantizer.format import MANIFEST_NAME, FormatError, read_manifest
+import click
 
-log = logging.getLogger(__name__)
+from quantizer.format import MANIFEST_NAME, FormatError, read_manifest
 
 DEMO_PRESET = "demo"
 DEMO_SEED = 0
@@ -99,9 +98,10 @@ def _quantized(source: Path, *, name: str, label: str, cache_dir: Path, device: 
     dst = cache_dir / f"{name}-{_source_key(source)}"
     with _cache_lock(dst):
         if not (dst / MANIFEST_NAME).is_file():
-            log.warning("quantizing %s to INT4 into %s (once: later runs reuse it)", source, dst)
+            click.echo(f"spillover: quantizing {source} to INT4 into {dst} (once: later runs reuse it)", err=True)
             try:
-                quantize_checkpoint(source, dst, device=device)
+                # overwrite: under the lock, a directory without a manifest is a leftover, not a model
+                quantize_checkpoint(source, dst, device=device, overwrite=True)
             except QuantizeError as e:
                 raise ModelResolveError(f"--model {label}: {e}") from None
     return ResolvedModel(path=dst, label=label, is_demo=False)
@@ -109,12 +109,16 @@ def _quantized(source: Path, *, name: str, label: str, cache_dir: Path, device: 
 
 def _demo(cache_dir: Path, device: str) -> ResolvedModel:
     from quantizer.synth import synthesize
+    from quantizer.writer import ModelWriteError
 
     dst = cache_dir / f"demo-v{DEMO_VERSION}"
     with _cache_lock(dst):
         if not (dst / MANIFEST_NAME).is_file():
-            log.warning("making the built-in demo model (random weights) in %s", dst)
-            synthesize(dst, preset=DEMO_PRESET, device=device, seed=DEMO_SEED)
+            click.echo(f"spillover: making the built-in demo model (random weights) in {dst}", err=True)
+            try:
+                synthesize(dst, preset=DEMO_PRESET, device=device, seed=DEMO_SEED, overwrite=True)
+            except ModelWriteError as e:
+                raise ModelResolveError(f"cannot write the demo model: {e}; choose another --cache-dir") from None
     return ResolvedModel(path=dst, label="built-in demo (random weights: the text is gibberish)", is_demo=True)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
@@ -167,3 +168,18 @@ def test_unreachable_repo_id_and_non_model_directory_are_refused(tmp_path, monke
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelResolveError, match="no config.json"):
         resolve_model(str(tmp_path / "empty"), cache_dir=tmp_path, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_json_on_cuda_reports_both_processes_device_memory_within_the_budget(tiny_q, tmp_path):
+    result = subprocess.run(
+        spillover("run", "--model", str(tiny_q), "--device", "cuda", "--gpu-memory", "2GiB", "--policy", "stream",
+                  "-p", "Hello", "-n", "16", "--output-format", "json"),
+        capture_output=True, text=True, env=spillover_env(tmp_path), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    peaks = stats["peak_device_memory_bytes"]
+    assert peaks["compute"] > 0 and peaks["loader"] > 0, stats["peak_device_memory_source"]
+    assert peaks["total"] == peaks["compute"] + peaks["loader"] <= stats["budget_bytes"]
