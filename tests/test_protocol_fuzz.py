@@ -159,3 +159,23 @@ def test_hello_and_set_policy_are_checked(loader, peer, tiny_q):
             assert views and all(v.numel() > 0 for v in views.values())
             client.release(unit.name)
     assert loader.proc.poll() is None
+
+
+def test_set_policy_is_refused_while_a_streamed_unit_is_held(loader, peer):
+    """The loader's own check, not the client's: a raw compute holding access 0 (by the counters) asks to switch."""
+    from protocol.messages import Plan
+    from protocol.ring import ACQUIRED, RELEASED, RingCounters
+
+    plan = exchange(peer, encode(Hello(protocol_version=PROTOCOL_VERSION, pid=os.getpid())))
+    assert isinstance(plan, Plan) and plan.ring.order
+    counters = RingCounters.attach(plan.counters)
+    try:
+        counters[ACQUIRED] = 1  # access 0 taken, not released
+        switch = encode(SetPolicy(policy="stream", ring_slots=2, prefetch_depth=None))
+        reply = exchange(peer, switch)
+        assert isinstance(reply, Error) and reply.code == "busy"
+        counters[RELEASED] = 1
+        reply = exchange(peer, switch)
+        assert isinstance(reply, Plan) and reply.generation == plan.generation + 1
+    finally:
+        counters.close()
