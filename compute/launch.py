@@ -81,7 +81,8 @@ class LaunchedLoader:
         ]  # fmt: skip
         log.info("starting the loader: %s", " ".join(command))
         try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sys.stderr, start_new_session=True)
+            # The loader's stdout goes to our stderr (fd 2): compute's stdout is the reply's alone.
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=2, start_new_session=True)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
