@@ -45,5 +45,6 @@ def main(verbose: int) -> None:
 
 
 if __name__ == "__main__":
-    # ``python -m compute.cli loader ...`` is how ``compute.launch`` starts the loader with this interpreter.
-    main()
+    # ``python -m compute.cli loader ...`` is how ``compute.launch`` and run.sh start the loader with a chosen
+    # interpreter; its messages still name the command people know.
+    main(prog_name="spillover")
