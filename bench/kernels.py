@@ -8,7 +8,8 @@
   the 50 MB L2 cache cannot serve them;
 * the prefill path at M = 2048 in TFLOP/s, beside cuBLAS on an already dequantized bf16 weight;
 * the crossover in rows between the GEMV and the prefill path (``GEMV_MAX_ROWS``);
-* with ``--sweep``, every GEMV config of a small grid per shape, and the best as ``TUNED_CONFIGS`` source.
+* with ``--sweep``, every GEMV config of a small grid per shape, and the best as ``TUNED_CONFIGS`` source;
+  the tables after the sweep use those configs.
 
 It prints tables and writes everything to JSON. Nothing here is imported by the engine.
 """
@@ -30,7 +31,7 @@ import triton
 
 from compute.kernels import GEMV_MAX_ROWS, reference_int4_matmul
 from compute.kernels.gemm import int4_gemm
-from compute.kernels.gemv import GemvConfig, gemv_config, int4_gemv
+from compute.kernels.gemv import TUNED_CONFIGS, GemvConfig, gemv_config, int4_gemv
 from quantizer.format import dequantize, quantize, quantized_nbytes
 
 log = logging.getLogger("bench.kernels")
@@ -185,10 +186,14 @@ def bench_crossover(rows_list: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[
     return out
 
 
-# The FMA kernel's loads feed no dot, so Triton does not pipeline them: num_stages does not matter there.
-SWEEP_FMA = dict(block_n=(16, 32, 64), groups=(1, 2, 4), split_k=(1, 2, 4, 8), num_warps=(1, 2, 4), num_stages=(1,))
-SWEEP_DOT = dict(block_n=(32, 64), groups=(1, 2), split_k=(1, 2, 4, 8), num_warps=(4,), num_stages=(2, 3))
-SWEEP_DOT_ROWS = 16
+# The FMA kernel's loads feed no dot, so Triton does not pipeline them: num_stages does not matter there,
+# `prefetch` does it by hand.
+SWEEP_FMA = dict(
+    block_n=(8, 16, 32), groups=(1, 2, 4), split_k=(1, 2, 4, 8, 16), num_warps=(1, 2), num_stages=(1,),
+    prefetch=(False, True),
+)
+SWEEP_DOT = dict(block_n=(32, 64), groups=(1, 2), split_k=(1, 4, 8), num_warps=(4,), num_stages=(2, 3), prefetch=(False,))
+SWEEP_DOT_ROWS = 8
 
 
 def sweep_configs(grid: dict[str, tuple[int, ...]]) -> list[GemvConfig]:
@@ -254,6 +259,7 @@ def main(json_path: Path, sweep: bool, sweep_seconds: float, crossover: bool) ->
     if sweep:
         report["sweep"], tuned = sweep_gemv(sweep_seconds)
         report["tuned"] = {f"{kernel} {n} {k}": dataclasses.asdict(cfg) for (kernel, n, k), cfg in tuned.items()}
+        TUNED_CONFIGS.update(tuned)  # the tables below then show the configs just found
         click.echo("\nTUNED_CONFIGS = {")
         for (kernel, n, k), cfg in sorted(tuned.items()):
             click.echo(f"    ({kernel!r}, {n}, {k}): {cfg!r},")

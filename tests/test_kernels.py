@@ -145,12 +145,21 @@ def test_int4_matmul_rejects_mismatched_operands(x_shape, q_shape, s_shape, mess
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gemv_explicit_configs_on_cuda(m):
-    """Every code path of the GEMV: split-K with atomics, K not a multiple of the tile, N not of the block."""
+    """Every code path of the GEMV: split-K partial sums, uneven splits, K not a multiple of the tile,
+    N not a multiple of the row block, prefetching."""
     from compute.kernels.gemv import GemvConfig, int4_gemv
 
     qweight, scales, w64, bias = random_linear(300, 1408, "cuda", bias=True)  # 11 groups along K
     x = torch.randn(m, 1408, dtype=torch.bfloat16, device="cuda")
-    for cfg in (GemvConfig(16, 4, 1, 4, 1), GemvConfig(32, 2, 3, 4, 3), GemvConfig(64, 1, 11, 8, 2), GemvConfig(16, 8, 2, 4, 4)):
+    configs = (
+        GemvConfig(16, 4, 1, 4, 1),
+        GemvConfig(32, 2, 3, 4, 3),
+        GemvConfig(64, 1, 11, 8, 2),
+        GemvConfig(16, 8, 2, 4, 4),
+        GemvConfig(8, 2, 4, 1, 1, prefetch=True),
+        GemvConfig(32, 4, 1, 2, 1, prefetch=True),
+    )
+    for cfg in configs:
         assert_close_to_exact(int4_gemv(x, qweight, scales, bias, cfg), x, w64, bias)
 
 
@@ -204,12 +213,15 @@ def test_triton_kernels_in_the_interpreter():
     assert done.stdout.count("ok ") == len(INTERPRETER_CASES) + 2, done.stdout
 
 
-# (M, N, K, bias, GemvConfig fields or None for the heuristic): both kernels, split-K with atomics,
-# K not a multiple of the tile, N not a multiple of the row block, more rows than one dot block.
+# (M, N, K, bias, GemvConfig fields or None for the heuristic): both kernels, split-K partial sums with
+# even and uneven splits, K not a multiple of the tile, N not a multiple of the row block, prefetching,
+# more rows than one dot block.
 INTERPRETER_CASES = [
     (1, 40, 384, True, None),
     (1, 64, 1152, False, (16, 4, 1, 4, 1)),
     (1, 72, 640, True, (32, 2, 3, 4, 1)),
+    (1, 72, 1408, True, (16, 2, 3, 1, 1, True)),
+    (1, 40, 1024, False, (8, 1, 4, 1, 1, True)),
     (2, 40, 384, True, None),
     (3, 64, 1152, False, (32, 4, 2, 4, 1)),
     (17, 48, 256, True, (16, 1, 2, 4, 1)),

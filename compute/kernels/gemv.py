@@ -13,7 +13,7 @@ Operands, as the kernels see them:
     words    [N, K / 8]   int32: the uint8 ``qweight [N, K / 2]`` viewed as little-endian int32, contiguous
     scales   [N, K / 128] bf16, contiguous: one scale per 128-element group
     bias     [N] or absent
-    out      [M, N]       x's dtype; with split-K > 1 an fp32 workspace of zeros, filled by atomic adds
+    out      [M, N]       x's dtype; with split-K > 1, fp32 partial sums [split, M, N] (then summed)
 
 Why the float trick: converting each nibble with an integer-to-float instruction is what limits a plain
 INT4 GEMV on Hopper (those conversions issue at a quarter of the FMA rate, two per weight byte). Instead,
@@ -79,22 +79,34 @@ def _load_x(ptrs, live, EVEN_K: tl.constexpr):
     return tl.load(ptrs, mask=live, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _load_tile(w_ptrs, s_ptrs, g0, g, KG, EVEN_K: tl.constexpr):
+    """Words [BLOCK_N, GROUPS, 16] and scales [BLOCK_N, GROUPS] of the K step starting at group g0."""
+    if EVEN_K:
+        return tl.load(w_ptrs + g0 * 16), tl.load(s_ptrs + g0)
+    live = (g0 + g) < KG
+    words = tl.load(w_ptrs + g0 * 16, mask=live[None, :, None], other=0)
+    return words, tl.load(s_ptrs + g0, mask=live[None, :], other=0.0)
+
+
 # Integer arguments Triton would otherwise specialise on (divisibility by 16) without any gain: one compiled
 # kernel per config then serves every shape. KW and the x row stride stay specialised: they align the loads.
-_RUNTIME_INTS = ["M", "N", "KG", "stride_om", "n_tiles", "tiles_per_split", "one_bits"]
+_RUNTIME_INTS = ["M", "N", "KG", "stride_om", "stride_os", "n_tiles", "tiles_per_split", "one_bits"]
 
 
 @triton.jit(do_not_specialize=[a for a in _RUNTIME_INTS if a != "M"])
 def _gemv_fma_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
-    N, KW, KG, stride_xm, stride_om, n_tiles, tiles_per_split, one_bits,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+    N, KW, KG, stride_xm, stride_om, stride_os, n_tiles, tiles_per_split, one_bits,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One row of x (program axis 2) times BLOCK_N weight rows, over this program's share of K.
 
     Each loop step loads a [BLOCK_N, GROUPS, 16] tile of words (GROUPS * 64 bytes of each row) and the
-    matching GROUPS * 128 values of x, eight stride-8 slices, one per nibble position.
+    matching GROUPS * 128 values of x, eight stride-8 slices, one per nibble position. With PREFETCH the
+    next step's words and scales are loaded before this step's arithmetic, so their latency overlaps it.
+    With SPLIT the program writes fp32 partial sums to slice ``pid_k`` of ``out`` (``[split, M, N]``).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -112,16 +124,19 @@ def _gemv_fma_kernel(
     # after the loop, so that the loop holds no shuffles or barriers.
     acc = tl.zeros((BLOCK_N, GROUPS, 16), dtype=tl.float32)
     t_begin = pid_k * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
-    for t in range(t_begin, t_end):
+    if PREFETCH:
+        next_words, next_scales = _load_tile(w_ptrs, s_ptrs, t_begin * GROUPS, g, KG, EVEN_K)
+    # Tiles past the end of K (the last split's share may be short) read as zeros: EVEN_K is off then.
+    for t in range(t_begin, t_begin + tiles_per_split):
         g0 = t * GROUPS
         live = (g0 + g) < KG
-        if EVEN_K:
-            words = tl.load(w_ptrs + g0 * 16)
-            scales = tl.load(s_ptrs + g0)
+        if PREFETCH:
+            words, scales = next_words, next_scales
+            # Clamped to the last tile, so the final iteration's prefetch stays inside the weight.
+            g_next = tl.minimum(t + 1, n_tiles - 1) * GROUPS
+            next_words, next_scales = _load_tile(w_ptrs, s_ptrs, g_next, g, KG, EVEN_K)
         else:
-            words = tl.load(w_ptrs + g0 * 16, mask=live[None, :, None], other=0)
-            scales = tl.load(s_ptrs + g0, mask=live[None, :], other=0.0)
+            words, scales = _load_tile(w_ptrs, s_ptrs, g0, g, KG, EVEN_K)
         words = words ^ _OFFSET_BINARY_XOR
         # Element e of a word is the nibble at bit 8 * (e // 2) + 4 * (1 - e % 2). Elements 0, 2, 4 land at
         # bit 12 (f = 1 + u / 2048), the others at bit 16 (f = 1 + u / 128); x is pre-scaled to match, so that
@@ -151,21 +166,17 @@ def _gemv_fma_kernel(
         acc += slot * scales.to(tl.float32)[:, :, None]
     acc = 16.0 * tl.sum(tl.sum(acc, axis=2), axis=1)
 
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rows_in).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)  # with split-K, only the first split adds the bias
-    out_ptrs = out_ptr + m.to(tl.int64) * stride_om + rows
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=rows < N, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
+    if HAS_BIAS:  # never with SPLIT: _split_sum_kernel adds the bias then
+        acc += tl.load(b_ptr + rows_in).to(tl.float32)
+    out_ptrs = out_ptr + pid_k.to(tl.int64) * stride_os + m.to(tl.int64) * stride_om + rows
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_dot_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
-    M, N, KW, KG, stride_xm, stride_om, n_tiles, tiles_per_split, one_bits,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+    M, N, KW, KG, stride_xm, stride_om, stride_os, n_tiles, tiles_per_split, one_bits,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """BLOCK_M rows of x (program axis 2) times BLOCK_N weight rows, over this program's share of K.
@@ -188,8 +199,7 @@ def _gemv_dot_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_begin = pid_k * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
-    for t in range(t_begin, t_end):
+    for t in range(t_begin, t_begin + tiles_per_split):  # groups past the end of K read as zeros
         for gg in tl.static_range(GROUPS):
             kg = t * GROUPS + gg
             if EVEN_K:
@@ -215,15 +225,23 @@ def _gemv_dot_kernel(
             acc += part * scales.to(tl.float32)[None, :]
     acc = 16.0 * acc
 
+    if HAS_BIAS:  # never with SPLIT: _split_sum_kernel adds the bias then
+        acc += tl.load(b_ptr + rows_in).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_k.to(tl.int64) * stride_os + rows_m.to(tl.int64)[:, None] * stride_om + rows[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows_m[:, None] < M) & (rows[None, :] < N))
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out [M, N] = sum over SPLIT of part [SPLIT, M, N] (fp32) + bias [N], in out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT):
+        total += tl.load(part_ptr + split * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + rows_in).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    out_ptrs = out_ptr + rows_m.to(tl.int64)[:, None] * stride_om + rows[None, :]
-    mask = (rows_m[:, None] < M) & (rows[None, :] < N)
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        total += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,15 +250,28 @@ class GemvConfig:
 
     block_n: int  # weight rows (output features) per program
     groups: int  # 128-element groups per K step: each step reads groups * 64 bytes of every row
-    split_k: int  # programs sharing one row block along K; > 1 accumulates in fp32 with atomic adds
+    split_k: int  # programs sharing one row block along K; > 1 writes fp32 partials, summed by a second kernel
     num_warps: int
-    num_stages: int  # software-pipelining depth of the K loop
+    num_stages: int  # software-pipelining depth of the K loop (the dot kernel; the FMA kernel's loads feed no dot)
+    prefetch: bool = False  # FMA kernel: load the next K step's words before this step's arithmetic
 
 
 # Measured on the H200 with `python -m bench.kernels --sweep` (docs/kernels.md): the best config per
 # (kernel, N, K) for the 32B model's shapes. Other shapes get the heuristic in `gemv_config`.
-TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {}
+TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {
+    ("fma", 1024, 5120): GemvConfig(block_n=16, groups=4, split_k=8, num_warps=2, num_stages=1),
+    ("fma", 5120, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=1, num_stages=1),
+    ("fma", 5120, 27648): GemvConfig(block_n=16, groups=4, split_k=8, num_warps=1, num_stages=1),
+    ("fma", 27648, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=1, num_stages=1),
+    ("fma", 152064, 5120): GemvConfig(block_n=16, groups=2, split_k=1, num_warps=1, num_stages=1),
+    ("dot", 1024, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=4, num_stages=3),
+    ("dot", 5120, 5120): GemvConfig(block_n=64, groups=1, split_k=8, num_warps=4, num_stages=2),
+    ("dot", 5120, 27648): GemvConfig(block_n=64, groups=1, split_k=8, num_warps=4, num_stages=2),
+    ("dot", 27648, 5120): GemvConfig(block_n=64, groups=2, split_k=8, num_warps=4, num_stages=2),
+    ("dot", 152064, 5120): GemvConfig(block_n=64, groups=2, split_k=1, num_warps=4, num_stages=2),
+}
 
+_SUM_BLOCK = 1024  # output elements per program of _split_sum_kernel
 _TARGET_PROGRAMS = 1024  # enough resident programs to keep every SM's loads in flight (132 SMs on an H200)
 
 
@@ -284,35 +315,42 @@ def int4_gemv(
     split_k = max(1, min(cfg.split_k, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, split_k)
     split_k = triton.cdiv(n_tiles, tiles_per_split)  # no program left without a tile
-    atomic = split_k > 1
-    if atomic:
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    split = split_k > 1
+    # With split-K each program writes its own slice of fp32 partial sums: no zeroing, no atomics, the
+    # same result on every run, and one more launch (_split_sum_kernel) to add them up.
+    out = torch.empty((split_k, m, n) if split else (m, n), dtype=torch.float32 if split else x.dtype, device=x.device)
     common = dict(
-        HAS_BIAS=bias is not None,
-        ATOMIC=atomic,
-        EVEN_K=n_groups % cfg.groups == 0,
+        HAS_BIAS=bias is not None and not split,
+        SPLIT=split,
+        EVEN_K=n_groups % cfg.groups == 0 and n_tiles % tiles_per_split == 0,
         BLOCK_N=cfg.block_n,
         GROUPS=cfg.groups,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     bias_arg = bias if bias is not None else scales  # never read when HAS_BIAS is False
+    stride_os = m * n  # between the partial-sum slices of different splits
     if kernel == "fma":
         grid = (triton.cdiv(n, cfg.block_n), split_k, m)
         _gemv_fma_kernel[grid](
             x, words, scales, bias_arg, out,
-            n, k // 8, n_groups, x.stride(0), out.stride(0), n_tiles, tiles_per_split, _UNIT_FLOAT_BITS,
+            n, k // 8, n_groups, x.stride(0), n, stride_os, n_tiles, tiles_per_split, _UNIT_FLOAT_BITS,
+            PREFETCH=cfg.prefetch,
             **common,
         )
     else:
         grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, DOT_BLOCK_M))
         _gemv_dot_kernel[grid](
             x, words, scales, bias_arg, out,
-            m, n, k // 8, n_groups, x.stride(0), out.stride(0), n_tiles, tiles_per_split, _UNIT_FLOAT_BITS,
+            m, n, k // 8, n_groups, x.stride(0), n, stride_os, n_tiles, tiles_per_split, _UNIT_FLOAT_BITS,
             BLOCK_M=DOT_BLOCK_M,
             DOT_IN_FP32=x.device.type == "cpu",  # on CPU the kernels only run in the Triton interpreter
             **common,
         )
-    return out.to(x.dtype) if atomic else out
+    if not split:
+        return out
+    result = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _split_sum_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
+        out, bias_arg, result, m * n, n, SPLIT=split_k, HAS_BIAS=bias is not None, BLOCK=_SUM_BLOCK, num_warps=4
+    )
+    return result
