@@ -89,7 +89,12 @@ def _nvml_usage(handles: list) -> dict[int, int]:
 
     usage: dict[int, int] = {}
     for handle in handles:
-        for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        try:
+            processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except pynvml.NVMLError as e:  # a transient driver error: this sample has nothing for the device
+            log.debug("NVML process query failed: %s", e)
+            continue
+        for process in processes:
             if process.usedGpuMemory is not None:
                 usage[process.pid] = usage.get(process.pid, 0) + process.usedGpuMemory
     return usage
