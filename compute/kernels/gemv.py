@@ -127,7 +127,9 @@ def _gemv_fma_kernel(
     if PREFETCH:
         next_words, next_scales = _load_tile(w_ptrs, s_ptrs, t_begin * GROUPS, g, KG, EVEN_K)
     # Tiles past the end of K (the last split's share may be short) read as zeros: EVEN_K is off then.
-    for t in range(t_begin, t_begin + tiles_per_split):
+    # The loop bounds are kernel arguments only: Triton 3.6's interpreter cannot range over program ids.
+    for step in range(tiles_per_split):
+        t = t_begin + step
         g0 = t * GROUPS
         live = (g0 + g) < KG
         if PREFETCH:
@@ -199,7 +201,8 @@ def _gemv_dot_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_begin = pid_k * tiles_per_split
-    for t in range(t_begin, t_begin + tiles_per_split):  # groups past the end of K read as zeros
+    for step in range(tiles_per_split):  # groups past the end of K read as zeros
+        t = t_begin + step
         for gg in tl.static_range(GROUPS):
             kg = t * GROUPS + gg
             if EVEN_K:
@@ -259,16 +262,16 @@ class GemvConfig:
 # Measured on the H200 with `python -m bench.kernels --sweep` (docs/kernels.md): the best config per
 # (kernel, N, K) for the 32B model's shapes. Other shapes get the heuristic in `gemv_config`.
 TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {
-    ("fma", 1024, 5120): GemvConfig(block_n=16, groups=4, split_k=8, num_warps=2, num_stages=1),
-    ("fma", 5120, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=1, num_stages=1),
-    ("fma", 5120, 27648): GemvConfig(block_n=16, groups=4, split_k=8, num_warps=1, num_stages=1),
-    ("fma", 27648, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=1, num_stages=1),
-    ("fma", 152064, 5120): GemvConfig(block_n=16, groups=2, split_k=1, num_warps=1, num_stages=1),
     ("dot", 1024, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=4, num_stages=3),
     ("dot", 5120, 5120): GemvConfig(block_n=64, groups=1, split_k=8, num_warps=4, num_stages=2),
-    ("dot", 5120, 27648): GemvConfig(block_n=64, groups=1, split_k=8, num_warps=4, num_stages=2),
+    ("dot", 5120, 27648): GemvConfig(block_n=64, groups=1, split_k=8, num_warps=4, num_stages=3),
     ("dot", 27648, 5120): GemvConfig(block_n=64, groups=2, split_k=8, num_warps=4, num_stages=2),
-    ("dot", 152064, 5120): GemvConfig(block_n=64, groups=2, split_k=1, num_warps=4, num_stages=2),
+    ("dot", 152064, 5120): GemvConfig(block_n=64, groups=2, split_k=1, num_warps=4, num_stages=3),
+    ("fma", 1024, 5120): GemvConfig(block_n=16, groups=4, split_k=8, num_warps=1, num_stages=1),
+    ("fma", 5120, 5120): GemvConfig(block_n=16, groups=2, split_k=4, num_warps=1, num_stages=1, prefetch=True),
+    ("fma", 5120, 27648): GemvConfig(block_n=16, groups=2, split_k=16, num_warps=1, num_stages=1),
+    ("fma", 27648, 5120): GemvConfig(block_n=32, groups=1, split_k=2, num_warps=1, num_stages=1, prefetch=True),
+    ("fma", 152064, 5120): GemvConfig(block_n=16, groups=2, split_k=1, num_warps=1, num_stages=1),
 }
 
 _SUM_BLOCK = 1024  # output elements per program of _split_sum_kernel
@@ -280,11 +283,10 @@ def gemv_config(kernel: str, n: int, k: int) -> GemvConfig:
     tuned = TUNED_CONFIGS.get((kernel, n, k))
     if tuned is not None:
         return tuned
-    if kernel == "fma":
-        # 32 words per thread: few instructions per weight byte in the compiled loop (docs/kernels.md).
-        block_n, groups, num_warps, num_stages = 32, 4, 2, 1
+    if kernel == "fma":  # the shape of most winners of the H200 sweep: one warp, 16 rows, 128 bytes per row
+        block_n, groups, num_warps, num_stages = 16, 2, 1, 1
     else:
-        block_n, groups, num_warps, num_stages = 32, 2, 4, 3
+        block_n, groups, num_warps, num_stages = 64, 1, 4, 2
     n_tiles = triton.cdiv(k // BLOCK_SIZE, groups)
     split_k = 1
     # Few row blocks (small N, long K) leave SMs idle: share K among more programs, in powers of two.
