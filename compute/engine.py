@@ -16,6 +16,11 @@
   acquired and the loader's ring out of step. So Ctrl-C handling belongs in a signal handler that sets a
   flag ``should_stop`` reads, not in an exception. If an exception does stop a forward half-way (a second
   Ctrl-C), ``generate`` walks the rest of that pass's units before re-raising, so the engine stays usable.
+* Decode runs one token per forward through ``compute.graphs.decode_forward`` on fixed input buffers. On CUDA,
+  with ``cuda_graphs=True`` (the default) and every unit resident (no unit streams under the loader's plan), the
+  first decode step captures it as a CUDA graph, replayed for every later token: one launch per token instead of
+  a thousand. A new plan (a policy switch) drops the graph and decides again; a streaming plan, or a capture that
+  fails (logged with its reason), decodes eagerly.
 * ``prompt_ids`` is the whole conversation so far. The KV cache is kept between calls, and the longest prefix
   the new prompt shares with what the cache holds is not computed again (a multi-turn chat prefills only the
   new turn). ``reset()`` empties the cache; it is never required for correctness.
@@ -30,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import inspect
 import json
 import logging
 import math
@@ -41,6 +45,14 @@ import torch
 import transformers
 from transformers import AutoTokenizer, PretrainedConfig, StaticCache
 
+from compute.graphs import (
+    DecodeGraph,
+    DecodeInputs,
+    decode_forward,
+    keyword_of,
+    plan_generation,
+    unit_addresses_fixed,
+)
 from compute.model import UnitWeights, build_model
 from compute.sampling import SamplingParams, sample_next
 from quantizer.checkpoint import QuantizedCheckpoint
@@ -48,6 +60,10 @@ from quantizer.checkpoint import QuantizedCheckpoint
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 512
+
+
+# ``Engine._graph_plan`` before the first decode step: no plan generation (an int, or None) equals it.
+_UNDECIDED = object()
 
 
 class ContextLengthError(ValueError):
@@ -115,7 +131,7 @@ def eos_token_ids(checkpoint: QuantizedCheckpoint) -> frozenset[int]:
 def cache_keyword(model: torch.nn.Module) -> str:
     """The keyword the model's forward takes its KV cache by: ``cache`` in recent transformers 5.x,
     ``past_key_values`` in earlier ones (5.17, on the GPU machine, knows only that)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return keyword_of(model, "cache") or "past_key_values"
 
 
 class Engine:
@@ -130,6 +146,7 @@ class Engine:
         max_context: int,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         dtype: torch.dtype = torch.bfloat16,
+        cuda_graphs: bool = True,
     ):
         if max_context < 1:
             raise ValueError(f"max_context must be at least 1 token, got {max_context}")
@@ -138,6 +155,8 @@ class Engine:
         self.device = torch.device(device)
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
+        self.cuda_graphs = cuda_graphs  # capture the decode step when every unit is resident (CUDA only)
+        self.weights = weights
         self.model = build_model(checkpoint, weights, self.device, dtype)
         self.config: PretrainedConfig = self.model.config
         self.vocab_size: int = self.config.vocab_size
@@ -171,15 +190,34 @@ class Engine:
             )
         self._cache_keyword = cache_keyword(self.model)
         # Static inputs of the decode step: one token at one position, rewritten in place every step.
-        self._decode_ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # (B, T)
-        self._decode_position = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # (B, T)
+        self._decode_inputs = DecodeInputs(self.device, max_context)
+        self._graph: DecodeGraph | None = None
+        # The plan generation the graph, or the decision to run eagerly, was made for; nothing decided yet.
+        self._graph_plan: int | None | object = _UNDECIDED
         self._cached_ids: list[int] = []  # the ids whose keys/values the cache holds, in position order
         log.info("KV cache: %d tokens, %.1f MiB", max_context, self.kv_cache_bytes / 2**20)
 
+    @property
+    def decodes_with_cuda_graph(self) -> bool:
+        """The decode step replays a captured CUDA graph (decided at the first decode step of a plan)."""
+        return self._graph is not None
+
     def reset(self) -> None:
         """Forget the conversation: the next ``generate`` prefills its whole prompt."""
-        self.cache.reset()
+        self._rewind_cache(0)
         self._cached_ids = []
+
+    def _rewind_cache(self, length: int) -> None:
+        """Make the cache hold its first ``length`` positions: the next write goes to position ``length``.
+
+        A static cache layer writes at its cumulative_length, and the causal mask hides every position past the one
+        being computed: moving the counter back is the whole rewind, and stale keys/values beyond it are never
+        read. It is moved in place, never replaced (``Cache.reset`` in some 5.x releases rebinds it to an int),
+        because a captured decode graph reads and advances that very tensor. (``Cache.crop`` would do the same in
+        recent transformers, but 5.17's static layers have no crop.)
+        """
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(length)
 
     @torch.inference_mode()
     def generate(
@@ -196,7 +234,7 @@ class Engine:
         except BaseException:
             # What the cache holds is unknown after a failure: start from scratch next time.
             self._cached_ids = []
-            self.cache.reset()
+            self._rewind_cache(0)
             self._abandon_forward()
             raise
 
@@ -301,11 +339,7 @@ class Engine:
         # At least the prompt's last token must run: its logits choose the first reply token.
         keep = min(shared, len(prompt) - 1)
         if keep < len(self._cached_ids):
-            # A static cache layer writes at its cumulative_length, and the causal mask hides every position past
-            # the one being computed: moving the counter back is the whole rewind. (Cache.crop does the same in
-            # recent transformers, but 5.17's static layers have no crop.)
-            for layer in self.cache.layers:
-                layer.cumulative_length.fill_(keep)
+            self._rewind_cache(keep)
             del self._cached_ids[keep:]
         if keep:
             log.debug("reusing %d cached tokens of a %d-token prompt", keep, len(prompt))
@@ -335,15 +369,48 @@ class Engine:
     def _decode_step(self, token: int, position: int) -> torch.Tensor:
         """One token at ``position`` through the model, its keys/values into the cache; its logits ([vocab]).
 
-        Static shapes and fixed input buffers, so that this one call can later be captured as a CUDA graph.
+        The step is ``compute.graphs.decode_forward`` on fixed input buffers: replayed from a CUDA graph when one
+        is captured for the plan in force (``_decode_graph``), run eagerly otherwise. The logits of a replay live
+        in the graph's memory: they are valid until the next step.
         """
-        self._decode_ids.fill_(token)
-        self._decode_position.fill_(position)
-        out = self.model(
-            input_ids=self._decode_ids,
-            position_ids=self._decode_position,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_keyword: self.cache},
-        )
-        return out.logits[0, -1]
+        self._decode_inputs.set(token, position)
+        graph = self._decode_graph()
+        if graph is not None:
+            return graph.replay()
+        return decode_forward(self.model, self.cache, self._decode_inputs)
+
+    def _decode_graph(self) -> DecodeGraph | None:
+        """The captured decode step for the plan in force, captured now if need be; None to run eagerly.
+
+        Decided once per plan generation: a policy switch moves units in the pool, so a graph captured under an
+        older plan would read stale addresses and is dropped. Streamed units need the ring's host-side waits
+        between layers, which a graph cannot make, so any streaming plan runs eagerly.
+        """
+        if not self.cuda_graphs or self.device.type != "cuda":
+            return None
+        generation = plan_generation(self.weights)
+        if generation == self._graph_plan:
+            return self._graph
+        self._graph = None
+        self._graph_plan = generation
+        reason = unit_addresses_fixed(self.weights)
+        if reason is not None:
+            log.info("decode runs eagerly: %s", reason)
+            return None
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+
+        def restore() -> None:
+            # Warm-up steps advance the cache's write position; the real step must write where they did.
+            for layer, length in zip(self.cache.layers, lengths):
+                layer.cumulative_length.copy_(length)
+
+        started = time.perf_counter()
+        try:
+            self._graph = DecodeGraph.capture(lambda: decode_forward(self.model, self.cache, self._decode_inputs), restore)
+        except Exception as e:  # any capture failure leaves eager decode, which is always correct
+            self._abandon_forward()
+            restore()
+            log.warning("decode runs eagerly: capturing the decode step as a CUDA graph failed: %s", e, exc_info=True)
+            return None
+        log.info("decode step captured as a CUDA graph in %.2f s", time.perf_counter() - started)
+        return self._graph

@@ -8,14 +8,16 @@ tests/test_model.py); the last ones run the same teacher-forcing check through a
 from __future__ import annotations
 
 import shutil
+import unittest.mock
 from pathlib import Path
 
 import pytest
 import torch
 
+import compute.engine
 from compute.engine import ContextLengthError, Engine, FinishReason, eos_token_ids, kv_cache_nbytes
 from compute.launch import LaunchedLoader, LoaderOptions
-from compute.sampling import SamplingParams
+from compute.sampling import SamplingParams, sample_next
 from conftest import make_tiny_qwen2
 from loader.layout import layout_units
 from loader.planner import plan_placement
@@ -63,17 +65,20 @@ def generate_checked(engine: Engine, reference, prompt: list[int], params: Sampl
     """``engine.generate``, checked by teacher forcing against the stock ``reference`` model fed the same tokens:
     at every step the engine's logits match the reference's, and its choice is the reference's argmax or a
     near-tie with it. Returns the ``GenerationResult``."""
-    rows: list[torch.Tensor] = []  # the last position's logits of every forward the engine runs
-    handle = engine.model.lm_head.register_forward_hook(lambda _m, _args, out: rows.append(out[0, -1].float()))
-    try:
+    rows: list[torch.Tensor] = []  # the logits every reply token was chosen from, in order
+
+    def recording_sample_next(logits, *args):
+        # Recorded where the engine samples, not by a hook on lm_head: a replayed CUDA graph runs no hooks.
+        rows.append(logits.float().clone())
+        return sample_next(logits, *args)
+
+    with unittest.mock.patch.object(compute.engine, "sample_next", recording_sample_next):
         result = engine.generate(prompt, params, **kwargs)
-    finally:
-        handle.remove()
     reply = result.token_ids
     ids = torch.tensor([prompt + list(reply[:-1])], device=reference.device)
     with torch.inference_mode():
         expected = reference(input_ids=ids).logits[0, len(prompt) - 1 :].float()  # (len(reply), V)
-    ours = torch.stack(rows[-len(reply) :]).to(expected.device)  # the last prefill pass, then one per decode step
+    ours = torch.stack(rows).to(expected.device)  # the last prefill pass, then one per decode step
     torch.testing.assert_close(ours, expected, atol=LOGIT_TOLERANCE, rtol=0)
     for step, token in enumerate(reply):
         row = expected[step]
