@@ -221,7 +221,7 @@ INTERPRETER_CASES = [
     (1, 64, 1152, False, (16, 4, 1, 4, 1)),
     (1, 72, 640, True, (32, 2, 3, 4, 1)),
     (1, 72, 1408, True, (16, 2, 3, 1, 1, True)),
-    (1, 40, 1024, False, (8, 1, 4, 1, 1, True)),
+    (1, 40, 1408, False, (8, 1, 4, 1, 1, True)),  # 11 tiles in splits of 3: the last one runs past K
     (2, 40, 384, True, None),
     (3, 64, 1152, False, (32, 4, 2, 4, 1)),
     (17, 48, 256, True, (16, 1, 2, 4, 1)),

@@ -126,8 +126,8 @@ def _gemv_fma_kernel(
     t_begin = pid_k * tiles_per_split
     if PREFETCH:
         next_words, next_scales = _load_tile(w_ptrs, s_ptrs, t_begin * GROUPS, g, KG, EVEN_K)
-    # Tiles past the end of K (the last split's share may be short) read as zeros: EVEN_K is off then.
-    # The loop bounds are kernel arguments only: Triton 3.6's interpreter cannot range over program ids.
+    # The last split's share may run past the end of K: x reads as zeros there (EVEN_K is off then), so
+    # whatever words are loaded contribute nothing.
     for step in range(tiles_per_split):
         t = t_begin + step
         g0 = t * GROUPS
