@@ -15,6 +15,10 @@ This module promises:
   cache for its length on the host), and nothing depends on a value read back from the device. Calling the
   decoder layers and the lm_head as modules keeps the unit hooks (``compute.model.UnitBinder``) running, so at
   capture they bind the resident views the graph then keeps using.
+* Attention in the decode step reads each KV head once (``grouped_decode_attention``): with an explicit mask,
+  transformers' SDPA path first copies every KV head once per query head sharing it (``repeat_kv``), which for
+  the 32B model (40 query heads on 8 KV heads) at a 4096-token cache is ~10 GB of traffic per token, more than
+  the weights' 16.5 GB take to read at half the time. Prefill keeps transformers' own attention.
 * ``DecodeGraph.capture(step)``: warm-up on a side stream, then capture; ``replay()`` returns the static logits.
 * ``unit_addresses_fixed(weights)``: None when every unit's views keep their addresses, else the reason not.
 
@@ -23,16 +27,20 @@ It knows nothing about sampling, tokens or the loader's protocol beyond the ``pl
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import StaticCache
+from transformers import AttentionInterface, PretrainedConfig, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 log = logging.getLogger(__name__)
 
+DECODE_ATTENTION = "spillover_grouped_decode"  # the name the decode attention is registered under in transformers
 WARMUP_STEPS = 2  # eager runs on the side stream before capture (lazy inits, Triton compiles, cuBLAS workspaces)
 
 
@@ -41,6 +49,48 @@ def keyword_of(module: nn.Module, *candidates: str) -> str | None:
     differ between transformers versions (``cache`` in 5.24, ``past_key_values`` and ``cache_position`` in 5.17)."""
     parameters = inspect.signature(module.forward).parameters
     return next((name for name in candidates if name in parameters), None)
+
+
+def grouped_decode_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention for one query position that reads each KV head once: ``query`` (B, H, 1, D) is regrouped as
+    (B, KVH, H / KVH, D), the query heads sharing a KV head becoming rows of one SDPA problem against ``key`` and
+    ``value`` (B, KVH, KV, D), the mask (B, 1, 1, KV) broadcast over them. Returns (B, 1, H, D) as transformers'
+    attention functions do. More than one query position goes to transformers' SDPA unchanged."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    if q_len != 1 or dropout:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    # repeat_kv makes query head h read KV head h // (H / KVH): the same grouping as this view.
+    grouped = query.view(batch, kv_heads, heads // kv_heads, dim)  # (B, KVH, G, D)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.view(batch, heads, 1, dim).transpose(1, 2), None  # (B, T, H, D)
+
+
+AttentionInterface.register(DECODE_ATTENTION, grouped_decode_attention)
+
+
+@contextlib.contextmanager
+def decode_attention(config: PretrainedConfig) -> Iterator[None]:
+    """Attention modules of ``config``'s model use ``grouped_decode_attention`` inside the block: they look their
+    attention function up by ``config._attn_implementation`` at every call, so switching the name switches them.
+    Only the decode step does; prefill, which needs transformers' mask building for that name, keeps its own."""
+    previous = config._attn_implementation
+    config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 class DecodeInputs:
@@ -75,17 +125,18 @@ def decode_forward(model: nn.Module, cache: StaticCache, inputs: DecodeInputs) -
         extra["cache_position"] = inputs.position[0]
     hidden = inner.embed_tokens(inputs.ids)  # (B, T, hidden)
     position_embeddings = inner.rotary_emb(hidden, inputs.position)
-    for layer in layers:
-        hidden = layer(
-            hidden,
-            attention_mask=mask,
-            position_ids=inputs.position,
-            position_embeddings=position_embeddings,
-            use_cache=True,
-            **extra,
-        )
-        if isinstance(hidden, tuple):  # decoder layers of some 5.x releases return (hidden_states,)
-            hidden = hidden[0]
+    with decode_attention(model.config):
+        for layer in layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=inputs.position,
+                position_embeddings=position_embeddings,
+                use_cache=True,
+                **extra,
+            )
+            if isinstance(hidden, tuple):  # decoder layers of some 5.x releases return (hidden_states,)
+                hidden = hidden[0]
     hidden = inner.norm(hidden)
     return model.lm_head(hidden)[0, -1]  # (vocab,)
 

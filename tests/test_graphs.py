@@ -12,9 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from compute.engine import Engine
-from compute.graphs import DecodeGraph, unit_addresses_fixed
+from compute.graphs import DECODE_ATTENTION, DecodeGraph, grouped_decode_attention, unit_addresses_fixed
 from compute.launch import LaunchedLoader, LoaderOptions
 from loader.layout import layout_units
 from loader.planner import plan_placement
@@ -56,6 +58,36 @@ def test_addresses_are_fixed_only_when_no_unit_streams():
     assert unit_addresses_fixed(SimpleNamespace(plan=fake_plan(1, set(), units))) is None
     reason = unit_addresses_fixed(SimpleNamespace(plan=fake_plan(1, {"layers.1", "lm_head"}, units)))
     assert reason is not None and "streams 2 units" in reason and "'test'" in reason
+
+
+def test_grouped_decode_attention_equals_transformers_sdpa_with_repeated_kv_heads():
+    module = SimpleNamespace(num_key_value_groups=5, is_causal=True, training=False)
+    query = torch.randn(1, 40, 1, 16)  # (B, H, T, D)
+    key, value = torch.randn(2, 1, 8, 24, 16).unbind(0)  # (B, KVH, KV, D)
+    mask = (torch.arange(24) <= torch.randint(0, 24, ())).view(1, 1, 1, 24)  # (B, 1, T, KV)
+    ours, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert ours.shape == expected.shape == (1, 1, 40, 16)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_decode_steps_use_the_grouped_attention_and_prefill_does_not(tiny_q):
+    calls: list[int] = []  # query positions of each call
+
+    def spy(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return grouped_decode_attention(module, query, *args, **kwargs)
+
+    checkpoint = QuantizedCheckpoint(tiny_q)
+    engine = Engine(checkpoint, CheckpointWeights(checkpoint), device="cpu", max_context=32, prefill_chunk=4)
+    engine.eos_token_ids = frozenset()
+    AttentionInterface.register(DECODE_ATTENTION, spy)
+    try:
+        result = engine.generate(random_prompt(6), GREEDY)
+    finally:
+        AttentionInterface.register(DECODE_ATTENTION, grouped_decode_attention)
+    assert calls == [1] * (result.decode_tokens * engine.config.num_hidden_layers)
+    assert engine.config._attn_implementation == "sdpa"
 
 
 def test_cpu_engine_decodes_eagerly_even_with_graphs_asked_for(tiny_q):

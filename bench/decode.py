@@ -1,0 +1,142 @@
+"""Decode tokens/s with every unit resident, eager against the CUDA-graph decode step, on a synthetic 32B-shaped model.
+
+``python -m bench.decode --layers 16 --json decode.json`` writes (or reuses) a synthetic ``qwen2-32b`` checkpoint
+of that depth, starts a real loader process under the ``resident`` policy, connects an ``Engine`` to it, and
+decodes the same greedy reply twice: once eagerly (``engine.cuda_graphs = False``) and once replaying the
+captured decode step. Each figure is set beside the device->device copy rate this run measures: the weight bytes
+read per token divided by the time per token is the bandwidth the decode step achieves, and ``16.5 GB`` (the whole
+32B model's INT4 weights) over that bandwidth is what the full-depth model would take at the same efficiency.
+
+The model has random weights: EOS is ignored so that every run decodes the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import click
+import torch
+
+log = logging.getLogger(__name__)
+
+FULL_MODEL_WEIGHT_BYTES = 16.5e9  # INT4 weights of the 64-layer 32B model, lm_head included (design.md)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeRun:
+    mode: str  # "eager" or "cuda_graph"
+    decodes_with_cuda_graph: bool  # what the engine actually did
+    context: int  # prompt tokens in the cache before the timed decode
+    decode_tokens: int
+    tokens_per_s: float
+    ms_per_token: float
+    weight_gbps: float  # weight bytes read per token / time per token, GB/s
+    fraction_of_d2d: float  # weight_gbps / the measured device->device rate
+    full_model_tokens_per_s: float  # FULL_MODEL_WEIGHT_BYTES at weight_gbps
+
+
+def run(checkpoint_dir: Path, *, gpu_memory: str, max_context: int, context: int, decode_tokens: int,
+        d2d_gbps: float, device: str = "cuda") -> list[DecodeRun]:  # fmt: skip
+    """Both decode modes through a real resident loader on ``device``; see the module docstring."""
+    from compute.engine import Engine
+    from compute.launch import LaunchedLoader, LoaderOptions
+    from compute.sampling import SamplingParams
+    from protocol.client import LoaderClient
+    from quantizer.checkpoint import QuantizedCheckpoint
+
+    options = LoaderOptions(model=checkpoint_dir, gpu_memory=gpu_memory, policy="resident", device=device,
+                            max_context=max_context)  # fmt: skip
+    runs = []
+    with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=120) as client:
+        weight_bytes = sum(unit.nbytes for unit in client.plan.units)
+        engine = Engine(QuantizedCheckpoint(checkpoint_dir), client, device=device, max_context=max_context,
+                        prefill_chunk=client.plan.prefill_chunk)  # fmt: skip
+        engine.eos_token_ids = frozenset()
+        rng = random.Random(0)
+        prompt = [rng.randrange(engine.vocab_size) for _ in range(context)]
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=decode_tokens + 1)
+        for mode in ("eager", "cuda_graph"):
+            engine.cuda_graphs = mode == "cuda_graph"
+            engine.reset()
+            engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=8))  # warm-up; captures the graph
+            engine.reset()
+            result = engine.generate(prompt, greedy)
+            seconds = result.decode_seconds / result.decode_tokens
+            gbps = weight_bytes / seconds / 1e9
+            runs.append(DecodeRun(
+                mode=mode, decodes_with_cuda_graph=engine.decodes_with_cuda_graph, context=context,
+                decode_tokens=result.decode_tokens, tokens_per_s=result.decode_tokens_per_s,
+                ms_per_token=seconds * 1e3, weight_gbps=gbps, fraction_of_d2d=gbps / d2d_gbps,
+                full_model_tokens_per_s=gbps * 1e9 / FULL_MODEL_WEIGHT_BYTES,
+            ))  # fmt: skip
+            log.info("%s: %.1f tok/s", mode, result.decode_tokens_per_s)
+    return runs
+
+
+def format_table(runs: list[DecodeRun], d2d_gbps: float, weight_bytes_note: str) -> str:
+    lines = [
+        f"device->device copy {d2d_gbps:.0f} GB/s; {weight_bytes_note}",
+        f"{'mode':<11} {'graph':>5} {'tok/s':>8} {'ms/tok':>8} {'weights GB/s':>13} {'of d2d':>7} {'32B tok/s':>10}",
+    ]
+    for r in runs:
+        lines.append(
+            f"{r.mode:<11} {str(r.decodes_with_cuda_graph):>5} {r.tokens_per_s:>8.1f} {r.ms_per_token:>8.2f} "
+            f"{r.weight_gbps:>13.0f} {r.fraction_of_d2d:>7.0%} {r.full_model_tokens_per_s:>10.1f}"
+        )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+              help="A spillover-int4 model; a synthetic qwen2-32b one is written there when missing.")  # fmt: skip
+@click.option("--layers", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Depth of the synthetic model when one is written.")  # fmt: skip
+@click.option("--gpu-memory", default="24GiB", show_default=True)
+@click.option("--max-context", type=click.IntRange(min=16), default=4096, show_default=True)
+@click.option("--context", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt tokens.")
+@click.option("--decode-tokens", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+def main(checkpoint: Path, layers: int, gpu_memory: str, max_context: int, context: int, decode_tokens: int,
+         json_path: Path | None) -> None:  # fmt: skip
+    """Decode tok/s, eager against CUDA graphs, everything resident."""
+    from bench.pipeline import measure_ceilings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not torch.cuda.is_available():
+        raise click.ClickException("bench.decode measures CUDA-graph decode and needs a CUDA device")
+    if context + decode_tokens + 1 > max_context:
+        raise click.ClickException(f"--context {context} + --decode-tokens {decode_tokens} exceed --max-context")
+    if not (checkpoint / "spillover.json").is_file():
+        from quantizer.synth import synthesize
+
+        click.echo(f"writing a {layers}-layer synthetic qwen2-32b checkpoint to {checkpoint} ...", err=True)
+        synthesize(checkpoint, preset="qwen2-32b", layers=layers, device="auto", progress=False)
+    d2d = measure_ceilings().d2d_gbps
+    runs = run(checkpoint, gpu_memory=gpu_memory, max_context=max_context, context=context,
+               decode_tokens=decode_tokens, d2d_gbps=d2d)  # fmt: skip
+    from quantizer.checkpoint import QuantizedCheckpoint
+
+    config = QuantizedCheckpoint(checkpoint).config
+    note = f"{config['num_hidden_layers']} layers, max_context {max_context}, context {context}"
+    click.echo(format_table(runs, d2d, note))
+    if json_path is not None:
+        record = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "checkpoint": str(checkpoint),
+            "layers": config["num_hidden_layers"],
+            "max_context": max_context,
+            "d2d_gbps": d2d,
+            "runs": [dataclasses.asdict(r) for r in runs],
+        }
+        json_path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
