@@ -121,7 +121,7 @@ def decode_forward(model: nn.Module, cache: StaticCache, inputs: DecodeInputs) -
     cache_keyword = keyword_of(layers[0], "cache", "past_key_values")
     extra = {cache_keyword: cache}
     if keyword_of(layers[0], "cache_position"):
-        # transformers 5.17's static layers write at the cache_position their attention passes on.
+        # Releases whose layers take cache_position (5.17) hand it to the cache's update, which may write there.
         extra["cache_position"] = inputs.position[0]
     hidden = inner.embed_tokens(inputs.ids)  # (B, T, hidden)
     position_embeddings = inner.rotary_emb(hidden, inputs.position)
