@@ -94,9 +94,24 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype =
             f"qweight {tuple(qweight.shape)} and scales {tuple(scales.shape)} do not describe one weight "
             f"(expected scales of shape ({out_features}, {half_in * 2 // BLOCK_SIZE}))"
         )
-    q = unpack_nibbles(qweight).to(torch.float32).reshape(out_features, -1, BLOCK_SIZE)
-    w = q * scales.to(torch.float32).unsqueeze(-1)
+    # A byte -> (high, low) table lookup: the same integers as unpack_nibbles, several times faster on CPU,
+    # where this is the INT4 Linear's whole cost.
+    table = _byte_to_nibble_pair(qweight.device)
+    w = torch.nn.functional.embedding(qweight.to(torch.int32), table).reshape(out_features, -1, BLOCK_SIZE)
+    w.mul_(scales.to(torch.float32).unsqueeze(-1))
     return w.reshape(out_features, half_in * 2).to(dtype)
+
+
+_NIBBLE_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_to_nibble_pair(device: torch.device) -> torch.Tensor:
+    """float32 [256, 2]: row b holds the two signed nibbles of byte b, high first (``unpack_nibbles``)."""
+    table = _NIBBLE_TABLES.get(device)
+    if table is None:
+        table = unpack_nibbles(torch.arange(256, dtype=torch.uint8).unsqueeze(-1)).to(torch.float32).to(device)
+        _NIBBLE_TABLES[device] = table
+    return table
 
 
 def quantized_nbytes(out_features: int, in_features: int) -> int:
