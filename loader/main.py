@@ -3,6 +3,8 @@
 Order matters: the address and the budget are checked first, so a refusal (one clear line on stderr, exit
 status 2) comes before any memory is allocated; then the placement table is printed, the checkpoint is read
 into the pinned arena, the pool is allocated and placed, the socket is bound, and the ready file is written.
+A shard failing its checks while being read, host memory that cannot be pinned, or an address already in
+use is reported the same way (one line, status 2).
 Exit status 0 after an orderly stop (Shutdown, a signal, the parent or compute gone), 1 after a crash
 (logged with its traceback). The pool and the run directory are freed on every path out.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import click
 import torch
+import zmq
 
 from loader.arena import PinnedArena
 from loader.layout import layout_units
@@ -107,7 +110,7 @@ def run(config: LoaderConfig) -> int:
 
     try:
         arena = PinnedArena.load(checkpoint, units, pin=config.device == "cuda", verify_checksums=config.verify_checksums)
-    except FormatError as e:
+    except (FormatError, OSError, RuntimeError) as e:  # a bad shard, an unreadable file, pinning refused
         return _refuse(str(e))
     if config.device == "cpu":
         # the loader only copies; torch's intra-op threads make a small copy 50x slower and steal compute's cores
@@ -121,6 +124,8 @@ def run(config: LoaderConfig) -> int:
         if config.stats_on_exit:
             click.echo(format_stats(process.stats()))
         return 0
+    except zmq.ZMQError as e:
+        return _refuse(f"cannot listen on {config.socket}: {e}")
     except Exception:
         log.exception("the loader crashed")
         return 1
