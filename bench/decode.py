@@ -41,8 +41,10 @@ class DecodeRun:
 
 
 def run(checkpoint_dir: Path, *, gpu_memory: str, max_context: int, context: int, decode_tokens: int,
-        d2d_gbps: float, device: str = "cuda") -> list[DecodeRun]:  # fmt: skip
-    """Both decode modes through a real resident loader on ``device``; see the module docstring."""
+        d2d_gbps: float, device: str = "cuda", profile_path: Path | None = None) -> list[DecodeRun]:  # fmt: skip
+    """Both decode modes through a real resident loader on ``device``; see the module docstring. With
+    ``profile_path``, a few more graph-replayed tokens run under the torch profiler and its table of device time
+    per kernel is written there."""
     from compute.engine import Engine
     from compute.launch import LaunchedLoader, LoaderOptions
     from compute.sampling import SamplingParams
@@ -75,7 +77,20 @@ def run(checkpoint_dir: Path, *, gpu_memory: str, max_context: int, context: int
                 full_model_tokens_per_s=gbps * 1e9 / FULL_MODEL_WEIGHT_BYTES,
             ))  # fmt: skip
             log.info("%s: %.1f tok/s", mode, result.decode_tokens_per_s)
+        if profile_path is not None:
+            profile_path.write_text(profile_decode(engine, prompt, greedy))
     return runs
+
+
+def profile_decode(engine, prompt: list[int], greedy, tokens: int = 9) -> str:
+    """Device time per kernel over ``tokens - 1`` decode steps (after one prefill), as the profiler tabulates it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.reset()
+    engine.generate(prompt[:-1], dataclasses.replace(greedy, max_new_tokens=1))  # the prefill, outside the profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=tokens))  # ends synchronized: ids are read
+    return prof.key_averages().table(sort_by="device_time_total", row_limit=25, max_name_column_width=70)
 
 
 def format_table(runs: list[DecodeRun], d2d_gbps: float, weight_bytes_note: str) -> str:
@@ -101,8 +116,10 @@ def format_table(runs: list[DecodeRun], d2d_gbps: float, weight_bytes_note: str)
 @click.option("--context", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt tokens.")
 @click.option("--decode-tokens", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path), default=None,
+              help="Write the profiler's device time per kernel for a few graph-replayed tokens here.")  # fmt: skip
 def main(checkpoint: Path, layers: int, gpu_memory: str, max_context: int, context: int, decode_tokens: int,
-         json_path: Path | None) -> None:  # fmt: skip
+         json_path: Path | None, profile_path: Path | None) -> None:  # fmt: skip
     """Decode tok/s, eager against CUDA graphs, everything resident."""
     from bench.pipeline import measure_ceilings
 
@@ -118,7 +135,7 @@ def main(checkpoint: Path, layers: int, gpu_memory: str, max_context: int, conte
         synthesize(checkpoint, preset="qwen2-32b", layers=layers, device="auto", progress=False)
     d2d = measure_ceilings().d2d_gbps
     runs = run(checkpoint, gpu_memory=gpu_memory, max_context=max_context, context=context,
-               decode_tokens=decode_tokens, d2d_gbps=d2d)  # fmt: skip
+               decode_tokens=decode_tokens, d2d_gbps=d2d, profile_path=profile_path)  # fmt: skip
     from quantizer.checkpoint import QuantizedCheckpoint
 
     config = QuantizedCheckpoint(checkpoint).config

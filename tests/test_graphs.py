@@ -196,7 +196,8 @@ def test_graph_over_a_real_resident_loader_and_eager_when_it_streams(tiny_q, tmp
     reference = reference_model(tiny_q, tmp_path).to("cuda")
     checkpoint = QuantizedCheckpoint(tiny_q)
     resident = cuda_budget(tiny_q, "resident", 64)
-    for policy, budget, graphed in [("resident", resident, True), ("stream", resident, False)]:
+    # stream holds a ring of a few units besides: a MiB more is plenty for these tiny units
+    for policy, budget, graphed in [("resident", resident, True), ("stream", resident + (1 << 20), False)]:
         options = LoaderOptions(model=tiny_q, gpu_memory=str(budget), policy=policy, device="cuda", max_context=64)
         with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=60) as client:
             engine = Engine(checkpoint, client, device="cuda", max_context=64, prefill_chunk=4)
