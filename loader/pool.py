@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class PolicyTotals:
     """Running totals while one policy is in force; mutable because it accumulates (``freeze`` for Stats)."""
 
-    streamed_bytes: int = 0  # ring copies whose time has been measured, bytes
+    streamed_bytes: int = 0  # ring copies done and timed, bytes (counted when their time is known)
     fills: int = 0  # ring fills measured
     copy_seconds: float = 0.0  # time of those copies, seconds
     resident_bytes: int = 0  # bytes copied for resident units
@@ -187,9 +187,11 @@ class DevicePool:
         return filled
 
     def stats(self) -> tuple[PolicyStats, ...]:
-        """Per policy, in the order first used; the policy in force includes the live counters."""
-        if self._pending:
-            self._drain_timings()
+        """Per policy, in the order first used; the policy in force includes the live counters.
+
+        Waits for the copies in flight (at most K) so every fill enqueued so far is counted and timed.
+        """
+        self._quiesce()
         return tuple(
             totals.freeze(policy, *((self.counters[ACQUIRED], self.counters[WAIT_NS]) if policy == self.policy else ()))
             for policy, totals in self.totals.items()
