@@ -37,7 +37,7 @@ from loader.policies import MIN_RING_SLOTS, Policy, Residency
 GiB = 1 << 30
 MiB = 1 << 20
 
-CUDA_CONTEXT_BYTES = 512 * MiB  # one process's CUDA context, cuBLAS workspace and loaded kernels
+CUDA_CONTEXT_BYTES = 640 * MiB  # one process: CUDA context, cuBLAS workspace, loaded kernels (NVML on the H200, 2026-11-29: loader 589 MiB, a consumer 519 MiB)
 ALLOCATOR_MARGIN_BYTES = 256 * MiB  # caching-allocator rounding and fragmentation, both processes
 DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill forward pass
 BF16 = 2

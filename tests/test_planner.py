@@ -79,7 +79,7 @@ def test_the_32b_unit_sizes():
 
 def test_lines_counted_for_the_32b_model():
     lines = dict(budget_lines(device="cuda", units=UNITS, config=QWEN2_32B, max_context=4096))
-    assert lines["CUDA contexts (2 × 512.0 MiB)"] == 2 * CUDA_CONTEXT_BYTES
+    assert lines["CUDA contexts (2 × 640.0 MiB)"] == 2 * CUDA_CONTEXT_BYTES
     assert lines["KV cache (4096 tokens)"] == 2 * 64 * 8 * 128 * 4096 * 2 == GiB
     assert lines["embedding, norms, biases (bf16)"] == (152064 * 5120 + 129 * 5120 + 64 * (40 + 16) * 128) * 2
     assert lines["dequantization workspace"] == 27648 * 5120 * 2  # gate/up as bf16; not the lm_head
@@ -131,7 +131,7 @@ def test_small_budgets_are_refused_with_the_numbers():
         plan("4GiB")
     message = str(refused.value)
     assert message.startswith("--gpu-memory 4.00 GiB is too small: ")
-    for part in ("KV cache (4096 tokens) 1.00 GiB", "ring (2 slots × 382.9 MiB) 765.7 MiB", "CUDA contexts (2 × 512.0 MiB) 1.00 GiB",
+    for part in ("KV cache (4096 tokens) 1.00 GiB", "ring (2 slots × 382.9 MiB) 765.7 MiB", "CUDA contexts (2 × 640.0 MiB) 1.25 GiB",
                  "needed for policy 'hybrid'", "lower --max-context or raise --gpu-memory"):  # fmt: skip
         assert part in message, message
     needed = float(message.split(" = ")[1].split(" GiB")[0])
