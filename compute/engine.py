@@ -404,9 +404,12 @@ class Engine:
             for layer, length in zip(self.cache.layers, lengths):
                 layer.cumulative_length.copy_(length)
 
+        def step() -> torch.Tensor:
+            return decode_forward(self.model, self.cache, self._decode_inputs)
+
         started = time.perf_counter()
         try:
-            self._graph = DecodeGraph.capture(lambda: decode_forward(self.model, self.cache, self._decode_inputs), restore)
+            self._graph = DecodeGraph.capture(step, restore)
         except Exception as e:  # any capture failure leaves eager decode, which is always correct
             self._abandon_forward()
             restore()

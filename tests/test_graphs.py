@@ -182,11 +182,17 @@ def test_a_failed_capture_falls_back_to_eager_decode_with_the_reason(tiny_q, tmp
     assert "capturing the decode step as a CUDA graph failed: operation not permitted" in caplog.text
 
 
-def cuda_budget(qdir, policy: str, max_context: int) -> int:
+def resident_cuda_budget(qdir, max_context: int) -> int:
     """The smallest ``--gpu-memory`` (bytes) under which the planner places every unit resident on CUDA."""
     checkpoint = QuantizedCheckpoint(qdir)
-    placement = plan_placement(budget_bytes=1 << 40, device="cuda", units=layout_units(checkpoint.manifest),
-                               config=checkpoint.config, max_context=max_context, policy=get_policy(policy))  # fmt: skip
+    placement = plan_placement(
+        budget_bytes=1 << 40,
+        device="cuda",
+        units=layout_units(checkpoint.manifest),
+        config=checkpoint.config,
+        max_context=max_context,
+        policy=get_policy("resident"),
+    )
     return placement.total_bytes
 
 
@@ -195,7 +201,7 @@ def cuda_budget(qdir, policy: str, max_context: int) -> int:
 def test_graph_over_a_real_resident_loader_and_eager_when_it_streams(tiny_q, tmp_path):
     reference = reference_model(tiny_q, tmp_path).to("cuda")
     checkpoint = QuantizedCheckpoint(tiny_q)
-    resident = cuda_budget(tiny_q, "resident", 64)
+    resident = resident_cuda_budget(tiny_q, 64)
     # stream holds a ring of a few units besides: a MiB more is plenty for these tiny units
     for policy, budget, graphed in [("resident", resident, True), ("stream", resident + (1 << 20), False)]:
         options = LoaderOptions(model=tiny_q, gpu_memory=str(budget), policy=policy, device="cuda", max_context=64)
