@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import transformers
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer, PretrainedConfig, StaticCache
 
 from compute.graphs import (
@@ -60,6 +61,11 @@ from quantizer.checkpoint import QuantizedCheckpoint
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 512
+# SDPA backends prefill may use: all but cuDNN. torch 2.11 tries cuDNN first for a masked SDPA on Hopper, and cuDNN
+# builds an execution plan for every shape it has not seen: measured on the H200 (2026-11-29, bench/decode.py
+# --profile), the first one-token prefill after 512-token chunks spent 0.86 s of CPU in _cudnn_attention_forward
+# for 16 layers. Prefill chunk lengths change with every prompt, so each new length would pay that again.
+PREFILL_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # ``Engine._graph_plan`` before the first decode step: no plan generation (an int, or None) equals it.
@@ -361,9 +367,14 @@ class Engine:
         """Run ``chunk`` at positions ``position …``; return the logits of its last token ([vocab])."""
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (B, T)
         positions = torch.arange(position, position + len(chunk), device=self.device).unsqueeze(0)  # (B, T)
-        out = self.model(
-            input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{self._cache_keyword: self.cache}
-        )
+        with sdpa_kernel(PREFILL_ATTENTION_BACKENDS):
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_keyword: self.cache},
+            )
         return out.logits[0, -1]
 
     def _decode_step(self, token: int, position: int) -> torch.Tensor:
