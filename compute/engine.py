@@ -16,11 +16,13 @@
   acquired and the loader's ring out of step. So Ctrl-C handling belongs in a signal handler that sets a
   flag ``should_stop`` reads, not in an exception. If an exception does stop a forward half-way (a second
   Ctrl-C), ``generate`` walks the rest of that pass's units before re-raising, so the engine stays usable.
-* Decode runs one token per forward through ``compute.graphs.decode_forward`` on fixed input buffers. On CUDA,
-  with ``cuda_graphs=True`` (the default) and every unit resident (no unit streams under the loader's plan), the
-  first decode step captures it as a CUDA graph, replayed for every later token: one launch per token instead of
-  a thousand. A new plan (a policy switch) drops the graph and decides again; a streaming plan, or a capture that
-  fails (logged with its reason), decodes eagerly.
+* Decode runs one token per forward through ``compute.graphs.Decoder`` on fixed input buffers. On CUDA, with
+  ``cuda_graphs=True`` (the default), the first decode step under a plan captures the decode step as CUDA graphs:
+  ONE graph when every unit is resident (one launch per token instead of a thousand); when some units stream, one
+  graph per run of resident layers, the streamed layers running eagerly in between (their weights arrive through
+  the loader's ring, behind host-side waits a graph cannot make). A new plan (a policy switch) drops the graphs and
+  decides again; a plan that streams every unit, or a capture that fails (logged with its reason), decodes
+  eagerly. ``decode_mode`` says which in one line: "graph", "piecewise (N graphs, M eager units)", "eager: why".
 * ``prompt_ids`` is the whole conversation so far. The KV cache is kept between calls, and the longest prefix
   the new prompt shares with what the cache holds is not computed again (a multi-turn chat prefills only the
   new turn). ``reset()`` empties the cache; it is never required for correctness.
@@ -46,14 +48,7 @@ import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer, PretrainedConfig, StaticCache
 
-from compute.graphs import (
-    DecodeGraph,
-    DecodeInputs,
-    decode_forward,
-    keyword_of,
-    plan_generation,
-    unit_addresses_fixed,
-)
+from compute.graphs import Decoder, DecodeStep, keyword_of
 from compute.model import UnitWeights, build_model
 from compute.sampling import SamplingParams, sample_next
 from quantizer.checkpoint import QuantizedCheckpoint
@@ -66,10 +61,6 @@ DEFAULT_PREFILL_CHUNK = 512
 # --profile), the first one-token prefill after 512-token chunks spent 0.86 s of CPU in _cudnn_attention_forward
 # for 16 layers. Prefill chunk lengths change with every prompt, so each new length would pay that again.
 PREFILL_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-# ``Engine._graph_plan`` before the first decode step: no plan generation (an int, or None) equals it.
-_UNDECIDED = object()
 
 
 class ContextLengthError(ValueError):
@@ -161,7 +152,7 @@ class Engine:
         self.device = torch.device(device)
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
-        self.cuda_graphs = cuda_graphs  # capture the decode step when every unit is resident (CUDA only)
+        self.cuda_graphs = cuda_graphs  # capture the decode step (its resident segments) as CUDA graphs on CUDA
         self.weights = weights
         self.model = build_model(checkpoint, weights, self.device, dtype)
         self.config: PretrainedConfig = self.model.config
@@ -195,18 +186,24 @@ class Engine:
                 "which the engine moves to reuse a conversation's cache; install the version pyproject.toml names"
             )
         self._cache_keyword = cache_keyword(self.model)
-        # Static inputs of the decode step: one token at one position, rewritten in place every step.
-        self._decode_inputs = DecodeInputs(self.device, max_context)
-        self._graph: DecodeGraph | None = None
-        # The plan generation the graph, or the decision to run eagerly, was made for; nothing decided yet.
-        self._graph_plan: int | None | object = _UNDECIDED
+        # The decode step over static buffers (one token at one position, rewritten in place every step).
+        step = DecodeStep(self.model, self.cache, self.device, max_context)
+        self._decoder = Decoder(step, self.model.unit_binder, weights, self.device)
         self._cached_ids: list[int] = []  # the ids whose keys/values the cache holds, in position order
         log.info("KV cache: %d tokens, %.1f MiB", max_context, self.kv_cache_bytes / 2**20)
 
     @property
     def decodes_with_cuda_graph(self) -> bool:
-        """The decode step replays a captured CUDA graph (decided at the first decode step of a plan)."""
-        return self._graph is not None
+        """The decode step replays CUDA graphs, for the whole step or for its resident segments (decided at the
+        first decode step of a plan)."""
+        return self._decoder.graphs is not None
+
+    @property
+    def decode_mode(self) -> str:
+        """How decode runs, in one line: "graph" (the whole step one CUDA graph), "piecewise (N graphs, M eager
+        units)" (resident segments replayed, streamed units eager), or "eager: <reason>"; "undecided …" before the
+        first decode step under the plan in force."""
+        return self._decoder.mode
 
     def reset(self) -> None:
         """Forget the conversation: the next ``generate`` prefills its whole prompt."""
@@ -380,51 +377,7 @@ class Engine:
     def _decode_step(self, token: int, position: int) -> torch.Tensor:
         """One token at ``position`` through the model, its keys/values into the cache; its logits ([vocab]).
 
-        The step is ``compute.graphs.decode_forward`` on fixed input buffers: replayed from a CUDA graph when one
-        is captured for the plan in force (``_decode_graph``), run eagerly otherwise. The logits of a replay live
-        in the graph's memory: they are valid until the next step.
+        ``compute.graphs.Decoder`` runs it: replayed from CUDA graphs where the plan in force allows, eagerly
+        otherwise. The logits of a replay live in the graph's memory: they are valid until the next step.
         """
-        self._decode_inputs.set(token, position)
-        graph = self._decode_graph()
-        if graph is not None:
-            return graph.replay()
-        return decode_forward(self.model, self.cache, self._decode_inputs)
-
-    def _decode_graph(self) -> DecodeGraph | None:
-        """The captured decode step for the plan in force, captured now if need be; None to run eagerly.
-
-        Decided once per plan generation: a policy switch moves units in the pool, so a graph captured under an
-        older plan would read stale addresses and is dropped. Streamed units need the ring's host-side waits
-        between layers, which a graph cannot make, so any streaming plan runs eagerly.
-        """
-        if not self.cuda_graphs or self.device.type != "cuda":
-            return None
-        generation = plan_generation(self.weights)
-        if generation == self._graph_plan:
-            return self._graph
-        self._graph = None
-        self._graph_plan = generation
-        reason = unit_addresses_fixed(self.weights)
-        if reason is not None:
-            log.info("decode runs eagerly: %s", reason)
-            return None
-        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
-
-        def restore() -> None:
-            # Warm-up steps advance the cache's write position; the real step must write where they did.
-            for layer, length in zip(self.cache.layers, lengths):
-                layer.cumulative_length.copy_(length)
-
-        def step() -> torch.Tensor:
-            return decode_forward(self.model, self.cache, self._decode_inputs)
-
-        started = time.perf_counter()
-        try:
-            self._graph = DecodeGraph.capture(step, restore)
-        except Exception as e:  # any capture failure leaves eager decode, which is always correct
-            self._abandon_forward()
-            restore()
-            log.warning("decode runs eagerly: capturing the decode step as a CUDA graph failed: %s", e, exc_info=True)
-            return None
-        log.info("decode step captured as a CUDA graph in %.2f s", time.perf_counter() - started)
-        return self._graph
+        return self._decoder(token, position, cuda_graphs=self.cuda_graphs)

@@ -23,6 +23,7 @@ This module knows nothing about processes or the loader's placement; it only cal
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -176,7 +177,8 @@ class UnitBinder:
 
     Every forward pass visits the units in execution order, each acquired before its module runs and released
     after; a unit visited out of that order is refused at once (the loader's ring would refuse it later, less
-    clearly). ``abandon_pass`` brings an interrupted pass to its end without computing anything.
+    clearly). ``abandon_pass`` brings an interrupted pass to its end without computing anything; ``skip`` passes
+    resident units whose forward a replayed CUDA graph ran (no hooks run in a replay).
     """
 
     def __init__(self, weights: UnitWeights, device: torch.device):
@@ -206,6 +208,20 @@ class UnitBinder:
         while self.next_unit != 0:
             self._bind(self.next_unit)
             self._release(self.next_unit)
+
+    def skip(self, units: Sequence[str]) -> None:
+        """Advance the pass over ``units``, next in execution order, whose forward a replayed CUDA graph ran
+        without hooks: they are resident, bound at capture to views whose addresses do not move while the plan
+        holds, so there is nothing to acquire or release (the loader client's acquire and release of a resident
+        unit are only a lookup). Refused, as ``_bind`` refuses, when they are not the units the pass is at."""
+        for unit in units:
+            expected = self.units[self.next_unit][0]
+            if unit != expected or self.held is not None:
+                raise RuntimeError(
+                    f"a replayed graph passed unit {unit!r} out of order: the forward pass is at {expected!r}"
+                    + (f" and {self.held!r} is still held" if self.held else "")
+                )
+            self.next_unit = (self.next_unit + 1) % len(self.units)
 
     def _stream(self) -> torch.cuda.Stream | None:
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None

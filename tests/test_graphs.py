@@ -1,13 +1,17 @@
-"""compute.graphs and the engine's CUDA-graph decode: when it captures, that replay follows stock transformers, and
-when it must not capture (streamed units, a new plan, a failed capture).
+"""compute.graphs and the engine's CUDA-graph decode: how the decode step is cut into segments for a plan, that
+segments run eagerly one after another compute the same step, that a replay passes its resident units to the
+binder without touching the loader; on the GPU, that whole-step and piecewise replay follow stock transformers,
+and when decode must not capture (everything streamed, cuda_graphs off, a failed capture).
 
-The GPU tests compare the graph engine against stock transformers by teacher forcing (``generate_checked``), and
-count the lm_head's forward hooks to prove that decode steps after the capture replay instead of running Python.
+The GPU tests compare the engine against stock transformers by teacher forcing (``generate_checked``), and count
+forward hooks to prove that decode steps after the capture replay the resident units (no Python runs for them)
+while the streamed ones run eagerly every pass.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -16,10 +20,19 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from compute.engine import Engine
-from compute.graphs import DECODE_ATTENTION, DecodeGraph, grouped_decode_attention, unit_addresses_fixed
+from compute.graphs import (
+    DECODE_ATTENTION,
+    DecodeGraphs,
+    SegmentGraph,
+    eager_segment,
+    grouped_decode_attention,
+    plan_segments,
+    streamed_units,
+)
 from compute.launch import LaunchedLoader, LoaderOptions
+from conftest import make_tiny_qwen2
 from loader.layout import layout_units
-from loader.planner import plan_placement
+from loader.planner import BudgetError, plan_placement
 from loader.policies import get_policy
 from protocol.client import LoaderClient
 from quantizer.checkpoint import QuantizedCheckpoint
@@ -28,14 +41,29 @@ from test_model import CheckpointWeights, reference_model
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+LAYERS = 4
+UNTIED = [f"layers.{i}" for i in range(LAYERS)] + ["lm_head"]
+TIED = UNTIED[:-1]
+
 
 @pytest.fixture(params=["untied", "tied"])
 def qdir(request):
     return request.getfixturevalue("tiny_q" if request.param == "untied" else "tiny_q_tied")
 
 
+@pytest.fixture(scope="module")
+def deep_q(tmp_path_factory):
+    """An untied tiny Qwen2 of 8 layers, quantized: deep enough for the hybrid policy to keep some layers resident
+    and stream others (with a ring of 2 slots, streaming fewer than 3 units saves nothing). Its vocabulary makes
+    the lm_head larger than a layer, as in the 32B model, so that hybrid streams layers and keeps the lm_head."""
+    from quantizer.quantize import quantize_checkpoint
+
+    hf = make_tiny_qwen2(tmp_path_factory.mktemp("deep_hf") / "model", num_layers=8, vocab_size=2048, seed=3)
+    return quantize_checkpoint(hf, tmp_path_factory.mktemp("deep_q") / "model", device="cpu", progress=False)
+
+
 def fake_plan(generation: int, streamed: set[str], units: list[str]) -> SimpleNamespace:
-    """The fields of ``protocol.messages.Plan`` the engine reads to decide on a graph."""
+    """The fields of ``protocol.messages.Plan`` the engine reads to decide on graphs."""
     placements = [SimpleNamespace(name=u, pool_offset=None if u in streamed else 0) for u in units]
     return SimpleNamespace(generation=generation, policy="test", units=placements)
 
@@ -43,21 +71,93 @@ def fake_plan(generation: int, streamed: set[str], units: list[str]) -> SimpleNa
 class PlannedWeights(CheckpointWeights):
     """``CheckpointWeights`` with a ``plan`` the test sets, standing in for the loader client's policy switches."""
 
-    def __init__(self, checkpoint: QuantizedCheckpoint, device: str):
+    def __init__(self, checkpoint: QuantizedCheckpoint, device: str, streamed: set[str] = frozenset()):
         super().__init__(checkpoint, device)
         self.unit_names = [unit.name for unit in checkpoint.manifest.units]
-        self.plan = fake_plan(0, set(), self.unit_names)
+        self.plan = fake_plan(0, set(streamed), self.unit_names)
 
     def switch(self, streamed: set[str]) -> None:
         self.plan = fake_plan(self.plan.generation + 1, streamed, self.unit_names)
 
 
-def test_addresses_are_fixed_only_when_no_unit_streams():
+def shape(segments) -> list[tuple]:
+    """Segments as (captured, starts with the prologue, layers, ends with the head, units), for comparison."""
+    return [(s.captured, s.embeds, list(s.layers), s.head, s.units) for s in segments]
+
+
+@pytest.mark.parametrize(
+    "units, streamed, expected",
+    [
+        pytest.param(UNTIED, set(), [(True, True, [0, 1, 2, 3], True, tuple(UNTIED))], id="all-resident"),
+        pytest.param(TIED, set(), [(True, True, [0, 1, 2, 3], True, tuple(TIED))], id="all-resident-tied"),
+        pytest.param(UNTIED, {"layers.2", "layers.3"}, [
+            (True, True, [0, 1], False, ("layers.0", "layers.1")),
+            (False, False, [2, 3], False, ("layers.2", "layers.3")),
+            (True, False, [], True, ("lm_head",)),
+        ], id="tail-streamed"),
+        pytest.param(UNTIED, {"layers.2", "layers.3", "lm_head"}, [
+            (True, True, [0, 1], False, ("layers.0", "layers.1")),
+            (False, False, [2, 3], True, ("layers.2", "layers.3", "lm_head")),
+        ], id="tail-and-lm_head-streamed"),
+        pytest.param(UNTIED, {"layers.1", "layers.2"}, [
+            (True, True, [0], False, ("layers.0",)),
+            (False, False, [1, 2], False, ("layers.1", "layers.2")),
+            (True, False, [3], True, ("layers.3", "lm_head")),
+        ], id="middle-stretch"),
+        pytest.param(UNTIED, {"lm_head", "layers.0"}, [
+            (False, True, [0], False, ("layers.0",)),
+            (True, False, [1, 2, 3], False, ("layers.1", "layers.2", "layers.3")),
+            (False, False, [], True, ("lm_head",)),
+        ], id="stretch-wrapping-around"),
+        pytest.param(TIED, {"layers.3"}, [
+            (True, True, [0, 1, 2], False, ("layers.0", "layers.1", "layers.2")),
+            (False, False, [3], True, ("layers.3",)),  # a tied head alone is not worth a graph
+        ], id="tied-last-layer-streamed"),
+        pytest.param(TIED, {"layers.0"}, [
+            (False, True, [0], False, ("layers.0",)),  # nor is the prologue alone
+            (True, False, [1, 2, 3], True, ("layers.1", "layers.2", "layers.3")),
+        ], id="tied-first-layer-streamed"),
+        pytest.param(UNTIED, set(UNTIED), [(False, True, [0, 1, 2, 3], True, tuple(UNTIED))], id="all-streamed"),
+        pytest.param(TIED, set(TIED), [(False, True, [0, 1, 2, 3], True, tuple(TIED))], id="all-streamed-tied"),
+    ],
+)  # fmt: skip
+def test_segments_for_plans(units, streamed, expected):
+    assert shape(plan_segments(units, streamed, LAYERS)) == expected
+
+
+def test_segments_of_any_plan_cover_the_step_in_order_and_capture_only_resident_runs():
+    rng = random.Random(5)
+    for _ in range(300):
+        layers = rng.randint(1, 9)
+        units = [f"layers.{i}" for i in range(layers)] + (["lm_head"] if rng.random() < 0.5 else [])
+        streamed = {u for u in units if rng.random() < 0.4}
+        segments = plan_segments(units, streamed, layers)
+        assert segments[0].embeds and segments[-1].head
+        assert not any(s.embeds for s in segments[1:]) and not any(s.head for s in segments[:-1])
+        assert [i for s in segments for i in s.layers] == list(range(layers))
+        assert [u for s in segments for u in s.units] == units  # the binder's order, every unit once
+        for segment, after in zip(segments, segments[1:]):
+            assert segment.captured or after.captured, "two eager segments side by side"
+        for segment in segments:
+            if segment.captured:
+                assert segment.units and not set(segment.units) & streamed
+        assert (len(segments) == 1 and segments[0].captured) == (not streamed)
+        if set(units) <= streamed:
+            assert segments == (eager_segment(units, layers),)
+
+
+def test_segments_refuse_units_that_are_not_the_decode_order():
+    with pytest.raises(ValueError, match="not the decode step's order"):
+        plan_segments(["layers.1", "layers.0", "lm_head"], set(), 2)
+    with pytest.raises(ValueError, match="not units of this model"):
+        plan_segments(TIED, {"lm_head"}, LAYERS)
+
+
+def test_streamed_units_come_from_the_plan():
     units = ["layers.0", "layers.1", "lm_head"]
-    assert unit_addresses_fixed(SimpleNamespace()) is None  # an in-process source serves fixed tensors
-    assert unit_addresses_fixed(SimpleNamespace(plan=fake_plan(1, set(), units))) is None
-    reason = unit_addresses_fixed(SimpleNamespace(plan=fake_plan(1, {"layers.1", "lm_head"}, units)))
-    assert reason is not None and "streams 2 units" in reason and "'test'" in reason
+    assert streamed_units(SimpleNamespace()) == frozenset()  # an in-process source serves fixed tensors
+    assert streamed_units(SimpleNamespace(plan=fake_plan(1, set(), units))) == frozenset()
+    assert streamed_units(SimpleNamespace(plan=fake_plan(1, {"layers.1", "lm_head"}, units))) == {"layers.1", "lm_head"}
 
 
 def test_grouped_decode_attention_equals_transformers_sdpa_with_repeated_kv_heads():
@@ -93,14 +193,91 @@ def test_decode_steps_use_the_grouped_attention_and_prefill_does_not(tiny_q):
 def test_cpu_engine_decodes_eagerly_even_with_graphs_asked_for(tiny_q):
     checkpoint = QuantizedCheckpoint(tiny_q)
     engine = Engine(checkpoint, CheckpointWeights(checkpoint), device="cpu", max_context=32, cuda_graphs=True)
+    assert engine.decode_mode.startswith("undecided")
     engine.generate(random_prompt(5), GREEDY)
     assert not engine.decodes_with_cuda_graph
+    assert engine.decode_mode == "eager: CUDA graphs need a CUDA device (decode runs on cpu)"
+    engine.cuda_graphs = False
+    engine.generate(random_prompt(5), GREEDY)
+    assert engine.decode_mode == "eager: cuda_graphs is off"
 
 
-def count_lm_head_calls(engine: Engine) -> list[None]:
-    """A list that grows by one at every lm_head forward run in Python (none during a graph replay)."""
+@pytest.mark.parametrize("streamed", [{"layers.1"}, {"layers.0"}, {"lm_head"}, {"layers.0", "lm_head"}])
+def test_segments_run_one_after_another_compute_the_whole_step(tiny_q, streamed):
+    """The static buffers carry the step across segment boundaries: the pieces, run eagerly in the order the
+    segments give, produce bit for bit the logits and cache of the step run whole."""
+    checkpoint = QuantizedCheckpoint(tiny_q)
+    weights = CheckpointWeights(checkpoint)
+    engine = Engine(checkpoint, weights, device="cpu", max_context=32, prefill_chunk=4)
+    engine.eos_token_ids = frozenset()
+    engine.generate(random_prompt(7), GREEDY)  # fills the cache with a few positions
+    step, units = engine._decoder.step, list(weights.units)
+    segments = plan_segments(units, streamed, len(step.layers))
+    assert len(segments) > 1
+    position = int(engine.cache.layers[0].cumulative_length)
+    lengths = step.cache_lengths()
+    with torch.inference_mode():
+        step.set(random_prompt(1)[0], position)
+        whole = step.run(eager_segment(units, len(step.layers))).clone()
+        whole_keys = [layer.keys[..., position, :].clone() for layer in engine.cache.layers]
+        step.restore_cache_lengths(lengths)
+        for layer in engine.cache.layers:
+            layer.keys[..., position, :].zero_()
+        step.hidden.normal_()  # whatever a previous step left there must not matter
+        outputs = [step.run(segment) for segment in segments]
+    assert all(out is None for out in outputs[:-1])
+    assert torch.equal(outputs[-1], whole)
+    for layer, keys, length in zip(engine.cache.layers, whole_keys, lengths):
+        assert torch.equal(layer.keys[..., position, :], keys) and int(layer.cumulative_length) == int(length) + 1
+    assert weights.held is None and not engine.model.unit_binder.in_pass
+
+
+class RecordedGraph:
+    """Stands in for a ``SegmentGraph`` on CPU: a replay returns what the segment returned, and runs no hooks."""
+
+    def __init__(self, output):
+        self.output = output
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        return self.output
+
+
+def test_a_replay_passes_its_resident_units_to_the_binder_and_acquires_only_the_streamed(tiny_q):
+    checkpoint = QuantizedCheckpoint(tiny_q)
+    weights = PlannedWeights(checkpoint, "cpu", streamed={"layers.1"})
+    engine = Engine(checkpoint, weights, device="cpu", max_context=32)
+    step, binder = engine._decoder.step, engine.model.unit_binder
+    segments = plan_segments(weights.unit_names, {"layers.1"}, 2)  # [prologue, layer 0] | layer 1 | [head]
+    logits = torch.randn(engine.vocab_size)
+    graphs = [RecordedGraph(None), None, RecordedGraph(logits)]
+    replayed = DecodeGraphs(step, segments, graphs, binder)
+    assert replayed.description == "piecewise (2 graphs, 1 eager units)"
+    with torch.inference_mode():
+        for _ in range(3):
+            assert replayed.run() is logits
+            assert not binder.in_pass
+    assert weights.calls == [("acquire", "layers.1"), ("release", "layers.1")] * 3
+    assert [g.replays for g in graphs if g is not None] == [3, 3]
+
+
+def test_the_binder_refuses_a_replay_out_of_execution_order(tiny_q):
+    checkpoint = QuantizedCheckpoint(tiny_q)
+    weights = CheckpointWeights(checkpoint)
+    binder = Engine(checkpoint, weights, device="cpu", max_context=32).model.unit_binder
+    with pytest.raises(RuntimeError, match="'layers.1' out of order: the forward pass is at 'layers.0'"):
+        binder.skip(["layers.1"])
+    binder.skip(["layers.0", "layers.1"])
+    assert binder.in_pass
+    binder.skip(["lm_head"])
+    assert not binder.in_pass and weights.calls == []
+
+
+def count_calls(module: torch.nn.Module) -> list[None]:
+    """A list that grows by one at every forward of ``module`` run in Python (none during a graph replay)."""
     calls: list[None] = []
-    engine.model.lm_head.register_forward_hook(lambda *_: calls.append(None))
+    module.register_forward_hook(lambda *_: calls.append(None))
     return calls
 
 
@@ -112,12 +289,13 @@ def test_graph_replay_follows_stock_transformers_across_turns_and_resets(qdir, t
                     prefill_chunk=4)  # fmt: skip
     engine.eos_token_ids = frozenset()
     reference = reference_model(qdir, tmp_path).to("cuda")
-    lm_head_calls = count_lm_head_calls(engine)
+    lm_head_calls = count_calls(engine.model.lm_head)
 
     prompt = random_prompt(11)
     first = generate_checked(engine, reference, prompt)
-    assert engine.decodes_with_cuda_graph
-    graph = engine._graph
+    assert engine.decode_mode == "graph"
+    graphs = engine._decoder.graphs
+    assert len(graphs.segments) == 1
 
     # The next turn reuses the cache; its decode steps replay: the lm_head runs only in the prefill passes.
     before = len(lm_head_calls)
@@ -129,18 +307,61 @@ def test_graph_replay_follows_stock_transformers_across_turns_and_resets(qdir, t
     # After a reset the same graph writes from position 0 again.
     engine.reset()
     again = generate_checked(engine, reference, prompt)
-    assert again.prefill_tokens == len(prompt) and engine._graph is graph
+    assert again.prefill_tokens == len(prompt) and engine._decoder.graphs is graphs
 
     eager = Engine(checkpoint, CheckpointWeights(checkpoint, device="cuda"), device="cuda", max_context=64,
                    prefill_chunk=4, cuda_graphs=False)  # fmt: skip
     eager.eos_token_ids = frozenset()
     generate_checked(eager, reference, prompt)
-    assert not eager.decodes_with_cuda_graph
+    assert not eager.decodes_with_cuda_graph and eager.decode_mode == "eager: cuda_graphs is off"
 
 
 @pytest.mark.gpu
 @requires_cuda
-def test_a_new_plan_drops_the_graph_and_a_streaming_plan_decodes_eagerly(tiny_q, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "streamed, mode",
+    [
+        ({"layers.5", "layers.6", "layers.7"}, "piecewise (2 graphs, 3 eager units)"),
+        ({"layers.5", "layers.6", "layers.7", "lm_head"}, "piecewise (1 graphs, 4 eager units)"),
+        ({"layers.2", "layers.3", "layers.4"}, "piecewise (2 graphs, 3 eager units)"),
+        ({"lm_head", "layers.0"}, "piecewise (1 graphs, 2 eager units)"),
+        ({"layers.0", "layers.7"}, "piecewise (2 graphs, 2 eager units)"),
+    ],
+)
+def test_piecewise_replay_follows_stock_transformers_and_runs_only_streamed_layers(deep_q, tmp_path, streamed, mode):
+    checkpoint = QuantizedCheckpoint(deep_q)
+    weights = PlannedWeights(checkpoint, "cuda", streamed=streamed)
+    engine = Engine(checkpoint, weights, device="cuda", max_context=64, prefill_chunk=4)
+    engine.eos_token_ids = frozenset()
+    reference = reference_model(deep_q, tmp_path).to("cuda")
+    layer_calls = [count_calls(layer) for layer in engine.model.model.layers]
+
+    prompt = random_prompt(9)
+    first = generate_checked(engine, reference, prompt)
+    assert engine.decode_mode == mode and engine.decodes_with_cuda_graph
+    graphs = engine._decoder.graphs
+
+    # Once captured, a decode step runs the streamed layers in Python and replays the resident ones.
+    before = [len(calls) for calls in layer_calls]
+    weights.calls.clear()
+    second = generate_checked(engine, reference, prompt + list(first.token_ids) + random_prompt(4))
+    for index, calls in enumerate(layer_calls):
+        ran = len(calls) - before[index]
+        streamed_layer = f"layers.{index}" in streamed
+        assert ran == second.prefill_passes + (second.decode_tokens if streamed_layer else 0), index
+    acquired = [unit for call, unit in weights.calls if call == "acquire"]
+    resident = [u for u in weights.unit_names if u not in streamed]
+    assert acquired.count(resident[0]) == second.prefill_passes  # prefill only: replays acquire nothing resident
+    assert weights.held is None and not engine.model.unit_binder.in_pass
+
+    engine.reset()
+    generate_checked(engine, reference, prompt)
+    assert engine._decoder.graphs is graphs
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_a_new_plan_drops_the_graphs_and_a_plan_streaming_everything_decodes_eagerly(tiny_q, tmp_path, caplog):
     checkpoint = QuantizedCheckpoint(tiny_q)
     weights = PlannedWeights(checkpoint, device="cuda")
     engine = Engine(checkpoint, weights, device="cuda", max_context=64, prefill_chunk=4)
@@ -149,61 +370,88 @@ def test_a_new_plan_drops_the_graph_and_a_streaming_plan_decodes_eagerly(tiny_q,
     prompt = random_prompt(7)
 
     generate_checked(engine, reference, prompt)
-    captured = engine._graph
-    assert captured is not None
+    captured = engine._decoder.graphs
+    assert engine.decode_mode == "graph"
 
     weights.switch(streamed={"layers.1"})
-    with caplog.at_level(logging.INFO, logger="compute.engine"):
+    generate_checked(engine, reference, prompt)
+    assert engine.decode_mode == "piecewise (2 graphs, 1 eager units)"
+    piecewise = engine._decoder.graphs
+
+    weights.switch(streamed={"layers.0", "layers.1", "lm_head"})
+    with caplog.at_level(logging.INFO, logger="compute.graphs"):
         generate_checked(engine, reference, prompt)
     assert not engine.decodes_with_cuda_graph
-    assert "decode runs eagerly: policy 'test' streams 1 units" in caplog.text
+    assert engine.decode_mode == "eager: policy 'test' streams 3 of 3 units: nothing to capture"
+    assert "decode runs eagerly: policy 'test' streams 3 of 3 units" in caplog.text
 
     weights.switch(streamed=set())
     generate_checked(engine, reference, prompt)
-    assert engine.decodes_with_cuda_graph and engine._graph is not captured
+    assert engine.decode_mode == "graph" and engine._decoder.graphs not in (captured, piecewise)
 
 
 @pytest.mark.gpu
 @requires_cuda
-def test_a_failed_capture_falls_back_to_eager_decode_with_the_reason(tiny_q, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("streamed, failing_capture", [(set(), 1), ({"layers.1"}, 1), ({"layers.1"}, 2)])
+def test_a_failed_capture_falls_back_to_eager_decode_with_the_reason(tiny_q, tmp_path, monkeypatch, caplog,
+                                                                     streamed, failing_capture):  # fmt: skip
+    captures = []
+    real_capture = SegmentGraph.capture
 
-    def fail(step, restore):
-        step()  # half a warm-up's side effects: the cache advanced, the units walked
+    def fail(run):
+        captures.append(None)
+        if len(captures) < failing_capture:
+            return real_capture(run)
+        run()  # half a capture's side effects: units walked by the hooks
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(DecodeGraph, "capture", staticmethod(fail))
+    monkeypatch.setattr(SegmentGraph, "capture", staticmethod(fail))
     checkpoint = QuantizedCheckpoint(tiny_q)
-    weights = CheckpointWeights(checkpoint, device="cuda")
+    weights = PlannedWeights(checkpoint, device="cuda", streamed=streamed)
     engine = Engine(checkpoint, weights, device="cuda", max_context=64, prefill_chunk=4)
     engine.eos_token_ids = frozenset()
-    with caplog.at_level(logging.WARNING, logger="compute.engine"):
-        generate_checked(engine, reference_model(tiny_q, tmp_path).to("cuda"), random_prompt(7))
-    assert not engine.decodes_with_cuda_graph and weights.held is None
-    assert "capturing the decode step as a CUDA graph failed: operation not permitted" in caplog.text
+    reference = reference_model(tiny_q, tmp_path).to("cuda")
+    with caplog.at_level(logging.WARNING, logger="compute.graphs"):
+        generate_checked(engine, reference, random_prompt(7))
+    assert not engine.decodes_with_cuda_graph and weights.held is None and not engine.model.unit_binder.in_pass
+    reason = "capturing the decode step as CUDA graphs failed: operation not permitted"
+    assert engine.decode_mode == f"eager: {reason} when stream is capturing"
+    assert "capturing the decode step as CUDA graphs failed" in caplog.text
+    generate_checked(engine, reference, random_prompt(5))  # and it goes on decoding eagerly
+    assert len(captures) == failing_capture
 
 
-def resident_cuda_budget(qdir, max_context: int) -> int:
-    """The smallest ``--gpu-memory`` (bytes) under which the planner places every unit resident on CUDA."""
+def planned_budget(qdir, max_context: int, policy: str, accept) -> tuple[int, object]:
+    """The largest ``--gpu-memory`` (bytes, scanned downwards from what places every unit resident) whose placement
+    under ``policy`` satisfies ``accept(placement)``, and that placement."""
     checkpoint = QuantizedCheckpoint(qdir)
-    placement = plan_placement(
-        budget_bytes=1 << 40,
-        device="cuda",
-        units=layout_units(checkpoint.manifest),
-        config=checkpoint.config,
-        max_context=max_context,
-        policy=get_policy("resident"),
-    )
-    return placement.total_bytes
+    units = layout_units(checkpoint.manifest)
+
+    def place(budget: int, name: str):
+        return plan_placement(budget_bytes=budget, device="cuda", units=units, config=checkpoint.config,
+                              max_context=max_context, policy=get_policy(name))  # fmt: skip
+
+    budget = place(1 << 40, "resident").total_bytes
+    step = min(unit.nbytes for unit in units) // 4
+    while budget > 0:
+        try:
+            placement = place(budget, policy)
+        except BudgetError:
+            break
+        if accept(placement):
+            return budget, placement
+        budget -= step
+    raise AssertionError(f"no budget places {qdir} under {policy!r} as the test needs")
 
 
 @pytest.mark.gpu
 @requires_cuda
-def test_graph_over_a_real_resident_loader_and_eager_when_it_streams(tiny_q, tmp_path):
+def test_graph_over_a_real_resident_loader_and_eager_when_it_streams_everything(tiny_q, tmp_path):
     reference = reference_model(tiny_q, tmp_path).to("cuda")
     checkpoint = QuantizedCheckpoint(tiny_q)
-    resident = resident_cuda_budget(tiny_q, 64)
+    resident, _ = planned_budget(tiny_q, 64, "resident", lambda placement: True)
     # stream holds a ring of a few units besides: a MiB more is plenty for these tiny units
-    for policy, budget, graphed in [("resident", resident, True), ("stream", resident + (1 << 20), False)]:
+    for policy, budget, mode in [("resident", resident, "graph"), ("stream", resident + (1 << 20), "eager: policy")]:
         options = LoaderOptions(model=tiny_q, gpu_memory=str(budget), policy=policy, device="cuda", max_context=64)
         with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=60) as client:
             engine = Engine(checkpoint, client, device="cuda", max_context=64, prefill_chunk=4)
@@ -211,4 +459,48 @@ def test_graph_over_a_real_resident_loader_and_eager_when_it_streams(tiny_q, tmp
             prompt = random_prompt(9)
             first = generate_checked(engine, reference, prompt)
             generate_checked(engine, reference, prompt + list(first.token_ids) + random_prompt(3))
-            assert engine.decodes_with_cuda_graph is graphed, policy
+            assert engine.decode_mode.startswith(mode), (policy, engine.decode_mode)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_piecewise_decode_over_a_real_hybrid_loader_across_generations_resets_and_policy_switches(deep_q, tmp_path):
+    """The product's path: the loader process streams a stretch of layers through its ring of 2 slots under
+    ``hybrid``, the engine replays the resident runs and runs the streamed layers eagerly, pass after pass."""
+    reference = reference_model(deep_q, tmp_path).to("cuda")
+    checkpoint = QuantizedCheckpoint(deep_q)
+    layers = checkpoint.config["num_hidden_layers"]
+
+    def mixed(placement) -> bool:
+        streamed_layers = [u for u in placement.streamed if u.startswith("layers.")]
+        return len(streamed_layers) >= 3 and len(streamed_layers) < layers
+
+    budget, placement = planned_budget(deep_q, 64, "hybrid", mixed)
+    units = [unit.name for unit in checkpoint.manifest.units]
+    expected = plan_segments(units, set(placement.streamed), layers)
+    captured = sum(s.captured for s in expected)
+    expected_mode = f"piecewise ({captured} graphs, {sum(len(s.units) for s in expected if not s.captured)} eager units)"
+    options = LoaderOptions(model=deep_q, gpu_memory=str(budget), policy="hybrid", device="cuda", max_context=64)
+    with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=60) as client:
+        assert set(placement.streamed) == streamed_units(client)
+        engine = Engine(checkpoint, client, device="cuda", max_context=64, prefill_chunk=4)
+        engine.eos_token_ids = frozenset()
+        prompt = random_prompt(9)
+        reply = generate_checked(engine, reference, prompt)
+        assert engine.decode_mode == expected_mode
+        graphs = engine._decoder.graphs
+        for _ in range(3):  # more turns on the same cache, all replaying the same graphs
+            conversation = prompt + list(reply.token_ids) + random_prompt(3)
+            reply = generate_checked(engine, reference, conversation)
+            prompt = conversation
+        engine.reset()
+        generate_checked(engine, reference, random_prompt(6))
+        assert engine._decoder.graphs is graphs
+
+        client.set_policy("stream")  # everything streams: nothing left to capture
+        generate_checked(engine, reference, random_prompt(6))
+        assert engine.decode_mode.startswith("eager: policy 'stream' streams")
+
+        client.set_policy("hybrid")  # the same placement again, under a new plan generation: captured anew
+        generate_checked(engine, reference, random_prompt(6))
+        assert engine.decode_mode == expected_mode and engine._decoder.graphs is not graphs
