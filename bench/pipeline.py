@@ -57,6 +57,7 @@ class BudgetResult:
     decode_tokens: int
     decode_context: int  # tokens in the KV cache at the end of the decode run
     decode_tokens_per_s: float
+    decode_mode: str  # Engine.decode_mode: "graph", "piecewise (...)" or "eager: <why>"
     resident_bytes_per_token: int  # weight bytes read from device memory per token
     streamed_bytes_per_token: float  # bytes copied host -> device per token, measured
     roofline_tokens_per_s: float
@@ -129,6 +130,7 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
                 before = _totals(client)
                 decode = engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=decode_tokens + 1))
                 after = _totals(client)
+                decode_mode = engine.decode_mode
         finally:
             client.close()
 
@@ -157,6 +159,7 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
         decode_tokens=decode.decode_tokens,
         decode_context=len(prompt) + len(decode.token_ids),
         decode_tokens_per_s=decode.decode_tokens_per_s,
+        decode_mode=decode_mode,
         resident_bytes_per_token=resident_bytes,
         streamed_bytes_per_token=streamed_per_token,
         roofline_tokens_per_s=roofline,
@@ -177,8 +180,8 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
     lines = [
         f"ceilings: pinned host->device {ceilings.h2d_gbps:.1f} GB/s, device->device {ceilings.d2d_gbps:.0f} GB/s",
         "| budget | policy | resident/streamed units | ready s | prefill tok/s | decode tok/s | roofline tok/s "
-        "| of roofline | streamed GB/token | wait ms/token | peak loader+compute GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| of roofline | decode mode | streamed GB/token | wait ms/token | peak loader+compute GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peak = r.peak_device_bytes
@@ -189,7 +192,7 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
         lines.append(
             f"| {r.budget} | {r.policy} | {r.resident_units}/{r.streamed_units} (K={r.ring_slots}) "
             f"| {r.engine_ready_s:.1f} | {r.prefill_tokens_per_s:.0f} | {r.decode_tokens_per_s:.1f} "
-            f"| {r.roofline_tokens_per_s:.1f} | {100 * r.fraction_of_roofline:.0f}% "
+            f"| {r.roofline_tokens_per_s:.1f} | {100 * r.fraction_of_roofline:.0f}% | {r.decode_mode} "
             f"| {r.streamed_bytes_per_token / 1e9:.2f} | {1e3 * r.compute_wait_s_per_token:.1f} | {peak_text} |"
         )
     return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""The benchmark's CPU-side behaviour: a clear refusal without a GPU, and its table from measured records."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench.pipeline import BudgetResult, Ceilings, bench, format_table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_refuses_without_a_gpu(tmp_path):
+    result = CliRunner().invoke(bench, ["--checkpoint", str(tmp_path / "ckpt")])
+    assert result.exit_code == 1
+    assert "needs a CUDA device" in result.output
+    assert not (tmp_path / "ckpt").exists()  # nothing synthesized before the refusal
+
+
+def test_table_sets_each_figure_beside_its_ceiling():
+    gib = 2**30
+    result = BudgetResult(
+        budget="12GiB", policy="hybrid", resident_units=30, streamed_units=35, ring_slots=2, loader_ready_s=9.5,
+        engine_ready_s=14.25, prefill_tokens=2048, prefill_tokens_per_s=5123.4, decode_tokens=64, decode_context=129,
+        decode_tokens_per_s=6.1, decode_mode="piecewise (2 graphs, 35 eager units)", resident_bytes_per_token=8 * 10**9,
+        streamed_bytes_per_token=8.4e9, roofline_tokens_per_s=6.4, fraction_of_roofline=6.1 / 6.4,
+        compute_wait_s_per_token=0.12, peak_device_bytes={"loader": 8 * gib, "compute": 3 * gib, "total": 11 * gib},
+    )  # fmt: skip
+    table = format_table(Ceilings(h2d_gbps=53.1, d2d_gbps=4263.0), [result])
+    assert "pinned host->device 53.1 GB/s, device->device 4263 GB/s" in table
+    row = table.splitlines()[-1]
+    for cell in ("12GiB", "30/35 (K=2)", "14.2", "5123", "6.1", "6.4", "95%", "8.40", "120.0", "8.00 + 3.00 = 11.00"):
+        assert cell in row, (cell, row)
