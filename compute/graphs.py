@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
@@ -178,6 +179,18 @@ def eager_segment(units: Sequence[str], num_layers: int) -> Segment:
     return Segment(embeds=True, layers=range(num_layers), head=True, units=tuple(units), captured=False)
 
 
+def describe(segments: Sequence[Segment]) -> str:
+    """"graph" when the step is one captured segment, else "piecewise (N graphs, M eager units)" for segments
+    with at least one captured; "eager" for a step without any."""
+    captured = sum(segment.captured for segment in segments)
+    if not captured:
+        return "eager"
+    if len(segments) == 1:
+        return "graph"
+    eager = sum(len(segment.units) for segment in segments if not segment.captured)
+    return f"piecewise ({captured} graphs, {eager} eager units)"
+
+
 class DecodeStep:
     """The static buffers of one decode step on ``device`` (a cache of ``max_context`` positions), and its pieces.
 
@@ -308,7 +321,7 @@ class DecodeGraphs:
         graphs: list[SegmentGraph | None] = []
         for segment in segments:
             if segment.captured:
-                graphs.append(SegmentGraph.capture(lambda: step.run(segment)))  # noqa: B023 (called at once)
+                graphs.append(SegmentGraph.capture(functools.partial(step.run, segment)))
             else:
                 step.run(segment)
                 graphs.append(None)
@@ -331,12 +344,8 @@ class DecodeGraphs:
 
     @property
     def description(self) -> str:
-        """"graph" when the whole step is one graph, else "piecewise (N graphs, M eager units)"."""
-        if len(self.segments) == 1:
-            return "graph"
-        captured = sum(graph is not None for graph in self.graphs)
-        eager = sum(len(s.units) for s, graph in zip(self.segments, self.graphs) if graph is None)
-        return f"piecewise ({captured} graphs, {eager} eager units)"
+        """How this step runs, as ``describe`` says."""
+        return describe(self.segments)
 
 
 class Decoder:
