@@ -229,15 +229,19 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
         results.append(run_budget(checkpoint, budget, policy=policy, max_context=max_context,
                                   prefill_tokens=prefill_tokens, decode_tokens=decode_tokens, ceilings=ceilings))  # fmt: skip
         click.echo(format_table(ceilings, results[-1:]).splitlines()[-1], err=True)
+        if json_path is not None:  # after every budget, so a run cut short keeps what it measured
+            _write_json(json_path, checkpoint, ceilings, results)
     click.echo(format_table(ceilings, results))
-    if json_path is not None:
-        record = {
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "gpu": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "host": platform.node(),
-            "checkpoint": str(checkpoint),
-            "ceilings": dataclasses.asdict(ceilings),
-            "results": [dataclasses.asdict(r) for r in results],
-        }
-        json_path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _write_json(path: Path, checkpoint: Path, ceilings: Ceilings, results: list[BudgetResult]) -> None:
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "checkpoint": str(checkpoint),
+        "ceilings": dataclasses.asdict(ceilings),
+        "results": [dataclasses.asdict(r) for r in results],
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
