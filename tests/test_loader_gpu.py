@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -70,7 +71,8 @@ class DeviceMemoryWatch:
     def _run(self, interval_s: float) -> None:
         while not self._stop.is_set():
             processes = self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
-            used = {p.pid: p.usedGpuMemory or 0 for p in processes}
+            # this test process may hold CUDA memory of earlier tests in the same session: not under test
+            used = {p.pid: p.usedGpuMemory or 0 for p in processes if p.pid != os.getpid()}
             for pid, nbytes in used.items():
                 self.per_process[pid] = max(self.per_process.get(pid, 0), nbytes)
             self.peak_processes = max(self.peak_processes, sum(used.values()))
