@@ -24,7 +24,7 @@ import zmq
 
 from loader.arena import PinnedArena
 from loader.layout import layout_units
-from loader.planner import SIZE, plan_placement
+from loader.planner import SIZE, choose_prefill_chunk, plan_placement
 from loader.policies import DEFAULT_POLICY, POLICIES, get_policy
 from loader.pool import DevicePool
 from loader.process import LoaderConfig, LoaderProcess, format_stats, pool_capacity
@@ -94,7 +94,14 @@ def run(config: LoaderConfig) -> int:
             config=checkpoint.config,
             max_context=config.max_context,
         )
-        placement = plan_for(policy=get_policy(config.policy), ring_slots=config.ring_slots, prefetch_depth=config.prefetch_depth)
+        policy_options = {
+            "policy": get_policy(config.policy),
+            "ring_slots": config.ring_slots,
+            "prefetch_depth": config.prefetch_depth,
+        }
+        # one chunk for every policy, so a policy switch never changes what compute's activations were counted for
+        plan_for = functools.partial(plan_for, prefill_chunk=choose_prefill_chunk(plan_for, **policy_options))
+        placement = plan_for(**policy_options)
     except (AddressError, FormatError, ValueError) as e:  # BudgetError is a ValueError
         return _refuse(str(e))
     if config.device == "cuda" and not _cuda_available():

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import click
 
@@ -268,6 +268,30 @@ def plan_placement(
         lines=tuple(fixed + _pool_lines(residency)),
         budget_bytes=budget_bytes,
     )
+
+
+PREFILL_CHUNKS = (2048, 1024)  # longer prefill chunks tried, longest first, before DEFAULT_PREFILL_CHUNK
+
+
+def choose_prefill_chunk(plan_for: Callable[..., Placement], **policy_options) -> int:
+    """The longest prefill chunk that costs the placement nothing.
+
+    Every prefill forward pass pays the per-layer launch costs once, so longer chunks prefill faster (on the
+    H200 the 32B model's 2048-token prefill ran 3915 tok/s in 512-token chunks). But a chunk's activations
+    come out of the same budget as resident layers: a longer chunk is taken only when the placement keeps
+    exactly the residency it has with ``DEFAULT_PREFILL_CHUNK`` — in practice, when everything is resident
+    with room to spare. ``plan_for`` is ``plan_placement`` with everything but ``prefill_chunk`` bound;
+    a ``BudgetError`` at the default chunk propagates (the budget is refused as it would be anyway).
+    """
+    default = plan_for(prefill_chunk=DEFAULT_PREFILL_CHUNK, **policy_options)
+    for chunk in PREFILL_CHUNKS:
+        try:
+            longer = plan_for(prefill_chunk=chunk, **policy_options)
+        except BudgetError:
+            continue
+        if (longer.resident, longer.streamed, longer.ring_slots) == (default.resident, default.streamed, default.ring_slots):
+            return chunk
+    return DEFAULT_PREFILL_CHUNK
 
 
 def _pool_lines(residency: Residency) -> list[tuple[str, int]]:

@@ -3,6 +3,8 @@ its refusals, its table, and parse_size."""
 
 from __future__ import annotations
 
+import functools
+
 import click
 from click.testing import CliRunner
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from loader.layout import layout_units
 from quantizer.checkpoint import QuantizedCheckpoint
 from loader.planner import (
+    choose_prefill_chunk,
     ALLOCATOR_MARGIN_BYTES,
     CUDA_CONTEXT_BYTES,
     SIZE,
@@ -205,3 +208,20 @@ def test_tiny_model_on_cpu_streams_through_a_small_ring(tiny_q, policy, slots):
     assert not any(what.startswith("CUDA") for what, _ in placement.lines)
     with pytest.raises(BudgetError, match=f"needed for policy '{policy}'"):
         plan_placement(budget_bytes=fixed + slots * largest - 1, ring_slots=slots, **kwargs)
+
+
+def test_a_longer_prefill_chunk_only_when_it_costs_no_residency():
+    def plan_for(budget):
+        return functools.partial(plan, budget)
+
+    # 24 GiB: everything resident with room to spare -> the longest chunk, still everything resident
+    assert choose_prefill_chunk(plan_for("24GiB")) == 2048
+    longest = plan("24GiB", prefill_chunk=2048)
+    assert longest.streamed == () and longest.total_bytes <= 24 * GiB
+    assert dict(longest.lines)["activations (prefill chunk 2048)"] > dict(plan("24GiB").lines)["activations (prefill chunk 512)"]
+    # 12 GiB: a longer chunk would push a layer out of the pool -> the default
+    assert choose_prefill_chunk(plan_for("12GiB")) == 512
+    assert len(plan("12GiB", prefill_chunk=1024).resident) < len(plan("12GiB").resident)
+    # what the default cannot fit is refused as before
+    with pytest.raises(BudgetError, match="is too small"):
+        choose_prefill_chunk(plan_for("4GiB"))
