@@ -7,7 +7,11 @@
 * everything else (embeddings, norms, biases) is assigned from the checkpoint's dense tensors, moved to
   ``device`` once; a tied lm_head (``tie_word_embeddings``) is a plain Linear sharing the embedding;
 * the rotary embedding is rebuilt on ``device`` (its ``inv_freq`` buffer is not in the checkpoint, and a module
-  built on the meta device has no values for it).
+  built on the meta device has no values for it);
+* on CUDA only, the small ops around the Linears run as fused Triton kernels (``_fuse_small_ops``): every
+  ``Qwen2RMSNorm`` is a ``compute.kernels.norm.FusedRMSNorm`` holding the same weight Parameter, and every SiLU
+  ``Qwen2MLP`` runs ``compute.kernels.activation.swiglu_mlp_forward``. Each differs from HF by at most one bf16
+  unit in the last place, and both are capturable in CUDA graphs. On CPU the modules are HF's, untouched.
 
 ``weights`` is anything with ``acquire(unit_name, stream=None) -> dict[str, Tensor]`` (full tensor names, e.g.
 ``model.layers.0.self_attn.q_proj.qweight`` / ``.scales``) and ``release(unit_name, stream=None)``: the
@@ -22,6 +26,7 @@ This module knows nothing about processes or the loader's placement; it only cal
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -29,8 +34,11 @@ from typing import Protocol
 import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 from compute.int4_linear import Int4Linear
+from compute.kernels.activation import swiglu_mlp_forward
+from compute.kernels.norm import FusedRMSNorm
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError
 
@@ -86,6 +94,8 @@ def build_model(
     _assign_dense_tensors(model, checkpoint, device, dtype)
     _rebuild_rotary_embedding(model, config, device)
     _check_materialized(model, checkpoint)
+    if device.type == "cuda":
+        _fuse_small_ops(model)
     model.unit_binder = UnitBinder(weights, device)
     for unit, linears in unit_linears.items():
         model.unit_binder.install(model, unit, linears)
@@ -153,6 +163,25 @@ def _rebuild_rotary_embedding(model: nn.Module, config: PretrainedConfig, device
     # Building a fresh module computes it exactly as transformers does (float32, from config.rope_parameters).
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=config).to(device)
+
+
+def _fuse_small_ops(model: nn.Module) -> None:
+    """Swap in the fused norm and SwiGLU kernels. Decode at batch 1 spends about as long launching HF's small
+    kernels (six per RMSNorm, two per activation) as the GEMVs take to read the weights (docs/performance.md).
+
+    The unit hooks sit on decoder layers and the lm_head, never on a norm or an MLP, so they are unaffected.
+    """
+    norms = [(name, module) for name, module in model.named_modules() if isinstance(module, Qwen2RMSNorm)]
+    for name, norm in norms:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, FusedRMSNorm.like(norm))
+    mlps = 0
+    if model.config.hidden_act == "silu":  # the kernel is SiLU's: any other activation keeps HF's forward
+        for module in model.modules():
+            if isinstance(module, Qwen2MLP):
+                module.forward = functools.partial(swiglu_mlp_forward, module)
+                mlps += 1
+    log.info("fused kernels: %d RMSNorms, %d MLP activations", len(norms), mlps)
 
 
 def _check_materialized(model: nn.Module, checkpoint: QuantizedCheckpoint) -> None:

@@ -1,0 +1,72 @@
+"""Fused SwiGLU for CUDA bf16: ``silu(gate) * up`` in one kernel instead of HF's two.
+
+HF's ``Qwen2MLP`` computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with ``act_fn = F.silu``; in bf16
+each of the two ops computes in fp32 and rounds to bf16, so ``silu_mul`` does the same::
+
+    act = (g / (1 + exp(-g))).to(bf16)     # g = gate.float(); PyTorch's silu formula
+    out = (act.float() * up.float()).to(bf16)
+
+It may differ from HF only where ``exp``'s last fp32 bit tips a bf16 rounding. Operands, as the kernel sees
+them (the Int4Linears' outputs are fresh contiguous tensors):
+
+    gate     [E]   bf16, contiguous (E = every element of the [..., I] gate_proj output)
+    up       [E]   bf16, contiguous, the same shape as gate
+    out      [E]   bf16, contiguous (freshly allocated)
+
+The kernel allocates nothing and never synchronises with the host, so a call can be captured in a CUDA graph.
+
+``swiglu_mlp_forward(mlp, x)`` is ``Qwen2MLP.forward`` with the fused op on CUDA bf16 (its Linears, Int4Linears
+in this engine, unchanged); anywhere else it is HF's forward, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import nn
+
+__all__ = ["reference_silu_mul", "silu_mul", "swiglu_mlp_forward"]
+
+_BLOCK = 1024  # elements per program: the 32B model's 27648-wide decode row is 27 programs
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: long prefills pass 2**31
+    mask = offsets < n
+    gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16)  # F.silu's result is rounded to bf16 before the product
+    tl.store(out_ptr + offsets, (act.to(tl.float32) * up).to(tl.bfloat16), mask=mask)
+
+
+def reference_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """What HF's ``Qwen2MLP`` does between its Linears (``act_fn`` is ``F.silu`` for ``hidden_act="silu"``)."""
+    return F.silu(gate) * up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for bf16 tensors of one shape, by the fused kernel (CUDA tensors, or CPU ones under the
+    Triton interpreter)."""
+    if not (gate.dtype == torch.bfloat16 and up.dtype == torch.bfloat16):
+        raise ValueError(f"silu_mul needs bf16 tensors, got gate {gate.dtype} and up {up.dtype}")
+    if gate.shape != up.shape or gate.device != up.device:
+        raise ValueError(f"gate and up must have one shape on one device, got {tuple(gate.shape)} on {gate.device} "
+                         f"and {tuple(up.shape)} on {up.device}")  # fmt: skip
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        _silu_mul_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=4)
+    return out
+
+
+def swiglu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``Qwen2MLP.forward`` of ``mlp`` (a ``hidden_act="silu"`` MLP), the activation fused on CUDA bf16."""
+    gate = mlp.gate_proj(x)
+    up = mlp.up_proj(x)
+    if gate.is_cuda and gate.dtype == torch.bfloat16 and up.dtype == torch.bfloat16:
+        return mlp.down_proj(silu_mul(gate, up))
+    return mlp.down_proj(mlp.act_fn(gate) * up)
