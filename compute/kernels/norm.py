@@ -67,8 +67,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x2d.shape[0]:
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(x2d.shape[0],)](
-            x2d, weight.contiguous(), out, x2d.stride(0), hidden, eps, BLOCK_H=block, num_warps=4 if block <= 2048 else 8
-        )
+            x2d, weight.contiguous(), out, x2d.stride(0), hidden, eps,
+            BLOCK_H=block, num_warps=4 if block <= 2048 else 8,
+        )  # fmt: skip
     return out.reshape(x.shape)
 
 
