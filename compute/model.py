@@ -10,8 +10,8 @@
   built on the meta device has no values for it);
 * on CUDA only, the small ops around the Linears run as fused Triton kernels (``_fuse_small_ops``): every
   ``Qwen2RMSNorm`` is a ``compute.kernels.norm.FusedRMSNorm`` holding the same weight Parameter, and every SiLU
-  ``Qwen2MLP`` runs ``compute.kernels.activation.swiglu_mlp_forward``. Each differs from HF by at most one bf16
-  unit in the last place, and both are capturable in CUDA graphs. On CPU the modules are HF's, untouched.
+  ``Qwen2MLP`` runs ``compute.kernels.activation.swiglu_mlp_forward``. Both do HF's arithmetic (an output differs
+  only where fp32 noise tips a bf16 rounding, by an ulp or two), and both are capturable in CUDA graphs. On CPU the modules are HF's, untouched.
 
 ``weights`` is anything with ``acquire(unit_name, stream=None) -> dict[str, Tensor]`` (full tensor names, e.g.
 ``model.layers.0.self_attn.q_proj.qweight`` / ``.scales``) and ``release(unit_name, stream=None)``: the
@@ -166,8 +166,8 @@ def _rebuild_rotary_embedding(model: nn.Module, config: PretrainedConfig, device
 
 
 def _fuse_small_ops(model: nn.Module) -> None:
-    """Swap in the fused norm and SwiGLU kernels. Decode at batch 1 spends about as long launching HF's small
-    kernels (six per RMSNorm, two per activation) as the GEMVs take to read the weights (docs/performance.md).
+    """Swap in the fused norm and SwiGLU kernels: at batch-1 decode HF's small kernels (six per RMSNorm, two per
+    activation, 1-5 us each even in a replayed graph) are a large part of a token's time (docs/performance.md).
 
     The unit hooks sit on decoder layers and the lm_head, never on a norm or an MLP, so they are unaffected.
     """

@@ -5,8 +5,8 @@
     normed = (x.float() * rsqrt(mean(x.float() ** 2) + eps)).to(bf16)
     out = weight * normed            # a bf16 product: fp32 multiply, rounded to bf16
 
-so it may differ from HF only where the fp32 sum's order or ``rsqrt``'s last bit tips a bf16 rounding (one bf16
-unit in the last place at most). Operands, as the kernel sees them:
+so it may differ from HF only where the fp32 sum's order or ``rsqrt``'s last bit tips the first bf16 rounding
+(rare: an ulp of the normalised value, an ulp or two of the output). Operands, as the kernel sees them:
 
     x        [R, H]   bf16, unit stride along H, row stride ``stride_x`` (R = every leading dimension of x)
     weight   [H]      bf16, contiguous
