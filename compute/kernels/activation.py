@@ -7,8 +7,7 @@ each of the two ops computes in fp32 and rounds to bf16, so ``silu_mul`` does th
     out = (act.float() * up.float()).to(bf16)
 
 It may differ from HF only where ``exp``'s last fp32 bit tips the first bf16 rounding (rare: an ulp or two of
-the output). Operands, as the kernel sees
-them (the Int4Linears' outputs are fresh contiguous tensors):
+the output). Operands, as the kernel sees them (the Int4Linears' outputs are fresh contiguous tensors):
 
     gate     [E]   bf16, contiguous (E = every element of the [..., I] gate_proj output)
     up       [E]   bf16, contiguous, the same shape as gate
