@@ -33,7 +33,10 @@ if ! has_spillover "$python"; then
         if command -v nvidia-smi >/dev/null; then
             "$python" -m pip install "torch==$TORCH_VERSION" >&2
         else
-            "$python" -m pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu >&2
+            # --no-deps: only the wheel comes from PyTorch's CPU index; its dependencies come with the
+            # project's, from the usual index (an unreachable CPU index then costs one retry, not one per package)
+            "$python" -m pip install --retries 1 --no-deps "torch==$TORCH_VERSION" \
+                --index-url https://download.pytorch.org/whl/cpu >&2
         fi
         "$python" -m pip install -e "$here[dev]" >&2  # [dev]: pytest, for the test command
     fi
