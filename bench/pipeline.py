@@ -62,7 +62,7 @@ class BudgetResult:
     streamed_bytes_per_token: float  # bytes copied host -> device per token, measured
     roofline_tokens_per_s: float
     fraction_of_roofline: float
-    compute_wait_s_per_token: float  # time compute waited for ring slots, per token
+    compute_wait_s_per_token: float  # host time compute waited for the loader to enqueue a fill, per token (a device-side wait on a copy in flight is not seen)
     peak_device_bytes: dict  # role -> bytes (NVML), and "total"
 
 
@@ -180,7 +180,7 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
     lines = [
         f"ceilings: pinned host->device {ceilings.h2d_gbps:.1f} GB/s, device->device {ceilings.d2d_gbps:.0f} GB/s",
         "| budget | policy | resident/streamed units | ready s | prefill tok/s | decode tok/s | roofline tok/s "
-        "| of roofline | decode mode | streamed GB/token | wait ms/token | peak loader+compute GiB |",
+        "| of roofline | decode mode | streamed GB/token | host wait ms/token | peak loader+compute GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
