@@ -1,9 +1,14 @@
 """Where each quantized tensor sits inside its unit: the one byte layout shared by host arena and device pool.
 
 A *unit* (one decoder layer, or an untied ``lm_head``; see ``Manifest.units``) is the piece that is placed
-and copied as one. Its bytes are its Linears' tensors in manifest order, ``qweight`` then ``scales`` per
-Linear, each starting at a multiple of ``ALIGNMENT`` bytes; the unit's size is rounded up to ``ALIGNMENT``
-too, so units laid back to back stay aligned. The pinned arena (host) and the device pool use this same
+and copied as one. Its bytes are the ``qweight`` of every Linear in manifest order, back to back, then, from
+the next multiple of ``ALIGNMENT``, the ``scales`` of every Linear in the same order, back to back; the unit's
+size is rounded up to ``ALIGNMENT`` too, so units laid back to back stay aligned. Packed back to back, the
+weights of Linears that share their input and follow each other in the manifest (a layer's q/k/v
+projections, its gate/up projections) form one ``[sum of N, K / 2]`` matrix and one ``[sum of N, K / 128]``
+scale matrix, which the decode step multiplies in one GEMV (``compute.decode``). Every ``qweight`` starts at a
+multiple of 64 bytes (a row is ``K / 2`` bytes with ``K`` a multiple of 128), which the GEMV's 16-byte loads
+need; a ``scales`` tensor starts at a multiple of 2 bytes. The pinned arena (host) and the device pool use this same
 layout, which is what makes moving a unit a single contiguous copy, and lets the compute process view a
 tensor at ``unit base + slot.offset`` without any per-tensor bookkeeping on the wire.
 
@@ -33,7 +38,7 @@ class TensorSlot:
     """One tensor's place inside its unit."""
 
     name: str  # full tensor name, e.g. "model.layers.0.mlp.up_proj.qweight"
-    offset: int  # bytes from the start of the unit; a multiple of ALIGNMENT
+    offset: int  # bytes from the start of the unit (qweight: a multiple of 64, scales: of 2)
     nbytes: int  # the tensor's own size in bytes (unpadded)
     dtype: str  # safetensors dtype string: "U8" for qweight, "BF16" for scales
     shape: tuple[int, ...]
@@ -46,7 +51,7 @@ class UnitLayout:
     name: str  # "layers.0" ... "layers.{L-1}", "lm_head"
     index: int  # position in execution order, from 0
     nbytes: int  # total bytes, a multiple of ALIGNMENT
-    tensors: tuple[TensorSlot, ...]  # manifest order: qweight, scales of each Linear
+    tensors: tuple[TensorSlot, ...]  # every Linear's qweight in manifest order, then every Linear's scales
 
     def slot(self, tensor_name: str) -> TensorSlot:
         for slot in self.tensors:
@@ -62,8 +67,9 @@ def layout_units(manifest: Manifest) -> list[UnitLayout]:
     for index, unit in enumerate(manifest.units):
         slots = []
         offset = 0
-        for linear in unit.linears:
-            for suffix in (QWEIGHT_SUFFIX, SCALES_SUFFIX):
+        for suffix in (QWEIGHT_SUFFIX, SCALES_SUFFIX):
+            offset = align_up(offset)
+            for linear in unit.linears:
                 name = linear + suffix
                 entry = entries.get(name)
                 if entry is None:
@@ -73,6 +79,6 @@ def layout_units(manifest: Manifest) -> list[UnitLayout]:
                 nbytes = math.prod(entry.shape) * DTYPE_BYTES[entry.dtype]
                 shape = tuple(entry.shape)
                 slots.append(TensorSlot(name=name, offset=offset, nbytes=nbytes, dtype=entry.dtype, shape=shape))
-                offset = align_up(offset + nbytes)
-        layouts.append(UnitLayout(name=unit.name, index=index, nbytes=offset, tensors=tuple(slots)))
+                offset += nbytes
+        layouts.append(UnitLayout(name=unit.name, index=index, nbytes=align_up(offset), tensors=tuple(slots)))
     return layouts

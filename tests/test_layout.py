@@ -1,4 +1,4 @@
-"""layout_units: manifest order, qweight then scales per Linear, every offset and every unit size aligned."""
+"""layout_units: every qweight in manifest order, back to back, then every scales tensor; blocks and units aligned."""
 
 from __future__ import annotations
 
@@ -39,18 +39,22 @@ def test_layout_order_alignment_and_sizes(lm_head):
     assert [u.name for u in units] == [u.name for u in manifest.units]
     assert [u.index for u in units] == list(range(len(units)))
     for unit, entry in zip(units, manifest.units):
-        expected_names = [linear + suffix for linear in entry.linears for suffix in (".qweight", ".scales")]
+        expected_names = [linear + suffix for suffix in (".qweight", ".scales") for linear in entry.linears]
         assert [s.name for s in unit.tensors] == expected_names
         end = 0
         for slot in unit.tensors:
             out_features, in_features = shapes[slot.name.rsplit(".", 1)[0]]
             if slot.name.endswith(".qweight"):
                 assert (slot.dtype, slot.shape) == ("U8", (out_features, in_features // 2))
+                assert slot.offset % 64 == 0  # the GEMV's 16-byte loads
             else:
                 assert (slot.dtype, slot.shape) == ("BF16", (out_features, in_features // 128))
             assert slot.nbytes == math.prod(slot.shape) * (1 if slot.dtype == "U8" else 2)
-            assert slot.offset % ALIGNMENT == 0
-            assert end <= slot.offset < end + ALIGNMENT  # packed: no more padding than the alignment needs
+            first_scales = slot.name == entry.linears[0] + ".scales"
+            if slot is unit.tensors[0] or first_scales:  # each block starts aligned, with no more padding than that
+                assert slot.offset % ALIGNMENT == 0 and end <= slot.offset < end + ALIGNMENT
+            else:  # back to back inside a block: adjacent Linears form one matrix
+                assert slot.offset == end
             end = slot.offset + slot.nbytes
         assert unit.nbytes % ALIGNMENT == 0 and end <= unit.nbytes < end + ALIGNMENT
         assert unit.slot(unit.tensors[-1].name) == unit.tensors[-1]
