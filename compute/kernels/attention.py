@@ -1,0 +1,460 @@
+"""The batch-1 decode step of a Qwen2 attention layer in three Triton launches, for CUDA bf16 and CUDA graphs.
+
+HF's decode step runs its rotary embedding (about ten small kernels), ``StaticLayer.update`` (``index_copy_``
+and ``cumulative_length.add_``) and an attention of several ops over the whole static cache. Here:
+
+* ``rotary_cache_write`` (one launch) adds the fused q/k/v projection's split-K partial sums and bias, rotates
+  the q and k heads, writes k and v into the cache at ``position`` and returns the rotated query. Its arithmetic
+  is HF's, rounding for rounding (``reference_rotary_cache_write``)::
+
+      x = bf16(partials[0] + partials[1] + ... + bias)                 # fp32 sum, in this order, one rounding
+      out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))           # q and k heads; v is x itself
+
+  ``rotate_half(x) = cat(-x[D/2:], x[:D/2])``. The kernel sums the partials in the reference's order and rounds
+  at the same points, so on CUDA it is the reference bit for bit (its launch turns FP fusion off: LLVM would
+  otherwise contract a product and the sum into one bf16 FMA, skipping a rounding). HF's own bf16 ``F.linear``
+  rounds one fp32 accumulation in cuBLAS's order, so against HF the projection may differ by an ulp where the
+  order tips a rounding.
+* ``decode_attention`` (two launches) is ``softmax(scale * q k^T) v`` over cache positions ``0 .. position``,
+  query head ``h`` reading KV head ``h // (H / KVH)`` (HF's ``repeat_kv``), split over the cache ("flash
+  decoding"): ``_split_attention_kernel`` leaves one fp32 partial output and log-sum-exp per (head, split),
+  ``_combine_kernel`` weighs the splits into the bf16 output. Scores, running maxima and sums are fp32; the
+  probabilities enter the second product as bf16, as in HF's eager attention (``softmax(...).to(bf16)``).
+  Against float64 the output is within ``2**-8 * (|out| + sum_i p_i |v_i|)`` per element (bf16 probabilities
+  and the output's rounding, each half an ulp; fp32 scores add far less for scores of ordinary size).
+
+Operands, as the kernels see them (H query heads, KVH KV heads, G = H / KVH, D the head size, a power of two in
+16 ... 256, C the cache capacity, S split-K partial sums, N = (H + 2 KVH) D):
+
+    qkv_partials   [S, 1, N]        fp32, contiguous: features q heads, then k heads, then v heads, D each
+    bias           [N] or absent    bf16
+    cos, sin       [1, 1, D]        bf16 (``Qwen2RotaryEmbedding``'s output for the position)
+    key_cache      [1, KVH, C, D]   bf16, contiguous (a ``StaticLayer``'s ``keys``); value_cache the same
+    position       [1] or [1, 1]    int64, on the device: the token's position, never read by the host
+    cache_length   []               int64 or absent (``StaticLayer.cumulative_length``): set to position + 1
+    q              [1, H, D]        bf16, contiguous (``rotary_cache_write``'s result)
+    out            [1, 1, H * D]    bf16, head-major (element h * D + d): HF's attention output after its
+                                    ``reshape(B, T, H * D)``, what ``o_proj`` takes
+
+Why this design:
+
+* Rotary: one program per head (H + 2 KVH programs of D lanes), each reading its head's partials twice (the
+  values and their ``rotate_half`` partners; the second read hits L1), so nothing crosses programs.
+* Split-KV: at batch 1 one program per KV head would leave all but KVH of the GPU's SMs idle, so the cache is cut
+  into blocks of ``block_keys`` positions dealt out to ``splits`` programs per KV head, grid ``(KVH, splits)``:
+  split ``s`` takes blocks ``s, s + splits, s + 2 splits, ...``. The config depends only on C (``split_config``:
+  64-key blocks, at most ``MAX_SPLITS`` splits), so the grid and the workspaces are shapes, not data; dealing the
+  blocks out round-robin spreads the live ones, ``0 .. position``, evenly over the splits whatever the position,
+  so a short context runs one block per program and a long one keeps every program busy. (Contiguous pieces of
+  the cache, one per split, took 14 us at position 1000 of a 32768-position cache on the H200, as only two pieces
+  held live keys.) A program with no live block returns at once, blocks past ``position`` are skipped, and the
+  combine reads only splits that hold a live block; positions past ``position`` inside the last live block are
+  masked loads, never read, so whatever the cache holds there (stale keys, NaN) cannot reach the output.
+* Each program serves all G query heads of its KV head: q is a ``[BLOCK_G, D]`` tile (G padded to a power of two,
+  at least 16) and both products are ``tl.dot`` on tensor cores, so each key and value row is read from memory
+  once for the G heads. With broadcast FMAs a ``[G, BLOCK_N, D]`` product would sit in registers for every block
+  of keys; on tensor cores the padding rows (11 of 16 for the 32B model's G = 5) cost nothing, the kernel being
+  bound by the bytes of K and V.
+* Positions are a device tensor read by the kernels; nothing synchronises with the host and every allocation's
+  size depends on shapes only, so a call can be captured in a CUDA graph and replayed for any position.
+
+Measured on the H200 (2026-12-01, torch 2.11, Triton 3.6; each call alone in a CUDA graph, ``do_bench_cudagraph``),
+the 32B model's shapes: ``rotary_cache_write`` with eight partials 1.7 us; ``decode_attention`` on a 4096-position
+cache 5.6 / 7.6 / 8.8 us at positions 100 / 2000 / 4095 (the ops of ``compute.graphs.grouped_decode_attention``:
+26.8 us at any position), on a 32768-position cache 7.0 / 24.1 / 39.5 us at positions 1000 / 16000 / 32767 (the
+last reads 128 MB of K and V: 3.3 TB/s). Of 32- to 128-key blocks, at most 32 or 64 splits and 4 or 8 warps,
+``split_config``'s choice (64, 64, 4 warps) was the fastest at the two longest contexts and within 10% of the
+fastest at each of these points.
+
+What it promises, and what it does not: for ``0 <= position < C`` the results above; for any position value, no
+read or write outside the cache (outside ``[0, C)`` nothing is written; a position past the cache attends over all
+of it, a negative one gives NaN). The Triton interpreter (CPU tensors) runs the same kernels, its dots widened to
+fp32 (its bf16 ``tl.dot`` is wrong, as in gemv.py) and its fp32 -> bf16 conversions truncating rather than
+rounding (docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "MAX_SPLITS",
+    "SplitConfig",
+    "decode_attention",
+    "reference_decode_attention",
+    "reference_rotary_cache_write",
+    "rotary_cache_write",
+    "split_config",
+]
+
+MAX_SPLITS = 64  # splits per KV head at most: the combine holds [splits, D] fp32 in one program
+_BLOCK_KEYS = 64  # keys per block: a [64, D] tile of K and one of V per step of a program
+_MIN_DOT_ROWS = 16  # the smallest tensor-core tile: q tiles have at least this many rows
+_LOG2_E = 1.4426950408889634  # scores are kept in base 2, for exp2
+
+
+@triton.jit
+def _projection(part_ptr, bias_ptr, features, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """bf16(partials[0] + ... + partials[SPLITS - 1] + bias) at ``features``, summed in that order in fp32."""
+    total = tl.load(part_ptr + features)
+    for split in tl.static_range(1, SPLITS):
+        total += tl.load(part_ptr + split * N + features)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + features).to(tl.float32)
+    return total.to(tl.bfloat16)
+
+
+@triton.jit
+def _rotary_cache_write_kernel(
+    part_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr, position_ptr, length_ptr,
+    N, C,
+    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LENGTH: tl.constexpr,
+):
+    """Head ``program_id(0)`` of the projection (q heads, then k heads, then v heads): rotated into ``q`` or
+    into the key cache, or unrotated into the value cache, at ``position``."""
+    head = tl.program_id(0)
+    d = tl.arange(0, D)
+    x = _projection(part_ptr, bias_ptr, head * D + d, N, SPLITS, HAS_BIAS).to(tl.float32)
+    # rotate_half(x)[d] = -x[d + D/2] for d < D/2, x[d - D/2] otherwise: the partner is computed again, from the
+    # same partials in the same order, so it is bit for bit the value another lane holds
+    partner = _projection(part_ptr, bias_ptr, head * D + (d + D // 2) % D, N, SPLITS, HAS_BIAS).to(tl.float32)
+    rotated_half = tl.where(d < D // 2, -partner, partner)
+    cos = tl.load(cos_ptr + d).to(tl.float32)
+    sin = tl.load(sin_ptr + d).to(tl.float32)
+    # HF rounds both products to bf16 before the sum (three bf16 ops). LLVM narrows these fp32 ops to bf16 ones
+    # (exact: fp32 holds a bf16 product exactly and a bf16 sum to more than twice bf16's precision) and would then
+    # contract a product and the sum into one FMA; the launch turns FP fusion off to keep the rounding.
+    rotated = ((x * cos).to(tl.bfloat16).to(tl.float32) + (rotated_half * sin).to(tl.bfloat16).to(tl.float32)).to(
+        tl.bfloat16
+    )
+    position = tl.load(position_ptr)
+    # a position outside the cache writes nothing (a scalar condition turned into a lane count: the interpreter
+    # mishandles a boolean scalar broadcast against a vector)
+    in_cache = d < tl.where((position >= 0) & (position < C), D, 0)
+    if head < H:
+        tl.store(q_ptr + head * D + d, rotated)
+    elif head < H + KVH:
+        row = ((head - H).to(tl.int64) * C + position) * D
+        tl.store(k_cache_ptr + row + d, rotated, mask=in_cache)
+    else:
+        row = ((head - H - KVH).to(tl.int64) * C + position) * D
+        tl.store(v_cache_ptr + row + d, x.to(tl.bfloat16), mask=in_cache)
+    if HAS_LENGTH:
+        if head == 0:
+            tl.store(length_ptr, position + 1)
+
+
+@triton.jit
+def _split_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, position_ptr, part_ptr, lse_ptr,
+    C, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, STEPS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):
+    """KV head ``program_id(0)``, key blocks ``split, split + SPLITS, ...`` (``split`` = ``program_id(1)``, STEPS
+    blocks of BLOCK_N positions at most), for the G query heads that share it.
+
+    Writes, for each of those heads, the softmax-weighted mean of this split's values (fp32, ``part [H, SPLITS,
+    D]``) and the base-2 log-sum-exp of its scaled scores (``lse [H, SPLITS]``), if the split holds any position up
+    to ``position``; otherwise nothing. ``qk_scale`` is the softmax scale times log2(e).
+    """
+    kv = tl.program_id(0)
+    split = tl.program_id(1)
+    live = tl.minimum(tl.load(position_ptr) + 1, C)  # keys 0 .. position attend
+    if split * BLOCK_N < live:  # the split's first block holds a live key
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        heads = kv * G + g
+        real = g < G  # rows past G pad the tile to tensor-core size: q reads as 0 there, nothing is stored
+        q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
+        cache_rows = kv.to(tl.int64) * C
+        m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)  # running maximum of the scores (base 2)
+        l_i = tl.zeros((BLOCK_G,), tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros((BLOCK_G, D), tl.float32)  # running sum of exp2(score - m_i) * v
+        # A constant trip count (the interpreter of Triton 3.6 cannot loop to a loaded bound); the first step holds a
+        # live key, so m_i is finite after it, and blocks past `live` are skipped.
+        for step in range(STEPS):
+            start = (split + step * SPLITS) * BLOCK_N
+            if start < live:
+                n = start + tl.arange(0, BLOCK_N)
+                valid = n < live
+                ptrs = (cache_rows + n.to(tl.int64))[:, None] * D + d[None, :]  # (BLOCK_N, D)
+                k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+                v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+                if DOT_IN_FP32:
+                    scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+                else:
+                    scores = tl.dot(q, tl.trans(k))
+                scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(scores - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None]
+                if DOT_IN_FP32:
+                    acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(p.to(tl.bfloat16), v, acc)  # HF's eager attention also multiplies bf16 probabilities
+                m_i = m_new
+        slots = heads.to(tl.int64) * SPLITS + split
+        tl.store(part_ptr + slots[:, None] * D + d[None, :], acc / l_i[:, None], mask=real[:, None])
+        tl.store(lse_ptr + slots, m_i + tl.log2(l_i), mask=real)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, lse_ptr, position_ptr, out_ptr, C,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Query head ``program_id(0)``: the splits' partial outputs weighed by ``exp2(lse)``, rounded to bf16. Splits
+    whose first block starts past ``position`` were not written and are not read."""
+    head = tl.program_id(0)
+    live = tl.minimum(tl.load(position_ptr) + 1, C)
+    s = tl.arange(0, BLOCK_S)
+    used = (s < SPLITS) & (s * BLOCK_N < live)
+    slots = head.to(tl.int64) * SPLITS + s
+    lse = tl.load(lse_ptr + slots, mask=used, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, axis=0))  # 0 for unused splits
+    d = tl.arange(0, D)
+    part = tl.load(part_ptr + slots[:, None] * D + d[None, :], mask=used[:, None], other=0.0)  # (BLOCK_S, D)
+    out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    tl.store(out_ptr + head * D + d, out.to(tl.bfloat16))
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """How ``decode_attention`` spreads the cache over programs."""
+
+    block_keys: int  # cache positions per block, a power of two of at least 16: one step of a program
+    splits: int  # programs per KV head; split s takes blocks s, s + splits, s + 2 splits, ...
+
+
+def split_config(capacity: int) -> SplitConfig:
+    """The config for a cache of ``capacity`` positions: 64-key blocks, one split per block up to ``MAX_SPLITS``."""
+    return SplitConfig(block_keys=_BLOCK_KEYS, splits=min(MAX_SPLITS, triton.cdiv(capacity, _BLOCK_KEYS)))
+
+
+def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[int, int, int]:
+    """(KVH, C, D) of a valid key/value cache pair, else ValueError."""
+    if key_cache.dtype != torch.bfloat16 or value_cache.dtype != torch.bfloat16:
+        raise ValueError(f"the caches must be bf16, got keys {key_cache.dtype} and values {value_cache.dtype}")
+    if key_cache.dim() != 4 or key_cache.shape[0] != 1 or key_cache.shape != value_cache.shape:
+        raise ValueError(
+            f"the caches must both be [1, KVH, C, D], got keys {tuple(key_cache.shape)} and values "
+            f"{tuple(value_cache.shape)}"
+        )
+    if key_cache.device != value_cache.device:
+        raise ValueError(
+            f"the caches must be on one device, got keys on {key_cache.device} and values on {value_cache.device}"
+        )
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("the caches must be contiguous (the kernels write into them in place)")
+    _, kv_heads, capacity, head_dim = key_cache.shape
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"head size D = {head_dim} is not supported: it must be a power of two from 16 to 256")
+    if capacity == 0:
+        raise ValueError("the caches hold no positions (C = 0)")
+    return kv_heads, capacity, head_dim
+
+
+def _check_position(position: torch.Tensor, device: torch.device) -> None:
+    if position.dtype != torch.int64 or position.numel() != 1 or position.device != device:
+        raise ValueError(
+            f"position must be a one-element int64 tensor on {device} (shape [1] or [1, 1]), got {position.dtype} "
+            f"{tuple(position.shape)} on {position.device}"
+        )
+
+
+def _check_rotary_operands(
+    qkv_partials: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    position: torch.Tensor,
+    cache_length: torch.Tensor | None,
+    num_heads: int,
+    num_kv_heads: int,
+) -> None:
+    kv_heads, _, head_dim = _check_cache(key_cache, value_cache)
+    device = key_cache.device
+    if num_kv_heads != kv_heads or num_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_heads = {num_heads} must be a positive multiple of num_kv_heads = {num_kv_heads}, which must be the "
+            f"caches' KVH = {kv_heads}"
+        )
+    n = (num_heads + 2 * num_kv_heads) * head_dim
+    if qkv_partials.dtype != torch.float32 or qkv_partials.dim() != 3 or qkv_partials.shape[1:] != (1, n):
+        raise ValueError(
+            f"qkv_partials must be fp32 [S, 1, N] with N = (H + 2 KVH) D = {n}, got {qkv_partials.dtype} "
+            f"{tuple(qkv_partials.shape)}"
+        )
+    if qkv_partials.shape[0] == 0:
+        raise ValueError("qkv_partials holds no partial sums (S = 0)")
+    if bias is not None and (bias.dtype != torch.bfloat16 or tuple(bias.shape) != (n,)):
+        raise ValueError(f"bias must be bf16 [N] = [{n}] or None, got {bias.dtype} {tuple(bias.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.bfloat16 or t.numel() != head_dim or t.shape[-1] != head_dim:
+            raise ValueError(f"{name} must be bf16 [1, 1, D] with D = {head_dim}, got {t.dtype} {tuple(t.shape)}")
+    _check_position(position, device)
+    if cache_length is not None and (cache_length.dtype != torch.int64 or cache_length.dim() != 0):
+        raise ValueError(
+            f"cache_length must be a 0-d int64 tensor or None, got {cache_length.dtype} {tuple(cache_length.shape)}"
+        )
+    operands = {"qkv_partials": qkv_partials, "bias": bias, "cos": cos, "sin": sin, "cache_length": cache_length}
+    for name, t in operands.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the caches are on {device}: all must be on one device")
+
+
+def rotary_cache_write(
+    qkv_partials: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    position: torch.Tensor,
+    cache_length: torch.Tensor | None,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """Sum the q/k/v projection's partials and bias, rotate q and k, write k and v into the caches at ``position``
+    and set ``cache_length`` to ``position + 1``; returns the rotated query ``[1, H, D]`` bf16. One launch (CUDA
+    tensors, or CPU ones under the Triton interpreter); operands as in the module docstring."""
+    _check_rotary_operands(
+        qkv_partials, bias, cos, sin, key_cache, value_cache, position, cache_length, num_heads, num_kv_heads
+    )
+    splits, _, n = qkv_partials.shape
+    capacity, head_dim = key_cache.shape[2], key_cache.shape[3]
+    q = torch.empty((1, num_heads, head_dim), dtype=torch.bfloat16, device=key_cache.device)  # (B, H, D)
+    partials = qkv_partials.contiguous()
+    _rotary_cache_write_kernel[(num_heads + 2 * num_kv_heads,)](
+        partials, bias if bias is not None else partials, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(),
+        q, key_cache, value_cache, position, cache_length if cache_length is not None else position,
+        n, capacity,
+        H=num_heads, KVH=num_kv_heads, D=head_dim, SPLITS=splits,
+        HAS_BIAS=bias is not None, HAS_LENGTH=cache_length is not None,
+        num_warps=1,
+        enable_fp_fusion=False,  # else LLVM turns bf16(x * cos) + ... into one bf16 FMA, dropping HF's rounding
+    )  # fmt: skip
+    return q
+
+
+def decode_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    position: torch.Tensor,
+    scale: float,
+    *,
+    config: SplitConfig | None = None,
+) -> torch.Tensor:
+    """``softmax(scale * q k^T) v`` of ``q [1, H, D]`` over cache positions ``0 .. position`` -> ``[1, 1, H * D]``
+    bf16, head-major. Two launches (CUDA tensors, or CPU ones under the Triton interpreter). ``config`` overrides
+    ``split_config(C)``, for tests of many splits and blocks on small caches."""
+    kv_heads, capacity, head_dim = _check_cache(key_cache, value_cache)
+    device = key_cache.device
+    if q.dtype != torch.bfloat16 or q.dim() != 3 or q.shape[0] != 1 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be bf16 [1, H, D] with D = {head_dim}, got {q.dtype} {tuple(q.shape)}")
+    heads = q.shape[1]
+    if heads == 0 or heads % kv_heads:
+        raise ValueError(f"q's H = {heads} query heads must be a positive multiple of the caches' KVH = {kv_heads}")
+    if q.device != device:
+        raise ValueError(f"q is on {q.device} but the caches are on {device}: all must be on one device")
+    _check_position(position, device)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+    config = config or split_config(capacity)
+    block_keys, splits = config.block_keys, config.splits
+    if block_keys < 16 or block_keys & (block_keys - 1) or not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"{config} must have block_keys a power of two of at least 16 and 1 ... {MAX_SPLITS} splits")
+    steps = triton.cdiv(triton.cdiv(capacity, block_keys), splits)  # blocks per split, at most
+    group = heads // kv_heads
+    part = torch.empty((heads, splits, head_dim), dtype=torch.float32, device=device)  # (H, splits, D)
+    lse = torch.empty((heads, splits), dtype=torch.float32, device=device)  # (H, splits)
+    out = torch.empty((1, 1, heads * head_dim), dtype=torch.bfloat16, device=device)  # (B, T, H * D)
+    q = q.contiguous()
+    _split_attention_kernel[(kv_heads, splits)](
+        q, key_cache, value_cache, position, part, lse,
+        capacity, scale * _LOG2_E,
+        G=group, D=head_dim, SPLITS=splits, STEPS=steps,
+        BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(group)), BLOCK_N=block_keys,
+        DOT_IN_FP32=device.type == "cpu",  # on CPU the kernels only run in the Triton interpreter
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    _combine_kernel[(heads,)](
+        part, lse, position, out, capacity,
+        D=head_dim, SPLITS=splits, BLOCK_N=block_keys, BLOCK_S=triton.next_power_of_2(splits),
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's ``rotate_half``."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def reference_rotary_cache_write(
+    qkv_partials: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    position: torch.Tensor,
+    cache_length: torch.Tensor | None,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """``rotary_cache_write`` in plain torch: HF's bf16 ops (``apply_rotary_pos_emb``, ``StaticLayer.update``'s
+    ``index_copy_``) on the projection summed as the module docstring says. Mutates the caches and
+    ``cache_length`` as the kernel does; no host sync."""
+    head_dim = key_cache.shape[-1]
+    total = qkv_partials[0].clone()  # (1, N) fp32
+    for partial in qkv_partials[1:]:
+        total += partial
+    if bias is not None:
+        total += bias.float()
+    projected = total.to(torch.bfloat16).view(1, 1, num_heads + 2 * num_kv_heads, head_dim).transpose(1, 2)
+    query, key, value = projected.split([num_heads, num_kv_heads, num_kv_heads], dim=1)  # (B, heads, T, D) each
+    cos, sin = cos.view(1, 1, 1, head_dim), sin.view(1, 1, 1, head_dim)
+    query = (query * cos) + (_rotate_half(query) * sin)
+    key = (key * cos) + (_rotate_half(key) * sin)
+    index = position.reshape(1)
+    key_cache.index_copy_(2, index, key)
+    value_cache.index_copy_(2, index, value)
+    if cache_length is not None:
+        cache_length.copy_(index[0] + 1)
+    return query.reshape(1, num_heads, head_dim).contiguous()
+
+
+def reference_decode_attention(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, position: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``decode_attention`` in plain torch, with HF's eager arithmetic (bf16 products, softmax in fp32, bf16
+    probabilities) over the whole cache, positions past ``position`` masked out; no host sync. Cache entries past
+    ``position`` must be finite (a zero probability times NaN or infinity is NaN)."""
+    _, kv_heads, capacity, head_dim = key_cache.shape
+    heads = q.shape[1]
+    grouped = q.view(1, kv_heads, heads // kv_heads, head_dim)  # (B, KVH, G, D): repeat_kv's grouping
+    scores = torch.matmul(grouped, key_cache.transpose(-1, -2)) * scale  # (B, KVH, G, C)
+    attend = torch.arange(capacity, device=q.device) <= position.reshape(())
+    scores = scores.masked_fill(~attend, float("-inf"))
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probabilities, value_cache)  # (B, KVH, G, D)
+    return out.reshape(1, 1, heads * head_dim)
