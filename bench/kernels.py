@@ -45,6 +45,15 @@ SHAPES_32B = [
     ("down 27648->5120", 5120, 27648, 64),
     ("lm_head 5120->152064", 152064, 5120, 1),
 ]
+# The GEMVs of one decode step as compute.decode runs them (q/k/v as one matrix, gate/up as one), and whether
+# it leaves the split-K partial sums to the kernel that consumes them (``int4_gemv(partials=True)``).
+DECODE_SHAPES_32B = [
+    ("q|k|v 5120->7168", 7168, 5120, 64, True),
+    ("o 5120->5120", 5120, 5120, 64, True),
+    ("gate|up 5120->55296", 55296, 5120, 64, False),
+    ("down 27648->5120", 5120, 27648, 64, True),
+    ("lm_head 5120->152064", 152064, 5120, 1, False),
+]
 ROTATION_BYTES = 400 * 10**6  # weight copies cycled per timing: several times the H200's 50 MB L2
 PREFILL_ROWS = 2048
 
@@ -115,9 +124,12 @@ def measure_copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
     return 2 * nbytes / seconds
 
 
-def gemv_calls(weights: Weights, x: torch.Tensor, config: GemvConfig | None) -> list[Callable[[], object]]:
+def gemv_calls(
+    weights: Weights, x: torch.Tensor, config: GemvConfig | None, partials: bool = False
+) -> list[Callable[[], object]]:
     return [
-        (lambda q=q, s=s: int4_gemv(x, q, s, None, config)) for q, s in zip(weights.qweights, weights.scales)
+        (lambda q=q, s=s: int4_gemv(x, q, s, None, config, partials=partials))
+        for q, s in zip(weights.qweights, weights.scales)
     ]
 
 
@@ -130,17 +142,18 @@ def check_gemv(weights: Weights, m: int, config: GemvConfig | None) -> float:
 
 
 def bench_decode(copy_bw: float) -> list[dict]:
-    """The GEMV at M = 1 for every 32B shape, with the configs ``gemv_config`` picks."""
+    """The GEMVs of a decode step at M = 1 (``DECODE_SHAPES_32B``), with the configs ``gemv_config`` picks."""
     rows = []
-    for name, n, k, per_forward in SHAPES_32B:
+    for name, n, k, per_forward, partials in DECODE_SHAPES_32B:
         weights = make_weights(n, k)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        calls = gemv_calls(weights, x, None)
+        calls = gemv_calls(weights, x, None, partials)
         seconds = time_in_graph(calls)
         eager_seconds = time_eager(lambda: [call() for call in calls]) / len(calls)
         rows.append(
             dict(
-                shape=name, n=n, k=k, per_forward=per_forward, us=seconds * 1e6, eager_us=eager_seconds * 1e6,
+                shape=name, n=n, k=k, per_forward=per_forward, partials=partials,
+                us=seconds * 1e6, eager_us=eager_seconds * 1e6,
                 gbps=weights.nbytes / seconds / 1e9, of_copy=weights.nbytes / seconds / copy_bw,
                 config=dataclasses.asdict(gemv_config("fma", n, k)), rel_err=check_gemv(weights, 1, None),
             )
@@ -202,13 +215,20 @@ def sweep_configs(grid: dict[str, tuple[int, ...]]) -> list[GemvConfig]:
     return [c for c in configs if 4 <= c.block_n * c.groups * 16 // (c.num_warps * 32) <= 32]
 
 
-def sweep_gemv(budget_s: float) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig]]:
-    """Time every config of the grids on every shape, within ``budget_s`` seconds; the best per shape."""
+def sweep_gemv(
+    budget_s: float, kernels: tuple[str, ...] = ("fma", "dot")
+) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig]]:
+    """Time every config of the grids of ``kernels`` on their shapes (the FMA kernel: the decode step's, the dot
+    kernel: the model's Linears), within ``budget_s`` seconds; the best per shape."""
     deadline = time.monotonic() + budget_s
     results: list[dict] = []
     best: dict[tuple[str, int, int], tuple[float, GemvConfig]] = {}
-    for kernel, grid, m in (("fma", SWEEP_FMA, 1), ("dot", SWEEP_DOT, SWEEP_DOT_ROWS)):
-        for name, n, k, _ in SHAPES_32B:
+    fma_shapes = [(name, n, k, partials) for name, n, k, _, partials in DECODE_SHAPES_32B]
+    dot_shapes = [(name, n, k, False) for name, n, k, _ in SHAPES_32B]
+    grids = {"fma": (SWEEP_FMA, 1, fma_shapes), "dot": (SWEEP_DOT, SWEEP_DOT_ROWS, dot_shapes)}
+    for kernel in kernels:
+        grid, m, shapes = grids[kernel]
+        for name, n, k, partials in shapes:
             weights = make_weights(n, k)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             for cfg in sweep_configs(grid):
@@ -218,7 +238,7 @@ def sweep_gemv(budget_s: float) -> tuple[list[dict], dict[tuple[str, int, int], 
                 if math.ceil(n / cfg.block_n) * cfg.split_k < 132:  # fewer programs than SMs: never the best
                     continue
                 try:
-                    seconds = time_in_graph(gemv_calls(weights, x, cfg), replays=5)
+                    seconds = time_in_graph(gemv_calls(weights, x, cfg, partials), replays=5)
                 except triton.runtime.errors.OutOfResources as e:  # raised while compiling, before any capture
                     log.info("skipping %s: %s", cfg, e)
                     continue
@@ -243,8 +263,10 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]
               default=Path("bench_kernels.json"), show_default=True, help="Where to write all measurements.")
 @click.option("--sweep/--no-sweep", default=False, help="Also time a grid of GEMV configs per shape.")
 @click.option("--sweep-seconds", type=float, default=90.0, show_default=True, help="Time budget of the sweep.")
+@click.option("--sweep-kernels", type=click.Choice(["fma", "dot", "both"]), default="both", show_default=True,
+              help="Which GEMV kernel's grid to sweep: fma (one row, decode) or dot (2-16 rows).")
 @click.option("--crossover/--no-crossover", default=True, help="Time GEMV against the prefill path for M up to 64.")
-def main(json_path: Path, sweep: bool, sweep_seconds: float, crossover: bool) -> None:
+def main(json_path: Path, sweep: bool, sweep_seconds: float, sweep_kernels: str, crossover: bool) -> None:
     """Benchmark the INT4 kernels on the 32B shapes and compare them with the measured copy rate."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
@@ -257,7 +279,8 @@ def main(json_path: Path, sweep: bool, sweep_seconds: float, crossover: bool) ->
     report["copy_gbps"] = copy_bw / 1e9
     click.echo(f"{report['gpu']}: device->device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
     if sweep:
-        report["sweep"], tuned = sweep_gemv(sweep_seconds)
+        kernels = ("fma", "dot") if sweep_kernels == "both" else (sweep_kernels,)
+        report["sweep"], tuned = sweep_gemv(sweep_seconds, kernels)
         report["tuned"] = {f"{kernel} {n} {k}": dataclasses.asdict(cfg) for (kernel, n, k), cfg in tuned.items()}
         TUNED_CONFIGS.update(tuned)  # the tables below then show the configs just found
         click.echo("\nTUNED_CONFIGS = {")

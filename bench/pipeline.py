@@ -1,7 +1,9 @@
 """``spillover bench``: the whole two-process pipeline on a synthetic 32B-shaped checkpoint, beside its ceilings.
 
-For each ``--gpu-memory`` budget it starts a real loader process (``compute.launch``), connects this process as
-the compute side (``protocol.client.LoaderClient`` + ``compute.engine.Engine``) and measures, in one run:
+For each ``--gpu-memory`` budget it starts, in a fresh process of its own (so that nothing an earlier budget
+left in the CUDA caching allocator, graph pools or library workspaces counts against a later one), a real loader
+process (``compute.launch``), connects that process as the compute side (``protocol.client.LoaderClient`` +
+``compute.engine.Engine``) and measures, in one run:
 
 * start to ready: loader launch -> loader ready (arena read and pinned, pool filled) -> engine built;
 * prefill tokens/s for a ``--prefill-tokens`` prompt (default 2048);
@@ -19,9 +21,11 @@ tokens. Results go to a table on stdout and to ``--json``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import random
@@ -64,6 +68,7 @@ class BudgetResult:
     fraction_of_roofline: float
     compute_wait_s_per_token: float  # host time compute waited for the loader to enqueue a fill, per token (a device-side wait on a copy in flight is not seen)
     peak_device_bytes: dict  # role -> bytes (NVML), and "total"
+    compute_reserved_peak_bytes: int  # the compute process's CUDA caching allocator at its peak (part of its NVML)
 
 
 def measure_ceilings(nbytes: int = 1 << 30, repeats: int = 5) -> Ceilings:
@@ -166,7 +171,16 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
         fraction_of_roofline=decode.decode_tokens_per_s / roofline,
         compute_wait_s_per_token=wait_per_token,
         peak_device_bytes=memory.report()["peak_device_memory_bytes"],
+        compute_reserved_peak_bytes=torch.cuda.max_memory_reserved(),
     )
+
+
+def run_budget_in_a_fresh_process(model_dir: Path, budget: str, **kwargs) -> BudgetResult:
+    """``run_budget`` in a spawned process of its own, as a compute process of the product runs: one process, one
+    engine, from an empty CUDA context (spawned, not forked: CUDA does not survive a fork)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(run_budget, model_dir, budget, **kwargs).result()
 
 
 def _totals(client) -> tuple[int, float]:
@@ -226,8 +240,10 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
     results = []
     for budget in budgets:
         click.echo(f"--gpu-memory {budget} ...", err=True)
-        results.append(run_budget(checkpoint, budget, policy=policy, max_context=max_context,
-                                  prefill_tokens=prefill_tokens, decode_tokens=decode_tokens, ceilings=ceilings))  # fmt: skip
+        results.append(run_budget_in_a_fresh_process(
+            checkpoint, budget, policy=policy, max_context=max_context, prefill_tokens=prefill_tokens,
+            decode_tokens=decode_tokens, ceilings=ceilings,
+        ))  # fmt: skip
         click.echo(format_table(ceilings, results[-1:]).splitlines()[-1], err=True)
         if json_path is not None:  # after every budget, so a run cut short keeps what it measured
             _write_json(json_path, checkpoint, ceilings, results)

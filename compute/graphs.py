@@ -51,6 +51,7 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from compute.decode import FusedDecodeLayer, fused_decode_unsupported
 from compute.model import UnitBinder
 
 log = logging.getLogger(__name__)
@@ -201,11 +202,30 @@ class DecodeStep:
     alternate in any order the plan asks for.
     """
 
-    def __init__(self, model: nn.Module, cache: StaticCache, device: torch.device, max_context: int):
+    def __init__(
+        self, model: nn.Module, cache: StaticCache, device: torch.device, max_context: int, *,
+        fused: bool | None = None,
+    ):  # fmt: skip
         self.model = model
         self.cache = cache
         inner = model.model
         self.layers = inner.layers[: model.config.num_hidden_layers]
+        # The decoder layers as FusedDecodeLayers (compute.decode): by default on CUDA where the model allows;
+        # fused=True runs them anywhere (on CPU, under the Triton interpreter: tests), fused=False never.
+        if fused is False:
+            self.fused_unsupported = "switched off"
+        elif fused is None and device.type != "cuda":
+            self.fused_unsupported = f"the fused decode layer runs Triton kernels on CUDA (decode runs on {device})"
+        else:
+            self.fused_unsupported = fused_decode_unsupported(model.config)
+        if fused and self.fused_unsupported is not None:
+            raise ValueError(f"fused decode layers were asked for, but {self.fused_unsupported}")
+        self.fused_layers = None
+        if self.fused_unsupported is None:
+            self.fused_layers = [
+                FusedDecodeLayer(layer, cache_layer, model.config) for layer, cache_layer in zip(self.layers, cache.layers)
+            ]
+        self._binder = model.unit_binder
         dtype = inner.embed_tokens.weight.dtype
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=device)  # (B, T): the token fed back
         self.position = torch.zeros((1, 1), dtype=torch.long, device=device)  # (B, T): its position
@@ -247,6 +267,10 @@ class DecodeStep:
             else:
                 hidden = self.hidden
             for index in segment.layers:
+                if self.fused_layers is not None:
+                    with self._binder.bound(index):  # layer i is unit i (plan_segments checks the order)
+                        hidden = self.fused_layers[index](hidden, self.position, self.cos, self.sin)
+                    continue
                 hidden = self.layers[index](hidden, **self._layer_arguments)
                 if isinstance(hidden, tuple):  # decoder layers of some 5.x releases return (hidden_states,)
                     hidden = hidden[0]

@@ -26,9 +26,10 @@ This module knows nothing about processes or the loader's placement; it only cal
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -251,6 +252,16 @@ class UnitBinder:
                     + (f" and {self.held!r} is still held" if self.held else "")
                 )
             self.next_unit = (self.next_unit + 1) % len(self.units)
+
+    @contextlib.contextmanager
+    def bound(self, index: int) -> Iterator[None]:
+        """Unit ``index`` acquired and its Linears bound inside the block, released after it: what the hooks do
+        around a module's forward, for callers that run the unit's computation without calling the module."""
+        self._bind(index)
+        try:
+            yield
+        finally:
+            self._release(index)
 
     def _stream(self) -> torch.cuda.Stream | None:
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None

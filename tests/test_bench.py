@@ -23,6 +23,7 @@ def test_table_sets_each_figure_beside_its_ceiling():
         decode_tokens_per_s=6.1, decode_mode="piecewise (2 graphs, 35 eager units)", resident_bytes_per_token=8 * 10**9,
         streamed_bytes_per_token=8.4e9, roofline_tokens_per_s=6.4, fraction_of_roofline=6.1 / 6.4,
         compute_wait_s_per_token=0.12, peak_device_bytes={"loader": 8 * gib, "compute": 3 * gib, "total": 11 * gib},
+        compute_reserved_peak_bytes=gib,
     )  # fmt: skip
     table = format_table(Ceilings(h2d_gbps=53.1, d2d_gbps=4263.0), [result])
     assert "pinned host->device 53.1 GB/s, device->device 4263 GB/s" in table

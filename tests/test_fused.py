@@ -28,7 +28,7 @@ from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 from compute.kernels.activation import reference_silu_mul, silu_mul, swiglu_mlp_forward
-from compute.kernels.norm import FusedRMSNorm, rms_norm
+from compute.kernels.norm import FusedRMSNorm, add_partials, rms_norm
 from compute.model import build_model
 from quantizer.checkpoint import QuantizedCheckpoint
 from test_model import CheckpointWeights
@@ -39,6 +39,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # (leading shape, hidden): one decode row, a prefill chunk, a 3-D batch, widths that are not powers of two
 # (the 32B model's 5120, the tiny models' 128), one wider than a warp's worth of registers per lane.
 NORM_SHAPES = [((1, 1), 5120), ((7,), 128), ((2, 3), 896), ((33,), 3584), ((1,), 1000)]
+# (splits, hidden, bias, norm) for add_partials: the 32B model's o_proj and down_proj rows, tiny ones
+ADD_CASES = [(4, 5120, False, True), (16, 5120, False, False), (1, 128, True, True), (3, 1000, True, False)]
 # gate/up shapes: the 32B decode row (27648), a chunk of the tiny model's (256), sizes not a multiple of a block
 ACT_SHAPES = [(1, 1, 27648), (5, 256), (3, 1000), (1, 17)]
 
@@ -90,6 +92,11 @@ def test_swiglu_forward_on_cpu_is_hf_bit_for_bit():
 
 
 def test_the_wrappers_refuse_bad_operands():
+    row = torch.zeros(1, 1, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"partials must be fp32 \[S, 1, 8\]"):
+        add_partials(row, torch.zeros(2, 1, 4))
+    with pytest.raises(ValueError, match="one contiguous bf16 row"):
+        add_partials(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(2, 1, 8))
     with pytest.raises(ValueError, match="needs bf16"):
         rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match=r"weight must be \[H\] = \[8\]"):
@@ -113,7 +120,7 @@ def test_triton_kernels_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"interpreter cases failed:\n{done.stdout}\n{done.stderr}"
-    assert done.stdout.count("ok ") == len(NORM_SHAPES) + 1 + len(ACT_SHAPES), done.stdout
+    assert done.stdout.count("ok ") == len(NORM_SHAPES) + 1 + len(ACT_SHAPES) + len(ADD_CASES), done.stdout
 
 
 def _truncated(t: torch.Tensor) -> torch.Tensor:
@@ -149,6 +156,29 @@ def interpreter_cases() -> None:
         assert_hf_arithmetic(silu_mul(gate, up), expected)
         print("ok silu_mul", shape)
 
+    for case in ADD_CASES:
+        check_add_partials(*case, "cpu", _truncated)
+        print("ok add_partials", case)
+
+
+def check_add_partials(splits: int, hidden: int, has_bias: bool, has_norm: bool, device: str, rounded) -> None:
+    """``add_partials`` against HF's steps: the Linear's bf16 output, the bf16 residual add, the RMSNorm;
+    ``rounded`` is fp32 -> bf16 as the kernels round (to nearest on CUDA, toward zero in the interpreter)."""
+    residual = torch.randn(1, 1, hidden, dtype=torch.bfloat16, device=device) * 8
+    partials = torch.randn(splits, 1, hidden, dtype=torch.float32, device=device)
+    bias = torch.randn(hidden, dtype=torch.bfloat16, device=device) if has_bias else None
+    norm = hf_norm(hidden, device) if has_norm else None
+    delta = partials.sum(0) + (bias.float() if has_bias else 0)
+    expected = rounded(residual.float() + rounded(delta).float())
+    hidden_out, normed = add_partials(residual, partials, bias, norm.weight if has_norm else None, 1e-6)
+    assert_hf_arithmetic(hidden_out, expected)
+    if has_norm:
+        h = expected.float()
+        normed_expected = rounded(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        assert_hf_arithmetic(normed, rounded(norm.weight.float() * normed_expected.float()))
+    else:
+        assert normed is None
+
 
 # ---------------------------------------------------------------------------------------------------- CUDA
 
@@ -171,6 +201,13 @@ def test_silu_mul_matches_hf_on_cuda(shape):
     gate = torch.randn(shape, dtype=torch.bfloat16, device="cuda") * 4
     up = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     assert_hf_arithmetic(silu_mul(gate, up), reference_silu_mul(gate, up))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("case", ADD_CASES)
+def test_add_partials_matches_hf_on_cuda(case):
+    check_add_partials(*case, "cuda", lambda t: t.to(torch.bfloat16))
 
 
 @pytest.mark.gpu

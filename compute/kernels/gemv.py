@@ -268,9 +268,13 @@ TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {
     ("dot", 27648, 5120): GemvConfig(block_n=64, groups=2, split_k=8, num_warps=4, num_stages=2),
     ("dot", 152064, 5120): GemvConfig(block_n=64, groups=2, split_k=1, num_warps=4, num_stages=3),
     ("fma", 1024, 5120): GemvConfig(block_n=16, groups=4, split_k=8, num_warps=1, num_stages=1),
-    ("fma", 5120, 5120): GemvConfig(block_n=16, groups=2, split_k=4, num_warps=1, num_stages=1, prefetch=True),
-    ("fma", 5120, 27648): GemvConfig(block_n=16, groups=2, split_k=16, num_warps=1, num_stages=1),
     ("fma", 27648, 5120): GemvConfig(block_n=32, groups=1, split_k=2, num_warps=1, num_stages=1, prefetch=True),
+    # The decode step's GEMVs (compute.decode), swept on 2026-12-01; q|k|v, o and down leave their partial sums
+    # to the kernel that consumes them, which sets a limit on o's split (one program sums it, with the norm).
+    ("fma", 7168, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=1, num_stages=1),
+    ("fma", 5120, 5120): GemvConfig(block_n=16, groups=2, split_k=4, num_warps=1, num_stages=1),
+    ("fma", 55296, 5120): GemvConfig(block_n=16, groups=2, split_k=1, num_warps=1, num_stages=1),
+    ("fma", 5120, 27648): GemvConfig(block_n=16, groups=2, split_k=16, num_warps=1, num_stages=1),
     ("fma", 152064, 5120): GemvConfig(block_n=16, groups=2, split_k=1, num_warps=1, num_stages=1),
 }
 
@@ -301,17 +305,25 @@ def int4_gemv(
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    *,
+    partials: bool = False,
 ) -> torch.Tensor:
     """``x [M, K] @ dequantize(qweight [N, K/2], scales [N, K/128]).T + bias [N]`` -> ``[M, N]`` in x's dtype.
 
     The caller (``compute.kernels.int4_matmul``) has checked shapes, dtypes and alignment; ``x`` must have
     unit stride along K. M == 1 runs the FMA kernel, larger M the dot kernel.
+
+    With ``partials`` the split-K sums are not added up here: the result is the fp32 ``[S, M, N]`` partial sums
+    (S >= 1 splits; no bias, which must be None), for a consumer kernel that adds them itself, in fp32, with
+    the bias, before its own work: one launch fewer, and the product is rounded once, where it is used.
     """
+    if partials and bias is not None:
+        raise ValueError("int4_gemv(partials=True) leaves the bias to the consumer of the partial sums")
     m, k = x.shape
     n = qweight.shape[0]
     kernel = "fma" if m == 1 else "dot"
     cfg = config or gemv_config(kernel, n, k)
-    words = qweight.view(torch.int32)  # [N, K / 8]; the pool keeps every tensor 256-byte aligned
+    words = qweight.view(torch.int32)  # [N, K / 8]; the pool starts every qweight at a multiple of 64 bytes
     n_groups = k // BLOCK_SIZE
     n_tiles = triton.cdiv(n_groups, cfg.groups)
     split_k = max(1, min(cfg.split_k, n_tiles))
@@ -319,8 +331,11 @@ def int4_gemv(
     split_k = triton.cdiv(n_tiles, tiles_per_split)  # no program left without a tile
     split = split_k > 1
     # With split-K each program writes its own slice of fp32 partial sums: no zeroing, no atomics, the
-    # same result on every run, and one more launch (_split_sum_kernel) to add them up.
-    out = torch.empty((split_k, m, n) if split else (m, n), dtype=torch.float32 if split else x.dtype, device=x.device)
+    # same result on every run, and one more launch (_split_sum_kernel, or the consumer's) to add them up.
+    if partials:
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((split_k, m, n) if split else (m, n), dtype=torch.float32 if split else x.dtype, device=x.device)
     common = dict(
         HAS_BIAS=bias is not None and not split,
         SPLIT=split,
@@ -349,7 +364,7 @@ def int4_gemv(
             DOT_IN_FP32=x.device.type == "cpu",  # on CPU the kernels only run in the Triton interpreter
             **common,
         )
-    if not split:
+    if partials or not split:
         return out
     result = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _split_sum_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](

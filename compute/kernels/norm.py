@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-__all__ = ["FusedRMSNorm", "reference_rms_norm", "rms_norm"]
+__all__ = ["FusedRMSNorm", "add_partials", "reference_rms_norm", "rms_norm"]
 
 
 @triton.jit
@@ -41,6 +41,75 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, stride_x, H, eps, BLOCK_H: tl.c
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     out = (weight.to(tl.float32) * normed.to(tl.float32)).to(tl.bfloat16)
     tl.store(out_ptr + row * H + cols, out, mask=mask)
+
+
+_ADD_BLOCK = 512  # columns per program of add_partials without a norm
+
+
+@triton.jit
+def _add_partials_kernel(
+    residual_ptr, part_ptr, bias_ptr, weight_ptr, hidden_ptr, normed_ptr, H, eps,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One row: hidden = residual + bf16(sum of SPLIT partial rows + bias); with NORM also normed = RMSNorm(hidden),
+    the whole row in one program, else BLOCK_H columns per program."""
+    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    delta = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT):
+        delta += tl.load(part_ptr + split * H + cols, mask=mask, other=0.0)
+    if HAS_BIAS:
+        delta += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    delta = delta.to(tl.bfloat16).to(tl.float32)  # the Linear's bf16 output, as HF has it
+    residual = tl.load(residual_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    hidden = (residual + delta).to(tl.bfloat16)  # HF's residual add: bf16 + bf16, rounded once
+    tl.store(hidden_ptr + cols, hidden, mask=mask)
+    if NORM:
+        x = hidden.to(tl.float32)
+        variance = tl.sum(x * x, axis=0) / H
+        normed = (x * tl.rsqrt(variance + eps)).to(tl.bfloat16)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+        tl.store(normed_ptr + cols, (weight.to(tl.float32) * normed.to(tl.float32)).to(tl.bfloat16), mask=mask)
+
+
+def add_partials(
+    residual: torch.Tensor,
+    partials: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The residual add after a Linear whose split-K partial sums were left unsummed (``int4_gemv(partials=True)``),
+    with the next RMSNorm fused when ``weight`` is given, for one row (the decode step):
+
+        delta  = bf16(partials.sum(0) + bias)       # the Linear's output, as F.linear in bf16 rounds it
+        hidden = residual + delta                   # bf16, as HF's residual add
+        normed = rms_norm(hidden, weight, eps)      # only with weight; else None
+
+    ``residual`` bf16 ``[1, 1, H]`` (or any shape of H elements), ``partials`` fp32 ``[S, 1, H]``, ``bias`` and
+    ``weight`` bf16 ``[H]``. Returns (hidden, normed) shaped like ``residual``. One launch: with the norm one
+    program (it needs the whole row), without it ``_ADD_BLOCK`` columns per program, as the partial rows of a
+    long-K Linear are many (16 of 5120 values for the 32B model's down_proj).
+    """
+    hidden_size = residual.shape[-1]
+    if residual.dtype != torch.bfloat16 or residual.numel() != hidden_size or not residual.is_contiguous():
+        raise ValueError(f"residual must be one contiguous bf16 row, got {residual.dtype} {tuple(residual.shape)}")
+    if partials.dtype != torch.float32 or partials.dim() != 3 or partials.shape[1:] != (1, hidden_size):
+        raise ValueError(f"partials must be fp32 [S, 1, {hidden_size}], got {partials.dtype} {tuple(partials.shape)}")
+    for name, t in (("bias", bias), ("weight", weight)):
+        if t is not None and (t.dtype != torch.bfloat16 or tuple(t.shape) != (hidden_size,)):
+            raise ValueError(f"{name} must be bf16 [{hidden_size}], got {t.dtype} {tuple(t.shape)}")
+    hidden = torch.empty_like(residual)
+    normed = torch.empty_like(residual) if weight is not None else None
+    block = triton.next_power_of_2(hidden_size) if weight is not None else _ADD_BLOCK
+    _add_partials_kernel[(triton.cdiv(hidden_size, block),)](
+        residual, partials.contiguous(), bias if bias is not None else residual,
+        weight if weight is not None else residual, hidden, normed if normed is not None else hidden,
+        hidden_size, eps,
+        SPLIT=partials.shape[0], HAS_BIAS=bias is not None, NORM=weight is not None,
+        BLOCK_H=block, num_warps=4 if block <= 2048 else 8,
+    )  # fmt: skip
+    return hidden, normed
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
