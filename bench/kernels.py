@@ -207,12 +207,13 @@ SWEEP_FMA = dict(
 )
 SWEEP_DOT = dict(block_n=(32, 64), groups=(1, 2), split_k=(1, 4, 8), num_warps=(4,), num_stages=(2, 3), prefetch=(False,))
 SWEEP_DOT_ROWS = 8
+SWEEP_MAXNREG = (None, 96, 80, 64)  # registers per thread: 128 (what the compiler takes) caps an SM at 16 one-warp programs
 
 
 def sweep_configs(grid: dict[str, tuple[int, ...]]) -> list[GemvConfig]:
     configs = [GemvConfig(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
     # 4 to 32 int32 words of the tile per thread: fewer leaves 16-byte loads unfilled, more spills registers.
-    return [c for c in configs if 4 <= c.block_n * c.groups * 16 // (c.num_warps * 32) <= 32]
+    return sweep_configs_of(configs)
 
 
 def sweep_gemv(
@@ -220,33 +221,63 @@ def sweep_gemv(
 ) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig]]:
     """Time every config of the grids of ``kernels`` on their shapes (the FMA kernel: the decode step's, the dot
     kernel: the model's Linears), within ``budget_s`` seconds; the best per shape."""
-    deadline = time.monotonic() + budget_s
-    results: list[dict] = []
-    best: dict[tuple[str, int, int], tuple[float, GemvConfig]] = {}
     fma_shapes = [(name, n, k, partials) for name, n, k, _, partials in DECODE_SHAPES_32B]
     dot_shapes = [(name, n, k, False) for name, n, k, _ in SHAPES_32B]
     grids = {"fma": (SWEEP_FMA, 1, fma_shapes), "dot": (SWEEP_DOT, SWEEP_DOT_ROWS, dot_shapes)}
-    for kernel in kernels:
-        grid, m, shapes = grids[kernel]
-        for name, n, k, partials in shapes:
-            weights = make_weights(n, k)
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            for cfg in sweep_configs(grid):
-                if time.monotonic() > deadline:
-                    log.warning("sweep stopped at its budget of %.0f s", budget_s)
-                    return results, {key: cfg for key, (_, cfg) in best.items()}
-                if math.ceil(n / cfg.block_n) * cfg.split_k < 132:  # fewer programs than SMs: never the best
-                    continue
-                try:
-                    seconds = time_in_graph(gemv_calls(weights, x, cfg, partials), replays=5)
-                except triton.runtime.errors.OutOfResources as e:  # raised while compiling, before any capture
-                    log.info("skipping %s: %s", cfg, e)
-                    continue
-                results.append(dict(kernel=kernel, shape=name, n=n, k=k, m=m, us=seconds * 1e6,
-                                    gbps=weights.nbytes / seconds / 1e9, config=dataclasses.asdict(cfg)))
-                if seconds < best.get((kernel, n, k), (math.inf, None))[0]:
-                    best[(kernel, n, k)] = (seconds, cfg)
-            del weights
+    plan = [(kernel, grids[kernel][1], shape, sweep_configs(grids[kernel][0])) for kernel in kernels for shape in grids[kernel][2]]
+    return _time_plan(plan, budget_s)
+
+
+def sweep_registers(budget_s: float) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig]]:
+    """The FMA kernel on the decode step's shapes, around the config in force for each: its split kept, the tile,
+    prefetch and the register cap (``maxnreg``) varied."""
+    plan = []
+    for name, n, k, _, partials in DECODE_SHAPES_32B:
+        base = gemv_config("fma", n, k)
+        # The config in force first: a sweep cut short by its budget can then only keep it or find better.
+        configs = [base] + [
+            dataclasses.replace(base, block_n=block_n, groups=groups, prefetch=prefetch, maxnreg=maxnreg)
+            for block_n, groups, prefetch, maxnreg in itertools.product(
+                (16, 32), (1, 2), (False, True), SWEEP_MAXNREG
+            )
+        ]
+        plan.append(("fma", 1, (name, n, k, partials), sweep_configs_of(configs)))
+    return _time_plan(plan, budget_s)
+
+
+def sweep_configs_of(configs: list[GemvConfig]) -> list[GemvConfig]:
+    """``configs`` that ``sweep_configs`` would keep: a tile of 4 to 32 words per thread."""
+    return [c for c in configs if 4 <= c.block_n * c.groups * 16 // (c.num_warps * 32) <= 32]
+
+
+def _time_plan(plan: list, budget_s: float) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig]]:
+    """Time ``plan``'s (kernel, rows, (name, N, K, partials), configs) in order within ``budget_s``; the best per
+    (kernel, N, K)."""
+    deadline = time.monotonic() + budget_s
+    results: list[dict] = []
+    best: dict[tuple[str, int, int], tuple[float, GemvConfig]] = {}
+    for kernel, m, (name, n, k, partials), configs in plan:
+        weights = make_weights(n, k)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for cfg in configs:
+            if time.monotonic() > deadline:
+                log.warning("sweep stopped at its budget of %.0f s", budget_s)
+                return results, {key: cfg for key, (_, cfg) in best.items()}
+            if math.ceil(n / cfg.block_n) * cfg.split_k < 132:  # fewer programs than SMs: never the best
+                continue
+            try:
+                seconds = time_in_graph(gemv_calls(weights, x, cfg, partials), replays=5)
+            except triton.runtime.errors.OutOfResources as e:  # raised while compiling, before any capture
+                log.info("skipping %s: %s", cfg, e)
+                continue
+            except (TypeError, KeyError) as e:  # a compile option this Triton does not know (maxnreg)
+                log.warning("skipping %s: %s", cfg, e)
+                continue
+            results.append(dict(kernel=kernel, shape=name, n=n, k=k, m=m, us=seconds * 1e6,
+                                gbps=weights.nbytes / seconds / 1e9, config=dataclasses.asdict(cfg)))
+            if seconds < best.get((kernel, n, k), (math.inf, None))[0]:
+                best[(kernel, n, k)] = (seconds, cfg)
+        del weights
     return results, {key: cfg for key, (_, cfg) in best.items()}
 
 
@@ -263,8 +294,9 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]
               default=Path("bench_kernels.json"), show_default=True, help="Where to write all measurements.")
 @click.option("--sweep/--no-sweep", default=False, help="Also time a grid of GEMV configs per shape.")
 @click.option("--sweep-seconds", type=float, default=90.0, show_default=True, help="Time budget of the sweep.")
-@click.option("--sweep-kernels", type=click.Choice(["fma", "dot", "both"]), default="both", show_default=True,
-              help="Which GEMV kernel's grid to sweep: fma (one row, decode) or dot (2-16 rows).")
+@click.option("--sweep-kernels", type=click.Choice(["fma", "dot", "both", "registers"]), default="both",
+              show_default=True, help="Which grid to sweep: fma (one row, decode), dot (2-16 rows), or registers "
+              "(the decode step's FMA configs in force, with their tile, prefetch and register cap varied).")
 @click.option("--crossover/--no-crossover", default=True, help="Time GEMV against the prefill path for M up to 64.")
 def main(json_path: Path, sweep: bool, sweep_seconds: float, sweep_kernels: str, crossover: bool) -> None:
     """Benchmark the INT4 kernels on the 32B shapes and compare them with the measured copy rate."""
@@ -279,8 +311,11 @@ def main(json_path: Path, sweep: bool, sweep_seconds: float, sweep_kernels: str,
     report["copy_gbps"] = copy_bw / 1e9
     click.echo(f"{report['gpu']}: device->device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
     if sweep:
-        kernels = ("fma", "dot") if sweep_kernels == "both" else (sweep_kernels,)
-        report["sweep"], tuned = sweep_gemv(sweep_seconds, kernels)
+        if sweep_kernels == "registers":
+            report["sweep"], tuned = sweep_registers(sweep_seconds)
+        else:
+            kernels = ("fma", "dot") if sweep_kernels == "both" else (sweep_kernels,)
+            report["sweep"], tuned = sweep_gemv(sweep_seconds, kernels)
         report["tuned"] = {f"{kernel} {n} {k}": dataclasses.asdict(cfg) for (kernel, n, k), cfg in tuned.items()}
         TUNED_CONFIGS.update(tuned)  # the tables below then show the configs just found
         click.echo("\nTUNED_CONFIGS = {")

@@ -38,6 +38,9 @@ docs/kernels.md); nothing is autotuned at run time.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 
 import torch
 import triton
@@ -257,6 +260,10 @@ class GemvConfig:
     num_warps: int
     num_stages: int  # software-pipelining depth of the K loop (the dot kernel; the FMA kernel's loads feed no dot)
     prefetch: bool = False  # FMA kernel: load the next K step's words before this step's arithmetic
+    # Registers per thread the compiler may use (ptxas -maxrregcount); None lets it choose. Fewer registers fit more
+    # warps on an SM: the one-warp FMA programs take 128, which caps an SM at 16 warps (ncu: 71% of issue slots
+    # used at 3.3 warps per scheduler; docs/kernels.md).
+    maxnreg: int | None = None
 
 
 # Measured on the H200 with `python -m bench.kernels --sweep` (docs/kernels.md): the best config per
@@ -277,6 +284,25 @@ TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {
     ("fma", 5120, 27648): GemvConfig(block_n=16, groups=2, split_k=16, num_warps=1, num_stages=1),
     ("fma", 152064, 5120): GemvConfig(block_n=16, groups=2, split_k=1, num_warps=1, num_stages=1),
 }
+
+def load_tuned_configs(path: str | os.PathLike) -> int:
+    """Merge the configs a ``python -m bench.kernels --sweep`` run wrote (its ``--json``'s "tuned" table, keys
+    "kernel N K") into ``TUNED_CONFIGS``, for a GPU other than the one the table was measured on. Returns how many.
+    Read at import from the file ``$SPILLOVER_GEMV_CONFIGS`` names, when it is set."""
+    try:
+        tuned = json.loads(Path(path).read_text())["tuned"]
+        configs = {}
+        for key, fields in tuned.items():
+            kernel, n, k = key.split()
+            configs[(kernel, int(n), int(k))] = GemvConfig(**fields)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a GEMV config table written by bench.kernels --sweep ({e})") from None
+    TUNED_CONFIGS.update(configs)
+    return len(configs)
+
+
+if os.environ.get("SPILLOVER_GEMV_CONFIGS"):
+    load_tuned_configs(os.environ["SPILLOVER_GEMV_CONFIGS"])
 
 _SUM_BLOCK = 1024  # output elements per program of _split_sum_kernel
 _TARGET_PROGRAMS = 1024  # enough resident programs to keep every SM's loads in flight (132 SMs on an H200)
@@ -344,6 +370,7 @@ def int4_gemv(
         GROUPS=cfg.groups,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
     )
     bias_arg = bias if bias is not None else scales  # never read when HAS_BIAS is False
     stride_os = m * n  # between the partial-sum slices of different splits
