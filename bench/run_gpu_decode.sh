@@ -1,30 +1,34 @@
 #!/usr/bin/env bash
-# The GPU run behind the decode steps of docs/performance.md: the GPU tests of the decode-step kernels, the
-# pipeline benchmark at one budget, and the GEMV microbenchmark with a sweep of the one-row kernel's configs.
+# The GPU run behind the decode-step rows of docs/performance.md, in one call of a few minutes:
+#   1. the GEMV microbenchmark, sweeping the decode step's one-row configs around those in force (tile,
+#      prefetch, register cap); the best per shape go to OUTDIR/kernels.json;
+#   2. the pipeline benchmark at every budget, its GEMVs configured from that table ($SPILLOVER_GEMV_CONFIGS);
+#   3. the GPU tests of the decode step, the kernels and the graphs.
 # Run from the repository root on a machine with a CUDA GPU:
-#   bench/run_gpu_decode.sh OUTDIR [BUDGET]
+#   bench/run_gpu_decode.sh OUTDIR
 set -u
-out=${1:?usage: bench/run_gpu_decode.sh OUTDIR [BUDGET]}
-budget=${2:-24GiB}
+out=${1:?usage: bench/run_gpu_decode.sh OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
 
-echo "== decode-step kernel tests" >&2
-timeout "${TESTS_TIMEOUT:-150}" "$python" -m pytest -q -m gpu -p no:cacheprovider -o addopts= \
-    tests/test_attention_kernels.py tests/test_decode.py tests/test_fused.py >"$out/tests.log" 2>&1
-echo "exit $?" >>"$out/tests.log"
-tail -n 25 "$out/tests.log" >&2
+echo "== GEMV microbenchmark, register sweep" >&2
+timeout "${KERNELS_TIMEOUT:-90}" "$python" -m bench.kernels --sweep --sweep-kernels registers \
+    --sweep-seconds "${SWEEP_SECONDS:-35}" --no-crossover --json "$out/kernels.json" >"$out/kernels.log" 2>&1
+status=$?
+echo "exit $status" >>"$out/kernels.log"
+grep -v "^INFO" "$out/kernels.log" | tail -n 30 >&2
+if [ "$status" = 0 ]; then export SPILLOVER_GEMV_CONFIGS="$out/kernels.json"; fi
 
-echo "== pipeline benchmark at $budget" >&2
-timeout "${BENCH_TIMEOUT:-200}" "$python" -m compute.cli bench --gpu-memory "$budget" --decode-tokens 64 \
-    --json "$out/bench.json" >"$out/bench.log" 2>&1
+echo "== pipeline benchmark" >&2
+timeout "${BENCH_TIMEOUT:-250}" "$python" -m compute.cli bench --decode-tokens 64 --json "$out/bench.json" \
+    >"$out/bench.log" 2>&1
 echo "exit $?" >>"$out/bench.log"
-tail -n 25 "$out/bench.log" >&2
+grep -v "^synth" "$out/bench.log" | tail -n 8 >&2
 
-echo "== GEMV microbenchmark" >&2
-timeout "${KERNELS_TIMEOUT:-140}" "$python" -m bench.kernels --sweep --sweep-kernels fma \
-    --sweep-seconds "${SWEEP_SECONDS:-80}" --no-crossover --json "$out/kernels.json" >"$out/kernels.log" 2>&1
-echo "exit $?" >>"$out/kernels.log"
-grep -v "^INFO" "$out/kernels.log" | tail -n 40 >&2
+echo "== GPU tests" >&2
+timeout "${TESTS_TIMEOUT:-150}" "$python" -m pytest -q -m gpu -p no:cacheprovider -o addopts= \
+    tests/test_kernels.py tests/test_decode.py tests/test_graphs.py tests/test_engine.py >"$out/tests.log" 2>&1
+echo "exit $?" >>"$out/tests.log"
+grep -E "passed|failed|FAILED" "$out/tests.log" | tail -n 12 >&2
