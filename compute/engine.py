@@ -49,7 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer, PretrainedConfig, StaticCache
 
 from compute.graphs import Decoder, DecodeStep, keyword_of
-from compute.model import UnitWeights, build_model
+from compute.model import HostEmbedding, UnitWeights, build_model
 from compute.sampling import SamplingParams, sample_next
 from quantizer.checkpoint import QuantizedCheckpoint
 
@@ -144,6 +144,7 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         dtype: torch.dtype = torch.bfloat16,
         cuda_graphs: bool = True,
+        host_embedding: bool | None = None,
     ):
         if max_context < 1:
             raise ValueError(f"max_context must be at least 1 token, got {max_context}")
@@ -154,7 +155,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.cuda_graphs = cuda_graphs  # capture the decode step (its resident segments) as CUDA graphs on CUDA
         self.weights = weights
-        self.model = build_model(checkpoint, weights, self.device, dtype)
+        self.model = build_model(checkpoint, weights, self.device, dtype, host_embedding=host_embedding)
         self.config: PretrainedConfig = self.model.config
         self.vocab_size: int = self.config.vocab_size
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
@@ -186,6 +187,9 @@ class Engine:
                 "which the engine moves to reuse a conversation's cache; install the version pyproject.toml names"
             )
         self._cache_keyword = cache_keyword(self.model)
+        # Prompt ids go where the embedding looks them up: to the host for a HostEmbedding (no device round trip).
+        host_embedding = isinstance(self.model.get_input_embeddings(), HostEmbedding)
+        self._ids_device = torch.device("cpu") if host_embedding else self.device
         # The decode step over static buffers (one token at one position, rewritten in place every step).
         step = DecodeStep(self.model, self.cache, self.device, max_context)
         self._decoder = Decoder(step, self.model.unit_binder, weights, self.device)
@@ -362,7 +366,7 @@ class Engine:
 
     def _prefill_chunk(self, chunk: list[int], position: int) -> torch.Tensor:
         """Run ``chunk`` at positions ``position …``; return the logits of its last token ([vocab])."""
-        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (B, T)
+        ids = torch.tensor([chunk], dtype=torch.long, device=self._ids_device)  # (B, T)
         positions = torch.arange(position, position + len(chunk), device=self.device).unsqueeze(0)  # (B, T)
         with sdpa_kernel(PREFILL_ATTENTION_BACKENDS):
             out = self.model(

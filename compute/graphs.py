@@ -52,7 +52,7 @@ from transformers import AttentionInterface, PretrainedConfig, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from compute.decode import FusedDecodeLayer, fused_decode_unsupported
-from compute.model import UnitBinder
+from compute.model import HostEmbedding, UnitBinder
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,11 @@ class DecodeStep:
         self.cache_index = torch.arange(max_context, device=device).view(1, 1, 1, max_context)  # (B, 1, T, KV)
         self.mask = torch.zeros((1, 1, 1, max_context), dtype=torch.bool, device=device)  # (B, 1, T, KV): attend
         self.hidden = torch.zeros((1, 1, model.config.hidden_size), dtype=dtype, device=device)  # (B, T, hidden)
+        # With the embedding in host memory, ``set`` copies the token's row here (the prologue reads it): a graph
+        # cannot look a row up on the host, and the row is all a step needs.
+        embedding = inner.embed_tokens
+        self.host_embedding = embedding if isinstance(embedding, HostEmbedding) else None
+        self.embedded = torch.zeros_like(self.hidden) if self.host_embedding is not None else None  # (B, T, hidden)
         cos, sin = inner.rotary_emb(self.hidden, self.position)  # only their shapes and dtypes are wanted here
         self.cos = torch.empty_like(cos)  # (B, T, head_dim)
         self.sin = torch.empty_like(sin)
@@ -247,9 +252,12 @@ class DecodeStep:
             self._layer_arguments["cache_position"] = self.position[0]
 
     def set(self, token: int, position: int) -> None:
-        """Write the next step's token and position in place (two small copies, no host sync)."""
+        """Write the next step's token and position in place (small copies on the current stream, no host sync;
+        with the embedding in host memory, the token's row from pinned memory)."""
         self.ids.fill_(token)
         self.position.fill_(position)
+        if self.host_embedding is not None:
+            self.embedded[0, 0].copy_(self.host_embedding.weight[token], non_blocking=True)
 
     def run(self, segment: Segment) -> torch.Tensor | None:
         """Run ``segment``'s pieces (eagerly, or into a graph being captured); the logits ([vocab]) when it ends
@@ -260,7 +268,8 @@ class DecodeStep:
         with decode_attention(self.model.config):
             if segment.embeds:
                 torch.le(self.cache_index, self.position.view(1, 1, 1, 1), out=self.mask)
-                hidden = inner.embed_tokens(self.ids)  # (B, T, hidden)
+                # (B, T, hidden); the host embedding's row is already in ``embedded`` (``set``)
+                hidden = self.embedded if self.host_embedding is not None else inner.embed_tokens(self.ids)
                 cos, sin = inner.rotary_emb(hidden, self.position)
                 self.cos.copy_(cos)
                 self.sin.copy_(sin)

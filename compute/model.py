@@ -5,7 +5,8 @@
 * every ``nn.Linear`` the manifest lists in its units is an ``Int4Linear`` (``compute.int4_linear``) whose weight
   is bound, for one forward of its unit, to the views ``weights.acquire(unit)`` returns, and released after;
 * everything else (embeddings, norms, biases) is assigned from the checkpoint's dense tensors, moved to
-  ``device`` once; a tied lm_head (``tie_word_embeddings``) is a plain Linear sharing the embedding;
+  ``device`` once; a tied lm_head (``tie_word_embeddings``) is a plain Linear sharing the embedding; on CUDA an
+  untied model's embedding is a ``HostEmbedding`` in pinned host memory instead (the planner does not count it);
 * the rotary embedding is rebuilt on ``device`` (its ``inv_freq`` buffer is not in the checkpoint, and a module
   built on the meta device has no values for it);
 * on CUDA only, the small ops around the Linears run as fused Triton kernels (``_fuse_small_ops``): every
@@ -84,15 +85,31 @@ def build_model(
     weights: UnitWeights,
     device: torch.device | str,
     dtype: torch.dtype = torch.bfloat16,
+    *,
+    host_embedding: bool | None = None,
 ) -> nn.Module:
-    """The checkpoint's model on ``device``, its quantized Linears fed by ``weights`` unit by unit."""
+    """The checkpoint's model on ``device``, its quantized Linears fed by ``weights`` unit by unit.
+
+    ``host_embedding``: keep the token embedding in host memory (``HostEmbedding``); by default on CUDA for an
+    untied model, which is what the planner counts on. A tied model's embedding is its lm_head: never on the host.
+    """
     device = torch.device(device)
     config = load_config(checkpoint)
     model_class = SUPPORTED_ARCHITECTURES[checkpoint.manifest.architecture]
     with torch.device("meta"):
         model = model_class(config).to(dtype)  # on meta, the cast costs nothing
     unit_linears = _replace_linears(model, checkpoint)
-    _assign_dense_tensors(model, checkpoint, device, dtype)
+    # An untied model's embedding stays in pinned host memory on CUDA (HostEmbedding): 1.5 GB of the 32B model's
+    # budget goes to resident layers instead, and a decode step moves one 10 KB row across the bus.
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if host_embedding and tied:
+        raise ValueError("a tied model's embedding is its lm_head: it cannot stay in host memory")
+    if host_embedding is None:
+        host_embedding = device.type == "cuda" and not tied
+    embedding_name = _module_name(model, model.get_input_embeddings()) + ".weight"
+    _assign_dense_tensors(model, checkpoint, device, dtype, on_host={embedding_name} if host_embedding else set())
+    if host_embedding:
+        model.set_input_embeddings(HostEmbedding(model.get_input_embeddings().weight, device))
     _rebuild_rotary_embedding(model, config, device)
     _check_materialized(model, checkpoint)
     if device.type == "cuda":
@@ -135,10 +152,16 @@ def _replace_linears(model: nn.Module, checkpoint: QuantizedCheckpoint) -> dict[
     return units
 
 
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
 def _assign_dense_tensors(
-    model: nn.Module, checkpoint: QuantizedCheckpoint, device: torch.device, dtype: torch.dtype
-) -> None:
-    """Put the checkpoint's dense tensors into the meta model by assignment: one copy, disk -> ``device``."""
+    model: nn.Module, checkpoint: QuantizedCheckpoint, device: torch.device, dtype: torch.dtype,
+    on_host: set[str] = frozenset(),
+) -> None:  # fmt: skip
+    """Put the checkpoint's dense tensors into the meta model by assignment: one copy, disk -> ``device``; the
+    tensors named in ``on_host`` go to host memory instead (pinned for a CUDA ``device``; never through it)."""
     expected = model.state_dict().keys()
     state = {}
     for name in checkpoint.dense_tensor_names():
@@ -147,7 +170,11 @@ def _assign_dense_tensors(
                 f"{checkpoint.path}: tensor {name!r} has no place in {checkpoint.manifest.architecture} "
                 "built from its config.json (is the checkpoint from another model?)"
             )
-        state[name] = checkpoint.tensor(name).to(device=device, dtype=dtype)
+        if name in on_host:
+            host = checkpoint.tensor(name).to(dtype=dtype)
+            state[name] = host.pin_memory() if device.type == "cuda" else host
+        else:
+            state[name] = checkpoint.tensor(name).to(device=device, dtype=dtype)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = set(result.missing_keys)
@@ -157,6 +184,35 @@ def _assign_dense_tensors(
         missing.discard("lm_head.weight")
     if missing:
         raise FormatError(f"{checkpoint.path}: the checkpoint has no tensor for {sorted(missing)}")
+
+
+class HostEmbedding(nn.Module):
+    """The token embedding of an untied model, kept in (pinned) host memory: looking tokens up gathers their rows
+    on the host and copies them to ``device`` asynchronously, on the current stream.
+
+    ``forward(input_ids)`` takes the ids on the host (the engine passes them so; ids on the device are fetched
+    first, which waits for the device). The decode step does not call it: it copies the one row it needs into a
+    static device buffer itself (``compute.graphs.DecodeStep``), outside any captured graph. The rows are exact
+    copies, so the model computes what it would with the embedding on the device.
+    """
+
+    def __init__(self, weight: torch.Tensor, device: torch.device | str):
+        super().__init__()
+        if weight.is_cuda or weight.dim() != 2:
+            raise ValueError(f"HostEmbedding needs a 2-D host tensor, got {tuple(weight.shape)} on {weight.device}")
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [vocab, hidden], pinned when device is CUDA
+        self.device = torch.device(device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to("cpu").reshape(-1)
+        rows = torch.empty(
+            (ids.numel(), self.weight.shape[1]), dtype=self.weight.dtype, pin_memory=self.device.type == "cuda"
+        )
+        torch.index_select(self.weight, 0, ids, out=rows)
+        return rows.view(*input_ids.shape, -1).to(self.device, non_blocking=True)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}, on the host, rows copied to {self.device}"
 
 
 def _rebuild_rotary_embedding(model: nn.Module, config: PretrainedConfig, device: torch.device) -> None:

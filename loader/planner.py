@@ -4,8 +4,10 @@
 units the planner counts everything that is not the loader's pool (``budget_lines``):
 
 * CUDA contexts: ``CUDA_CONTEXT_BYTES`` per process, two processes (not counted on ``device="cpu"``);
-* the compute process's dense weights: the bf16 embedding (a tied lm_head shares it), the final norm, the
-  per-layer norms and the q/k/v biases;
+* the compute process's dense weights: the final norm, the per-layer norms, the q/k/v biases, and the bf16
+  embedding when it is on the device: a tied lm_head shares it, so it is; an untied model's embedding stays in
+  the compute process's pinned host memory (``compute.model.HostEmbedding``: one row per token crosses the bus),
+  except on ``device="cpu"``, where host memory is the device memory;
 * the KV cache for ``max_context`` tokens: 2 x layers x kv_heads x head_dim x max_context, bf16;
 * activations for one prefill chunk of ``prefill_chunk`` tokens: hidden states, q/k/v, MLP intermediates,
   the attention scores of one layer (chunk x max_context x heads, as SDPA's math path would hold them),
@@ -185,8 +187,10 @@ def budget_lines(
     vocab = _config_int(config, "vocab_size")
     chunk = min(prefill_chunk, max_context)
 
-    # dense weights the compute process keeps on the device; a tied lm_head is the embedding itself
-    embedding = vocab * hidden * BF16
+    # dense weights the compute process keeps on the device; a tied lm_head is the embedding itself, an untied
+    # model's embedding stays in host memory (compute.model.HostEmbedding), which on CPU is the device's
+    embedding_on_device = bool(config.get("tie_word_embeddings", False)) or device == "cpu"
+    embedding = vocab * hidden * BF16 if embedding_on_device else 0
     norms = (2 * layers + 1) * hidden * BF16
     qkv_bias = layers * (heads + 2 * kv_heads) * head_dim * BF16
 
@@ -212,7 +216,10 @@ def budget_lines(
     if device.startswith("cuda"):
         lines.append((f"CUDA contexts (2 × {format_size(CUDA_CONTEXT_BYTES)})", 2 * CUDA_CONTEXT_BYTES))
     lines += [
-        ("embedding, norms, biases (bf16)", embedding + norms + qkv_bias),
+        (
+            "embedding, norms, biases (bf16)" if embedding_on_device else "norms, biases (bf16; embedding in host memory)",
+            embedding + norms + qkv_bias,
+        ),
         (f"KV cache ({max_context} tokens)", kv_cache),
         (f"activations (prefill chunk {chunk})", activations),
         ("dequantization workspace", largest_linear),

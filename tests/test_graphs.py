@@ -276,15 +276,18 @@ class FakeStream:
         pass
 
 
+@pytest.mark.parametrize("host_embedding", [False, True], ids=["device-embedding", "host-embedding"])
 @pytest.mark.parametrize("streamed", [set(), {"layers.5", "layers.6", "layers.7"}, {"lm_head", "layers.0"}])
 def test_the_decoder_captures_replays_and_recaptures_per_plan_with_cuda_stood_in_for(deep_q, tmp_path, monkeypatch,
-                                                                                     streamed):  # fmt: skip
+                                                                                     streamed, host_embedding):  # fmt: skip
     """The decoder's own logic on CPU: what the GPU tests check, with CUDA's streams and graphs replaced by
     stand-ins that run the same Python, so a mistake in the order of capture, replay and eager segments shows
-    here as a wrong token or a unit out of order."""
+    here as a wrong token or a unit out of order. With the embedding in host memory (as on CUDA for an untied
+    model), every step's row comes through ``DecodeStep.set``, outside the captured prologue."""
     checkpoint = QuantizedCheckpoint(deep_q)
     weights = PlannedWeights(checkpoint, "cpu", streamed=streamed)
-    engine = Engine(checkpoint, weights, device="cpu", max_context=64, prefill_chunk=4)
+    engine = Engine(checkpoint, weights, device="cpu", max_context=64, prefill_chunk=4, host_embedding=host_embedding)
+    assert (engine._decoder.step.host_embedding is not None) == host_embedding
     engine.eos_token_ids = frozenset()
     binder = engine.model.unit_binder
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import Qwen2ForCausalLM
 
 from compute.int4_linear import Int4Linear, UnboundWeightError
-from compute.model import build_model
+from compute.model import HostEmbedding, build_model
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import MANIFEST_NAME, QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError, dequantize
 
@@ -215,3 +215,30 @@ def test_int4_linear_refuses_weights_of_the_wrong_shape_or_dtype(qshape, qdtype,
 def test_int4_linear_refuses_an_input_width_that_is_not_a_whole_number_of_blocks():
     with pytest.raises(ValueError, match="in_features=200 is not a multiple"):
         Int4Linear(200, 8, bias=False, name="odd")
+
+
+def test_host_embedding_looks_rows_up_like_the_embedding():
+    weight = torch.randn(50, 16, dtype=torch.bfloat16)
+    table = torch.nn.Embedding.from_pretrained(weight)
+    host = HostEmbedding(weight.clone(), "cpu")
+    for ids in (torch.tensor([[3, 0, 49, 3]]), torch.tensor([7]), torch.randint(0, 50, (2, 5))):
+        assert torch.equal(host(ids), table(ids))
+    with pytest.raises(ValueError, match="2-D host tensor"):
+        HostEmbedding(torch.zeros(5), "cpu")
+
+
+def test_the_embedding_stays_on_the_host_when_asked_and_never_for_a_tied_model(tiny_q, tiny_q_tied, tmp_path):
+    checkpoint = QuantizedCheckpoint(tiny_q)
+    model = build_model(checkpoint, CheckpointWeights(checkpoint), "cpu", host_embedding=True)
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, HostEmbedding) and model.model.embed_tokens is embedding
+    assert torch.equal(embedding.weight, checkpoint.tensor("model.embed_tokens.weight"))
+    # the model computes what stock transformers does with the same weights
+    reference = reference_model(tiny_q, tmp_path)
+    ids = torch.tensor([[5, 17, 3, 250, 42]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=0.03, rtol=0)
+    assert not isinstance(build_model(checkpoint, CheckpointWeights(checkpoint), "cpu").get_input_embeddings(), HostEmbedding)
+    tied = QuantizedCheckpoint(tiny_q_tied)
+    with pytest.raises(ValueError, match="tied model's embedding is its lm_head"):
+        build_model(tied, CheckpointWeights(tied), "cpu", host_embedding=True)
