@@ -29,6 +29,6 @@ grep -v "^synth" "$out/bench.log" | tail -n 8 >&2
 
 echo "== GPU tests" >&2
 timeout "${TESTS_TIMEOUT:-150}" "$python" -m pytest -q -m gpu -p no:cacheprovider -o addopts= \
-    tests/test_kernels.py tests/test_decode.py tests/test_graphs_gpu.py tests/test_engine.py >"$out/tests.log" 2>    tests/test_kernels.py tests/test_decode.py tests/test_graphs.py tests/test_engine.py >"$out/tests.log" 2>&11
+    tests/test_kernels.py tests/test_decode.py tests/test_graphs_gpu.py tests/test_engine.py >"$out/tests.log" 2>&1
 echo "exit $?" >>"$out/tests.log"
 grep -E "passed|failed|FAILED" "$out/tests.log" | tail -n 12 >&2
