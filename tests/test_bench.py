@@ -30,3 +30,16 @@ def test_table_sets_each_figure_beside_its_ceiling():
     row = table.splitlines()[-1]
     for cell in ("12GiB", "30/35 (K=2)", "14.2", "5123", "6.1", "6.4", "95%", "8.40", "120.0", "8.00 + 3.00 = 11.00"):
         assert cell in row, (cell, row)
+
+
+def test_sass_counts_the_one_row_gemv_loop_without_a_gpu():
+    """bench.sass compiles the GEMV for sm_90 here and finds its loop: one FFMA and one LOP3 per nibble at least
+    (16 words of 8 nibbles per thread for 16 rows x 2 groups on one warp), ~7 instructions per weight byte."""
+    from bench.sass import describe_loop
+    from compute.kernels.gemv import GemvConfig
+
+    loop = describe_loop(GemvConfig(block_n=16, groups=2, split_k=4, num_warps=1, num_stages=1))
+    opcodes = dict(loop["opcodes"])
+    assert loop["bytes_per_thread"] == 64
+    assert opcodes["FFMA"] >= 128 and opcodes["LOP3.LUT"] >= 128 and opcodes["BRA"] == 1
+    assert 4 < loop["per_byte"] < 12, loop
