@@ -15,14 +15,18 @@ This module promises:
   resident pieces that holds a resident unit is one captured segment, everything else runs eagerly, adjacent eager
   pieces in one segment. With nothing streamed that is ONE captured segment (the whole step); with everything
   streamed, one eager segment. Pure: no device, no model.
-* ``DecodeStep``: the static buffers of one decode step (token id, position, mask, hidden state, cos/sin) and
-  ``run(segment)``, the segment's pieces through the model's own HF modules over those buffers. Whatever crosses
+* ``DecodeStep``: the static buffers of one decode step (token id, position, mask, hidden state, cos/sin, and the
+  token's embedding row when the embedding is in host memory) and ``run(segment)``, the segment's pieces over those
+  buffers: each decoder layer as a ``compute.decode.FusedDecodeLayer`` on CUDA where the model allows (its unit
+  bound through ``UnitBinder.bound``), else through the model's own HF modules. Whatever crosses
   a segment boundary goes through them, so captured and eager segments can alternate. The causal mask is computed
   on the device from the position buffer instead of by ``create_causal_mask`` (which asks the cache for its length
-  on the host), and nothing depends on a value read back from the device. Calling the decoder layers and the
-  lm_head as modules keeps the unit hooks (``compute.model.UnitBinder``) running: at capture they bind the resident
-  views the graph keeps using, and in eager segments they acquire and release streamed units through the ring.
-* Attention in the decode step reads each KV head once (``grouped_decode_attention``): with an explicit mask,
+  on the host), and nothing depends on a value read back from the device. Binding each unit around its piece (the
+  hooks of ``compute.model.UnitBinder`` for modules, ``UnitBinder.bound`` for fused layers) keeps the binder in
+  step: at capture it binds the resident views the graph keeps using, and in eager segments it acquires and
+  releases streamed units through the ring.
+* Where HF's layers run, attention in the decode step reads each KV head once (``grouped_decode_attention``; the
+  fused layer has its own kernel, ``compute.kernels.attention``): with an explicit mask,
   transformers' SDPA path first copies every KV head once per query head sharing it (``repeat_kv``), which for
   the 32B model (40 query heads on 8 KV heads) at a 4096-token cache adds ~11 GB of memory traffic per token,
   two thirds of the weights' 16.5 GB. Prefill keeps transformers' own attention.
