@@ -46,7 +46,7 @@ def compile_sass(cfg: GemvConfig, *, capability: int = 90) -> str:
         fn=_gemv_fma_kernel, signature=signature,
         constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs,
     )  # fmt: skip
-    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)  # as int4_gemv launches
     if cfg.maxnreg is not None:
         options["maxnreg"] = cfg.maxnreg
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)

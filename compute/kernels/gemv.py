@@ -370,6 +370,9 @@ def int4_gemv(
         GROUPS=cfg.groups,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        # The loops are written as a * b + c for one FFMA each: asked for, not left to the default, which Triton
+        # 3.10 turns off (TRITON_DEFAULT_FP_FUSION).
+        enable_fp_fusion=True,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
     )
     bias_arg = bias if bias is not None else scales  # never read when HAS_BIAS is False
