@@ -235,15 +235,20 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
 
         click.echo(f"writing a synthetic qwen2-32b checkpoint to {checkpoint} ...", err=True)
         synthesize(checkpoint, preset="qwen2-32b", layers=layers, device="auto")
+    from compute.launch import LoaderStartError
+
     ceilings = measure_ceilings()
     click.echo(f"ceilings: H2D {ceilings.h2d_gbps:.1f} GB/s, D2D {ceilings.d2d_gbps:.0f} GB/s", err=True)
     results = []
     for budget in budgets:
         click.echo(f"--gpu-memory {budget} ...", err=True)
-        results.append(run_budget_in_a_fresh_process(
-            checkpoint, budget, policy=policy, max_context=max_context, prefill_tokens=prefill_tokens,
-            decode_tokens=decode_tokens, ceilings=ceilings,
-        ))  # fmt: skip
+        try:
+            results.append(run_budget_in_a_fresh_process(
+                checkpoint, budget, policy=policy, max_context=max_context, prefill_tokens=prefill_tokens,
+                decode_tokens=decode_tokens, ceilings=ceilings,
+            ))  # fmt: skip
+        except LoaderStartError as e:  # a budget too small, say: the loader's own message is on stderr above
+            raise click.ClickException(f"--gpu-memory {budget}: {e}") from None
         click.echo(format_table(ceilings, results[-1:]).splitlines()[-1], err=True)
         if json_path is not None:  # after every budget, so a run cut short keeps what it measured
             _write_json(json_path, checkpoint, ceilings, results)
