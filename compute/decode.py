@@ -44,9 +44,14 @@ from compute.kernels.gemv import int4_gemv
 from compute.kernels.norm import add_partials, rms_norm
 
 
-def fused_decode_unsupported(config: PretrainedConfig) -> str | None:
-    """Why the decode step of ``config``'s model cannot run ``FusedDecodeLayer``; None if it can. (The kernels
-    are Triton's: on CUDA, or on CPU tensors under the Triton interpreter, which only tests use.)"""
+def fused_decode_unsupported(config: PretrainedConfig, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why the decode step of ``config``'s model, run in ``dtype``, cannot run ``FusedDecodeLayer``; None if it can.
+    (The kernels are Triton's: on CUDA, or on CPU tensors under the Triton interpreter, which only tests use.)"""
+    if dtype != torch.bfloat16:
+        return f"the fused decode layer's kernels are bf16's (the model runs in {dtype})"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        return f"the fused decode layer's attention takes head sizes 16, 32, … 256 (the model's is {head_dim})"
     if config.hidden_act != "silu":
         return f"the fused decode layer's MLP is SiLU's (the model's activation is {config.hidden_act!r})"
     layer_types = getattr(config, "layer_types", None) or []

@@ -221,7 +221,7 @@ class DecodeStep:
         elif fused is None and device.type != "cuda":
             self.fused_unsupported = f"the fused decode layer runs Triton kernels on CUDA (decode runs on {device})"
         else:
-            self.fused_unsupported = fused_decode_unsupported(model.config)
+            self.fused_unsupported = fused_decode_unsupported(model.config, inner.embed_tokens.weight.dtype)
         if fused and self.fused_unsupported is not None:
             raise ValueError(f"fused decode layers were asked for, but {self.fused_unsupported}")
         self.fused_layers = None

@@ -129,6 +129,10 @@ def test_models_the_fused_layer_cannot_run_are_named(tiny_q):
     config = AutoConfig.from_pretrained(tiny_q)
     config.layer_types = ["sliding_attention"] * config.num_hidden_layers
     assert "sliding" in fused_decode_unsupported(config)
+    config = AutoConfig.from_pretrained(tiny_q)
+    config.head_dim = 80
+    assert "head sizes 16, 32, … 256 (the model's is 80)" in fused_decode_unsupported(config)
+    assert "runs in torch.float16" in fused_decode_unsupported(AutoConfig.from_pretrained(tiny_q), torch.float16)
 
 
 def test_the_decode_step_keeps_hf_layers_on_cpu_unless_told(tiny_q):
