@@ -211,9 +211,7 @@ SWEEP_MAXNREG = (None, 96, 80, 64)  # registers per thread: 128 (what the compil
 
 
 def sweep_configs(grid: dict[str, tuple[int, ...]]) -> list[GemvConfig]:
-    configs = [GemvConfig(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
-    # 4 to 32 int32 words of the tile per thread: fewer leaves 16-byte loads unfilled, more spills registers.
-    return sweep_configs_of(configs)
+    return sweep_configs_of([GemvConfig(**dict(zip(grid, values))) for values in itertools.product(*grid.values())])
 
 
 def sweep_gemv(
@@ -224,7 +222,12 @@ def sweep_gemv(
     fma_shapes = [(name, n, k, partials) for name, n, k, _, partials in DECODE_SHAPES_32B]
     dot_shapes = [(name, n, k, False) for name, n, k, _ in SHAPES_32B]
     grids = {"fma": (SWEEP_FMA, 1, fma_shapes), "dot": (SWEEP_DOT, SWEEP_DOT_ROWS, dot_shapes)}
-    plan = [(kernel, grids[kernel][1], shape, sweep_configs(grids[kernel][0])) for kernel in kernels for shape in grids[kernel][2]]
+    plan = [
+        (kernel, rows, shape, sweep_configs(grid))
+        for kernel in kernels
+        for grid, rows, shapes in (grids[kernel],)
+        for shape in shapes
+    ]
     return _time_plan(plan, budget_s)
 
 
@@ -246,7 +249,8 @@ def sweep_registers(budget_s: float) -> tuple[list[dict], dict[tuple[str, int, i
 
 
 def sweep_configs_of(configs: list[GemvConfig]) -> list[GemvConfig]:
-    """``configs`` that ``sweep_configs`` would keep: a tile of 4 to 32 words per thread."""
+    """``configs`` whose tile is 4 to 32 int32 words per thread: fewer leaves 16-byte loads unfilled, more spills
+    registers."""
     return [c for c in configs if 4 <= c.block_n * c.groups * 16 // (c.num_warps * 32) <= 32]
 
 

@@ -81,6 +81,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from transformers.models.qwen2.modeling_qwen2 import rotate_half
+
+from compute.kernels.gemv import sum_partials
 
 __all__ = [
     "MAX_SPLITS",
@@ -101,12 +104,7 @@ _LOG2_E = 1.4426950408889634  # scores are kept in base 2, for exp2
 @triton.jit
 def _projection(part_ptr, bias_ptr, features, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):
     """bf16(partials[0] + ... + partials[SPLITS - 1] + bias) at ``features``, summed in that order in fp32."""
-    total = tl.load(part_ptr + features)
-    for split in tl.static_range(1, SPLITS):
-        total += tl.load(part_ptr + split * N + features)
-    if HAS_BIAS:
-        total += tl.load(bias_ptr + features).to(tl.float32)
-    return total.to(tl.bfloat16)
+    return sum_partials(part_ptr, N, features, features < N, bias_ptr, features, SPLITS, HAS_BIAS).to(tl.bfloat16)
 
 
 @triton.jit
@@ -401,13 +399,6 @@ def decode_attention(
     return out
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """HF's ``rotate_half``."""
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def reference_rotary_cache_write(
     qkv_partials: torch.Tensor,
     bias: torch.Tensor | None,
@@ -433,8 +424,8 @@ def reference_rotary_cache_write(
     projected = total.to(torch.bfloat16).view(1, 1, num_heads + 2 * num_kv_heads, head_dim).transpose(1, 2)
     query, key, value = projected.split([num_heads, num_kv_heads, num_kv_heads], dim=1)  # (B, heads, T, D) each
     cos, sin = cos.view(1, 1, 1, head_dim), sin.view(1, 1, 1, head_dim)
-    query = (query * cos) + (_rotate_half(query) * sin)
-    key = (key * cos) + (_rotate_half(key) * sin)
+    query = (query * cos) + (rotate_half(query) * sin)
+    key = (key * cos) + (rotate_half(key) * sin)
     index = position.reshape(1)
     key_cache.index_copy_(2, index, key)
     value_cache.index_copy_(2, index, value)

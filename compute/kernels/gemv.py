@@ -238,15 +238,23 @@ def _gemv_dot_kernel(
 
 
 @triton.jit
+def sum_partials(part_ptr, stride, offs, mask, bias_ptr, bias_offs, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The fp32 sum over SPLIT of ``part[split * stride + offs]``, in split order, plus ``bias[bias_offs]``: the
+    product ``int4_gemv(partials=True)`` leaves unsummed, as every kernel that consumes it adds it up."""
+    total = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for split in tl.static_range(1, SPLIT):
+        total += tl.load(part_ptr + split * stride + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
+    return total
+
+
+@triton.jit
 def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """out [M, N] = sum over SPLIT of part [SPLIT, M, N] (fp32) + bias [N], in out's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in tl.static_range(SPLIT):
-        total += tl.load(part_ptr + split * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        total += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    total = sum_partials(part_ptr, MN, offs, mask, b_ptr, offs % N, SPLIT, HAS_BIAS)
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from compute.kernels.gemv import sum_partials
+
 __all__ = ["FusedRMSNorm", "add_partials", "reference_rms_norm", "rms_norm"]
 
 
@@ -55,11 +57,7 @@ def _add_partials_kernel(
     the whole row in one program, else BLOCK_H columns per program."""
     cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
-    delta = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for split in tl.static_range(SPLIT):
-        delta += tl.load(part_ptr + split * H + cols, mask=mask, other=0.0)
-    if HAS_BIAS:
-        delta += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    delta = sum_partials(part_ptr, H, cols, mask, bias_ptr, cols, SPLIT, HAS_BIAS)
     delta = delta.to(tl.bfloat16).to(tl.float32)  # the Linear's bf16 output, as HF has it
     residual = tl.load(residual_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     hidden = (residual + delta).to(tl.bfloat16)  # HF's residual add: bf16 + bf16, rounded once
