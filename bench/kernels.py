@@ -31,7 +31,7 @@ import triton
 
 from compute.kernels import GEMV_MAX_ROWS, reference_int4_matmul
 from compute.kernels.gemm import int4_gemm
-from compute.kernels.gemv import TUNED_CONFIGS, GemvConfig, gemv_config, int4_gemv
+from compute.kernels.gemv import TUNED_CONFIGS, GemvConfig, gemv_config, int4_gemv, row_operand
 from quantizer.format import dequantize, quantize, quantized_nbytes
 
 log = logging.getLogger("bench.kernels")
@@ -127,8 +127,11 @@ def measure_copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
 def gemv_calls(
     weights: Weights, x: torch.Tensor, config: GemvConfig | None, partials: bool = False
 ) -> list[Callable[[], object]]:
+    # One row is made into the FMA kernel's operand once, outside the timed calls: in the decode step the kernel
+    # that produces the row writes it (compute.decode).
+    operand = row_operand(x) if x.shape[0] == 1 else x
     return [
-        (lambda q=q, s=s: int4_gemv(x, q, s, None, config, partials=partials))
+        (lambda q=q, s=s: int4_gemv(operand, q, s, None, config, partials=partials))
         for q, s in zip(weights.qweights, weights.scales)
     ]
 
@@ -202,7 +205,7 @@ def bench_crossover(rows_list: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[
 # The FMA kernel's loads feed no dot, so Triton does not pipeline them: num_stages does not matter there,
 # `prefetch` does it by hand.
 SWEEP_FMA = dict(
-    block_n=(8, 16, 32), groups=(1, 2, 4), split_k=(1, 2, 4, 8, 16), num_warps=(1, 2), num_stages=(1,),
+    block_n=(16, 32, 64), groups=(1, 2), split_k=(1, 2, 4, 8, 16), num_warps=(1, 2), num_stages=(1,),
     prefetch=(False, True),
 )
 SWEEP_DOT = dict(block_n=(32, 64), groups=(1, 2), split_k=(1, 4, 8), num_warps=(4,), num_stages=(2, 3), prefetch=(False,))
@@ -219,7 +222,9 @@ def sweep_gemv(
 ) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig]]:
     """Time every config of the grids of ``kernels`` on their shapes (the FMA kernel: the decode step's, the dot
     kernel: the model's Linears), within ``budget_s`` seconds; the best per shape."""
-    fma_shapes = [(name, n, k, partials) for name, n, k, _, partials in DECODE_SHAPES_32B]
+    # The shapes that take most of a token first, so that a sweep cut short by its budget has tuned those.
+    by_share = sorted(DECODE_SHAPES_32B, key=lambda shape: -shape[1] * shape[2] * shape[3])
+    fma_shapes = [(name, n, k, partials) for name, n, k, _, partials in by_share]
     dot_shapes = [(name, n, k, False) for name, n, k, _ in SHAPES_32B]
     grids = {"fma": (SWEEP_FMA, 1, fma_shapes), "dot": (SWEEP_DOT, SWEEP_DOT_ROWS, dot_shapes)}
     plan = [
@@ -267,7 +272,8 @@ def _time_plan(plan: list, budget_s: float) -> tuple[list[dict], dict[tuple[str,
             if time.monotonic() > deadline:
                 log.warning("sweep stopped at its budget of %.0f s", budget_s)
                 return results, {key: cfg for key, (_, cfg) in best.items()}
-            if math.ceil(n / cfg.block_n) * cfg.split_k < 132:  # fewer programs than SMs: never the best
+            programs = math.ceil(n / cfg.block_n) * cfg.split_k
+            if not 132 <= programs <= 8192:  # fewer than SMs, or ~60 one-warp programs an SM: never the best
                 continue
             try:
                 seconds = time_in_graph(gemv_calls(weights, x, cfg, partials), replays=5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 import torch
 
-from compute.kernels.gemv import gemv_config, int4_gemv
+from compute.kernels.gemv import gemv_config, int4_gemv, row_operand
 from quantizer.format import quantize
 
 
@@ -20,7 +20,7 @@ from quantizer.format import quantize
 @click.option("--calls", type=int, default=8, show_default=True)
 def main(n: int, k: int, calls: int) -> None:
     qweight, scales = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x = row_operand(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
     for _ in range(calls):
         int4_gemv(x, qweight, scales)
     torch.cuda.synchronize()

@@ -28,19 +28,21 @@ from compute.kernels.gemv import GemvConfig, _gemv_fma_kernel, gemv_config
 
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BACKWARD_BRANCH = re.compile(r"BRA\s+(?:`\([^)]*\)\s*)?0x([0-9a-f]+)")
-_POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32"}
+_POINTERS = {"operand_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32"}
 
 
-def compile_sass(cfg: GemvConfig, *, capability: int = 90) -> str:
-    """SASS of the one-row GEMV kernel for ``cfg``, as ``int4_gemv(partials=True)`` specialises it."""
+def compile_sass(cfg: GemvConfig, k: int, *, capability: int = 90) -> str:
+    """SASS of the one-row GEMV kernel for ``cfg`` and ``k`` input features, as ``int4_gemv(partials=True)``
+    specialises it."""
     names = _gemv_fma_kernel.arg_names
     constexprs = dict(
-        HAS_BIAS=False, SPLIT=True, EVEN_K=True, BLOCK_N=cfg.block_n, GROUPS=cfg.groups, PREFETCH=cfg.prefetch
+        KW=k // 8, HAS_BIAS=False, SPLIT=True, EVEN_K=True, BLOCK_N=cfg.block_n, GROUPS=cfg.groups,
+        PREFETCH=cfg.prefetch,
     )
     signature = {
         name: "constexpr" if name in constexprs else _POINTERS.get(name, "i32") for name in names
     }
-    aligned = set(_POINTERS) | {"KW", "stride_xm"}  # what Triton specialises on at launch (16-divisible)
+    aligned = set(_POINTERS)  # what Triton specialises on at launch (16-divisible)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in aligned}
     source = ASTSource(
         fn=_gemv_fma_kernel, signature=signature,
@@ -73,9 +75,9 @@ def loop_opcodes(sass: str) -> list[str]:
     return [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for text in body]
 
 
-def describe_loop(cfg: GemvConfig) -> dict:
+def describe_loop(cfg: GemvConfig, k: int) -> dict:
     """Instructions per weight byte of one thread's share of a loop step, and the opcode counts."""
-    opcodes = loop_opcodes(compile_sass(cfg))
+    opcodes = loop_opcodes(compile_sass(cfg, k))
     bytes_per_thread = cfg.block_n * cfg.groups * 64 / (cfg.num_warps * 32)
     return dict(
         instructions=len(opcodes),
@@ -100,7 +102,7 @@ def main(n: int | None, k: int | None, block_n: int | None, groups: int | None, 
         cfg = gemv_config("fma", rows, cols)
         overrides = dict(block_n=block_n, groups=groups, prefetch=prefetch)
         cfg = GemvConfig(**{**cfg.__dict__, **{key: v for key, v in overrides.items() if v is not None}})
-        loop = describe_loop(cfg)
+        loop = describe_loop(cfg, cols)
         click.echo(
             f"{name}: {loop['instructions']} instructions per step, {loop['bytes_per_thread']:.0f} weight bytes per "
             f"thread -> {loop['per_byte']:.2f} per byte  ({cfg.block_n} rows, {cfg.groups} groups, "

@@ -114,20 +114,22 @@ class FusedDecodeLayer:
         attention = layer.self_attn
         cache = self.cache_layer
         size = hidden.shape[-1]
-        normed = rms_norm(hidden, layer.input_layernorm.weight, self.eps).view(1, size)
+        normed = rms_norm(hidden.view(1, size), layer.input_layernorm.weight, self.eps, operand=True)
         qweight, scales = stacked(self.qkv)
         qkv = int4_gemv(normed, qweight, scales, partials=True)
         query = rotary_cache_write(
             qkv, self.qkv_bias, cos, sin, cache.keys, cache.values, position, cache.cumulative_length,
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
         )  # fmt: skip
-        attended = decode_attention(query, cache.keys, cache.values, position, self.scaling)
+        attended = decode_attention(query, cache.keys, cache.values, position, self.scaling, operand=True)
         o_proj = attention.o_proj
-        out = int4_gemv(attended.view(1, -1), o_proj.qweight, o_proj.scales, partials=True)
-        hidden, normed = add_partials(hidden, out, o_proj.bias, layer.post_attention_layernorm.weight, self.eps)
+        out = int4_gemv(attended, o_proj.qweight, o_proj.scales, partials=True)
+        hidden, normed = add_partials(
+            hidden, out, o_proj.bias, layer.post_attention_layernorm.weight, self.eps, operand=True
+        )
         qweight, scales = stacked(self.gate_up)
-        gate_up = int4_gemv(normed.view(1, size), qweight, scales)  # [1, 2 I] bf16
-        act = silu_mul(gate_up[:, : self.intermediate], gate_up[:, self.intermediate :])
+        gate_up = int4_gemv(normed, qweight, scales)  # [1, 2 I] bf16
+        act = silu_mul(gate_up[:, : self.intermediate], gate_up[:, self.intermediate :], operand=True)
         down = layer.mlp.down_proj
         out = int4_gemv(act, down.qweight, down.scales, partials=True)
         hidden, _ = add_partials(hidden, out, down.bias)

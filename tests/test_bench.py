@@ -38,7 +38,7 @@ def test_sass_counts_the_one_row_gemv_loop_without_a_gpu():
     from bench.sass import describe_loop
     from compute.kernels.gemv import GemvConfig
 
-    loop = describe_loop(GemvConfig(block_n=16, groups=2, split_k=4, num_warps=1, num_stages=1))
+    loop = describe_loop(GemvConfig(block_n=16, groups=2, split_k=4, num_warps=1, num_stages=1), 5120)
     opcodes = dict(loop["opcodes"])
     assert loop["bytes_per_thread"] == 64
     assert opcodes["FFMA"] >= 128 and opcodes["LOP3.LUT"] >= 128 and opcodes["BRA"] == 1

@@ -105,6 +105,13 @@ def test_the_wrappers_refuse_bad_operands():
         silu_mul(torch.randn(4), torch.randn(4))
     with pytest.raises(ValueError, match="one shape"):
         silu_mul(torch.randn(4, dtype=torch.bfloat16), torch.randn(5, dtype=torch.bfloat16))
+    two_rows = torch.randn(2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"operand=True\) takes one row"):
+        rms_norm(two_rows, torch.ones(8, dtype=torch.bfloat16), 1e-6, operand=True)
+    with pytest.raises(ValueError, match=r"operand=True\) takes one row"):
+        silu_mul(two_rows, two_rows, operand=True)
+    with pytest.raises(ValueError, match="needs the norm's weight"):
+        add_partials(row, torch.zeros(2, 1, 8), operand=True)
 
 
 def test_a_model_built_on_cpu_keeps_hf_modules(tiny_q):
@@ -120,7 +127,7 @@ def test_triton_kernels_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"interpreter cases failed:\n{done.stdout}\n{done.stderr}"
-    assert done.stdout.count("ok ") == len(NORM_SHAPES) + 1 + len(ACT_SHAPES) + len(ADD_CASES), done.stdout
+    assert done.stdout.count("ok ") == len(NORM_SHAPES) + 2 + len(ACT_SHAPES) + len(ADD_CASES), done.stdout
 
 
 def _truncated(t: torch.Tensor) -> torch.Tensor:
@@ -159,6 +166,32 @@ def interpreter_cases() -> None:
     for case in ADD_CASES:
         check_add_partials(*case, "cpu", _truncated)
         print("ok add_partials", case)
+
+    check_operands("cpu")
+    print("ok operands")
+
+
+def check_operands(device: str) -> None:
+    """Each kernel that can write the next GEMV's row operand writes what ``row_operand`` makes of its bf16 row: the
+    same values through the same ``store_operand``, so the same bits."""
+    from compute.kernels.gemv import row_operand
+
+    def same(operand, row: torch.Tensor) -> None:
+        assert operand.dtype == torch.bfloat16 and torch.equal(operand.planes, row_operand(row.reshape(1, -1)).planes)
+
+    for hidden in (5120, 128, 1000):  # the 32B model's width, a tiny one, one that is not a power of two
+        norm = hf_norm(hidden, device)
+        x = torch.randn(1, hidden, dtype=torch.bfloat16, device=device) * 3
+        same(rms_norm(x, norm.weight, 1e-6, operand=True), rms_norm(x, norm.weight, 1e-6))
+        residual = torch.randn(1, 1, hidden, dtype=torch.bfloat16, device=device)
+        partials = torch.randn(3, 1, hidden, dtype=torch.float32, device=device)
+        _, normed = add_partials(residual, partials, None, norm.weight, 1e-6)
+        _, operand = add_partials(residual, partials, None, norm.weight, 1e-6, operand=True)
+        same(operand, normed)
+    for width in (27648, 1000, 8):  # one partial block of 1024, and a row shorter than a word of the block
+        gate = torch.randn(1, width, dtype=torch.bfloat16, device=device) * 4
+        up = torch.randn(1, width, dtype=torch.bfloat16, device=device)
+        same(silu_mul(gate, up, operand=True), silu_mul(gate, up))
 
 
 def check_add_partials(splits: int, hidden: int, has_bias: bool, has_norm: bool, device: str, rounded) -> None:
@@ -208,6 +241,12 @@ def test_silu_mul_matches_hf_on_cuda(shape):
 @pytest.mark.parametrize("case", ADD_CASES)
 def test_add_partials_matches_hf_on_cuda(case):
     check_add_partials(*case, "cuda", lambda t: t.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_kernels_write_the_row_operand_on_cuda():
+    check_operands("cuda")
 
 
 @pytest.mark.gpu

@@ -69,6 +69,26 @@ def assert_close_to_exact(
     assert rel < 1e-2, f"relative error {rel:.3g}"
 
 
+def expected_operand(x: torch.Tensor) -> torch.Tensor:
+    """The one-row GEMV's operand of the bf16 row ``x`` [K], in torch (compute/kernels/gemv.py's docstring): plane e
+    is element 8i + e times 128 (e = 0, 2, 4) or 8, plane 8 the offset -(128.5 (x0 + x2 + x4) + 8.5 (the rest))."""
+    v = x.detach().cpu().double().reshape(-1, 8)  # [K / 8, 8]
+    at_bit12 = torch.tensor([True, False, True, False, True, False, False, False])
+    scaled = v * torch.where(at_bit12, 128.0, 8.0).double()
+    offset = -(v * torch.where(at_bit12, 128.5, 8.5).double()).sum(1)
+    return torch.cat([scaled.T, offset[None]])  # [9, K / 8], float64
+
+
+def assert_operand(planes: torch.Tensor, x: torch.Tensor) -> None:
+    """``planes`` is the operand of ``x``: the scaled planes exactly, the offsets to fp32's rounding of a sum."""
+    expected = expected_operand(x)
+    assert planes.dtype == torch.float32 and planes.shape == expected.shape, (planes.dtype, tuple(planes.shape))
+    got = planes.cpu().double()
+    assert torch.equal(got[:8], expected[:8]), "scaled planes differ"
+    bound = 2.0**-21 * (x.detach().cpu().double().reshape(-1, 8).abs() * 128.5).sum(1)
+    assert ((got[8] - expected[8]).abs() <= bound).all(), "offsets differ"
+
+
 def numpy_dequantize(qweight: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     """The format read independently of quantizer.format: high nibble first, two's complement, 128-blocks."""
     packed = qweight.cpu().numpy().astype(np.int64)
@@ -175,6 +195,21 @@ def test_gemv_explicit_configs_on_cuda(m):
         assert_close_to_exact(partials.sum(0).to(torch.bfloat16), x, w64, None)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("k", [384, 1408, 5120])
+def test_row_operand_on_cuda(k):
+    """The row operand of a bf16 row, and a GEMV on it equal to the GEMV on the row (which makes the same operand)."""
+    from compute.kernels.gemv import RowOperand, int4_gemv, row_operand
+
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda") * 5
+    operand = row_operand(x)
+    assert isinstance(operand, RowOperand) and operand.dtype == torch.bfloat16 and operand.in_features == k
+    assert_operand(operand.planes, x[0])
+    qweight, scales, _, bias = random_linear(96, k, "cuda", bias=True)
+    assert torch.equal(int4_gemv(operand, qweight, scales, bias), int4_gemv(x, qweight, scales, bias))
+
+
 def test_tuned_configs_load_from_a_sweep_table_and_bad_tables_are_named(tmp_path, monkeypatch):
     from compute.kernels import gemv
 
@@ -238,7 +273,7 @@ def test_triton_kernels_in_the_interpreter():
         [sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, f"interpreter cases failed:\n{done.stdout}\n{done.stderr}"
-    assert done.stdout.count("ok ") == len(INTERPRETER_CASES) + 3, done.stdout
+    assert done.stdout.count("ok ") == len(INTERPRETER_CASES) + 4, done.stdout
 
 
 # (M, N, K, bias, GemvConfig fields or None for the heuristic): both kernels, split-K partial sums with
@@ -259,7 +294,12 @@ INTERPRETER_CASES = [
 def interpreter_cases() -> None:
     """The Triton kernels on CPU tensors; this process must have TRITON_INTERPRET=1 set at start."""
     from compute.kernels import gemm
-    from compute.kernels.gemv import GemvConfig, int4_gemv
+    from compute.kernels.gemv import GemvConfig, int4_gemv, row_operand
+
+    for k in (384, 1408, 9216):  # one partial program of the operand kernel, two, and a full one and a partial one
+        x = torch.randn(1, k, dtype=torch.bfloat16) * 5
+        assert_operand(row_operand(x).planes, x[0])
+    print("ok row operand")
 
     for m, n, k, has_bias, fields in INTERPRETER_CASES:
         qweight, scales, w64, bias = random_linear(n, k, bias=has_bias)

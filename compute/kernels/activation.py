@@ -27,19 +27,26 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from compute.kernels.gemv import RowOperand, store_operand
+
 __all__ = ["reference_silu_mul", "silu_mul", "swiglu_mlp_forward"]
 
 _BLOCK = 1024  # elements per program: the 32B model's 27648-wide decode row is 27 programs
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, OPERAND: tl.constexpr):
+    """BLOCK elements; with OPERAND (one row of n, a multiple of 8) into the down_proj GEMV's row operand."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: long prefills pass 2**31
     mask = offsets < n
     gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16)  # F.silu's result is rounded to bf16 before the product
-    tl.store(out_ptr + offsets, (act.to(tl.float32) * up).to(tl.bfloat16), mask=mask)
+    out = (act.to(tl.float32) * up).to(tl.bfloat16)
+    if OPERAND:
+        store_operand(out_ptr, out.to(tl.float32), tl.program_id(0) * (BLOCK // 8), n // 8, BLOCK // 8)
+    else:
+        tl.store(out_ptr + offsets, out, mask=mask)
 
 
 def reference_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -47,19 +54,23 @@ def reference_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, operand: bool = False) -> torch.Tensor | RowOperand:
     """``silu(gate) * up`` for bf16 tensors of one shape, by the fused kernel (CUDA tensors, or CPU ones under the
-    Triton interpreter)."""
+    Triton interpreter). With ``operand`` (one row) the result is the next GEMV's ``RowOperand``."""
     if not (gate.dtype == torch.bfloat16 and up.dtype == torch.bfloat16):
         raise ValueError(f"silu_mul needs bf16 tensors, got gate {gate.dtype} and up {up.dtype}")
     if gate.shape != up.shape or gate.device != up.device:
         raise ValueError(f"gate and up must have one shape on one device, got {tuple(gate.shape)} on {gate.device} "
                          f"and {tuple(up.shape)} on {up.device}")  # fmt: skip
     gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
     n = gate.numel()
+    if operand and (n != gate.shape[-1] or n % 8):
+        raise ValueError(f"silu_mul(operand=True) takes one row of a multiple of 8 elements, got {tuple(gate.shape)}")
+    out = RowOperand.empty(n, gate.dtype, gate.device) if operand else torch.empty_like(gate)
     if n:
-        _silu_mul_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=4)
+        _silu_mul_kernel[(triton.cdiv(n, _BLOCK),)](
+            gate, up, out.planes if operand else out, n, BLOCK=_BLOCK, OPERAND=operand, num_warps=4
+        )
     return out
 
 

@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
-from compute.kernels.gemv import sum_partials
+from compute.kernels.gemv import RowOperand, store_operand, sum_partials
 
 __all__ = [
     "MAX_SPLITS",
@@ -209,11 +209,12 @@ def _split_attention_kernel(
 
 @triton.jit
 def _combine_kernel(
-    part_ptr, lse_ptr, position_ptr, out_ptr, C,
-    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    part_ptr, lse_ptr, position_ptr, out_ptr, C, H,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, OPERAND: tl.constexpr,
 ):
-    """Query head ``program_id(0)``: the splits' partial outputs weighed by ``exp2(lse)``, rounded to bf16. Splits
-    whose first block starts past ``position`` were not written and are not read."""
+    """Query head ``program_id(0)``: the splits' partial outputs weighed by ``exp2(lse)``, rounded to bf16, stored
+    as bf16 or, with OPERAND, into the o_proj GEMV's row operand. Splits whose first block starts past
+    ``position`` were not written and are not read."""
     head = tl.program_id(0)
     live = tl.minimum(tl.load(position_ptr) + 1, C)
     s = tl.arange(0, BLOCK_S)
@@ -223,8 +224,11 @@ def _combine_kernel(
     weight = tl.exp2(lse - tl.max(lse, axis=0))  # 0 for unused splits
     d = tl.arange(0, D)
     part = tl.load(part_ptr + slots[:, None] * D + d[None, :], mask=used[:, None], other=0.0)  # (BLOCK_S, D)
-    out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
-    tl.store(out_ptr + head * D + d, out.to(tl.bfloat16))
+    out = (tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)).to(tl.bfloat16)
+    if OPERAND:
+        store_operand(out_ptr, out.to(tl.float32), head * (D // 8), H * (D // 8), D // 8)
+    else:
+        tl.store(out_ptr + head * D + d, out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,10 +361,12 @@ def decode_attention(
     scale: float,
     *,
     config: SplitConfig | None = None,
-) -> torch.Tensor:
+    operand: bool = False,
+) -> torch.Tensor | RowOperand:
     """``softmax(scale * q k^T) v`` of ``q [1, H, D]`` over cache positions ``0 .. position`` -> ``[1, 1, H * D]``
-    bf16, head-major. Two launches (CUDA tensors, or CPU ones under the Triton interpreter). ``config`` overrides
-    ``split_config(C)``, for tests of many splits and blocks on small caches."""
+    bf16, head-major, or with ``operand`` the same row as the next GEMV's ``RowOperand``. Two launches (CUDA
+    tensors, or CPU ones under the Triton interpreter). ``config`` overrides ``split_config(C)``, for tests of many
+    splits and blocks on small caches."""
     kv_heads, capacity, head_dim = _check_cache(key_cache, value_cache)
     device = key_cache.device
     if q.dtype != torch.bfloat16 or q.dim() != 3 or q.shape[0] != 1 or q.shape[2] != head_dim:
@@ -381,7 +387,10 @@ def decode_attention(
     group = heads // kv_heads
     part = torch.empty((heads, splits, head_dim), dtype=torch.float32, device=device)  # (H, splits, D)
     lse = torch.empty((heads, splits), dtype=torch.float32, device=device)  # (H, splits)
-    out = torch.empty((1, 1, heads * head_dim), dtype=torch.bfloat16, device=device)  # (B, T, H * D)
+    if operand:
+        out = RowOperand.empty(heads * head_dim, torch.bfloat16, device)
+    else:
+        out = torch.empty((1, 1, heads * head_dim), dtype=torch.bfloat16, device=device)  # (B, T, H * D)
     q = q.contiguous()
     _split_attention_kernel[(kv_heads, splits)](
         q, key_cache, value_cache, position, part, lse,
@@ -392,8 +401,8 @@ def decode_attention(
         num_warps=4, num_stages=2,
     )  # fmt: skip
     _combine_kernel[(heads,)](
-        part, lse, position, out, capacity,
-        D=head_dim, SPLITS=splits, BLOCK_N=block_keys, BLOCK_S=triton.next_power_of_2(splits),
+        part, lse, position, out.planes if operand else out, capacity, heads,
+        D=head_dim, SPLITS=splits, BLOCK_N=block_keys, BLOCK_S=triton.next_power_of_2(splits), OPERAND=operand,
         num_warps=4,
     )  # fmt: skip
     return out

@@ -3,13 +3,16 @@
 The weight is read once, packed, and never written back as bf16. Two Triton kernels share one unpacking
 trick and one wrapper, ``int4_gemv``:
 
-* ``_gemv_fma_kernel`` for a single row of ``x`` (batch-1 decode): CUDA-core FMAs, fp32 accumulation.
+* ``_gemv_fma_kernel`` for a single row of ``x`` (batch-1 decode): CUDA-core FMAs, fp32 accumulation, on ``x``
+  in the form the loop consumes (the row *operand*, below), written by ``gemv_operand`` or by the kernel that
+  produces ``x`` (``store_operand``).
 * ``_gemv_dot_kernel`` for a few rows (2 ... ``GEMV_MAX_ROWS`` in the dispatcher): tensor-core dots on
   16-row blocks of ``x``, fp32 accumulation.
 
 Operands, as the kernels see them:
 
-    x        [M, K]       bf16 or fp16, unit stride along K, row stride ``stride_xm``
+    x        [M, K]       bf16 or fp16, unit stride along K, row stride ``stride_xm`` (the dot kernel)
+    operand  [9, K / 8]   fp32, contiguous: the one row of x, pre-scaled per position (the row kernel)
     words    [N, K / 8]   int32: the uint8 ``qweight [N, K / 2]`` viewed as little-endian int32, contiguous
     scales   [N, K / 128] bf16, contiguous: one scale per 128-element group
     bias     [N] or absent
@@ -25,6 +28,13 @@ bit 16 (four shifts per word: each serves two nibbles) and pre-scales ``x`` to m
 offsets being per-position terms shared by every row of the tile. The dot kernel lands every nibble at
 bit 19, where ``f - 1.5 = q / 16`` is exact in bf16. Products are exact in fp32, and the cancellation
 against the offsets costs about 8 of fp32's 24 bits, far below the bf16 output's rounding.
+
+The row operand holds those per-position factors ready: plane ``e`` (0 … 7) is element ``8i + e`` of every word
+slot ``i``, times 128 (``e`` = 0, 2, 4) or 8, and plane 8 is the slot's offset ``-(128.5 (x0 + x2 + x4) + 8.5
+(x1 + x3 + x5 + x6 + x7))``. Made inside the loop, these cost a third of its instructions (conversions and
+products on every thread that shares a slot; 9.4 SASS instructions per weight byte with Triton 3.6 against 6.1
+for the operand's loop, ``python -m bench.sass``); made once per row by the kernel that produces ``x``, they are
+nearly free.
 
 Element ``8i + e`` of a row sits in word ``i`` at bit ``8 * (e // 2) + (4 if e is even else 0)``: byte
 ``j`` holds element ``2j`` in its high nibble (``quantizer/format.py``). The kernels take the eight positions
@@ -74,12 +84,30 @@ def _landed_float(words, NIBBLE_BIT: tl.constexpr, LAND_BIT: tl.constexpr, one_b
     return ((moved & (0xF << LAND_BIT)) | one_bits).to(tl.float32, bitcast=True)
 
 
+OPERAND_PLANES = 9  # rows of the one-row GEMV's operand: eight pre-scaled positions and the offset
+
+
 @triton.jit
-def _load_x(ptrs, live, EVEN_K: tl.constexpr):
-    """One stride-8 slice of x as fp32; slots of groups past the end of K read as zeros."""
-    if EVEN_K:
-        return tl.load(ptrs).to(tl.float32)
-    return tl.load(ptrs, mask=live, other=0.0).to(tl.float32)
+def store_operand(operand_ptr, x, word0, KW, WORDS: tl.constexpr):
+    """Write ``x``, fp32 ``[WORDS * 8]`` (elements ``8 * word0 …`` of the row, each a bf16/fp16 value), into the row
+    operand ``[OPERAND_PLANES, KW]``; words from ``KW`` on are not written. For the kernel that produces the row."""
+    v = tl.reshape(x, (WORDS, 8))
+    e = tl.arange(0, 8)
+    at_bit12 = ((e % 2) == 0) & (e < 6)  # elements 0, 2, 4 land at bit 12, the others at bit 16 (module docstring)
+    scaled = v * tl.where(at_bit12, 128.0, 8.0)[None, :]
+    offset = -tl.sum(v * tl.where(at_bit12, 128.5, 8.5)[None, :], axis=1)
+    w = word0 + tl.arange(0, WORDS)
+    live = w < KW
+    tl.store(operand_ptr + e[None, :] * KW + w[:, None], scaled, mask=live[:, None])
+    tl.store(operand_ptr + 8 * KW + w, offset, mask=live)
+
+
+@triton.jit
+def _operand_kernel(x_ptr, operand_ptr, KW, WORDS: tl.constexpr):
+    word0 = tl.program_id(0) * WORDS
+    cols = word0 * 8 + tl.arange(0, WORDS * 8)
+    x = tl.load(x_ptr + cols, mask=cols < KW * 8, other=0.0).to(tl.float32)
+    store_operand(operand_ptr, x, word0, KW, WORDS)
 
 
 @triton.jit
@@ -92,28 +120,37 @@ def _load_tile(w_ptrs, s_ptrs, g0, g, KG, EVEN_K: tl.constexpr):
     return words, tl.load(s_ptrs + g0, mask=live[None, :], other=0.0)
 
 
+@triton.jit
+def _load_plane(ptrs, plane: tl.constexpr, KW: tl.constexpr, live, EVEN_K: tl.constexpr):
+    """One plane of the row operand's [GROUPS, 16] slots; slots of groups past the end of K read as zeros."""
+    if EVEN_K:
+        return tl.load(ptrs + plane * KW)
+    return tl.load(ptrs + plane * KW, mask=live, other=0.0)
+
+
 # Integer arguments Triton would otherwise specialise on (divisibility by 16) without any gain: one compiled
-# kernel per config then serves every shape. KW and the x row stride stay specialised: they align the loads.
+# kernel per config then serves every shape. The dot kernel's KW and x row stride stay specialised: they align
+# the loads (the row kernel takes KW as a compile-time constant).
 _RUNTIME_INTS = ["M", "N", "KG", "stride_om", "stride_os", "n_tiles", "tiles_per_split", "one_bits"]
 
 
-@triton.jit(do_not_specialize=[a for a in _RUNTIME_INTS if a != "M"])
+@triton.jit(do_not_specialize=[a for a in _RUNTIME_INTS if a not in ("M", "stride_om")])
 def _gemv_fma_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
-    N, KW, KG, stride_xm, stride_om, stride_os, n_tiles, tiles_per_split, one_bits,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    operand_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
+    N, KG, stride_os, n_tiles, tiles_per_split, one_bits,
+    KW: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """One row of x (program axis 2) times BLOCK_N weight rows, over this program's share of K.
+    """The row operand times BLOCK_N weight rows, over this program's share of K.
 
-    Each loop step loads a [BLOCK_N, GROUPS, 16] tile of words (GROUPS * 64 bytes of each row) and the
-    matching GROUPS * 128 values of x, eight stride-8 slices, one per nibble position. With PREFETCH the
-    next step's words and scales are loaded before this step's arithmetic, so their latency overlaps it.
-    With SPLIT the program writes fp32 partial sums to slice ``pid_k`` of ``out`` (``[split, M, N]``).
+    Each loop step loads a [BLOCK_N, GROUPS, 16] tile of words (GROUPS * 64 bytes of each row) and the matching
+    [GROUPS, 16] slots of the operand's nine planes. With PREFETCH the next step's words and scales are loaded
+    before this step's arithmetic, so their latency overlaps it. With SPLIT the program writes fp32 partial sums
+    to slice ``pid_k`` of ``out`` (``[split, 1, N]``). KW, words per weight row, is the operand's plane stride: as
+    a constant, the nine plane loads share one address.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_in = tl.minimum(rows, N - 1)  # clamped so that loads need no mask; the store is masked
     g = tl.arange(0, GROUPS)
@@ -121,7 +158,6 @@ def _gemv_fma_kernel(
     word_in_tile = g[:, None] * 16 + i[None, :]  # (GROUPS, 16)
     w_ptrs = w_ptr + rows_in.to(tl.int64)[:, None, None] * KW + word_in_tile[None, :, :]
     s_ptrs = s_ptr + rows_in.to(tl.int64)[:, None] * KG + g[None, :]
-    x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + word_in_tile * 8
 
     # Per word slot, the sum over K steps of scale * sum_e(x_e * q_e) / 16; reduced across slots only once,
     # after the loop, so that the loop holds no shuffles or barriers.
@@ -129,12 +165,11 @@ def _gemv_fma_kernel(
     t_begin = pid_k * tiles_per_split
     if PREFETCH:
         next_words, next_scales = _load_tile(w_ptrs, s_ptrs, t_begin * GROUPS, g, KG, EVEN_K)
-    # The last split's share may run past the end of K: x reads as zeros there (EVEN_K is off then), so
-    # whatever words are loaded contribute nothing.
+    # The last split's share may run past the end of K: the operand reads as zeros there (EVEN_K is off then),
+    # so whatever words are loaded contribute nothing.
     for step in range(tiles_per_split):
         t = t_begin + step
         g0 = t * GROUPS
-        live = (g0 + g) < KG
         if PREFETCH:
             words, scales = next_words, next_scales
             # Clamped to the last tile, so the final iteration's prefetch stays inside the weight.
@@ -144,36 +179,36 @@ def _gemv_fma_kernel(
             words, scales = _load_tile(w_ptrs, s_ptrs, g0, g, KG, EVEN_K)
         words = words ^ _OFFSET_BINARY_XOR
         # Element e of a word is the nibble at bit 8 * (e // 2) + 4 * (1 - e % 2). Elements 0, 2, 4 land at
-        # bit 12 (f = 1 + u / 2048), the others at bit 16 (f = 1 + u / 128); x is pre-scaled to match, so that
-        # x * q / 16 = (128 x) * f - 128.5 x at bit 12 and (8 x) * f - 8.5 x at bit 16 (module docstring).
-        x_tile = x_ptrs + g0 * 128
-        x0 = _load_x(x_tile + 0, live[:, None], EVEN_K)
-        x1 = _load_x(x_tile + 1, live[:, None], EVEN_K)
-        x2 = _load_x(x_tile + 2, live[:, None], EVEN_K)
-        x3 = _load_x(x_tile + 3, live[:, None], EVEN_K)
-        x4 = _load_x(x_tile + 4, live[:, None], EVEN_K)
-        x5 = _load_x(x_tile + 5, live[:, None], EVEN_K)
-        x6 = _load_x(x_tile + 6, live[:, None], EVEN_K)
-        x7 = _load_x(x_tile + 7, live[:, None], EVEN_K)
-        # Per-slot terms shared by every row of the tile: computed once, broadcast over BLOCK_N.
-        neg_offset = (-128.5 * (x0 + x2 + x4) - 8.5 * (x1 + x3 + x5 + x6 + x7))[None, :, :]
+        # bit 12 (f = 1 + u / 2048), the others at bit 16 (f = 1 + u / 128); the operand is scaled to match, so
+        # that x * q / 16 = (128 x) * f - 128.5 x at bit 12 and (8 x) * f - 8.5 x at bit 16 (module docstring).
+        planes = operand_ptr + g0 * 16 + word_in_tile
+        live = ((g0 + g) < KG)[:, None]
+        x0 = _load_plane(planes, 0, KW, live, EVEN_K)
+        x1 = _load_plane(planes, 1, KW, live, EVEN_K)
+        x2 = _load_plane(planes, 2, KW, live, EVEN_K)
+        x3 = _load_plane(planes, 3, KW, live, EVEN_K)
+        x4 = _load_plane(planes, 4, KW, live, EVEN_K)
+        x5 = _load_plane(planes, 5, KW, live, EVEN_K)
+        x6 = _load_plane(planes, 6, KW, live, EVEN_K)
+        x7 = _load_plane(planes, 7, KW, live, EVEN_K)
+        offset = _load_plane(planes, 8, KW, live, EVEN_K)
         slot = (
-            neg_offset
-            + _landed_float(words, 4, 12, one_bits) * (128.0 * x0)[None, :, :]
-            + _landed_float(words, 12, 12, one_bits) * (128.0 * x2)[None, :, :]
-            + _landed_float(words, 20, 12, one_bits) * (128.0 * x4)[None, :, :]
-            + _landed_float(words, 0, 16, one_bits) * (8.0 * x1)[None, :, :]
-            + _landed_float(words, 8, 16, one_bits) * (8.0 * x3)[None, :, :]
-            + _landed_float(words, 16, 16, one_bits) * (8.0 * x5)[None, :, :]
-            + _landed_float(words, 28, 16, one_bits) * (8.0 * x6)[None, :, :]
-            + _landed_float(words, 24, 16, one_bits) * (8.0 * x7)[None, :, :]
+            offset[None, :, :]
+            + _landed_float(words, 4, 12, one_bits) * x0[None, :, :]
+            + _landed_float(words, 12, 12, one_bits) * x2[None, :, :]
+            + _landed_float(words, 20, 12, one_bits) * x4[None, :, :]
+            + _landed_float(words, 0, 16, one_bits) * x1[None, :, :]
+            + _landed_float(words, 8, 16, one_bits) * x3[None, :, :]
+            + _landed_float(words, 16, 16, one_bits) * x5[None, :, :]
+            + _landed_float(words, 28, 16, one_bits) * x6[None, :, :]
+            + _landed_float(words, 24, 16, one_bits) * x7[None, :, :]
         )  # (BLOCK_N, GROUPS, 16): sum_e x_e * q_e / 16 of each word
         acc += slot * scales.to(tl.float32)[:, :, None]
     acc = 16.0 * tl.sum(tl.sum(acc, axis=2), axis=1)
 
     if HAS_BIAS:  # never with SPLIT: _split_sum_kernel adds the bias then
         acc += tl.load(b_ptr + rows_in).to(tl.float32)
-    out_ptrs = out_ptr + pid_k.to(tl.int64) * stride_os + m.to(tl.int64) * stride_om + rows
+    out_ptrs = out_ptr + pid_k.to(tl.int64) * stride_os + rows
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
@@ -333,8 +368,37 @@ def gemv_config(kernel: str, n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n=block_n, groups=groups, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowOperand:
+    """One row of ``x`` in the form the one-row GEMV's loop consumes (module docstring), made by ``row_operand`` or
+    by the kernel that produces the row (``store_operand``); ``dtype`` is the row's, and the product's."""
+
+    planes: torch.Tensor  # fp32 [OPERAND_PLANES, K / 8], contiguous
+    dtype: torch.dtype
+
+    @property
+    def in_features(self) -> int:
+        return self.planes.shape[1] * 8
+
+    @staticmethod
+    def empty(in_features: int, dtype: torch.dtype, device: torch.device | str) -> RowOperand:
+        """An unwritten operand for a row of ``in_features``, for a producer kernel to fill."""
+        return RowOperand(torch.empty((OPERAND_PLANES, in_features // 8), dtype=torch.float32, device=device), dtype)
+
+
+_OPERAND_WORDS = 128  # words (1024 elements) of the row per program of _operand_kernel
+
+
+def row_operand(x: torch.Tensor) -> RowOperand:
+    """The one-row GEMV's operand for ``x`` ([1, K] or [K], bf16 or fp16, unit stride), in one launch."""
+    k = x.shape[-1]
+    operand = RowOperand.empty(k, x.dtype, x.device)
+    _operand_kernel[(triton.cdiv(k // 8, _OPERAND_WORDS),)](x, operand.planes, k // 8, WORDS=_OPERAND_WORDS, num_warps=4)
+    return operand
+
+
 def int4_gemv(
-    x: torch.Tensor,
+    x: torch.Tensor | RowOperand,
     qweight: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -345,7 +409,8 @@ def int4_gemv(
     """``x [M, K] @ dequantize(qweight [N, K/2], scales [N, K/128]).T + bias [N]`` -> ``[M, N]`` in x's dtype.
 
     The caller (``compute.kernels.int4_matmul``) has checked shapes, dtypes and alignment; ``x`` must have
-    unit stride along K. M == 1 runs the FMA kernel, larger M the dot kernel.
+    unit stride along K. One row (M == 1, or a ``RowOperand``) runs the FMA kernel, on the row's operand (made
+    here, in one more launch, unless ``x`` is one already); more rows run the dot kernel.
 
     With ``partials`` the split-K sums are not added up here: the result is the fp32 ``[S, M, N]`` partial sums
     (S >= 1 splits; no bias, which must be None), for a consumer kernel that adds them itself, in fp32, with
@@ -353,9 +418,13 @@ def int4_gemv(
     """
     if partials and bias is not None:
         raise ValueError("int4_gemv(partials=True) leaves the bias to the consumer of the partial sums")
-    m, k = x.shape
+    if isinstance(x, torch.Tensor) and x.shape[0] == 1:
+        x = row_operand(x)
+    if isinstance(x, RowOperand):
+        m, k, dtype, device, kernel = 1, x.in_features, x.dtype, x.planes.device, "fma"
+    else:
+        (m, k), dtype, device, kernel = x.shape, x.dtype, x.device, "dot"
     n = qweight.shape[0]
-    kernel = "fma" if m == 1 else "dot"
     cfg = config or gemv_config(kernel, n, k)
     words = qweight.view(torch.int32)  # [N, K / 8]; the pool starts every qweight at a multiple of 64 bytes
     n_groups = k // BLOCK_SIZE
@@ -367,9 +436,9 @@ def int4_gemv(
     # With split-K each program writes its own slice of fp32 partial sums: no zeroing, no atomics, the
     # same result on every run, and one more launch (_split_sum_kernel, or the consumer's) to add them up.
     if partials:
-        out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=device)
     else:
-        out = torch.empty((split_k, m, n) if split else (m, n), dtype=torch.float32 if split else x.dtype, device=x.device)
+        out = torch.empty((split_k, m, n) if split else (m, n), dtype=torch.float32 if split else dtype, device=device)
     common = dict(
         HAS_BIAS=bias is not None and not split,
         SPLIT=split,
@@ -386,11 +455,10 @@ def int4_gemv(
     bias_arg = bias if bias is not None else scales  # never read when HAS_BIAS is False
     stride_os = m * n  # between the partial-sum slices of different splits
     if kernel == "fma":
-        grid = (triton.cdiv(n, cfg.block_n), split_k, m)
-        _gemv_fma_kernel[grid](
-            x, words, scales, bias_arg, out,
-            n, k // 8, n_groups, x.stride(0), n, stride_os, n_tiles, tiles_per_split, _UNIT_FLOAT_BITS,
-            PREFETCH=cfg.prefetch,
+        _gemv_fma_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
+            x.planes, words, scales, bias_arg, out,
+            n, n_groups, stride_os, n_tiles, tiles_per_split, _UNIT_FLOAT_BITS,
+            KW=k // 8, PREFETCH=cfg.prefetch,
             **common,
         )
     else:
@@ -404,7 +472,7 @@ def int4_gemv(
         )
     if partials or not split:
         return out
-    result = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    result = torch.empty((m, n), dtype=dtype, device=device)
     _split_sum_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
         out, bias_arg, result, m * n, n, SPLIT=split_k, HAS_BIAS=bias is not None, BLOCK=_SUM_BLOCK, num_warps=4
     )

@@ -27,22 +27,32 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from compute.kernels.gemv import sum_partials
+from compute.kernels.gemv import RowOperand, store_operand, sum_partials
 
 __all__ = ["FusedRMSNorm", "add_partials", "reference_rms_norm", "rms_norm"]
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, stride_x, H, eps, BLOCK_H: tl.constexpr):
+def _store_normed(out_ptr, normed, weight_ptr, cols, mask, H, OPERAND: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``weight * normed`` (a bf16 product, as HF's) into the bf16 row at ``out_ptr`` or, with OPERAND, into the
+    next GEMV's row operand (a whole row: ``cols`` is 0 … BLOCK_H - 1)."""
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    out = (weight.to(tl.float32) * normed.to(tl.float32)).to(tl.bfloat16)
+    if OPERAND:
+        store_operand(out_ptr, out.to(tl.float32), 0, H // 8, BLOCK_H // 8)
+    else:
+        tl.store(out_ptr + cols, out, mask=mask)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, stride_x, H, eps, BLOCK_H: tl.constexpr, OPERAND: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride passes 2**31 for long prefills of wide models
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     variance = tl.sum(x * x, axis=0) / H  # masked lanes are 0 and add nothing
     normed = (x * tl.rsqrt(variance + eps)).to(tl.bfloat16)  # HF rounds to the input dtype before the weight
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    out = (weight.to(tl.float32) * normed.to(tl.float32)).to(tl.bfloat16)
-    tl.store(out_ptr + row * H + cols, out, mask=mask)
+    _store_normed(out_ptr + row * H, normed, weight_ptr, cols, mask, H, OPERAND, BLOCK_H)
 
 
 _ADD_BLOCK = 512  # columns per program of add_partials without a norm
@@ -51,10 +61,11 @@ _ADD_BLOCK = 512  # columns per program of add_partials without a norm
 @triton.jit
 def _add_partials_kernel(
     residual_ptr, part_ptr, bias_ptr, weight_ptr, hidden_ptr, normed_ptr, H, eps,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr, OPERAND: tl.constexpr,
 ):
-    """One row: hidden = residual + bf16(sum of SPLIT partial rows + bias); with NORM also normed = RMSNorm(hidden),
-    the whole row in one program, else BLOCK_H columns per program."""
+    """One row: hidden = residual + bf16(sum of SPLIT partial rows + bias); with NORM also normed = RMSNorm(hidden)
+    (as bf16 or, with OPERAND, as the next GEMV's row operand), the whole row in one program, else BLOCK_H columns
+    per program."""
     cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
     delta = sum_partials(part_ptr, H, cols, mask, bias_ptr, cols, SPLIT, HAS_BIAS)
@@ -66,8 +77,7 @@ def _add_partials_kernel(
         x = hidden.to(tl.float32)
         variance = tl.sum(x * x, axis=0) / H
         normed = (x * tl.rsqrt(variance + eps)).to(tl.bfloat16)
-        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-        tl.store(normed_ptr + cols, (weight.to(tl.float32) * normed.to(tl.float32)).to(tl.bfloat16), mask=mask)
+        _store_normed(normed_ptr, normed, weight_ptr, cols, mask, H, OPERAND, BLOCK_H)
 
 
 def add_partials(
@@ -76,7 +86,9 @@ def add_partials(
     bias: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     eps: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    *,
+    operand: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | RowOperand | None]:
     """The residual add after a Linear whose split-K partial sums were left unsummed (``int4_gemv(partials=True)``),
     with the next RMSNorm fused when ``weight`` is given, for one row (the decode step):
 
@@ -85,7 +97,8 @@ def add_partials(
         normed = rms_norm(hidden, weight, eps)      # only with weight; else None
 
     ``residual`` bf16 ``[1, 1, H]`` (or any shape of H elements), ``partials`` fp32 ``[S, 1, H]``, ``bias`` and
-    ``weight`` bf16 ``[H]``. Returns (hidden, normed) shaped like ``residual``. One launch: with the norm one
+    ``weight`` bf16 ``[H]``. Returns (hidden, normed) shaped like ``residual``, normed as the next GEMV's
+    ``RowOperand`` with ``operand`` (which needs ``weight``). One launch: with the norm one
     program (it needs the whole row), without it ``_ADD_BLOCK`` columns per program, as the partial rows of a
     long-K Linear are many (16 of 5120 values for the 32B model's down_proj).
     """
@@ -97,15 +110,21 @@ def add_partials(
     for name, t in (("bias", bias), ("weight", weight)):
         if t is not None and (t.dtype != torch.bfloat16 or tuple(t.shape) != (hidden_size,)):
             raise ValueError(f"{name} must be bf16 [{hidden_size}], got {t.dtype} {tuple(t.shape)}")
+    if operand and (weight is None or hidden_size % 8):
+        raise ValueError(f"add_partials(operand=True) needs the norm's weight and H a multiple of 8 (H = {hidden_size})")
     hidden = torch.empty_like(residual)
-    normed = torch.empty_like(residual) if weight is not None else None
+    if weight is None:
+        normed = None
+    else:
+        normed = RowOperand.empty(hidden_size, residual.dtype, residual.device) if operand else torch.empty_like(residual)
     block = triton.next_power_of_2(hidden_size) if weight is not None else _ADD_BLOCK
     _add_partials_kernel[(triton.cdiv(hidden_size, block),)](
         residual, partials.contiguous(), bias if bias is not None else residual,
-        weight if weight is not None else residual, hidden, normed if normed is not None else hidden,
+        weight if weight is not None else residual, hidden,
+        normed.planes if operand else normed if normed is not None else hidden,
         hidden_size, eps,
         SPLIT=partials.shape[0], HAS_BIAS=bias is not None, NORM=weight is not None,
-        BLOCK_H=block, num_warps=4 if block <= 2048 else 8,
+        BLOCK_H=block, OPERAND=operand, num_warps=4 if block <= 2048 else 8,
     )  # fmt: skip
     return hidden, normed
 
@@ -119,9 +138,9 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * hidden.to(input_dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, operand: bool = False) -> torch.Tensor | RowOperand:
     """``x [..., H]`` bf16, ``weight [H]`` bf16 -> ``[..., H]`` bf16, by the fused kernel (CUDA tensors, or CPU
-    ones under the Triton interpreter)."""
+    ones under the Triton interpreter); with ``operand`` (one row) the next GEMV's ``RowOperand`` instead."""
     hidden = x.shape[-1]
     if not (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16):
         raise ValueError(f"rms_norm needs bf16 tensors, got x {x.dtype} and weight {weight.dtype}")
@@ -130,14 +149,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2d = x.reshape(-1, hidden)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    out = torch.empty((x2d.shape[0], hidden), dtype=x.dtype, device=x.device)
+    if operand and (x2d.shape[0] != 1 or hidden % 8):
+        raise ValueError(f"rms_norm(operand=True) takes one row of a multiple of 8 elements, got {tuple(x.shape)}")
+    if operand:
+        out = RowOperand.empty(hidden, x.dtype, x.device)
+    else:
+        out = torch.empty((x2d.shape[0], hidden), dtype=x.dtype, device=x.device)
     if x2d.shape[0]:
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(x2d.shape[0],)](
-            x2d, weight.contiguous(), out, x2d.stride(0), hidden, eps,
-            BLOCK_H=block, num_warps=4 if block <= 2048 else 8,
+            x2d, weight.contiguous(), out.planes if operand else out, x2d.stride(0), hidden, eps,
+            BLOCK_H=block, OPERAND=operand, num_warps=4 if block <= 2048 else 8,
         )  # fmt: skip
-    return out.reshape(x.shape)
+    return out if operand else out.reshape(x.shape)
 
 
 class FusedRMSNorm(nn.Module):
