@@ -1,4 +1,4 @@
-"""The batch-1 decode step of a Qwen2 decoder layer in eleven kernel launches, for CUDA bf16.
+"""The batch-1 decode step of a Qwen2 decoder layer in ten or eleven kernel launches, for CUDA bf16.
 
 At batch 1 the weights are read once per token and everything else is small; HF's decoder layer launches about
 forty kernels per token (the Linears, each with its split-K sum, rotary in ten pieces, the cache update, eight for
@@ -14,13 +14,15 @@ attention, the adds), and at 1-5 µs each in a replayed graph they cost as much 
     int4_gemv(gate|up)                                   gate and up as one [2 I, hidden] GEMV
     silu_mul
     int4_gemv(down, partials)
-    add_partials                                         residual add
+    add_partials                                         residual add (+ the next layer's input_layernorm)
 
 The q/k/v and gate/up weights are one matrix each because the loader's layout packs a unit's qweights back to
 back and its scales back to back (``loader.layout``): ``stacked`` views them as one tensor when they are adjacent
 (always, in a unit laid out by the loader) and concatenates them otherwise (test doubles). The split-K partial
 sums of the GEMVs whose outputs are small are added by the kernel that consumes them, so no Linear needs a second
-launch.
+launch, and the kernel before each GEMV writes the GEMV's row operand (``compute.kernels.gemv.RowOperand``). When
+the next layer runs right after (the decode step passes its norm), the last add also applies that layer's
+input_layernorm, which then needs no launch of its own: ten launches a layer.
 
 The arithmetic is HF's, rounding for rounding, except attention, which keeps scores and probabilities in fp32
 (flash decoding) where HF's eager attention rounds them to bf16: the logits agree with transformers' to bf16
@@ -40,7 +42,7 @@ from transformers import PretrainedConfig
 from compute.int4_linear import Int4Linear
 from compute.kernels.activation import silu_mul
 from compute.kernels.attention import decode_attention, rotary_cache_write
-from compute.kernels.gemv import int4_gemv
+from compute.kernels.gemv import RowOperand, int4_gemv
 from compute.kernels.norm import add_partials, rms_norm
 
 
@@ -108,13 +110,28 @@ class FusedDecodeLayer:
             raise ValueError("the fused decode layer's gate/up projections take no bias (Qwen2's have none)")
         self.intermediate = layer.mlp.gate_proj.out_features
 
-    def __call__(self, hidden: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``hidden`` bf16 [1, 1, hidden] -> the layer's output, the token's keys and values written at ``position``."""
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        position: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        normed: RowOperand | None = None,
+        next_norm: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, RowOperand | None]:
+        """``hidden`` bf16 [1, 1, hidden] -> the layer's output, the token's keys and values written at ``position``.
+
+        ``normed`` is this layer's input_layernorm of ``hidden`` as the q|k|v GEMV's operand, when the layer before
+        made it; ``next_norm`` an RMSNorm (the next layer's input_layernorm) to apply to the output, fused into the
+        last residual add: one launch fewer per layer. Returns (output, ``next_norm`` of it as an operand, or None).
+        """
         layer = self.layer
         attention = layer.self_attn
         cache = self.cache_layer
         size = hidden.shape[-1]
-        normed = rms_norm(hidden.view(1, size), layer.input_layernorm.weight, self.eps, operand=True)
+        if normed is None:
+            normed = rms_norm(hidden.view(1, size), layer.input_layernorm.weight, self.eps, operand=True)
         qweight, scales = stacked(self.qkv)
         qkv = int4_gemv(normed, qweight, scales, partials=True)
         query = rotary_cache_write(
@@ -132,6 +149,6 @@ class FusedDecodeLayer:
         act = silu_mul(gate_up[:, : self.intermediate], gate_up[:, self.intermediate :], operand=True)
         down = layer.mlp.down_proj
         out = int4_gemv(act, down.qweight, down.scales, partials=True)
-        hidden, _ = add_partials(hidden, out, down.bias)
-        return hidden
-
+        if next_norm is None:
+            return add_partials(hidden, out, down.bias)
+        return add_partials(hidden, out, down.bias, next_norm.weight, next_norm.variance_epsilon, operand=True)

@@ -279,10 +279,15 @@ class DecodeStep:
                 self.sin.copy_(sin)
             else:
                 hidden = self.hidden
-            for index in segment.layers:
+            normed = None  # the next fused layer's input norm, made by the layer before it in this segment
+            for n, index in enumerate(segment.layers):
                 if self.fused_layers is not None:
+                    following = segment.layers[n + 1] if n + 1 < len(segment.layers) else None
+                    next_norm = None if following is None else self.layers[following].input_layernorm
                     with self._binder.bound(index):  # layer i is unit i (plan_segments checks the order)
-                        hidden = self.fused_layers[index](hidden, self.position, self.cos, self.sin)
+                        hidden, normed = self.fused_layers[index](
+                            hidden, self.position, self.cos, self.sin, normed=normed, next_norm=next_norm
+                        )
                     continue
                 hidden = self.layers[index](hidden, **self._layer_arguments)
                 if isinstance(hidden, tuple):  # decoder layers of some 5.x releases return (hidden_states,)

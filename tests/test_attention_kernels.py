@@ -50,7 +50,7 @@ from compute.kernels.attention import (
     rotary_cache_write,
     split_config,
 )
-from compute.kernels.gemv import row_operand
+from test_kernels import assert_operand
 
 REPO = Path(__file__).resolve().parent.parent
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -227,9 +227,9 @@ def check_attention(shape, device: str) -> None:
         where = torch.tensor([position], device=device)
         out = decode_attention(q, keys, values, where, scale, config=config)
         assert_attention_close(out, *float64_attention(q, keys, values, position, scale))
-        if i in (0, len(positions) - 1):  # the o_proj GEMV's row operand: what row_operand makes of the same row
+        if i in (0, len(positions) - 1):  # the o_proj GEMV's row operand, of the same row
             operand = decode_attention(q, keys, values, where, scale, config=config, operand=True)
-            assert torch.equal(operand.planes, row_operand(out.view(1, -1)).planes)
+            assert_operand(operand.planes, out.view(-1))
 
 
 def check_against_hf_attention(shape, device: str) -> None:

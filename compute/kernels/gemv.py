@@ -319,13 +319,14 @@ TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {
     ("dot", 152064, 5120): GemvConfig(block_n=64, groups=2, split_k=1, num_warps=4, num_stages=3),
     ("fma", 1024, 5120): GemvConfig(block_n=16, groups=4, split_k=8, num_warps=1, num_stages=1),
     ("fma", 27648, 5120): GemvConfig(block_n=32, groups=1, split_k=2, num_warps=1, num_stages=1, prefetch=True),
-    # The decode step's GEMVs (compute.decode), swept on 2026-12-01; q|k|v, o and down leave their partial sums
-    # to the kernel that consumes them, which sets a limit on o's split (one program sums it, with the norm).
-    ("fma", 7168, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=1, num_stages=1),
-    ("fma", 5120, 5120): GemvConfig(block_n=16, groups=2, split_k=4, num_warps=1, num_stages=1),
-    ("fma", 55296, 5120): GemvConfig(block_n=16, groups=2, split_k=1, num_warps=1, num_stages=1),
+    # The decode step's GEMVs (compute.decode) on the row operand, swept on 2026-12-01 (bench/results/
+    # 2026-12-01-h200-kernels-operand-sweep.json); q|k|v, o and down leave their partial sums to the kernel that
+    # consumes them, which sets a limit on o's split (one program sums it, with the norm).
+    ("fma", 7168, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=2, num_stages=1),
+    ("fma", 5120, 5120): GemvConfig(block_n=16, groups=1, split_k=8, num_warps=1, num_stages=1),
+    ("fma", 55296, 5120): GemvConfig(block_n=16, groups=2, split_k=2, num_warps=1, num_stages=1),
     ("fma", 5120, 27648): GemvConfig(block_n=16, groups=2, split_k=16, num_warps=1, num_stages=1),
-    ("fma", 152064, 5120): GemvConfig(block_n=16, groups=2, split_k=1, num_warps=1, num_stages=1),
+    ("fma", 152064, 5120): GemvConfig(block_n=32, groups=2, split_k=1, num_warps=2, num_stages=1),
 }
 
 def load_tuned_configs(path: str | os.PathLike) -> int:
