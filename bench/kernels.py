@@ -213,6 +213,12 @@ SWEEP_DOT_ROWS = 8
 SWEEP_MAXNREG = (None, 96, 80, 64)  # registers per thread: 128 (what the compiler takes) caps an SM at 16 one-warp programs
 
 
+def _by_share(shapes: list[tuple]) -> list[tuple]:
+    """(name, N, K, per forward, ...) shapes by the weight bytes they read per token, most first: a sweep cut short by
+    its budget has then tuned the ones that matter most."""
+    return sorted(shapes, key=lambda shape: -shape[1] * shape[2] * shape[3])
+
+
 def sweep_configs(grid: dict[str, tuple[int, ...]]) -> list[GemvConfig]:
     return sweep_configs_of([GemvConfig(**dict(zip(grid, values))) for values in itertools.product(*grid.values())])
 
@@ -222,9 +228,7 @@ def sweep_gemv(
 ) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig]]:
     """Time every config of the grids of ``kernels`` on their shapes (the FMA kernel: the decode step's, the dot
     kernel: the model's Linears), within ``budget_s`` seconds; the best per shape."""
-    # The shapes that take most of a token first, so that a sweep cut short by its budget has tuned those.
-    by_share = sorted(DECODE_SHAPES_32B, key=lambda shape: -shape[1] * shape[2] * shape[3])
-    fma_shapes = [(name, n, k, partials) for name, n, k, _, partials in by_share]
+    fma_shapes = [(name, n, k, partials) for name, n, k, _, partials in _by_share(DECODE_SHAPES_32B)]
     dot_shapes = [(name, n, k, False) for name, n, k, _ in SHAPES_32B]
     grids = {"fma": (SWEEP_FMA, 1, fma_shapes), "dot": (SWEEP_DOT, SWEEP_DOT_ROWS, dot_shapes)}
     plan = [
@@ -240,7 +244,7 @@ def sweep_registers(budget_s: float) -> tuple[list[dict], dict[tuple[str, int, i
     """The FMA kernel on the decode step's shapes, around the config in force for each: its split kept, the tile,
     prefetch and the register cap (``maxnreg``) varied."""
     plan = []
-    for name, n, k, _, partials in DECODE_SHAPES_32B:
+    for name, n, k, _, partials in _by_share(DECODE_SHAPES_32B):
         base = gemv_config("fma", n, k)
         # The config in force first: a sweep cut short by its budget can then only keep it or find better.
         configs = [base] + [
