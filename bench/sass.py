@@ -37,7 +37,7 @@ def compile_sass(cfg: GemvConfig, k: int, *, capability: int = 90) -> str:
     names = _gemv_fma_kernel.arg_names
     constexprs = dict(
         KW=k // 8, HAS_BIAS=False, SPLIT=True, EVEN_K=True, BLOCK_N=cfg.block_n, GROUPS=cfg.groups,
-        PREFETCH=cfg.prefetch,
+        PREFETCH=cfg.prefetch, EARLY=True,  # launched early, as on Hopper (gemv.early_launch)
     )
     signature = {
         name: "constexpr" if name in constexprs else _POINTERS.get(name, "i32") for name in names

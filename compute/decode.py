@@ -130,10 +130,13 @@ class FusedDecodeLayer:
         attention = layer.self_attn
         cache = self.cache_layer
         size = hidden.shape[-1]
+        # Each GEMV directly follows the kernel that writes its operand, and may start before it ends, reading its
+        # weight first (compute.kernels.gemv.early_launch): a stacked weight that must be copied is copied earlier.
+        qkv_weight, qkv_scales = stacked(self.qkv)
+        gate_up_weight, gate_up_scales = stacked(self.gate_up)
         if normed is None:
             normed = rms_norm(hidden.view(1, size), layer.input_layernorm.weight, self.eps, operand=True)
-        qweight, scales = stacked(self.qkv)
-        qkv = int4_gemv(normed, qweight, scales, partials=True)
+        qkv = int4_gemv(normed, qkv_weight, qkv_scales, partials=True)
         query = rotary_cache_write(
             qkv, self.qkv_bias, cos, sin, cache.keys, cache.values, position, cache.cumulative_length,
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -144,8 +147,7 @@ class FusedDecodeLayer:
         hidden, normed = add_partials(
             hidden, out, o_proj.bias, layer.post_attention_layernorm.weight, self.eps, operand=True
         )
-        qweight, scales = stacked(self.gate_up)
-        gate_up = int4_gemv(normed, qweight, scales)  # [1, 2 I] bf16
+        gate_up = int4_gemv(normed, gate_up_weight, gate_up_scales)  # [1, 2 I] bf16
         act = silu_mul(gate_up[:, : self.intermediate], gate_up[:, self.intermediate :], operand=True)
         down = layer.mlp.down_proj
         out = int4_gemv(act, down.qweight, down.scales, partials=True)

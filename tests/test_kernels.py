@@ -210,6 +210,34 @@ def test_row_operand_on_cuda(k):
     assert torch.equal(int4_gemv(operand, qweight, scales, bias), int4_gemv(x, qweight, scales, bias))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_early_launched_gemv_reads_the_operand_its_producer_just_wrote_on_cuda():
+    """Where GEMVs launch early (Hopper), each one may start before the kernel that writes its operand ends: in a
+    replayed CUDA graph of producer, GEMV, producer, GEMV, … on new inputs, every GEMV still sees its own operand."""
+    from compute.kernels.gemv import early_launch, int4_gemv, row_operand
+
+    qweight, scales, _, bias = random_linear(4096, 1024, "cuda", bias=True)
+    rows = torch.randn(8, 1, 1024, dtype=torch.bfloat16, device="cuda")
+
+    def chain() -> list[torch.Tensor]:
+        return [int4_gemv(row_operand(row), qweight, scales, bias) for row in rows]
+
+    chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain()
+    for _ in range(3):
+        rows.copy_(torch.randn_like(rows))
+        graph.replay()
+        torch.cuda.synchronize()
+        for row, out in zip(rows, outs):
+            assert torch.equal(out, int4_gemv(row, qweight, scales, bias))
+    assert early_launch(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert not early_launch(torch.device("cpu"))
+
+
 def test_tuned_configs_load_from_a_sweep_table_and_bad_tables_are_named(tmp_path, monkeypatch):
     from compute.kernels import gemv
 

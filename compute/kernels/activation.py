@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from compute.kernels.gemv import RowOperand, store_operand
+from compute.kernels.gemv import RowOperand, early_launch, signal_dependents, store_operand
 
 __all__ = ["reference_silu_mul", "silu_mul", "swiglu_mlp_forward"]
 
@@ -35,8 +35,9 @@ _BLOCK = 1024  # elements per program: the 32B model's 27648-wide decode row is 
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, OPERAND: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, OPERAND: tl.constexpr, SIGNAL: tl.constexpr):
     """BLOCK elements; with OPERAND (one row of n, a multiple of 8) into the down_proj GEMV's row operand."""
+    signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: long prefills pass 2**31
     mask = offsets < n
     gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -69,7 +70,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, operand: bool = False) -> 
     out = RowOperand.empty(n, gate.dtype, gate.device) if operand else torch.empty_like(gate)
     if n:
         _silu_mul_kernel[(triton.cdiv(n, _BLOCK),)](
-            gate, up, out.planes if operand else out, n, BLOCK=_BLOCK, OPERAND=operand, num_warps=4
+            gate, up, out.planes if operand else out, n, BLOCK=_BLOCK, OPERAND=operand,
+            SIGNAL=operand and early_launch(gate.device), num_warps=4,
         )
     return out
 

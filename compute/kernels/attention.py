@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
-from compute.kernels.gemv import RowOperand, store_operand, sum_partials
+from compute.kernels.gemv import RowOperand, early_launch, signal_dependents, store_operand, sum_partials
 
 __all__ = [
     "MAX_SPLITS",
@@ -211,10 +211,12 @@ def _split_attention_kernel(
 def _combine_kernel(
     part_ptr, lse_ptr, position_ptr, out_ptr, C, H,
     D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, OPERAND: tl.constexpr,
+    SIGNAL: tl.constexpr,
 ):
     """Query head ``program_id(0)``: the splits' partial outputs weighed by ``exp2(lse)``, rounded to bf16, stored
     as bf16 or, with OPERAND, into the o_proj GEMV's row operand. Splits whose first block starts past
     ``position`` were not written and are not read."""
+    signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
     head = tl.program_id(0)
     live = tl.minimum(tl.load(position_ptr) + 1, C)
     s = tl.arange(0, BLOCK_S)
@@ -403,7 +405,7 @@ def decode_attention(
     _combine_kernel[(heads,)](
         part, lse, position, out.planes if operand else out, capacity, heads,
         D=head_dim, SPLITS=splits, BLOCK_N=block_keys, BLOCK_S=triton.next_power_of_2(splits), OPERAND=operand,
-        num_warps=4,
+        SIGNAL=operand and early_launch(device), num_warps=4,
     )  # fmt: skip
     return out
 

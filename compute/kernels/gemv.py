@@ -40,6 +40,12 @@ Element ``8i + e`` of a row sits in word ``i`` at bit ``8 * (e // 2) + (4 if e i
 ``j`` holds element ``2j`` in its high nibble (``quantizer/format.py``). The kernels take the eight positions
 of every word separately and load ``x`` at stride 8 to match, so nothing is ever interleaved.
 
+On Hopper and later the one-row GEMV on an operand uses programmatic dependent launch (``early_launch``): the
+kernel that writes the operand signals at its start (``griddepcontrol.launch_dependents``), so the GEMV's programs
+launch while it runs, load their first weight tile, and only then wait for it (``griddepcontrol.wait``) before
+they read the operand or write anything. A chain of small launches (ten a layer in the decode step) then no longer
+pays each GEMV's launch and first-load latency in full. ``SPILLOVER_EARLY_LAUNCH=0`` turns it off.
+
 The kernels allocate nothing whose size depends on data and never synchronise with the host, so a call can
 be captured in a CUDA graph. Configs are chosen by ``gemv_config`` from a table measured on the H200 (see
 docs/kernels.md); nothing is autotuned at run time.
@@ -55,6 +61,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from quantizer.format import BLOCK_SIZE
 
@@ -85,6 +92,20 @@ def _landed_float(words, NIBBLE_BIT: tl.constexpr, LAND_BIT: tl.constexpr, one_b
 
 
 OPERAND_PLANES = 9  # rows of the one-row GEMV's operand: eight pre-scaled positions and the offset
+_EARLY_LAUNCH = os.environ.get("SPILLOVER_EARLY_LAUNCH", "1") != "0"
+
+
+def early_launch(device: torch.device) -> bool:
+    """Whether GEMVs on ``device`` launch early, overlapping the kernel that writes their operand (module docstring):
+    CUDA devices of compute capability 9 and later, unless ``$SPILLOVER_EARLY_LAUNCH`` is 0."""
+    return _EARLY_LAUNCH and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def signal_dependents(SIGNAL: tl.constexpr):
+    """For a kernel that writes a GEMV's operand: let the GEMV, launched next, start now (``early_launch``)."""
+    if SIGNAL:
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -103,7 +124,8 @@ def store_operand(operand_ptr, x, word0, KW, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _operand_kernel(x_ptr, operand_ptr, KW, WORDS: tl.constexpr):
+def _operand_kernel(x_ptr, operand_ptr, KW, WORDS: tl.constexpr, SIGNAL: tl.constexpr):
+    signal_dependents(SIGNAL)
     word0 = tl.program_id(0) * WORDS
     cols = word0 * 8 + tl.arange(0, WORDS * 8)
     x = tl.load(x_ptr + cols, mask=cols < KW * 8, other=0.0).to(tl.float32)
@@ -139,7 +161,7 @@ def _gemv_fma_kernel(
     operand_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
     N, KG, stride_os, n_tiles, tiles_per_split, one_bits,
     KW: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr, EARLY: tl.constexpr,
 ):
     """The row operand times BLOCK_N weight rows, over this program's share of K.
 
@@ -147,7 +169,9 @@ def _gemv_fma_kernel(
     [GROUPS, 16] slots of the operand's nine planes. With PREFETCH the next step's words and scales are loaded
     before this step's arithmetic, so their latency overlaps it. With SPLIT the program writes fp32 partial sums
     to slice ``pid_k`` of ``out`` (``[split, 1, N]``). KW, words per weight row, is the operand's plane stride: as
-    a constant, the nine plane loads share one address.
+    a constant, the nine plane loads share one address. With EARLY (launched early, ``early_launch``) the program
+    waits for the kernel before it once its first weight loads are issued (with PREFETCH) or at once, and before
+    it reads the operand or writes anything.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -165,6 +189,8 @@ def _gemv_fma_kernel(
     t_begin = pid_k * tiles_per_split
     if PREFETCH:
         next_words, next_scales = _load_tile(w_ptrs, s_ptrs, t_begin * GROUPS, g, KG, EVEN_K)
+    if EARLY:
+        gdc_wait()  # the operand is written and the kernel before this one is done
     # The last split's share may run past the end of K: the operand reads as zeros there (EVEN_K is off then),
     # so whatever words are loaded contribute nothing.
     for step in range(tiles_per_split):
@@ -319,11 +345,12 @@ TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {
     ("dot", 152064, 5120): GemvConfig(block_n=64, groups=2, split_k=1, num_warps=4, num_stages=3),
     ("fma", 1024, 5120): GemvConfig(block_n=16, groups=4, split_k=8, num_warps=1, num_stages=1),
     ("fma", 27648, 5120): GemvConfig(block_n=32, groups=1, split_k=2, num_warps=1, num_stages=1, prefetch=True),
-    # The decode step's GEMVs (compute.decode) on the row operand, swept on 2026-12-01 (bench/results/
-    # 2026-12-01-h200-kernels-operand-sweep.json); q|k|v, o and down leave their partial sums to the kernel that
-    # consumes them, which sets a limit on o's split (one program sums it, with the norm).
+    # The decode step's GEMVs (compute.decode) on the row operand, swept on 2026-12-01 and 02 (bench/results/
+    # 2026-12-01-h200-kernels-operand-sweep.json, 2026-12-02-h200-kernels-operand-register-sweep.json); q|k|v, o
+    # and down leave their partial sums to the kernel that consumes them, which sets a limit on o's split (one
+    # program sums it, with the norm). A register cap helps o only: the others ran slower under any.
     ("fma", 7168, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=2, num_stages=1),
-    ("fma", 5120, 5120): GemvConfig(block_n=16, groups=1, split_k=8, num_warps=1, num_stages=1),
+    ("fma", 5120, 5120): GemvConfig(block_n=16, groups=1, split_k=8, num_warps=1, num_stages=1, maxnreg=96),
     ("fma", 55296, 5120): GemvConfig(block_n=16, groups=2, split_k=2, num_warps=1, num_stages=1),
     ("fma", 5120, 27648): GemvConfig(block_n=16, groups=2, split_k=16, num_warps=1, num_stages=1),
     ("fma", 152064, 5120): GemvConfig(block_n=32, groups=2, split_k=1, num_warps=2, num_stages=1),
@@ -394,7 +421,9 @@ def row_operand(x: torch.Tensor) -> RowOperand:
     """The one-row GEMV's operand for ``x`` ([1, K] or [K], bf16 or fp16, unit stride), in one launch."""
     k = x.shape[-1]
     operand = RowOperand.empty(k, x.dtype, x.device)
-    _operand_kernel[(triton.cdiv(k // 8, _OPERAND_WORDS),)](x, operand.planes, k // 8, WORDS=_OPERAND_WORDS, num_warps=4)
+    _operand_kernel[(triton.cdiv(k // 8, _OPERAND_WORDS),)](
+        x, operand.planes, k // 8, WORDS=_OPERAND_WORDS, SIGNAL=early_launch(x.device), num_warps=4
+    )
     return operand
 
 
@@ -456,11 +485,13 @@ def int4_gemv(
     bias_arg = bias if bias is not None else scales  # never read when HAS_BIAS is False
     stride_os = m * n  # between the partial-sum slices of different splits
     if kernel == "fma":
+        early = early_launch(device)
         _gemv_fma_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
             x.planes, words, scales, bias_arg, out,
             n, n_groups, stride_os, n_tiles, tiles_per_split, _UNIT_FLOAT_BITS,
-            KW=k // 8, PREFETCH=cfg.prefetch,
+            KW=k // 8, PREFETCH=cfg.prefetch, EARLY=early,
             **common,
+            **({"launch_pdl": True} if early else {}),
         )
     else:
         grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, DOT_BLOCK_M))

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from compute.kernels.gemv import RowOperand, store_operand, sum_partials
+from compute.kernels.gemv import RowOperand, early_launch, signal_dependents, store_operand, sum_partials
 
 __all__ = ["FusedRMSNorm", "add_partials", "reference_rms_norm", "rms_norm"]
 
@@ -45,7 +45,10 @@ def _store_normed(out_ptr, normed, weight_ptr, cols, mask, H, OPERAND: tl.conste
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, stride_x, H, eps, BLOCK_H: tl.constexpr, OPERAND: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr, weight_ptr, out_ptr, stride_x, H, eps, BLOCK_H: tl.constexpr, OPERAND: tl.constexpr, SIGNAL: tl.constexpr
+):
+    signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride passes 2**31 for long prefills of wide models
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -62,10 +65,12 @@ _ADD_BLOCK = 512  # columns per program of add_partials without a norm
 def _add_partials_kernel(
     residual_ptr, part_ptr, bias_ptr, weight_ptr, hidden_ptr, normed_ptr, H, eps,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr, OPERAND: tl.constexpr,
+    SIGNAL: tl.constexpr,
 ):
     """One row: hidden = residual + bf16(sum of SPLIT partial rows + bias); with NORM also normed = RMSNorm(hidden)
     (as bf16 or, with OPERAND, as the next GEMV's row operand), the whole row in one program, else BLOCK_H columns
     per program."""
+    signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
     cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
     delta = sum_partials(part_ptr, H, cols, mask, bias_ptr, cols, SPLIT, HAS_BIAS)
@@ -124,7 +129,8 @@ def add_partials(
         normed.planes if operand else normed if normed is not None else hidden,
         hidden_size, eps,
         SPLIT=partials.shape[0], HAS_BIAS=bias is not None, NORM=weight is not None,
-        BLOCK_H=block, OPERAND=operand, num_warps=4 if block <= 2048 else 8,
+        BLOCK_H=block, OPERAND=operand, SIGNAL=operand and early_launch(residual.device),
+        num_warps=4 if block <= 2048 else 8,
     )  # fmt: skip
     return hidden, normed
 
@@ -159,7 +165,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, operand: bool
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(x2d.shape[0],)](
             x2d, weight.contiguous(), out.planes if operand else out, x2d.stride(0), hidden, eps,
-            BLOCK_H=block, OPERAND=operand, num_warps=4 if block <= 2048 else 8,
+            BLOCK_H=block, OPERAND=operand, SIGNAL=operand and early_launch(x.device),
+            num_warps=4 if block <= 2048 else 8,
         )  # fmt: skip
     return out if operand else out.reshape(x.shape)
 
