@@ -4,7 +4,7 @@ The weight is read once, packed, and never written back as bf16. Two Triton kern
 trick and one wrapper, ``int4_gemv``:
 
 * ``_gemv_fma_kernel`` for a single row of ``x`` (batch-1 decode): CUDA-core FMAs, fp32 accumulation, on ``x``
-  in the form the loop consumes (the row *operand*, below), written by ``gemv_operand`` or by the kernel that
+  in the form the loop consumes (the row *operand*, below), written by ``row_operand`` or by the kernel that
   produces ``x`` (``store_operand``).
 * ``_gemv_dot_kernel`` for a few rows (2 ... ``GEMV_MAX_ROWS`` in the dispatcher): tensor-core dots on
   16-row blocks of ``x``, fp32 accumulation.
@@ -38,7 +38,8 @@ nearly free.
 
 Element ``8i + e`` of a row sits in word ``i`` at bit ``8 * (e // 2) + (4 if e is even else 0)``: byte
 ``j`` holds element ``2j`` in its high nibble (``quantizer/format.py``). The kernels take the eight positions
-of every word separately and load ``x`` at stride 8 to match, so nothing is ever interleaved.
+of every word separately, matched by the operand's planes (the FMA kernel) or by loads of ``x`` at stride 8 (the
+dot kernel), so nothing is ever interleaved.
 
 On Hopper and later the one-row GEMV on an operand uses programmatic dependent launch (``early_launch``): the
 kernel that writes the operand signals at its start (``griddepcontrol.launch_dependents``), so the GEMV's programs
