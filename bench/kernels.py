@@ -31,7 +31,8 @@ import triton
 
 from compute.kernels import GEMV_MAX_ROWS, reference_int4_matmul
 from compute.kernels.gemm import int4_gemm
-from compute.kernels.gemv import TUNED_CONFIGS, GemvConfig, gemv_config, int4_gemv, row_operand
+from compute.kernels.gemv import int4_gemv, row_operand
+from compute.kernels.gemv_configs import TUNED_CONFIGS, GemvConfig, gemv_config
 from quantizer.format import dequantize, quantize, quantized_nbytes
 
 log = logging.getLogger("bench.kernels")

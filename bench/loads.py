@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from bench.kernels import DECODE_SHAPES_32B, make_weights, measure_copy_bandwidth, time_in_graph
-from compute.kernels.gemv import GemvConfig, gemv_config, int4_gemv, row_operand
+from compute.kernels.gemv import int4_gemv, row_operand
+from compute.kernels.gemv_configs import GemvConfig, gemv_config
 
 
 @triton.jit

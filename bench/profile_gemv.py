@@ -10,7 +10,8 @@ from __future__ import annotations
 import click
 import torch
 
-from compute.kernels.gemv import gemv_config, int4_gemv, row_operand
+from compute.kernels.gemv import int4_gemv, row_operand
+from compute.kernels.gemv_configs import gemv_config
 from quantizer.format import quantize
 
 

@@ -24,7 +24,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from bench.kernels import DECODE_SHAPES_32B
-from compute.kernels.gemv import GemvConfig, _gemv_fma_kernel, gemv_config
+from compute.kernels.gemv import _gemv_fma_kernel
+from compute.kernels.gemv_configs import GemvConfig, gemv_config
 
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BACKWARD_BRANCH = re.compile(r"BRA\s+(?:`\([^)]*\)\s*)?0x([0-9a-f]+)")

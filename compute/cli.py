@@ -41,7 +41,7 @@ def _check_gemv_configs() -> None:
     if not os.environ.get("SPILLOVER_GEMV_CONFIGS"):
         return
     try:  # the import reads it the first time; an earlier import (tests) has not, so read it again
-        importlib.import_module("compute.kernels.gemv").load_tuned_configs(os.environ["SPILLOVER_GEMV_CONFIGS"])
+        importlib.import_module("compute.kernels.gemv_configs").load_tuned_configs(os.environ["SPILLOVER_GEMV_CONFIGS"])
     except ValueError as e:
         raise click.ClickException(f"$SPILLOVER_GEMV_CONFIGS: {e}") from None
 

@@ -36,7 +36,7 @@ def test_sass_counts_the_one_row_gemv_loop_without_a_gpu():
     """bench.sass compiles the GEMV for sm_90 here and finds its loop: one FFMA and one LOP3 per nibble at least
     (16 words of 8 nibbles per thread for 16 rows x 2 groups on one warp), ~7 instructions per weight byte."""
     from bench.sass import describe_loop
-    from compute.kernels.gemv import GemvConfig
+    from compute.kernels.gemv_configs import GemvConfig
 
     loop = describe_loop(GemvConfig(block_n=16, groups=2, split_k=4, num_warps=1, num_stages=1), 5120)
     opcodes = dict(loop["opcodes"])

@@ -172,7 +172,8 @@ def test_int4_matmul_rejects_mismatched_operands(x_shape, q_shape, s_shape, mess
 def test_gemv_explicit_configs_on_cuda(m):
     """Every code path of the GEMV: split-K partial sums, uneven splits, K not a multiple of the tile,
     N not a multiple of the row block, prefetching."""
-    from compute.kernels.gemv import GemvConfig, int4_gemv
+    from compute.kernels.gemv import int4_gemv
+    from compute.kernels.gemv_configs import GemvConfig
 
     qweight, scales, w64, bias = random_linear(300, 1408, "cuda", bias=True)  # 11 groups along K
     x = torch.randn(m, 1408, dtype=torch.bfloat16, device="cuda")
@@ -239,19 +240,19 @@ def test_an_early_launched_gemv_reads_the_operand_its_producer_just_wrote_on_cud
 
 
 def test_tuned_configs_load_from_a_sweep_table_and_bad_tables_are_named(tmp_path, monkeypatch):
-    from compute.kernels import gemv
+    from compute.kernels import gemv_configs as configs
 
-    monkeypatch.setattr(gemv, "TUNED_CONFIGS", dict(gemv.TUNED_CONFIGS))
+    monkeypatch.setattr(configs, "TUNED_CONFIGS", dict(configs.TUNED_CONFIGS))
     table = tmp_path / "kernels.json"
     table.write_text('{"tuned": {"fma 7168 5120": {"block_n": 16, "groups": 1, "split_k": 2, "num_warps": 1, '
                      '"num_stages": 1, "prefetch": true, "maxnreg": 80}}}')  # fmt: skip
-    assert gemv.load_tuned_configs(table) == 1
-    assert gemv.gemv_config("fma", 7168, 5120) == gemv.GemvConfig(16, 1, 2, 1, 1, prefetch=True, maxnreg=80)
+    assert configs.load_tuned_configs(table) == 1
+    assert configs.gemv_config("fma", 7168, 5120) == configs.GemvConfig(16, 1, 2, 1, 1, prefetch=True, maxnreg=80)
     table.write_text('{"tuned": {"fma 7168": {}}}')
     with pytest.raises(ValueError, match="not a GEMV config table"):
-        gemv.load_tuned_configs(table)
+        configs.load_tuned_configs(table)
     with pytest.raises(ValueError, match="not a GEMV config table"):
-        gemv.load_tuned_configs(tmp_path / "missing.json")
+        configs.load_tuned_configs(tmp_path / "missing.json")
 
 
 @pytest.mark.gpu
@@ -322,7 +323,8 @@ INTERPRETER_CASES = [
 def interpreter_cases() -> None:
     """The Triton kernels on CPU tensors; this process must have TRITON_INTERPRET=1 set at start."""
     from compute.kernels import gemm
-    from compute.kernels.gemv import GemvConfig, int4_gemv, row_operand
+    from compute.kernels.gemv import int4_gemv, row_operand
+    from compute.kernels.gemv_configs import GemvConfig
 
     for k in (384, 1408, 9216):  # one partial program of the operand kernel, two, and a full one and a partial one
         x = torch.randn(1, k, dtype=torch.bfloat16) * 5
