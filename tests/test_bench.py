@@ -47,7 +47,7 @@ def test_sass_counts_the_one_row_gemv_loop_without_a_gpu():
 
 def test_the_mma_gemv_prototype_computes_the_product_and_compiles_to_a_short_loop():
     """bench.gluon_gemv: its arithmetic (the tile's k order and the 136 X correction, emulated with the kernel's own
-    tensor operations) equals x @ dequantize(W).T, and its loop compiles for sm_90 to tensor-core mmas with no layout
+    tensor operations) equals x @ dequantize(W).T up to the fp32 group sums, and its loop compiles for sm_90 to tensor-core mmas with no layout
     conversion (no barrier, shared memory or shuffle) in under 4 instructions per weight byte."""
     from bench.gluon_gemv import count_sass, emulate, mma_operand
     from quantizer.format import dequantize, quantize
@@ -55,7 +55,9 @@ def test_the_mma_gemv_prototype_computes_the_product_and_compiles_to_a_short_loo
     qweight, scales = quantize(torch.randn(40, 640) * torch.rand(40, 1))
     x = torch.randn(640, dtype=torch.bfloat16) * 3
     exact = dequantize(qweight, scales, torch.float64) @ x.double()
-    torch.testing.assert_close(emulate(mma_operand(x), qweight, scales), exact, rtol=1e-9, atol=1e-9)
+    # exact but for the group sums X, rounded to fp32 and multiplied by 136: ~1e-5 relative, far below bf16's 4e-3
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(emulate(mma_operand(x), qweight, scales), exact, rtol=1e-4, atol=1e-4 * scale)
 
     loop = count_sass(tiles=2)
     opcodes = dict(loop["opcodes"])
