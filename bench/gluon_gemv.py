@@ -26,9 +26,6 @@ How, per 128-element group and 16-row tile (one warp, ``TILES`` tiles a program)
 from __future__ import annotations
 
 import collections
-import subprocess
-import tempfile
-from pathlib import Path
 
 import click
 import torch
@@ -156,7 +153,7 @@ def count_sass(tiles: int, k: int = 5120, capability: int = 90) -> dict:
     """The loop's SASS instructions per weight byte for ``tiles`` 16-row tiles a warp, compiled here (no GPU)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from bench.sass import loop_opcodes
+    from bench.sass import disassemble, loop_opcodes
 
     names = _gemv_mma_kernel.arg_names
     constexprs = dict(KW=k // 8, TILES=tiles)
@@ -168,12 +165,7 @@ def count_sass(tiles: int, k: int = 5120, capability: int = 90) -> dict:
         attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in pointers},
     )  # fmt: skip
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=1))
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "gemv.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    opcodes = loop_opcodes(sass)
+    opcodes = loop_opcodes(disassemble(compiled))
     bytes_per_thread = 16 * tiles * 64 / 32
     return dict(instructions=len(opcodes), per_byte=len(opcodes) / bytes_per_thread,
                 opcodes=collections.Counter(opcodes).most_common())  # fmt: skip

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from bench.kernels import DECODE_SHAPES_32B, make_weights, measure_copy_bandwidth, time_in_graph
-from compute.kernels.gemv import int4_gemv, row_operand
+from compute.kernels.gemv import int4_gemv, row_operand, split_plan
 from compute.kernels.gemv_configs import GemvConfig, gemv_config
 
 
@@ -54,10 +54,7 @@ def _xor(a, b):
 
 
 def loads_calls(weights, cfg: GemvConfig, n: int, k: int) -> list:
-    n_tiles = k // 128 // cfg.groups
-    split = max(1, min(cfg.split_k, n_tiles))
-    tiles_per_split = triton.cdiv(n_tiles, split)
-    split = triton.cdiv(n_tiles, tiles_per_split)
+    _, tiles_per_split, split = split_plan(k // 128, cfg)  # as int4_gemv splits K
     out = torch.empty((split, triton.cdiv(n, cfg.block_n) * cfg.block_n), dtype=torch.int32, device="cuda")
     grid = (triton.cdiv(n, cfg.block_n), split)
 

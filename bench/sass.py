@@ -52,10 +52,14 @@ def compile_sass(cfg: GemvConfig, k: int, *, capability: int = 90) -> str:
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)  # as int4_gemv launches
     if cfg.maxnreg is not None:
         options["maxnreg"] = cfg.maxnreg
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    return disassemble(triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options))
+
+
+def disassemble(compiled) -> str:
+    """The SASS of a kernel ``triton.compile`` returned, by the ``cuobjdump`` Triton ships."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "gemv.cubin"
+        cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         done = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True, check=True)
     return done.stdout

@@ -55,6 +55,7 @@ H200 (see docs/kernels.md); nothing is autotuned at run time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -98,7 +99,12 @@ _EARLY_LAUNCH = os.environ.get("SPILLOVER_EARLY_LAUNCH", "1") != "0"
 def early_launch(device: torch.device) -> bool:
     """Whether GEMVs on ``device`` launch early, overlapping the kernel that writes their operand (module docstring):
     CUDA devices of compute capability 9 and later, unless ``$SPILLOVER_EARLY_LAUNCH`` is 0."""
-    return _EARLY_LAUNCH and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return _EARLY_LAUNCH and device.type == "cuda" and _hopper_or_later(device.index)
+
+
+@functools.cache
+def _hopper_or_later(index: int | None) -> bool:  # asked at every launch of the decode step's kernels
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 @triton.jit
@@ -353,6 +359,14 @@ def row_operand(x: torch.Tensor) -> RowOperand:
     return operand
 
 
+def split_plan(n_groups: int, cfg: GemvConfig) -> tuple[int, int, int]:
+    """(K steps, steps per split, splits) of a GEMV over ``n_groups`` 128-element groups with ``cfg``: at most
+    ``cfg.split_k`` splits, none left without a step."""
+    n_tiles = triton.cdiv(n_groups, cfg.groups)
+    tiles_per_split = triton.cdiv(n_tiles, max(1, min(cfg.split_k, n_tiles)))
+    return n_tiles, tiles_per_split, triton.cdiv(n_tiles, tiles_per_split)
+
+
 def int4_gemv(
     x: torch.Tensor | RowOperand,
     qweight: torch.Tensor,
@@ -384,10 +398,7 @@ def int4_gemv(
     cfg = config or gemv_config(kernel, n, k)
     words = qweight.view(torch.int32)  # [N, K / 8]; the pool starts every qweight at a multiple of 64 bytes
     n_groups = k // BLOCK_SIZE
-    n_tiles = triton.cdiv(n_groups, cfg.groups)
-    split_k = max(1, min(cfg.split_k, n_tiles))
-    tiles_per_split = triton.cdiv(n_tiles, split_k)
-    split_k = triton.cdiv(n_tiles, tiles_per_split)  # no program left without a tile
+    n_tiles, tiles_per_split, split_k = split_plan(n_groups, cfg)
     split = split_k > 1
     # With split-K each program writes its own slice of fp32 partial sums: no zeroing, no atomics, the
     # same result on every run, and one more launch (_split_sum_kernel, or the consumer's) to add them up.
