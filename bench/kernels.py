@@ -32,7 +32,7 @@ import triton
 from compute.kernels import GEMV_MAX_ROWS, reference_int4_matmul
 from compute.kernels.gemm import int4_gemm
 from compute.kernels.gemv import int4_gemv, row_operand
-from compute.kernels.gemv_configs import TUNED_CONFIGS, GemvConfig, gemv_config
+from compute.kernels.gemv_configs import TUNED_CONFIGS, GemvConfig, MmaConfig, gemv_config
 from quantizer.format import dequantize, quantize, quantized_nbytes
 
 log = logging.getLogger("bench.kernels")
@@ -126,9 +126,9 @@ def measure_copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
 
 
 def gemv_calls(
-    weights: Weights, x: torch.Tensor, config: GemvConfig | None, partials: bool = False
+    weights: Weights, x: torch.Tensor, config: GemvConfig | MmaConfig | None, partials: bool = False
 ) -> list[Callable[[], object]]:
-    # One row is made into the FMA kernel's operand once, outside the timed calls: in the decode step the kernel
+    # One row is made into the one-row kernel's operand once, outside the timed calls: in the decode step the kernel
     # that produces the row writes it (compute.decode).
     operand = row_operand(x) if x.shape[0] == 1 else x
     return [
@@ -137,7 +137,7 @@ def gemv_calls(
     ]
 
 
-def check_gemv(weights: Weights, m: int, config: GemvConfig | None) -> float:
+def check_gemv(weights: Weights, m: int, config: GemvConfig | MmaConfig | None) -> float:
     """Relative error of the GEMV against the torch reference on one fresh input (a sanity check, not a test)."""
     x = torch.randn(m, weights.qweights[0].shape[1] * 2, device="cuda", dtype=torch.bfloat16)
     y = int4_gemv(x, weights.qweights[0], weights.scales[0], None, config).float()
@@ -159,7 +159,7 @@ def bench_decode(copy_bw: float) -> list[dict]:
                 shape=name, n=n, k=k, per_forward=per_forward, partials=partials,
                 us=seconds * 1e6, eager_us=eager_seconds * 1e6,
                 gbps=weights.nbytes / seconds / 1e9, of_copy=weights.nbytes / seconds / copy_bw,
-                config=dataclasses.asdict(gemv_config("fma", n, k)), rel_err=check_gemv(weights, 1, None),
+                config=dataclasses.asdict(gemv_config("mma", n, k)), rel_err=check_gemv(weights, 1, None),
             )
         )
         del weights
@@ -203,15 +203,10 @@ def bench_crossover(rows_list: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[
     return out
 
 
-# The FMA kernel's loads feed no dot, so Triton does not pipeline them: num_stages does not matter there,
-# `prefetch` does it by hand.
-SWEEP_FMA = dict(
-    block_n=(16, 32, 64), groups=(1, 2), split_k=(1, 2, 4, 8, 16), num_warps=(1, 2), num_stages=(1,),
-    prefetch=(False, True),
-)
-SWEEP_DOT = dict(block_n=(32, 64), groups=(1, 2), split_k=(1, 4, 8), num_warps=(4,), num_stages=(2, 3), prefetch=(False,))
+# The one-row kernel: 16-row tiles a warp, warps a program, groups a step (loaded a step ahead), splits along K.
+SWEEP_MMA = dict(tiles=(1, 2, 4), warps=(1, 2, 4), groups=(1, 2), splits=(1, 2, 4, 8, 16))
+SWEEP_DOT = dict(block_n=(32, 64), groups=(1, 2), split_k=(1, 4, 8), num_warps=(4,), num_stages=(2, 3))
 SWEEP_DOT_ROWS = 8
-SWEEP_MAXNREG = (None, 96, 80, 64)  # registers per thread: 128 (what the compiler takes) caps an SM at 16 one-warp programs
 
 
 def _by_share(shapes: list[tuple]) -> list[tuple]:
@@ -220,56 +215,45 @@ def _by_share(shapes: list[tuple]) -> list[tuple]:
     return sorted(shapes, key=lambda shape: -shape[1] * shape[2] * shape[3])
 
 
-def sweep_configs(grid: dict[str, tuple[int, ...]]) -> list[GemvConfig]:
-    return sweep_configs_of([GemvConfig(**dict(zip(grid, values))) for values in itertools.product(*grid.values())])
+def sweep_configs(kernel: str, n: int) -> list[GemvConfig | MmaConfig]:
+    """The grid of ``kernel`` for ``n`` output rows, less configs that launch fewer programs than an H200 has SMs
+    or more than ~60 of one warp an SM (never the best), or that hold more than 32 words a thread (spills)."""
+    if kernel == "mma":
+        configs = [MmaConfig(*values) for values in itertools.product(*SWEEP_MMA.values())]
+        keep = [c for c in configs if c.tiles * c.warps <= 4 and 132 <= math.ceil(n / c.rows) * c.splits <= 8192]
+        return keep
+    configs = [GemvConfig(*values) for values in itertools.product(*SWEEP_DOT.values())]
+    return [
+        c for c in configs
+        if 4 <= c.block_n * c.groups * 16 // (c.num_warps * 32) <= 32 and 132 <= math.ceil(n / c.block_n) * c.split_k
+    ]  # fmt: skip
 
 
 def sweep_gemv(
-    budget_s: float, kernels: tuple[str, ...] = ("fma", "dot")
-) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig]]:
-    """Time every config of the grids of ``kernels`` on their shapes (the FMA kernel: the decode step's, the dot
-    kernel: the model's Linears), within ``budget_s`` seconds; the best per shape."""
-    fma_shapes = [(name, n, k, partials) for name, n, k, _, partials in _by_share(DECODE_SHAPES_32B)]
-    dot_shapes = [(name, n, k, False) for name, n, k, _ in SHAPES_32B]
-    grids = {"fma": (SWEEP_FMA, 1, fma_shapes), "dot": (SWEEP_DOT, SWEEP_DOT_ROWS, dot_shapes)}
+    budget_s: float, kernels: tuple[str, ...] = ("mma", "dot")
+) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig | MmaConfig]]:
+    """Time every config of the grids of ``kernels`` on their shapes (the one-row kernel: the decode step's, the dot
+    kernel: the model's Linears), within ``budget_s`` seconds; the best per shape. The config in force comes first
+    for each shape: a sweep cut short by its budget can then only keep it or find better."""
+    shapes = {
+        "mma": (1, [(name, n, k, partials) for name, n, k, _, partials in _by_share(DECODE_SHAPES_32B)]),
+        "dot": (SWEEP_DOT_ROWS, [(name, n, k, False) for name, n, k, _ in SHAPES_32B]),
+    }
     plan = [
-        (kernel, rows, shape, sweep_configs(grid))
+        (kernel, rows, shape, [gemv_config(kernel, shape[1], shape[2])] + sweep_configs(kernel, shape[1]))
         for kernel in kernels
-        for grid, rows, shapes in (grids[kernel],)
-        for shape in shapes
+        for rows, kernel_shapes in (shapes[kernel],)
+        for shape in kernel_shapes
     ]
     return _time_plan(plan, budget_s)
 
 
-def sweep_registers(budget_s: float) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig]]:
-    """The FMA kernel on the decode step's shapes, around the config in force for each: its split kept, the tile,
-    prefetch and the register cap (``maxnreg``) varied."""
-    plan = []
-    for name, n, k, _, partials in _by_share(DECODE_SHAPES_32B):
-        base = gemv_config("fma", n, k)
-        # The config in force first: a sweep cut short by its budget can then only keep it or find better.
-        configs = [base] + [
-            dataclasses.replace(base, block_n=block_n, groups=groups, prefetch=prefetch, maxnreg=maxnreg)
-            for block_n, groups, prefetch, maxnreg in itertools.product(
-                (16, 32), (1, 2), (False, True), SWEEP_MAXNREG
-            )
-        ]
-        plan.append(("fma", 1, (name, n, k, partials), sweep_configs_of(configs)))
-    return _time_plan(plan, budget_s)
-
-
-def sweep_configs_of(configs: list[GemvConfig]) -> list[GemvConfig]:
-    """``configs`` whose tile is 4 to 32 int32 words per thread: fewer leaves 16-byte loads unfilled, more spills
-    registers."""
-    return [c for c in configs if 4 <= c.block_n * c.groups * 16 // (c.num_warps * 32) <= 32]
-
-
-def _time_plan(plan: list, budget_s: float) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig]]:
+def _time_plan(plan: list, budget_s: float) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig | MmaConfig]]:
     """Time ``plan``'s (kernel, rows, (name, N, K, partials), configs) in order within ``budget_s``; the best per
     (kernel, N, K)."""
     deadline = time.monotonic() + budget_s
     results: list[dict] = []
-    best: dict[tuple[str, int, int], tuple[float, GemvConfig]] = {}
+    best: dict[tuple[str, int, int], tuple[float, GemvConfig | MmaConfig]] = {}
     for kernel, m, (name, n, k, partials), configs in plan:
         weights = make_weights(n, k)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -277,16 +261,10 @@ def _time_plan(plan: list, budget_s: float) -> tuple[list[dict], dict[tuple[str,
             if time.monotonic() > deadline:
                 log.warning("sweep stopped at its budget of %.0f s", budget_s)
                 return results, {key: cfg for key, (_, cfg) in best.items()}
-            programs = math.ceil(n / cfg.block_n) * cfg.split_k
-            if not 132 <= programs <= 8192:  # fewer than SMs, or ~60 one-warp programs an SM: never the best
-                continue
             try:
                 seconds = time_in_graph(gemv_calls(weights, x, cfg, partials), replays=5)
             except triton.runtime.errors.OutOfResources as e:  # raised while compiling, before any capture
                 log.info("skipping %s: %s", cfg, e)
-                continue
-            except (TypeError, KeyError) as e:  # a compile option this Triton does not know (maxnreg)
-                log.warning("skipping %s: %s", cfg, e)
                 continue
             results.append(dict(kernel=kernel, shape=name, n=n, k=k, m=m, us=seconds * 1e6,
                                 gbps=weights.nbytes / seconds / 1e9, config=dataclasses.asdict(cfg)))
@@ -309,9 +287,8 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]
               default=Path("bench_kernels.json"), show_default=True, help="Where to write all measurements.")
 @click.option("--sweep/--no-sweep", default=False, help="Also time a grid of GEMV configs per shape.")
 @click.option("--sweep-seconds", type=float, default=90.0, show_default=True, help="Time budget of the sweep.")
-@click.option("--sweep-kernels", type=click.Choice(["fma", "dot", "both", "registers"]), default="both",
-              show_default=True, help="Which grid to sweep: fma (one row, decode), dot (2-16 rows), or registers "
-              "(the decode step's FMA configs in force, with their tile, prefetch and register cap varied).")
+@click.option("--sweep-kernels", type=click.Choice(["mma", "dot", "both"]), default="both", show_default=True,
+              help="Which grid to sweep: mma (one row, decode) or dot (2-16 rows).")
 @click.option("--crossover/--no-crossover", default=True, help="Time GEMV against the prefill path for M up to 64.")
 def main(json_path: Path, sweep: bool, sweep_seconds: float, sweep_kernels: str, crossover: bool) -> None:
     """Benchmark the INT4 kernels on the 32B shapes and compare them with the measured copy rate."""
@@ -326,11 +303,8 @@ def main(json_path: Path, sweep: bool, sweep_seconds: float, sweep_kernels: str,
     report["copy_gbps"] = copy_bw / 1e9
     click.echo(f"{report['gpu']}: device->device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
     if sweep:
-        if sweep_kernels == "registers":
-            report["sweep"], tuned = sweep_registers(sweep_seconds)
-        else:
-            kernels = ("fma", "dot") if sweep_kernels == "both" else (sweep_kernels,)
-            report["sweep"], tuned = sweep_gemv(sweep_seconds, kernels)
+        kernels = ("mma", "dot") if sweep_kernels == "both" else (sweep_kernels,)
+        report["sweep"], tuned = sweep_gemv(sweep_seconds, kernels)
         report["tuned"] = {f"{kernel} {n} {k}": dataclasses.asdict(cfg) for (kernel, n, k), cfg in tuned.items()}
         TUNED_CONFIGS.update(tuned)  # the tables below then show the configs just found
         click.echo("\nTUNED_CONFIGS = {")

@@ -2,9 +2,9 @@
 
 ``python -m bench.loads [--json PATH]`` times, for the decode step's GEMV shapes and a few tiles, in a CUDA graph:
 
-* ``loads``: a kernel that reads the weight exactly as ``_gemv_fma_kernel`` does (a program per ``block_n`` rows and
-  split, steps of ``groups`` 128-element groups, 16 bytes per thread per load, the scales too) and only XORs the
-  words together, so that nothing but the reads takes time;
+* ``loads``: a kernel that reads the weight as ``gemv_mma`` does (a program per ``rows`` rows and split, steps of
+  ``groups`` 128-element groups, 16 bytes per thread per load, the scales too) and only XORs the words together,
+  so that nothing but the reads takes time;
 * ``gemv``: the GEMV with the same config, on a row operand.
 
 If ``loads`` runs near the copy rate and ``gemv`` well below, the loop's arithmetic and latency limit the GEMV;
@@ -24,12 +24,12 @@ import triton
 import triton.language as tl
 
 from bench.kernels import DECODE_SHAPES_32B, make_weights, measure_copy_bandwidth, time_in_graph
-from compute.kernels.gemv import int4_gemv, row_operand, split_plan
-from compute.kernels.gemv_configs import GemvConfig, gemv_config
+from compute.kernels.gemv import int4_gemv, row_operand, row_split
+from compute.kernels.gemv_configs import MmaConfig, gemv_config
 
 
 @triton.jit
-def _loads_kernel(w_ptr, s_ptr, out_ptr, N, KG, tiles_per_split, KW: tl.constexpr, BLOCK_N: tl.constexpr,
+def _loads_kernel(w_ptr, s_ptr, out_ptr, N, KG, groups_per_split, KW: tl.constexpr, BLOCK_N: tl.constexpr,
                   GROUPS: tl.constexpr):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -39,8 +39,8 @@ def _loads_kernel(w_ptr, s_ptr, out_ptr, N, KG, tiles_per_split, KW: tl.constexp
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None, None] * KW + word_in_tile[None, :, :]
     s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * KG + g[None, :]
     acc = tl.zeros((BLOCK_N, GROUPS, 16), dtype=tl.int32)
-    for step in range(tiles_per_split):
-        g0 = (pid_k * tiles_per_split + step) * GROUPS
+    for step in range(0, groups_per_split, GROUPS):
+        g0 = tl.minimum(pid_k * groups_per_split + step, KG - GROUPS)  # the last step of an odd split reads one again
         scales = tl.load(s_ptrs + g0).to(tl.int16, bitcast=True).to(tl.int32)
         acc ^= tl.load(w_ptrs + g0 * 16) ^ scales[:, :, None]
     total = tl.reduce(acc, 2, _xor)
@@ -53,14 +53,14 @@ def _xor(a, b):
     return a ^ b
 
 
-def loads_calls(weights, cfg: GemvConfig, n: int, k: int) -> list:
-    _, tiles_per_split, split = split_plan(k // 128, cfg)  # as int4_gemv splits K
-    out = torch.empty((split, triton.cdiv(n, cfg.block_n) * cfg.block_n), dtype=torch.int32, device="cuda")
-    grid = (triton.cdiv(n, cfg.block_n), split)
+def loads_calls(weights, cfg: MmaConfig, n: int, k: int) -> list:
+    per_split, split = row_split(k // 128, cfg)  # as int4_gemv splits K
+    out = torch.empty((split, triton.cdiv(n, cfg.rows) * cfg.rows), dtype=torch.int32, device="cuda")
+    grid = (triton.cdiv(n, cfg.rows), split)
 
     def call(q, s):
-        _loads_kernel[grid](q.view(torch.int32), s, out, n, k // 128, tiles_per_split, KW=k // 8,
-                            BLOCK_N=cfg.block_n, GROUPS=cfg.groups, num_warps=cfg.num_warps)  # fmt: skip
+        _loads_kernel[grid](q.view(torch.int32), s, out, n, k // 128, per_split, KW=k // 8,
+                            BLOCK_N=cfg.rows, GROUPS=cfg.groups, num_warps=cfg.warps)  # fmt: skip
 
     return [(lambda q=q, s=s: call(q, s)) for q, s in zip(weights.qweights, weights.scales)]
 
@@ -76,12 +76,12 @@ def main(json_path: Path) -> None:
     for name, n, k, _, partials in DECODE_SHAPES_32B:
         weights = make_weights(n, k)
         operand = row_operand(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
-        in_force = gemv_config("fma", n, k)
-        tiles = {(in_force.block_n, in_force.groups, in_force.num_warps)} | {(16, 2, 1), (32, 2, 1), (16, 4, 1), (64, 2, 2), (64, 4, 4)}
-        for block_n, groups, warps in sorted(tiles):
-            cfg = dataclasses.replace(in_force, block_n=block_n, groups=groups, num_warps=warps, prefetch=False)
-            if math.ceil(n / block_n) * cfg.split_k < 132:
-                cfg = dataclasses.replace(cfg, split_k=cfg.split_k * 4)
+        in_force = gemv_config("mma", n, k)
+        tiles = {(in_force.tiles, in_force.warps, in_force.groups)} | {(1, 1, 1), (1, 1, 2), (2, 1, 2), (4, 1, 2), (1, 4, 2)}
+        for t, warps, groups in sorted(tiles):
+            cfg = dataclasses.replace(in_force, tiles=t, warps=warps, groups=groups)
+            if math.ceil(n / cfg.rows) * cfg.splits < 132:
+                cfg = dataclasses.replace(cfg, splits=cfg.splits * 4)
             loads = time_in_graph(loads_calls(weights, cfg, n, k), replays=10)
             gemv = time_in_graph(
                 [(lambda q=q, s=s: int4_gemv(operand, q, s, None, cfg, partials=True))
@@ -92,7 +92,7 @@ def main(json_path: Path) -> None:
                        gemv_us=gemv * 1e6, gemv_gbps=weights.nbytes / gemv / 1e9)  # fmt: skip
             rows.append(row)
             click.echo(
-                f"{name:22} {block_n:3} rows x {groups} groups, {warps} warp(s), split {cfg.split_k:2}: loads "
+                f"{name:22} {cfg.rows:3} rows x {groups} groups, {warps} warp(s), split {cfg.splits:2}: loads "
                 f"{row['loads_gbps']:5.0f} GB/s ({row['loads_gbps'] / copy_bw * 1e9:4.0%}), GEMV {row['gemv_gbps']:5.0f} "
                 f"GB/s ({row['gemv_gbps'] / copy_bw * 1e9:4.0%}){'  <- in force' if row['in_force'] else ''}"
             )

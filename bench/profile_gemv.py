@@ -1,6 +1,6 @@
 """Run the decode step's INT4 GEMV for one shape a few times, for a hardware-counter profiler to look at.
 
-    ncu --clock-control none -k regex:_gemv_fma --launch-skip 3 --launch-count 1 \
+    ncu --clock-control none -k regex:_gemv_mma --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
         python -m bench.profile_gemv --n 55296 --k 5120
 """
@@ -25,7 +25,7 @@ def main(n: int, k: int, calls: int) -> None:
     for _ in range(calls):
         int4_gemv(x, qweight, scales)
     torch.cuda.synchronize()
-    click.echo(f"{calls} calls of the {n}x{k} GEMV, config {gemv_config('fma', n, k)}")
+    click.echo(f"{calls} calls of the {n}x{k} GEMV, config {gemv_config('mma', n, k)}")
 
 
 if __name__ == "__main__":

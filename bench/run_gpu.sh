@@ -24,7 +24,7 @@ timeout 90 "$python" -m compute.cli run -p "Hello" -n 16 --device cuda --output-
 echo "exit $?" >>"$out/demo_cuda.err"
 
 echo "== hardware counters of the one-row GEMV (gate|up)" >&2
-timeout "${NCU_TIMEOUT:-90}" ncu --clock-control none -k regex:_gemv_fma --launch-skip 3 --launch-count 1 \
+timeout "${NCU_TIMEOUT:-90}" ncu --clock-control none -k regex:_gemv_mma --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
     --section LaunchStats "$python" -m bench.profile_gemv >"$out/ncu_gemv.txt" 2>&1
 echo "exit $?" >>"$out/ncu_gemv.txt"

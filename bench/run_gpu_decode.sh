@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run behind the decode-step rows of docs/performance.md, in one call of a few minutes:
-#   1. the GEMV microbenchmark, sweeping the decode step's one-row configs (SWEEP_KERNELS=fma: the whole grid;
-#      registers: around those in force, with register caps); the best per shape go to OUTDIR/kernels.json;
+#   1. the GEMV microbenchmark, sweeping the decode step's one-row configs (SWEEP_KERNELS=mma: the whole grid);
+#      the best per shape go to OUTDIR/kernels.json;
 #   2. the pipeline benchmark at every budget, its GEMVs configured from that table ($SPILLOVER_GEMV_CONFIGS);
 #   3. the GPU tests of the decode step, the kernels and the graphs.
 # Run from the repository root on a machine with a CUDA GPU:
@@ -13,8 +13,8 @@ export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
 
-echo "== GEMV microbenchmark, ${SWEEP_KERNELS:-fma} sweep" >&2
-timeout "${KERNELS_TIMEOUT:-200}" "$python" -m bench.kernels --sweep --sweep-kernels "${SWEEP_KERNELS:-fma}" \
+echo "== GEMV microbenchmark, ${SWEEP_KERNELS:-mma} sweep" >&2
+timeout "${KERNELS_TIMEOUT:-200}" "$python" -m bench.kernels --sweep --sweep-kernels "${SWEEP_KERNELS:-mma}" \
     --sweep-seconds "${SWEEP_SECONDS:-130}" --no-crossover --json "$out/kernels.json" >"$out/kernels.log" 2>&1
 status=$?
 echo "exit $status" >>"$out/kernels.log"

@@ -66,13 +66,14 @@ ROTARY_SHAPES = [
     (12, 2, 64, 1, True, 300),
 ]
 INTERPRETED_ROTARY_SHAPES = ROTARY_SHAPES[:3]
-# (H, KVH, D, C, (block_keys, splits) or None for split_config's): one block larger than the cache; four blocks, the
+# (H, KVH, D, C, (block_keys, splits) or None for split_config's): one block larger than the cache, G = 4 (and
+# the row operand in groups of eight heads); four blocks, the
 # last partial, one per split; five blocks of 16 over three splits (two steps, the last block partial), G = 5;
 # H == KVH, two steps; more splits than blocks, D = 64 with G = 4. On CUDA: the 32B model's shapes at several
 # capacities (split_config's: 64 splits of one block, 16 splits with a partial last block, 64 splits of eight
 # blocks), G = 6, G = 1 with five splits of five steps, 128-key blocks with D = 16.
 ATTENTION_SHAPES = [
-    (4, 2, 16, 40, None),
+    (8, 2, 16, 40, None),
     (4, 2, 16, 200, None),
     (5, 1, 32, 70, (16, 3)),
     (2, 2, 16, 50, (16, 2)),
@@ -227,9 +228,12 @@ def check_attention(shape, device: str) -> None:
         where = torch.tensor([position], device=device)
         out = decode_attention(q, keys, values, where, scale, config=config)
         assert_attention_close(out, *float64_attention(q, keys, values, position, scale))
-        if i in (0, len(positions) - 1):  # the o_proj GEMV's row operand, of the same row
+        if i in (0, len(positions) - 1) and (heads * dim) % 128:  # not whole groups: no operand
+            with pytest.raises(ValueError, match="needs H \\* D a multiple of 128"):
+                decode_attention(q, keys, values, where, scale, config=config, operand=True)
+        elif i in (0, len(positions) - 1):  # the o_proj GEMV's row operand, of the same row
             operand = decode_attention(q, keys, values, where, scale, config=config, operand=True)
-            assert_operand(operand.planes, out.view(-1))
+            assert_operand(operand, out.view(-1))
 
 
 def check_against_hf_attention(shape, device: str) -> None:

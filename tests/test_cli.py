@@ -187,7 +187,7 @@ def test_json_on_cuda_reports_both_processes_device_memory_within_the_budget(tin
 
 def test_a_bad_gemv_config_table_is_refused_in_one_line(tmp_path):
     table = tmp_path / "kernels.json"
-    table.write_text('{"tuned": {"fma 7168": {}}}')
+    table.write_text('{"tuned": {"mma 7168": {}}}')
     result = CliRunner().invoke(main, ["run", "--help"], env={"SPILLOVER_GEMV_CONFIGS": str(table)})
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"$SPILLOVER_GEMV_CONFIGS: {table}: not a GEMV config table" in result.output

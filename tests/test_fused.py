@@ -113,6 +113,10 @@ def test_the_wrappers_refuse_bad_operands():
         silu_mul(two_rows, two_rows, operand=True)
     with pytest.raises(ValueError, match="needs the norm's weight"):
         add_partials(row, torch.zeros(2, 1, 8), operand=True)
+    with pytest.raises(ValueError, match="multiple of 128"):  # the operand holds whole 128-element groups
+        rms_norm(two_rows[:1], torch.ones(8, dtype=torch.bfloat16), 1e-6, operand=True)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        add_partials(row, torch.zeros(2, 1, 8), None, torch.ones(8, dtype=torch.bfloat16), operand=True)
 
 
 def test_a_model_built_on_cpu_keeps_hf_modules(tiny_q):
@@ -174,13 +178,13 @@ def interpreter_cases() -> None:
 
 def check_operands(device: str) -> None:
     """Each kernel that can write the next GEMV's row operand writes the operand of the bf16 row it writes
-    otherwise (``test_kernels.assert_operand``: the scaled planes exactly, the offsets to fp32 rounding)."""
+    otherwise (``test_kernels.assert_operand``: the permuted values exactly, the group sums to fp32 rounding)."""
 
     def same(operand, row: torch.Tensor) -> None:
         assert operand.dtype == torch.bfloat16
-        assert_operand(operand.planes, row.reshape(-1))
+        assert_operand(operand, row.reshape(-1))
 
-    for hidden in (5120, 128, 1000):  # the 32B model's width, a tiny one, one that is not a power of two
+    for hidden in (5120, 128, 640):  # the 32B model's width, a tiny one, one that is not a power of two
         norm = hf_norm(hidden, device)
         x = torch.randn(1, hidden, dtype=torch.bfloat16, device=device) * 3
         same(rms_norm(x, norm.weight, 1e-6, operand=True), rms_norm(x, norm.weight, 1e-6))
@@ -189,7 +193,7 @@ def check_operands(device: str) -> None:
         _, normed = add_partials(residual, partials, None, norm.weight, 1e-6)
         _, operand = add_partials(residual, partials, None, norm.weight, 1e-6, operand=True)
         same(operand, normed)
-    for width in (27648, 1000, 8):  # one partial block of 1024, and a row shorter than a word of the block
+    for width in (27648, 1152, 128):  # whole blocks of 1024, one partial block, and a row of one group
         gate = torch.randn(1, width, dtype=torch.bfloat16, device=device) * 4
         up = torch.randn(1, width, dtype=torch.bfloat16, device=device)
         same(silu_mul(gate, up, operand=True), silu_mul(gate, up))

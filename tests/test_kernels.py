@@ -69,24 +69,54 @@ def assert_close_to_exact(
     assert rel < 1e-2, f"relative error {rel:.3g}"
 
 
-def expected_operand(x: torch.Tensor) -> torch.Tensor:
-    """The one-row GEMV's operand of the bf16 row ``x`` [K], in torch (compute/kernels/gemv.py's docstring): plane e
-    is element 8i + e times 128 (e = 0, 2, 4) or 8, plane 8 the offset -(128.5 (x0 + x2 + x4) + 8.5 (the rest))."""
-    v = x.detach().cpu().double().reshape(-1, 8)  # [K / 8, 8]
-    at_bit12 = torch.tensor([True, False, True, False, True, False, False, False])
-    scaled = v * torch.where(at_bit12, 128.0, 8.0).double()
-    offset = -(v * torch.where(at_bit12, 128.5, 8.5).double()).sum(1)
-    return torch.cat([scaled.T, offset[None]])  # [9, K / 8], float64
+def expected_operand(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-row GEMV's operand of the row ``x`` [K], in torch (compute/kernels/gemv.py's docstring): the values
+    with each word's elements moved to ``stored_position``, and each 128-element group's sum (float64)."""
+    from compute.kernels.gemv_mma import stored_position
+
+    groups = x.detach().cpu().reshape(-1, BLOCK_SIZE)
+    values = torch.empty_like(groups)
+    values[:, stored_position(torch.arange(BLOCK_SIZE))] = groups
+    return values.reshape(-1), groups.double().sum(1)
 
 
-def assert_operand(planes: torch.Tensor, x: torch.Tensor) -> None:
-    """``planes`` is the operand of ``x``: the scaled planes exactly, the offsets to fp32's rounding of a sum."""
-    expected = expected_operand(x)
-    assert planes.dtype == torch.float32 and planes.shape == expected.shape, (planes.dtype, tuple(planes.shape))
-    got = planes.cpu().double()
-    assert torch.equal(got[:8], expected[:8]), "scaled planes differ"
-    bound = 2.0**-21 * (x.detach().cpu().double().reshape(-1, 8).abs() * 128.5).sum(1)
-    assert ((got[8] - expected[8]).abs() <= bound).all(), "offsets differ"
+def assert_operand(operand, x: torch.Tensor) -> None:
+    """``operand`` (a ``RowOperand``) is the operand of ``x``: the values exactly, the sums to fp32's rounding."""
+    values, sums = expected_operand(x)
+    assert operand.values.dtype == x.dtype and torch.equal(operand.values.cpu(), values), "values differ"
+    assert operand.sums.dtype == torch.float32 and operand.sums.shape == sums.shape, tuple(operand.sums.shape)
+    bound = 2.0**-17 * x.detach().cpu().double().reshape(-1, BLOCK_SIZE).abs().sum(1)  # 128 fp32 roundings at most
+    assert ((operand.sums.cpu().double() - sums).abs() <= bound).all(), "sums differ"
+
+
+def emulate_mma_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``gemv_mma``'s arithmetic in float64 torch, its tensor operations in the kernel's order (the nibble pairs'
+    join, the reshape and permute to the tile's k order, x's permute from its stored order to k, ``(c - 136 X)
+    scale``): its index bookkeeping, checked without a GPU."""
+    values, sums = expected_operand(x)
+    words = (qweight.view(torch.int32).long() & 0xFFFFFFFF) ^ 0x88888888
+    n, groups = words.shape[0], words.shape[1] // 16
+    pairs = []
+    for p in range(4):
+        packed = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+        pairs.append(torch.stack([packed & 0xFFFF, packed >> 16], -1))  # element 0 of a register is its low half
+    halves = torch.stack([torch.stack(pairs[:2], -1), torch.stack(pairs[2:], -1)], -1)  # [N, KW, 2 h, 2 pl, 2 ph]
+    tiles = halves.reshape(n, groups, 4, 4, 2, 2, 2).permute(0, 1, 3, 6, 5, 2, 4).reshape(n, groups, 128)
+    a = tiles.to(torch.int32).to(torch.int16).view(torch.bfloat16).double()  # 128 + u
+    b = values.cpu().double().reshape(groups, 4, 8, 2, 2).permute(0, 2, 3, 1, 4).reshape(groups, 128)
+    c = (a * b).sum(-1)  # [N, groups]
+    return ((c - 136.0 * sums.cpu().double()) * scales.cpu().double()).sum(-1)
+
+
+def test_the_tensor_core_gemv_arithmetic_emulated_on_cpu():
+    """``gemv_mma``'s k order, the operand's stored order and the offset correction give x @ dequantize(W).T up to
+    the fp32 group sums (~1e-5 relative, far below bf16's 4e-3). One position wrong anywhere fails it: the weights
+    are random."""
+    qweight, scales, w64, _ = random_linear(40, 640)
+    x = torch.randn(640, dtype=torch.bfloat16) * 3
+    exact = w64 @ x.double()
+    got = emulate_mma_gemv(x, qweight, scales)
+    torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
 
 
 def numpy_dequantize(qweight: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
@@ -170,29 +200,32 @@ def test_int4_matmul_rejects_mismatched_operands(x_shape, q_shape, s_shape, mess
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gemv_explicit_configs_on_cuda(m):
-    """Every code path of the GEMV: split-K partial sums, uneven splits, K not a multiple of the tile,
-    N not a multiple of the row block, prefetching."""
+    """Every code path of the GEMV: split-K partial sums, uneven splits, K not a multiple of the tile or step,
+    N not a multiple of the row block, every tile, warp and group count of the one-row kernel, fp16."""
     from compute.kernels.gemv import int4_gemv
-    from compute.kernels.gemv_configs import GemvConfig
+    from compute.kernels.gemv_configs import GemvConfig, MmaConfig
 
     qweight, scales, w64, bias = random_linear(300, 1408, "cuda", bias=True)  # 11 groups along K
     x = torch.randn(m, 1408, dtype=torch.bfloat16, device="cuda")
-    configs = (
-        GemvConfig(16, 4, 1, 4, 1),
-        GemvConfig(32, 2, 3, 4, 3),
-        GemvConfig(64, 1, 11, 8, 2),
-        GemvConfig(16, 8, 2, 4, 4),
-        GemvConfig(8, 2, 4, 1, 1, prefetch=True),
-        GemvConfig(32, 4, 1, 2, 1, prefetch=True),
-        GemvConfig(16, 2, 2, 1, 1, maxnreg=64),
-    )
+    if m == 1:
+        configs = [MmaConfig(t, w, g, s) for t, w, g, s in ((1, 1, 1, 1), (1, 1, 2, 3), (2, 1, 2, 4), (4, 1, 2, 1),
+                                                             (1, 2, 1, 11), (2, 2, 2, 2), (1, 4, 1, 5))]  # fmt: skip
+        split_configs = (MmaConfig(1, 1, 2, 4), MmaConfig(1, 1, 2, 1))  # 11 groups: 4 splits of 3 (one of 2), or 1
+    else:
+        configs = [GemvConfig(16, 4, 1, 4, 1), GemvConfig(32, 2, 3, 4, 3), GemvConfig(64, 1, 11, 8, 2),
+                   GemvConfig(16, 8, 2, 4, 4)]  # fmt: skip
+        split_configs = (GemvConfig(16, 2, 4, 1, 1), GemvConfig(16, 2, 1, 1, 1))  # 6 tiles of 2: 3 splits of 2, or 1
     for cfg in configs:
         assert_close_to_exact(int4_gemv(x, qweight, scales, bias, cfg), x, w64, bias)
+    if m == 1:
+        half = x.to(torch.float16)
+        y = int4_gemv(half, qweight, scales, bias.to(torch.float16))
+        assert y.dtype == torch.float16
+        assert_close_to_exact(y, half, w64, bias.to(torch.float16))
     # partials: the fp32 split-K sums, left unsummed and without the bias
-    for cfg in (GemvConfig(16, 2, 4, 1, 1), GemvConfig(16, 2, 1, 1, 1)):
+    for cfg, splits in zip(split_configs, ((4 if m == 1 else 3), 1)):
         partials = int4_gemv(x, qweight, scales, None, cfg, partials=True)
-        # 11 groups in tiles of 2 make 6 tiles: a split of 4 becomes 3 splits of 2 tiles (none left empty)
-        assert partials.dtype == torch.float32 and partials.shape == ((3 if cfg.split_k == 4 else 1), m, 300)
+        assert partials.dtype == torch.float32 and partials.shape == (splits, m, 300)
         assert_close_to_exact(partials.sum(0).to(torch.bfloat16), x, w64, None)
 
 
@@ -206,7 +239,7 @@ def test_row_operand_on_cuda(k):
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda") * 5
     operand = row_operand(x)
     assert isinstance(operand, RowOperand) and operand.dtype == torch.bfloat16 and operand.in_features == k
-    assert_operand(operand.planes, x[0])
+    assert_operand(operand, x[0])
     qweight, scales, _, bias = random_linear(96, k, "cuda", bias=True)
     assert torch.equal(int4_gemv(operand, qweight, scales, bias), int4_gemv(x, qweight, scales, bias))
 
@@ -244,11 +277,12 @@ def test_tuned_configs_load_from_a_sweep_table_and_bad_tables_are_named(tmp_path
 
     monkeypatch.setattr(configs, "TUNED_CONFIGS", dict(configs.TUNED_CONFIGS))
     table = tmp_path / "kernels.json"
-    table.write_text('{"tuned": {"fma 7168 5120": {"block_n": 16, "groups": 1, "split_k": 2, "num_warps": 1, '
-                     '"num_stages": 1, "prefetch": true, "maxnreg": 80}}}')  # fmt: skip
-    assert configs.load_tuned_configs(table) == 1
-    assert configs.gemv_config("fma", 7168, 5120) == configs.GemvConfig(16, 1, 2, 1, 1, prefetch=True, maxnreg=80)
-    table.write_text('{"tuned": {"fma 7168": {}}}')
+    table.write_text('{"tuned": {"mma 7168 5120": {"tiles": 2, "warps": 1, "groups": 1, "splits": 2}, '
+                     '"dot 7168 5120": {"block_n": 16, "groups": 1, "split_k": 2, "num_warps": 1, "num_stages": 1}}}')
+    assert configs.load_tuned_configs(table) == 2
+    assert configs.gemv_config("mma", 7168, 5120) == configs.MmaConfig(tiles=2, warps=1, groups=1, splits=2)
+    assert configs.gemv_config("dot", 7168, 5120) == configs.GemvConfig(16, 1, 2, 1, 1)
+    table.write_text('{"tuned": {"mma 7168": {}}}')
     with pytest.raises(ValueError, match="not a GEMV config table"):
         configs.load_tuned_configs(table)
     with pytest.raises(ValueError, match="not a GEMV config table"):
@@ -305,15 +339,15 @@ def test_triton_kernels_in_the_interpreter():
     assert done.stdout.count("ok ") == len(INTERPRETER_CASES) + 4, done.stdout
 
 
-# (M, N, K, bias, GemvConfig fields or None for the heuristic): both kernels, split-K partial sums with
-# even and uneven splits, K not a multiple of the tile, N not a multiple of the row block, prefetching,
-# more rows than one dot block.
+# (M, N, K, bias, MmaConfig (M = 1) or GemvConfig fields, or None for the heuristic): the one-row kernel and the
+# dot kernel, split-K partial sums with even and uneven splits, K not a multiple of the tile, N not a multiple of
+# the row block, more rows than one dot block.
 INTERPRETER_CASES = [
     (1, 40, 384, True, None),
-    (1, 64, 1152, False, (16, 4, 1, 4, 1)),
-    (1, 72, 640, True, (32, 2, 3, 4, 1)),
-    (1, 72, 1408, True, (16, 2, 3, 1, 1, True)),
-    (1, 40, 1408, False, (8, 1, 4, 1, 1, True)),  # 11 tiles in splits of 3: the last one runs past K
+    (1, 64, 1152, False, (1, 1, 2, 4)),  # 9 groups: 3 splits of 3
+    (1, 72, 640, True, (2, 1, 1, 3)),  # 5 groups: splits of 2, 2 and 1
+    (1, 72, 1408, True, (1, 2, 2, 3)),
+    (1, 40, 1408, False, (1, 1, 1, 4)),  # 11 groups in splits of 3: the last one has 2
     (2, 40, 384, True, None),
     (3, 64, 1152, False, (32, 4, 2, 4, 1)),
     (17, 48, 256, True, (16, 1, 2, 4, 1)),
@@ -324,25 +358,26 @@ def interpreter_cases() -> None:
     """The Triton kernels on CPU tensors; this process must have TRITON_INTERPRET=1 set at start."""
     from compute.kernels import gemm
     from compute.kernels.gemv import int4_gemv, row_operand
-    from compute.kernels.gemv_configs import GemvConfig
+    from compute.kernels.gemv_configs import GemvConfig, MmaConfig
 
     for k in (384, 1408, 9216):  # one partial program of the operand kernel, two, and a full one and a partial one
-        x = torch.randn(1, k, dtype=torch.bfloat16) * 5
-        assert_operand(row_operand(x).planes, x[0])
+        for dtype in (torch.bfloat16, torch.float16):
+            x = (torch.randn(1, k) * 5).to(dtype)
+            assert_operand(row_operand(x), x[0])
     print("ok row operand")
 
     for m, n, k, has_bias, fields in INTERPRETER_CASES:
         qweight, scales, w64, bias = random_linear(n, k, bias=has_bias)
         x = torch.randn(m, k, dtype=torch.bfloat16)
-        y = int4_gemv(x, qweight, scales, bias, fields and GemvConfig(*fields))
+        y = int4_gemv(x, qweight, scales, bias, fields and (MmaConfig if m == 1 else GemvConfig)(*fields))
         assert_close_to_exact(y, x, w64, bias, truncated=True)
         print("ok gemv", m, n, k)
 
-    # partials: the split-K sums left unsummed, fp32, no bias (11 groups in tiles of 2: 6 tiles, 3 splits of 2)
+    # partials: the split-K sums left unsummed, fp32, no bias (11 groups in up to 4 splits: 4 of 3, the last of 2)
     qweight, scales, w64, _ = random_linear(40, 1408)
     x = torch.randn(1, 1408, dtype=torch.bfloat16)
-    partials = int4_gemv(x, qweight, scales, None, GemvConfig(16, 2, 4, 1, 1), partials=True)
-    assert partials.dtype == torch.float32 and partials.shape == (3, 1, 40), (partials.dtype, partials.shape)
+    partials = int4_gemv(x, qweight, scales, None, MmaConfig(1, 1, 2, 4), partials=True)
+    assert partials.dtype == torch.float32 and partials.shape == (4, 1, 40), (partials.dtype, partials.shape)
     assert_close_to_exact(partials.sum(0).to(torch.bfloat16), x, w64, None, truncated=True)
     print("ok gemv partials")
 

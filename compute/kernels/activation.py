@@ -35,8 +35,10 @@ _BLOCK = 1024  # elements per program: the 32B model's 27648-wide decode row is 
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, OPERAND: tl.constexpr, SIGNAL: tl.constexpr):
-    """BLOCK elements; with OPERAND (one row of n, a multiple of 8) into the down_proj GEMV's row operand."""
+def _silu_mul_kernel(
+    gate_ptr, up_ptr, out_ptr, sums_ptr, n, BLOCK: tl.constexpr, OPERAND: tl.constexpr, SIGNAL: tl.constexpr
+):
+    """BLOCK elements; with OPERAND (one row of n, a multiple of 128) into the down_proj GEMV's row operand."""
     signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: long prefills pass 2**31
     mask = offsets < n
@@ -45,7 +47,7 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, OPERAND:
     act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16)  # F.silu's result is rounded to bf16 before the product
     out = (act.to(tl.float32) * up).to(tl.bfloat16)
     if OPERAND:
-        store_operand(out_ptr, out.to(tl.float32), tl.program_id(0) * (BLOCK // 8), n // 8, BLOCK // 8)
+        store_operand(out_ptr, sums_ptr, out.to(tl.float32), tl.program_id(0) * (BLOCK // 128), n // 128, BLOCK // 128)
     else:
         tl.store(out_ptr + offsets, out, mask=mask)
 
@@ -65,12 +67,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, operand: bool = False) -> 
                          f"and {tuple(up.shape)} on {up.device}")  # fmt: skip
     gate, up = gate.contiguous(), up.contiguous()
     n = gate.numel()
-    if operand and (n != gate.shape[-1] or n % 8):
-        raise ValueError(f"silu_mul(operand=True) takes one row of a multiple of 8 elements, got {tuple(gate.shape)}")
+    if operand and (n != gate.shape[-1] or n % 128):
+        raise ValueError(f"silu_mul(operand=True) takes one row of a multiple of 128 elements, got {tuple(gate.shape)}")
     out = RowOperand.empty(n, gate.dtype, gate.device) if operand else torch.empty_like(gate)
     if n:
         _silu_mul_kernel[(triton.cdiv(n, _BLOCK),)](
-            gate, up, out.planes if operand else out, n, BLOCK=_BLOCK, OPERAND=operand,
+            gate, up, out.values if operand else out, out.sums if operand else out, n, BLOCK=_BLOCK, OPERAND=operand,
             SIGNAL=operand and early_launch(gate.device), num_warps=4,
         )
     return out

@@ -209,28 +209,31 @@ def _split_attention_kernel(
 
 @triton.jit
 def _combine_kernel(
-    part_ptr, lse_ptr, position_ptr, out_ptr, C, H,
-    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, OPERAND: tl.constexpr,
-    SIGNAL: tl.constexpr,
+    part_ptr, lse_ptr, position_ptr, out_ptr, sums_ptr, C, H,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HEADS: tl.constexpr,
+    OPERAND: tl.constexpr, SIGNAL: tl.constexpr,
 ):
-    """Query head ``program_id(0)``: the splits' partial outputs weighed by ``exp2(lse)``, rounded to bf16, stored
-    as bf16 or, with OPERAND, into the o_proj GEMV's row operand. Splits whose first block starts past
-    ``position`` were not written and are not read."""
+    """Query heads ``program_id(0) * HEADS …``: the splits' partial outputs weighed by ``exp2(lse)``, rounded to
+    bf16, stored as bf16 or, with OPERAND, into the o_proj GEMV's row operand (whose groups of 128 elements a
+    program's heads cover whole). Splits whose first block starts past ``position`` were not written and are not
+    read."""
     signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
-    head = tl.program_id(0)
+    heads = tl.program_id(0) * HEADS + tl.arange(0, HEADS)
     live = tl.minimum(tl.load(position_ptr) + 1, C)
     s = tl.arange(0, BLOCK_S)
     used = (s < SPLITS) & (s * BLOCK_N < live)
-    slots = head.to(tl.int64) * SPLITS + s
-    lse = tl.load(lse_ptr + slots, mask=used, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=0))  # 0 for unused splits
+    slots = heads.to(tl.int64)[:, None] * SPLITS + s[None, :]  # (HEADS, BLOCK_S)
+    lse = tl.load(lse_ptr + slots, mask=used[None, :], other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, axis=1)[:, None])  # 0 for unused splits
     d = tl.arange(0, D)
-    part = tl.load(part_ptr + slots[:, None] * D + d[None, :], mask=used[:, None], other=0.0)  # (BLOCK_S, D)
-    out = (tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)).to(tl.bfloat16)
+    part = tl.load(part_ptr + slots[:, :, None] * D + d[None, None, :], mask=used[None, :, None], other=0.0)
+    out = (tl.sum(part * weight[:, :, None], axis=1) / tl.sum(weight, axis=1)[:, None]).to(tl.bfloat16)  # (HEADS, D)
     if OPERAND:
-        store_operand(out_ptr, out.to(tl.float32), head * (D // 8), H * (D // 8), D // 8)
+        groups: tl.constexpr = HEADS * D // 128
+        row = tl.reshape(out.to(tl.float32), (HEADS * D,))
+        store_operand(out_ptr, sums_ptr, row, tl.program_id(0) * groups, H * D // 128, groups)
     else:
-        tl.store(out_ptr + head * D + d, out)
+        tl.store(out_ptr + heads[:, None] * D + d[None, :], out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,7 +369,8 @@ def decode_attention(
     operand: bool = False,
 ) -> torch.Tensor | RowOperand:
     """``softmax(scale * q k^T) v`` of ``q [1, H, D]`` over cache positions ``0 .. position`` -> ``[1, 1, H * D]``
-    bf16, head-major, or with ``operand`` the same row as the next GEMV's ``RowOperand``. Two launches (CUDA
+    bf16, head-major, or with ``operand`` (H * D a multiple of 128) the same row as the next GEMV's ``RowOperand``.
+    Two launches (CUDA
     tensors, or CPU ones under the Triton interpreter). ``config`` overrides ``split_config(C)``, for tests of many
     splits and blocks on small caches."""
     kv_heads, capacity, head_dim = _check_cache(key_cache, value_cache)
@@ -389,7 +393,11 @@ def decode_attention(
     group = heads // kv_heads
     part = torch.empty((heads, splits, head_dim), dtype=torch.float32, device=device)  # (H, splits, D)
     lse = torch.empty((heads, splits), dtype=torch.float32, device=device)  # (H, splits)
+    # With the operand a combine program takes whole 128-element groups of it: 128 / D heads (D <= 128) or one
+    combine_heads = max(1, 128 // head_dim) if operand else 1
     if operand:
+        if (heads * head_dim) % 128:
+            raise ValueError(f"decode_attention(operand=True) needs H * D a multiple of 128, got {heads} * {head_dim}")
         out = RowOperand.empty(heads * head_dim, torch.bfloat16, device)
     else:
         out = torch.empty((1, 1, heads * head_dim), dtype=torch.bfloat16, device=device)  # (B, T, H * D)
@@ -402,10 +410,10 @@ def decode_attention(
         DOT_IN_FP32=device.type == "cpu",  # on CPU the kernels only run in the Triton interpreter
         num_warps=4, num_stages=2,
     )  # fmt: skip
-    _combine_kernel[(heads,)](
-        part, lse, position, out.planes if operand else out, capacity, heads,
-        D=head_dim, SPLITS=splits, BLOCK_N=block_keys, BLOCK_S=triton.next_power_of_2(splits), OPERAND=operand,
-        SIGNAL=operand and early_launch(device), num_warps=4,
+    _combine_kernel[(heads // combine_heads,)](
+        part, lse, position, out.values if operand else out, out.sums if operand else out, capacity, heads,
+        D=head_dim, SPLITS=splits, BLOCK_N=block_keys, BLOCK_S=triton.next_power_of_2(splits), HEADS=combine_heads,
+        OPERAND=operand, SIGNAL=operand and early_launch(device), num_warps=4,
     )  # fmt: skip
     return out
 

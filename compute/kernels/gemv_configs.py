@@ -15,7 +15,7 @@ import triton
 
 from quantizer.format import BLOCK_SIZE
 
-__all__ = ["TUNED_CONFIGS", "GemvConfig", "gemv_config", "load_tuned_configs"]
+__all__ = ["TUNED_CONFIGS", "GemvConfig", "MmaConfig", "gemv_config", "load_tuned_configs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,34 +26,41 @@ class GemvConfig:
     groups: int  # 128-element groups per K step: each step reads groups * 64 bytes of every row
     split_k: int  # programs sharing one row block along K; > 1 writes fp32 partials, summed by a second kernel
     num_warps: int
-    num_stages: int  # software-pipelining depth of the K loop (the dot kernel; the FMA kernel's loads feed no dot)
-    prefetch: bool = False  # FMA kernel: load the next K step's words before this step's arithmetic
-    # Registers per thread the compiler may use (ptxas -maxrregcount); None lets it choose. Fewer registers fit more
-    # warps on an SM (the one-warp FMA programs take up to 128: 16 warps), but the compiler then spends more
-    # instructions; on the H200 that paid off for one shape (docs/kernels.md).
-    maxnreg: int | None = None
+    num_stages: int  # software-pipelining depth of the K loop
+
+
+@dataclasses.dataclass(frozen=True)
+class MmaConfig:
+    """Launch parameters of one call of the one-row tensor-core GEMV (``compute.kernels.gemv_mma``)."""
+
+    tiles: int = 1  # 16-row tiles a warp: 1, 2 or 4
+    warps: int = 1  # warps a program: 1, 2 or 4; a program's rows are 16 * tiles * warps
+    groups: int = 2  # 128-element groups a loop step, 1 or 2: their loads are issued a step ahead
+    splits: int = 1  # programs sharing each row block along K, at most; > 1 writes fp32 partial sums
+
+    @property
+    def rows(self) -> int:
+        return 16 * self.tiles * self.warps
 
 
 # Measured on the H200 with `python -m bench.kernels --sweep` (docs/kernels.md): the best config per
 # (kernel, N, K) for the 32B model's shapes. Other shapes get the heuristic in `gemv_config`.
-TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {
+TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig | MmaConfig] = {
     ("dot", 1024, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=4, num_stages=3),
     ("dot", 5120, 5120): GemvConfig(block_n=64, groups=1, split_k=8, num_warps=4, num_stages=2),
     ("dot", 5120, 27648): GemvConfig(block_n=64, groups=1, split_k=8, num_warps=4, num_stages=3),
     ("dot", 27648, 5120): GemvConfig(block_n=64, groups=2, split_k=8, num_warps=4, num_stages=2),
     ("dot", 152064, 5120): GemvConfig(block_n=64, groups=2, split_k=1, num_warps=4, num_stages=3),
-    ("fma", 1024, 5120): GemvConfig(block_n=16, groups=4, split_k=8, num_warps=1, num_stages=1),
-    ("fma", 27648, 5120): GemvConfig(block_n=32, groups=1, split_k=2, num_warps=1, num_stages=1, prefetch=True),
-    # The decode step's GEMVs (compute.decode) on the row operand, swept on 2026-12-01 and 02 (bench/results/
-    # 2026-12-01-h200-kernels-operand-sweep.json, 2026-12-02-h200-kernels-operand-register-sweep.json); q|k|v, o
-    # and down leave their partial sums to the kernel that consumes them, which sets a limit on o's split (one
-    # program sums it, with the norm). A register cap helps o only: the others ran slower under any.
-    ("fma", 7168, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=2, num_stages=1),
-    ("fma", 5120, 5120): GemvConfig(block_n=16, groups=1, split_k=8, num_warps=1, num_stages=1, maxnreg=96),
-    ("fma", 55296, 5120): GemvConfig(block_n=16, groups=2, split_k=2, num_warps=1, num_stages=1),
-    ("fma", 5120, 27648): GemvConfig(block_n=16, groups=2, split_k=16, num_warps=1, num_stages=1),
-    ("fma", 152064, 5120): GemvConfig(block_n=32, groups=2, split_k=1, num_warps=2, num_stages=1),
+    # The decode step's GEMVs (compute.decode), swept on 2026-12-02 (bench/results/2026-12-02-h200-kernels-mma-
+    # sweep.json). q|k|v, o and down leave their partial sums to the kernel that consumes them.
+    ("mma", 7168, 5120): MmaConfig(tiles=1, warps=1, groups=1, splits=8),
+    ("mma", 5120, 5120): MmaConfig(tiles=1, warps=1, groups=1, splits=8),
+    ("mma", 55296, 5120): MmaConfig(tiles=1, warps=1, groups=2, splits=4),
+    ("mma", 5120, 27648): MmaConfig(tiles=1, warps=1, groups=1, splits=8),
+    ("mma", 152064, 5120): MmaConfig(tiles=4, warps=1, groups=2, splits=2),
 }
+_CONFIG_TYPES = {"dot": GemvConfig, "mma": MmaConfig}
+
 
 def load_tuned_configs(path: str | os.PathLike) -> int:
     """Merge the configs a ``python -m bench.kernels --sweep`` run wrote (its ``--json``'s "tuned" table, keys
@@ -64,7 +71,7 @@ def load_tuned_configs(path: str | os.PathLike) -> int:
         configs = {}
         for key, fields in tuned.items():
             kernel, n, k = key.split()
-            configs[(kernel, int(n), int(k))] = GemvConfig(**fields)
+            configs[(kernel, int(n), int(k))] = _CONFIG_TYPES[kernel](**fields)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a GEMV config table written by bench.kernels --sweep ({e})") from None
     TUNED_CONFIGS.update(configs)
@@ -75,20 +82,25 @@ if os.environ.get("SPILLOVER_GEMV_CONFIGS"):
     load_tuned_configs(os.environ["SPILLOVER_GEMV_CONFIGS"])
 
 _TARGET_PROGRAMS = 1024  # enough resident programs to keep every SM's loads in flight (132 SMs on an H200)
+_TARGET_WARPS = 4096  # the same for one-warp programs: an H200 SM holds 32 of them
 
 
-def gemv_config(kernel: str, n: int, k: int) -> GemvConfig:
-    """The config for ``kernel`` ("fma" or "dot") on an ``[n, k]`` weight: the measured one, else a heuristic."""
+def gemv_config(kernel: str, n: int, k: int) -> GemvConfig | MmaConfig:
+    """The config for ``kernel`` ("mma": one row, or "dot": a few) on an ``[n, k]`` weight: the measured one, else a
+    heuristic."""
     tuned = TUNED_CONFIGS.get((kernel, n, k))
     if tuned is not None:
         return tuned
-    if kernel == "fma":  # the shape of most winners of the H200 sweep: one warp, 16 rows, 128 bytes per row
-        block_n, groups, num_warps, num_stages = 16, 2, 1, 1
-    else:
-        block_n, groups, num_warps, num_stages = 64, 1, 4, 2
-    n_tiles = triton.cdiv(k // BLOCK_SIZE, groups)
-    split_k = 1
-    # Few row blocks (small N, long K) leave SMs idle: share K among more programs, in powers of two.
-    while triton.cdiv(n, block_n) * split_k * 2 <= _TARGET_PROGRAMS and split_k * 2 <= n_tiles // 2:
-        split_k *= 2
-    return GemvConfig(block_n=block_n, groups=groups, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
+    n_groups = k // BLOCK_SIZE
+    splits = 1
+    if kernel == "mma":  # the shape of most winners of the H200 sweep: one warp, 16 rows
+        cfg = MmaConfig(tiles=1, warps=1, groups=2)
+        # Few row blocks (small N, long K) leave SMs idle: share K among more programs, in powers of two.
+        while triton.cdiv(n, cfg.rows) * splits * 2 <= _TARGET_WARPS and splits * 2 <= n_groups // 2:
+            splits *= 2
+        return dataclasses.replace(cfg, splits=splits)
+    block_n, groups, num_warps, num_stages = 64, 1, 4, 2
+    n_tiles = triton.cdiv(n_groups, groups)
+    while triton.cdiv(n, block_n) * splits * 2 <= _TARGET_PROGRAMS and splits * 2 <= n_tiles // 2:
+        splits *= 2
+    return GemvConfig(block_n=block_n, groups=groups, split_k=splits, num_warps=num_warps, num_stages=num_stages)

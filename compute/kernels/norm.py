@@ -33,21 +33,22 @@ __all__ = ["FusedRMSNorm", "add_partials", "reference_rms_norm", "rms_norm"]
 
 
 @triton.jit
-def _store_normed(out_ptr, normed, weight_ptr, cols, mask, H, OPERAND: tl.constexpr, BLOCK_H: tl.constexpr):
+def _store_normed(out_ptr, sums_ptr, normed, weight_ptr, cols, mask, H, OPERAND: tl.constexpr, BLOCK_H: tl.constexpr):
     """``weight * normed`` (a bf16 product, as HF's) into the bf16 row at ``out_ptr`` or, with OPERAND, into the
-    next GEMV's row operand (a whole row: ``cols`` is 0 … BLOCK_H - 1)."""
+    next GEMV's row operand at ``out_ptr`` and ``sums_ptr`` (a whole row: ``cols`` is 0 … BLOCK_H - 1)."""
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     out = (weight.to(tl.float32) * normed.to(tl.float32)).to(tl.bfloat16)
     if OPERAND:
-        store_operand(out_ptr, out.to(tl.float32), 0, H // 8, BLOCK_H // 8)
+        store_operand(out_ptr, sums_ptr, out.to(tl.float32), 0, H // 128, BLOCK_H // 128)
     else:
         tl.store(out_ptr + cols, out, mask=mask)
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, weight_ptr, out_ptr, stride_x, H, eps, BLOCK_H: tl.constexpr, OPERAND: tl.constexpr, SIGNAL: tl.constexpr
-):
+    x_ptr, weight_ptr, out_ptr, sums_ptr, stride_x, H, eps,
+    BLOCK_H: tl.constexpr, OPERAND: tl.constexpr, SIGNAL: tl.constexpr,
+):  # fmt: skip
     signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride passes 2**31 for long prefills of wide models
     cols = tl.arange(0, BLOCK_H)
@@ -55,7 +56,7 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     variance = tl.sum(x * x, axis=0) / H  # masked lanes are 0 and add nothing
     normed = (x * tl.rsqrt(variance + eps)).to(tl.bfloat16)  # HF rounds to the input dtype before the weight
-    _store_normed(out_ptr + row * H, normed, weight_ptr, cols, mask, H, OPERAND, BLOCK_H)
+    _store_normed(out_ptr + row * H, sums_ptr, normed, weight_ptr, cols, mask, H, OPERAND, BLOCK_H)
 
 
 _ADD_BLOCK = 512  # columns per program of add_partials without a norm
@@ -63,7 +64,7 @@ _ADD_BLOCK = 512  # columns per program of add_partials without a norm
 
 @triton.jit
 def _add_partials_kernel(
-    residual_ptr, part_ptr, bias_ptr, weight_ptr, hidden_ptr, normed_ptr, H, eps,
+    residual_ptr, part_ptr, bias_ptr, weight_ptr, hidden_ptr, normed_ptr, sums_ptr, H, eps,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr, OPERAND: tl.constexpr,
     SIGNAL: tl.constexpr,
 ):
@@ -82,7 +83,7 @@ def _add_partials_kernel(
         x = hidden.to(tl.float32)
         variance = tl.sum(x * x, axis=0) / H
         normed = (x * tl.rsqrt(variance + eps)).to(tl.bfloat16)
-        _store_normed(normed_ptr, normed, weight_ptr, cols, mask, H, OPERAND, BLOCK_H)
+        _store_normed(normed_ptr, sums_ptr, normed, weight_ptr, cols, mask, H, OPERAND, BLOCK_H)
 
 
 def add_partials(
@@ -115,8 +116,8 @@ def add_partials(
     for name, t in (("bias", bias), ("weight", weight)):
         if t is not None and (t.dtype != torch.bfloat16 or tuple(t.shape) != (hidden_size,)):
             raise ValueError(f"{name} must be bf16 [{hidden_size}], got {t.dtype} {tuple(t.shape)}")
-    if operand and (weight is None or hidden_size % 8):
-        raise ValueError(f"add_partials(operand=True) needs the norm's weight and H a multiple of 8 (H = {hidden_size})")
+    if operand and (weight is None or hidden_size % 128):
+        raise ValueError(f"add_partials(operand=True) needs the norm's weight and H a multiple of 128 (H = {hidden_size})")
     hidden = torch.empty_like(residual)
     if weight is None:
         normed = None
@@ -126,8 +127,8 @@ def add_partials(
     _add_partials_kernel[(triton.cdiv(hidden_size, block),)](
         residual, partials.contiguous(), bias if bias is not None else residual,
         weight if weight is not None else residual, hidden,
-        normed.planes if operand else normed if normed is not None else hidden,
-        hidden_size, eps,
+        normed.values if operand else normed if normed is not None else hidden,
+        normed.sums if operand else hidden, hidden_size, eps,
         SPLIT=partials.shape[0], HAS_BIAS=bias is not None, NORM=weight is not None,
         BLOCK_H=block, OPERAND=operand, SIGNAL=operand and early_launch(residual.device),
         num_warps=4 if block <= 2048 else 8,
@@ -155,8 +156,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, operand: bool
     x2d = x.reshape(-1, hidden)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    if operand and (x2d.shape[0] != 1 or hidden % 8):
-        raise ValueError(f"rms_norm(operand=True) takes one row of a multiple of 8 elements, got {tuple(x.shape)}")
+    if operand and (x2d.shape[0] != 1 or hidden % 128):
+        raise ValueError(f"rms_norm(operand=True) takes one row of a multiple of 128 elements, got {tuple(x.shape)}")
     if operand:
         out = RowOperand.empty(hidden, x.dtype, x.device)
     else:
@@ -164,7 +165,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, operand: bool
     if x2d.shape[0]:
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(x2d.shape[0],)](
-            x2d, weight.contiguous(), out.planes if operand else out, x2d.stride(0), hidden, eps,
+            x2d, weight.contiguous(), out.values if operand else out, out.sums if operand else out,
+            x2d.stride(0), hidden, eps,
             BLOCK_H=block, OPERAND=operand, SIGNAL=operand and early_launch(x.device),
             num_warps=4 if block <= 2048 else 8,
         )  # fmt: skip
