@@ -36,16 +36,16 @@ _POINTERS = {"x_ptr": "*bf16", "sums_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*
 _FLOATS = {"offset": "fp32"}
 
 
-def compile_gemv(cfg: MmaConfig, k: int, *, capability: int = 90):
+def compile_gemv(cfg: MmaConfig, k: int, *, capability: int = 90, dtype: str = "bf16"):
     """The one-row GEMV kernel compiled for ``cfg`` and ``k`` input features, as ``int4_gemv(partials=True)``
-    launches it on Hopper."""
+    launches it on Hopper for a row of ``dtype`` ("bf16" or "fp16")."""
     kernel = gemv_mma._gemv_mma_kernel
     names = kernel.arg_names
     constexprs = dict(
         KW=k // 8, TILES=cfg.tiles, WARPS=cfg.warps, GROUPS=cfg.groups, SPLIT=True, HAS_BIAS=False, EARLY=True,
         words_layout=gemv_mma._words_layout(cfg.tiles, cfg.warps), x_layout=gemv_mma._x_layout(cfg.warps),
     )  # fmt: skip
-    types = {**_POINTERS, **_FLOATS}
+    types = {**_POINTERS, **_FLOATS, "x_ptr": f"*{dtype}"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
     source = GluonASTSource(
         fn=kernel, signature=signature,

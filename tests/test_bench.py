@@ -36,7 +36,7 @@ def test_sass_counts_the_one_row_gemv_loop_without_a_gpu():
     """bench.sass compiles the one-row GEMV for sm_90 here and finds its loop: eight tensor-core mmas a tile and
     group, the weights and x in 16-byte loads, no layout conversion (no shared memory or shuffle), under 4.5
     instructions per weight byte, and a register count that lets an SM hold many warps."""
-    from bench.sass import describe_loop
+    from bench.sass import compile_gemv, describe_loop, disassemble
     from compute.kernels.gemv_configs import MmaConfig
 
     for cfg in (MmaConfig(tiles=1, groups=2), MmaConfig(tiles=2, warps=2, groups=1)):
@@ -46,3 +46,6 @@ def test_sass_counts_the_one_row_gemv_loop_without_a_gpu():
         assert opcodes.get("LDG.E.128") == (2 * cfg.tiles + 4) * cfg.groups, opcodes  # 2 of words a tile, 4 of x
         assert not any(op.startswith(("STS", "LDS", "SHFL", "BAR")) for op in opcodes), opcodes
         assert loop["per_byte"] < 4.5 and loop["registers"] <= 128, loop
+    # an fp16 row (the magic 1024 + u): fp16 mmas
+    sass = disassemble(compile_gemv(MmaConfig(), 5120, dtype="fp16"))
+    assert "HMMA.16816.F32 " in sass and "BF16" not in sass

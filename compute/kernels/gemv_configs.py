@@ -53,11 +53,11 @@ TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig | MmaConfig] = {
     ("dot", 152064, 5120): GemvConfig(block_n=64, groups=2, split_k=1, num_warps=4, num_stages=3),
     # The decode step's GEMVs (compute.decode), swept on 2026-12-02 (bench/results/2026-12-02-h200-kernels-mma-
     # sweep.json). q|k|v, o and down leave their partial sums to the kernel that consumes them.
-    ("mma", 7168, 5120): MmaConfig(tiles=1, warps=1, groups=1, splits=8),
-    ("mma", 5120, 5120): MmaConfig(tiles=1, warps=1, groups=1, splits=8),
-    ("mma", 55296, 5120): MmaConfig(tiles=1, warps=1, groups=2, splits=4),
-    ("mma", 5120, 27648): MmaConfig(tiles=1, warps=1, groups=1, splits=8),
-    ("mma", 152064, 5120): MmaConfig(tiles=4, warps=1, groups=2, splits=2),
+    ("mma", 7168, 5120): MmaConfig(tiles=1, warps=2, groups=1, splits=8),
+    ("mma", 5120, 5120): MmaConfig(tiles=1, warps=4, groups=1, splits=8),
+    ("mma", 55296, 5120): MmaConfig(tiles=2, warps=2, groups=2, splits=1),
+    ("mma", 5120, 27648): MmaConfig(tiles=2, warps=1, groups=2, splits=16),
+    ("mma", 152064, 5120): MmaConfig(tiles=2, warps=2, groups=2, splits=2),
 }
 _CONFIG_TYPES = {"dot": GemvConfig, "mma": MmaConfig}
 

@@ -101,8 +101,10 @@ def _pair(words, SHIFT: gl.constexpr, pair_mask, magic, FP16: gl.constexpr):
     # Two 16-bit elements are one 32-bit register: the asm, two elements at a time, returns the packed word as is.
     both = gl.join(packed, packed)
     if FP16:
-        return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [both], dtype=gl.float16, is_pure=True, pack=2)
-    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [both], dtype=gl.bfloat16, is_pure=True, pack=2)
+        pair = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [both], dtype=gl.float16, is_pure=True, pack=2)
+    else:
+        pair = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [both], dtype=gl.bfloat16, is_pure=True, pack=2)
+    return pair
 
 
 @gluon.jit
