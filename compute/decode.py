@@ -43,7 +43,7 @@ from compute.int4_linear import Int4Linear
 from compute.kernels.activation import silu_mul
 from compute.kernels.attention import decode_attention, rotary_cache_write
 from compute.kernels.gemv import RowOperand, int4_gemv
-from compute.kernels.norm import add_partials, rms_norm
+from compute.kernels.norm import add_partials, add_partials_workspace, rms_norm
 
 
 def fused_decode_unsupported(config: PretrainedConfig, dtype: torch.dtype = torch.bfloat16) -> str | None:
@@ -109,6 +109,8 @@ class FusedDecodeLayer:
         if any(linear.bias is not None for linear in self.gate_up):
             raise ValueError("the fused decode layer's gate/up projections take no bias (Qwen2's have none)")
         self.intermediate = layer.mlp.gate_proj.out_features
+        # the residual adds' norms meet there (one call at a time); made now, before any graph captures the layer
+        self.norm_workspace = add_partials_workspace(layer.input_layernorm.weight.device)
 
     def __call__(
         self,
@@ -145,7 +147,8 @@ class FusedDecodeLayer:
         o_proj = attention.o_proj
         out = int4_gemv(attended, o_proj.qweight, o_proj.scales, partials=True)
         hidden, normed = add_partials(
-            hidden, out, o_proj.bias, layer.post_attention_layernorm.weight, self.eps, operand=True
+            hidden, out, o_proj.bias, layer.post_attention_layernorm.weight, self.eps, operand=True,
+            workspace=self.norm_workspace,
         )
         gate_up = int4_gemv(normed, gate_up_weight, gate_up_scales)  # [1, 2 I] bf16
         act = silu_mul(gate_up[:, : self.intermediate], gate_up[:, self.intermediate :], operand=True)
@@ -153,4 +156,7 @@ class FusedDecodeLayer:
         out = int4_gemv(act, down.qweight, down.scales, partials=True)
         if next_norm is None:
             return add_partials(hidden, out, down.bias)
-        return add_partials(hidden, out, down.bias, next_norm.weight, next_norm.variance_epsilon, operand=True)
+        return add_partials(
+            hidden, out, down.bias, next_norm.weight, next_norm.variance_epsilon, operand=True,
+            workspace=self.norm_workspace,
+        )

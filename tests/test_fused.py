@@ -28,7 +28,7 @@ from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 from compute.kernels.activation import reference_silu_mul, silu_mul, swiglu_mlp_forward
-from compute.kernels.norm import FusedRMSNorm, add_partials, rms_norm
+from compute.kernels.norm import FusedRMSNorm, add_partials, add_partials_workspace, rms_norm
 from compute.model import build_model
 from quantizer.checkpoint import QuantizedCheckpoint
 from test_kernels import assert_operand
@@ -41,7 +41,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # (the 32B model's 5120, the tiny models' 128), one wider than a warp's worth of registers per lane.
 NORM_SHAPES = [((1, 1), 5120), ((7,), 128), ((2, 3), 896), ((33,), 3584), ((1,), 1000)]
 # (splits, hidden, bias, norm) for add_partials: the 32B model's o_proj and down_proj rows, tiny ones
-ADD_CASES = [(4, 5120, False, True), (16, 5120, False, False), (1, 128, True, True), (3, 1000, True, False)]
+ADD_CASES = [(4, 5120, False, True), (16, 5120, False, True), (16, 5120, False, False), (1, 128, True, True),
+             (3, 1000, True, False), (3, 1000, True, True)]
 # gate/up shapes: the 32B decode row (27648), a chunk of the tiny model's (256), sizes not a multiple of a block
 ACT_SHAPES = [(1, 1, 27648), (5, 256), (3, 1000), (1, 17)]
 
@@ -117,6 +118,8 @@ def test_the_wrappers_refuse_bad_operands():
         rms_norm(two_rows[:1], torch.ones(8, dtype=torch.bfloat16), 1e-6, operand=True)
     with pytest.raises(ValueError, match="multiple of 128"):
         add_partials(row, torch.zeros(2, 1, 8), None, torch.ones(8, dtype=torch.bfloat16), operand=True)
+    with pytest.raises(ValueError, match="workspace must come from add_partials_workspace"):
+        add_partials(row, torch.zeros(2, 1, 8), None, torch.ones(8, dtype=torch.bfloat16), workspace=torch.zeros(3))
 
 
 def test_a_model_built_on_cpu_keeps_hf_modules(tiny_q):
@@ -214,6 +217,12 @@ def check_add_partials(splits: int, hidden: int, has_bias: bool, has_norm: bool,
         h = expected.float()
         normed_expected = rounded(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
         assert_hf_arithmetic(normed, rounded(norm.weight.float() * normed_expected.float()))
+        # the programs meet in a workspace, which each call leaves as it found it: reused, the same bits
+        workspace = add_partials_workspace(device)
+        for _ in range(2):
+            again = add_partials(residual, partials, bias, norm.weight, 1e-6, workspace=workspace)
+            assert torch.equal(again[0], hidden_out) and torch.equal(again[1], normed)
+            assert int(workspace[0]) == 0
     else:
         assert normed is None
 

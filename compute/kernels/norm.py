@@ -29,7 +29,7 @@ from torch import nn
 
 from compute.kernels.gemv import RowOperand, early_launch, signal_dependents, store_operand, sum_partials
 
-__all__ = ["FusedRMSNorm", "add_partials", "reference_rms_norm", "rms_norm"]
+__all__ = ["FusedRMSNorm", "add_partials", "add_partials_workspace", "reference_rms_norm", "rms_norm"]
 
 
 @triton.jit
@@ -59,20 +59,30 @@ def _rms_norm_kernel(
     _store_normed(out_ptr + row * H, sums_ptr, normed, weight_ptr, cols, mask, H, OPERAND, BLOCK_H)
 
 
-_ADD_BLOCK = 512  # columns per program of add_partials without a norm
+_ADD_BLOCK = 256  # columns per program of add_partials: 20 programs for the 32B model's 5120
+_NORM_PROGRAMS = 64  # at most, with the norm: the slots of a workspace (add_partials_workspace)
+
+
+@triton.jit
+def _fence():
+    """``fence.acq_rel.gpu`` on every thread: its writes before, everyone's reads after, ordered device-wide."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu; // dummy $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _add_partials_kernel(
-    residual_ptr, part_ptr, bias_ptr, weight_ptr, hidden_ptr, normed_ptr, sums_ptr, H, eps,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr, OPERAND: tl.constexpr,
-    SIGNAL: tl.constexpr,
+    residual_ptr, part_ptr, bias_ptr, weight_ptr, hidden_ptr, normed_ptr, sums_ptr, count_ptr, squares_ptr, H, eps,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr, OPERAND: tl.constexpr, SIGNAL: tl.constexpr, FENCE: tl.constexpr,
 ):
-    """One row: hidden = residual + bf16(sum of SPLIT partial rows + bias); with NORM also normed = RMSNorm(hidden)
-    (as bf16 or, with OPERAND, as the next GEMV's row operand), the whole row in one program, else BLOCK_H columns
-    per program."""
+    """One row, BLOCK columns a program: hidden = residual + bf16(sum of SPLIT partial rows + bias). With NORM also
+    normed = RMSNorm(hidden) (bf16 or, with OPERAND, the next GEMV's row operand): each program leaves its columns'
+    sum of squares in ``squares`` and counts itself in ``count``; the last to arrive adds the sums in program order and
+    writes the whole normed row, then zeroes the count for the next call. FENCE (on a GPU) orders every thread's
+    writes before the count and the last program's reads after it."""
     signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
-    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pid = tl.program_id(0)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
     delta = sum_partials(part_ptr, H, cols, mask, bias_ptr, cols, SPLIT, HAS_BIAS)
     delta = delta.to(tl.bfloat16).to(tl.float32)  # the Linear's bf16 output, as HF has it
@@ -80,10 +90,29 @@ def _add_partials_kernel(
     hidden = (residual + delta).to(tl.bfloat16)  # HF's residual add: bf16 + bf16, rounded once
     tl.store(hidden_ptr + cols, hidden, mask=mask)
     if NORM:
-        x = hidden.to(tl.float32)
-        variance = tl.sum(x * x, axis=0) / H
-        normed = (x * tl.rsqrt(variance + eps)).to(tl.bfloat16)
-        _store_normed(normed_ptr, sums_ptr, normed, weight_ptr, cols, mask, H, OPERAND, BLOCK_H)
+        x = hidden.to(tl.float32)  # masked lanes are 0 and add nothing
+        tl.store(squares_ptr + pid, tl.sum(x * x, axis=0))
+        if FENCE:
+            _fence()
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(0) - 1:
+            if FENCE:
+                _fence()
+            tl.store(count_ptr, 0)
+            p = tl.arange(0, BLOCK_P)
+            squares = tl.load(squares_ptr + p, mask=p < tl.num_programs(0), other=0.0, cache_modifier=".cg")
+            row = tl.arange(0, BLOCK_H)
+            in_row = row < H
+            x = tl.load(hidden_ptr + row, mask=in_row, other=0.0, cache_modifier=".cg").to(tl.float32)
+            normed = (x * tl.rsqrt(tl.sum(squares, axis=0) / H + eps)).to(tl.bfloat16)
+            _store_normed(normed_ptr, sums_ptr, normed, weight_ptr, row, in_row, H, OPERAND, BLOCK_H)
+
+
+def add_partials_workspace(device: torch.device | str) -> torch.Tensor:
+    """Zeroed scratch for ``add_partials`` with a norm, kept zeroed by it between calls: one per caller that runs
+    one call at a time (a decode layer), allocated before any CUDA graph captures the calls."""
+    return torch.zeros(1 + _NORM_PROGRAMS, dtype=torch.int32, device=device)
 
 
 def add_partials(
@@ -94,6 +123,7 @@ def add_partials(
     eps: float = 0.0,
     *,
     operand: bool = False,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | RowOperand | None]:
     """The residual add after a Linear whose split-K partial sums were left unsummed (``int4_gemv(partials=True)``),
     with the next RMSNorm fused when ``weight`` is given, for one row (the decode step):
@@ -104,9 +134,11 @@ def add_partials(
 
     ``residual`` bf16 ``[1, 1, H]`` (or any shape of H elements), ``partials`` fp32 ``[S, 1, H]``, ``bias`` and
     ``weight`` bf16 ``[H]``. Returns (hidden, normed) shaped like ``residual``, normed as the next GEMV's
-    ``RowOperand`` with ``operand`` (which needs ``weight``). One launch: with the norm one
-    program (it needs the whole row), without it ``_ADD_BLOCK`` columns per program, as the partial rows of a
-    long-K Linear are many (16 of 5120 values for the 32B model's down_proj).
+    ``RowOperand`` with ``operand`` (which needs ``weight``). One launch of ``_ADD_BLOCK`` columns a program (or
+    more, to stay within ``_NORM_PROGRAMS``): the partial rows of a long-K Linear are many (16 of 5120 values for
+    the 32B model's down_proj), too many for one program to read fast. With the norm the programs meet in
+    ``workspace`` (``add_partials_workspace``; a fresh one per call when None), which must not be shared by calls
+    that may run at the same time.
     """
     hidden_size = residual.shape[-1]
     if residual.dtype != torch.bfloat16 or residual.numel() != hidden_size or not residual.is_contiguous():
@@ -118,20 +150,29 @@ def add_partials(
             raise ValueError(f"{name} must be bf16 [{hidden_size}], got {t.dtype} {tuple(t.shape)}")
     if operand and (weight is None or hidden_size % 128):
         raise ValueError(f"add_partials(operand=True) needs the norm's weight and H a multiple of 128 (H = {hidden_size})")
+    if workspace is None and weight is not None:
+        workspace = add_partials_workspace(residual.device)
+    elif workspace is not None and (workspace.dtype != torch.int32 or workspace.numel() != 1 + _NORM_PROGRAMS):
+        raise ValueError("workspace must come from add_partials_workspace")
     hidden = torch.empty_like(residual)
+    # the count and the programs' sums of squares; without the norm never read (any tensor will do)
+    count, squares = (workspace[:1], workspace[1:].view(torch.float32)) if workspace is not None else (hidden, hidden)
     if weight is None:
         normed = None
     else:
         normed = RowOperand.empty(hidden_size, residual.dtype, residual.device) if operand else torch.empty_like(residual)
-    block = triton.next_power_of_2(hidden_size) if weight is not None else _ADD_BLOCK
-    _add_partials_kernel[(triton.cdiv(hidden_size, block),)](
+    block = max(_ADD_BLOCK, triton.next_power_of_2(triton.cdiv(hidden_size, _NORM_PROGRAMS)))
+    programs = triton.cdiv(hidden_size, block)
+    block_h = triton.next_power_of_2(hidden_size)
+    _add_partials_kernel[(programs,)](
         residual, partials.contiguous(), bias if bias is not None else residual,
         weight if weight is not None else residual, hidden,
         normed.values if operand else normed if normed is not None else hidden,
-        normed.sums if operand else hidden, hidden_size, eps,
-        SPLIT=partials.shape[0], HAS_BIAS=bias is not None, NORM=weight is not None,
-        BLOCK_H=block, OPERAND=operand, SIGNAL=operand and early_launch(residual.device),
-        num_warps=4 if block <= 2048 else 8,
+        normed.sums if operand else hidden,
+        count, squares, hidden_size, eps,
+        SPLIT=partials.shape[0], HAS_BIAS=bias is not None, NORM=weight is not None, BLOCK=block, BLOCK_H=block_h,
+        BLOCK_P=triton.next_power_of_2(programs), OPERAND=operand, SIGNAL=operand and early_launch(residual.device),
+        FENCE=residual.is_cuda, num_warps=4 if block_h <= 2048 else 8,
     )  # fmt: skip
     return hidden, normed
 
