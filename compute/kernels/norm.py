@@ -104,8 +104,8 @@ def _add_partials_kernel(
             squares = tl.load(squares_ptr + p, mask=p < tl.num_programs(0), other=0.0, cache_modifier=".cg")
             row = tl.arange(0, BLOCK_H)
             in_row = row < H
-            x = tl.load(hidden_ptr + row, mask=in_row, other=0.0, cache_modifier=".cg").to(tl.float32)
-            normed = (x * tl.rsqrt(tl.sum(squares, axis=0) / H + eps)).to(tl.bfloat16)
+            whole = tl.load(hidden_ptr + row, mask=in_row, other=0.0, cache_modifier=".cg").to(tl.float32)
+            normed = (whole * tl.rsqrt(tl.sum(squares, axis=0) / H + eps)).to(tl.bfloat16)
             _store_normed(normed_ptr, sums_ptr, normed, weight_ptr, row, in_row, H, OPERAND, BLOCK_H)
 
 
