@@ -29,8 +29,8 @@ Per 128-element group and 16-row tile (one warp; a program has ``TILES`` tiles a
   before the program waits for the kernel that writes x.
 
 Why tensor cores: the FMA loop this replaced spent 6.1-6.8 SASS instructions per weight byte (a multiply-add and a
-LOP3 per nibble, 124 registers a thread); this one spends 3.1-4.5 (an ``HMMA`` does 256 multiply-adds), in 56-90
-registers (docs/kernels.md).
+LOP3 per nibble); this one spends 3.3-3.7 in the configs in force (an ``HMMA`` does 256 multiply-adds), and its
+larger tiles keep 128 bytes of weights in flight a thread (docs/kernels.md, ``python -m bench.sass``).
 """
 
 from __future__ import annotations
