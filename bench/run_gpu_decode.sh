@@ -3,7 +3,9 @@
 #   1. the GEMV microbenchmark, sweeping the decode step's one-row configs (SWEEP_KERNELS=mma: the whole grid);
 #      the best per shape go to OUTDIR/kernels.json;
 #   2. the pipeline benchmark at every budget, its GEMVs configured from that table ($SPILLOVER_GEMV_CONFIGS);
-#   3. the GPU tests of the decode step, the kernels and the graphs.
+#   3. the decode step of a 16-layer model, eager and graph, and the device time per kernel of a few graph-replayed
+#      tokens (bench.decode --profile);
+#   4. the GPU tests of the decode step, the kernels and the graphs.
 # Run from the repository root on a machine with a CUDA GPU:
 #   bench/run_gpu_decode.sh OUTDIR
 set -u
@@ -26,6 +28,13 @@ timeout "${BENCH_TIMEOUT:-250}" "$python" -m compute.cli bench --decode-tokens 6
     >"$out/bench.log" 2>&1
 echo "exit $?" >>"$out/bench.log"
 grep -v "^synth" "$out/bench.log" | tail -n 8 >&2
+
+echo "== decode step profile, 16 layers" >&2
+timeout "${PROFILE_TIMEOUT:-120}" "$python" -m bench.decode --checkpoint "${TMPDIR:-/tmp}/spillover-decode16" --layers 16 \
+    --decode-tokens 64 --profile "$out/decode16-profile.txt" --json "$out/decode16.json" >"$out/decode16.log" 2>&1
+echo "exit $?" >>"$out/decode16.log"
+tail -n 4 "$out/decode16.log" >&2
+rm -rf "${TMPDIR:-/tmp}/spillover-decode16"
 
 echo "== GPU tests" >&2
 timeout "${TESTS_TIMEOUT:-150}" "$python" -m pytest -q -m gpu -p no:cacheprovider -o addopts= \
