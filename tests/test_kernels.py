@@ -282,6 +282,9 @@ def test_tuned_configs_load_from_a_sweep_table_and_bad_tables_are_named(tmp_path
     assert configs.load_tuned_configs(table) == 2
     assert configs.gemv_config("mma", 7168, 5120) == configs.MmaConfig(tiles=2, warps=1, groups=1, splits=2)
     assert configs.gemv_config("dot", 7168, 5120) == configs.GemvConfig(16, 1, 2, 1, 1)
+    table.write_text('{"tuned": {"mma 7168 5120": {"tiles": 3, "warps": 1, "groups": 1, "splits": 2}}}')
+    with pytest.raises(ValueError, match="not a GEMV config table"):  # a tile count the kernel's layouts cannot take
+        configs.load_tuned_configs(table)
     table.write_text('{"tuned": {"mma 7168": {}}}')
     with pytest.raises(ValueError, match="not a GEMV config table"):
         configs.load_tuned_configs(table)

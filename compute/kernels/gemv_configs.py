@@ -38,6 +38,10 @@ class MmaConfig:
     groups: int = 2  # 128-element groups a loop step, 1 or 2: their loads are issued a step ahead
     splits: int = 1  # programs sharing each row block along K, at most; > 1 writes fp32 partial sums
 
+    def __post_init__(self):
+        if self.tiles not in (1, 2, 4) or self.warps not in (1, 2, 4) or self.groups not in (1, 2) or self.splits < 1:
+            raise ValueError(f"{self} needs tiles and warps of 1, 2 or 4, groups of 1 or 2 and splits of at least 1")
+
     @property
     def rows(self) -> int:
         return 16 * self.tiles * self.warps
