@@ -107,6 +107,12 @@ def signal_dependents(SIGNAL: tl.constexpr):
 
 
 @triton.jit
+def _stored_position(word, r):
+    """Where element ``r`` of word ``word`` of a group sits in the operand's values (``gemv_mma.stored_position``)."""
+    return 8 * word + 2 * ((r % 4) ^ 1) + r // 4
+
+
+@triton.jit
 def store_operand(values_ptr, sums_ptr, x, group0, KG, GROUPS: tl.constexpr):
     """Write ``x``, fp32 ``[GROUPS * 128]`` (groups ``group0 …`` of the row, each element a value of the row's dtype),
     into the row operand (``RowOperand``'s ``values`` and ``sums``); groups from ``KG`` on are not written. For the
@@ -114,7 +120,7 @@ def store_operand(values_ptr, sums_ptr, x, group0, KG, GROUPS: tl.constexpr):
     values = tl.reshape(x.to(values_ptr.dtype.element_ty), (GROUPS, 128))
     g = group0 + tl.arange(0, GROUPS)
     e = tl.arange(0, 128)
-    position = 8 * (e // 8) + 2 * ((e % 4) ^ 1) + (e % 8) // 4  # gemv_mma.stored_position
+    position = _stored_position(e // 8, e % 8)
     live = g < KG
     tl.store(values_ptr + g[:, None] * 128 + position[None, :], values, mask=live[:, None])
     tl.store(sums_ptr + g, tl.sum(values.to(tl.float32), axis=1), mask=live)  # the sums of the rounded values
@@ -144,7 +150,7 @@ def _gemv_row_kernel(
     w = tl.arange(0, 16)
     r = tl.arange(0, 8)
     bit = 8 * (r // 2) + 4 * (1 - r % 2)  # element r of a word's nibble (quantizer/format.py)
-    position = 8 * w[:, None] + (2 * ((r % 4) ^ 1) + r // 4)[None, :]  # where x holds it (gemv_mma.stored_position)
+    position = _stored_position(w[:, None], r[None, :])  # where x holds it
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for step in range(groups_per_split):
         g = pid_k * groups_per_split + step
@@ -349,7 +355,7 @@ def int4_gemv(
     own_bias = bias if not split else None  # with split-K, _split_sum_kernel adds the bias
     stride_os = m * n  # between the partial-sum slices of different splits
     if kernel == "mma" and device.type == "cuda" and mma_supported(device.index):
-        gemv_mma(x.values, x.sums, words, scales, own_bias, out, cfg, per_split, early=early_launch(device))
+        gemv_mma(x.values, x.sums, words, scales, own_bias, out, cfg, per_split, split_k, early=early_launch(device))
     elif kernel == "mma":
         _gemv_row_kernel[(triton.cdiv(n, cfg.rows), split_k)](
             x.values, words, scales, own_bias if own_bias is not None else scales, out,

@@ -64,6 +64,7 @@ def mma_supported(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 8
 
 
+@functools.cache
 def _words_layout(tiles: int, warps: int) -> gl.DistributedLinearLayout:
     """The words' layout [rows, 16]: lane 4 g + t holds words 4 t … 4 t + 3 of rows g and g + 8 of each of its
     warp's tiles, warp w the tiles at rows 16 w + 16 * warps * r: where the ``mma`` layout has those rows."""
@@ -76,6 +77,7 @@ def _words_layout(tiles: int, warps: int) -> gl.DistributedLinearLayout:
     )
 
 
+@functools.cache
 def _x_layout(warps: int) -> gl.DistributedLinearLayout:
     """One group of the operand's x [128]: lane 4 g + t holds positions 32 t … 32 t + 31, whatever g and warp."""
     return gl.DistributedLinearLayout(
@@ -190,13 +192,13 @@ def _gemv_mma_kernel(
 
 def gemv_mma(
     x: torch.Tensor, sums: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-    out: torch.Tensor, cfg: MmaConfig, groups_per_split: int, *, early: bool,
+    out: torch.Tensor, cfg: MmaConfig, groups_per_split: int, splits: int, *, early: bool,
 ) -> None:  # fmt: skip
-    """Launch the kernel on checked operands (``gemv.int4_gemv``): ``out`` is ``[splits, …, N]`` fp32 when the
-    grid has more than one split along K, else ``[…, N]``; ``early`` launches it early beside the kernel before."""
+    """Launch the kernel on checked operands (``gemv.int4_gemv``, which splits K: ``gemv.row_split``): ``out`` is
+    ``[splits, …, N]`` fp32 when ``splits`` > 1, else ``[…, N]``; ``early`` launches it early beside the kernel
+    before."""
     n, kw = words.shape
     n_groups = kw // 16
-    splits = -(-n_groups // groups_per_split)
     magic, offset = _MAGIC[x.dtype]
     _gemv_mma_kernel[(-(-n // cfg.rows), splits)](
         x, sums, words, scales, bias if bias is not None else scales, out,

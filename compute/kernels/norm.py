@@ -149,7 +149,9 @@ def add_partials(
         if t is not None and (t.dtype != torch.bfloat16 or tuple(t.shape) != (hidden_size,)):
             raise ValueError(f"{name} must be bf16 [{hidden_size}], got {t.dtype} {tuple(t.shape)}")
     if operand and (weight is None or hidden_size % 128):
-        raise ValueError(f"add_partials(operand=True) needs the norm's weight and H a multiple of 128 (H = {hidden_size})")
+        raise ValueError(
+            f"add_partials(operand=True) needs the norm's weight and H a multiple of 128 (H = {hidden_size})"
+        )
     if workspace is None and weight is not None:
         workspace = add_partials_workspace(residual.device)
     elif workspace is not None and (workspace.dtype != torch.int32 or workspace.numel() != 1 + _NORM_PROGRAMS):
