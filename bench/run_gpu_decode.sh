@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run behind the decode-step rows of docs/performance.md, in one call of a few minutes:
-#   1. the GEMV microbenchmark, sweeping the decode step's one-row configs (SWEEP_KERNELS=mma: the whole grid);
-#      the best per shape go to OUTDIR/kernels.json;
+#   1. the GEMV microbenchmark, sweeping the decode step's one-row configs (SWEEP_KERNELS=mma: the whole grid;
+#      SWEEP_KERNELS=none skips it and keeps the built-in table); the best per shape go to OUTDIR/kernels.json;
 #   2. the pipeline benchmark at every budget, its GEMVs configured from that table ($SPILLOVER_GEMV_CONFIGS);
 #   3. the decode step of a 16-layer model, eager and graph, and the device time per kernel of a few graph-replayed
 #      tokens (bench.decode --profile);
@@ -15,13 +15,15 @@ export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
 
-echo "== GEMV microbenchmark, ${SWEEP_KERNELS:-mma} sweep" >&2
-timeout "${KERNELS_TIMEOUT:-200}" "$python" -m bench.kernels --sweep --sweep-kernels "${SWEEP_KERNELS:-mma}" \
-    --sweep-seconds "${SWEEP_SECONDS:-130}" --no-crossover --json "$out/kernels.json" >"$out/kernels.log" 2>&1
-status=$?
-echo "exit $status" >>"$out/kernels.log"
-grep -v "^INFO" "$out/kernels.log" | tail -n 30 >&2
-if [ "$status" = 0 ]; then export SPILLOVER_GEMV_CONFIGS="$out/kernels.json"; fi
+if [ "${SWEEP_KERNELS:-mma}" != none ]; then
+    echo "== GEMV microbenchmark, ${SWEEP_KERNELS:-mma} sweep" >&2
+    timeout "${KERNELS_TIMEOUT:-200}" "$python" -m bench.kernels --sweep --sweep-kernels "${SWEEP_KERNELS:-mma}" \
+        --sweep-seconds "${SWEEP_SECONDS:-130}" --no-crossover --json "$out/kernels.json" >"$out/kernels.log" 2>&1
+    status=$?
+    echo "exit $status" >>"$out/kernels.log"
+    grep -v "^INFO" "$out/kernels.log" | tail -n 30 >&2
+    if [ "$status" = 0 ]; then export SPILLOVER_GEMV_CONFIGS="$out/kernels.json"; fi
+fi
 
 echo "== pipeline benchmark" >&2
 timeout "${BENCH_TIMEOUT:-250}" "$python" -m compute.cli bench --decode-tokens 64 --json "$out/bench.json" \
