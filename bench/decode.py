@@ -90,7 +90,64 @@ def profile_decode(engine, prompt: list[int], greedy, tokens: int = 9) -> str:
     engine.generate(prompt[:-1], dataclasses.replace(greedy, max_new_tokens=1))  # the prefill, outside the profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=tokens))  # ends synchronized: ids are read
-    return prof.key_averages().table(sort_by="device_time_total", row_limit=25, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=25, max_name_column_width=70)
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA"]
+    return table + "\n\n" + format_timeline(decode_timeline(kernels))
+
+
+@dataclasses.dataclass(frozen=True)
+class TimelineRow:
+    name: str
+    start_us: float  # mean start, from the start of the step
+    duration_us: float  # mean start-to-end of the kernel (with early launch, its wait for the one before included)
+    gap_us: float  # mean start minus the previous kernel's end: the launch gap (negative: it started early)
+
+
+def decode_timeline(kernels: list[tuple[str, float, float]]) -> tuple[int, float, list[TimelineRow]]:
+    """(steps, mean µs per step, one row per kernel of a step) for the trailing run of identical decode steps in
+    ``kernels`` ((name, start µs, end µs), any order): the shortest period P with the last P kernel names equal to
+    the P before them is one step; every earlier repeat of it is averaged in."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    names = [k[0] for k in kernels]
+    period = next((p for p in range(1, len(names) // 2 + 1) if names[-p:] == names[-2 * p : -p]), None)
+    if period is None:
+        return 0, 0.0, []
+    steps = 1
+    while len(names) >= (steps + 1) * period and names[-(steps + 1) * period : -steps * period] == names[-period:]:
+        steps += 1
+    runs = [kernels[len(kernels) - (s + 1) * period : len(kernels) - s * period] for s in range(steps)]
+    rows = []
+    for i in range(period):
+        start = sum(r[i][1] - r[0][1] for r in runs) / steps
+        duration = sum(r[i][2] - r[i][1] for r in runs) / steps
+        gap = sum(r[i][1] - r[i - 1][2] for r in runs) / steps if i else 0.0
+        rows.append(TimelineRow(names[-period + i], start, duration, gap))
+    step_us = sum(r[-1][2] - r[0][1] for r in runs) / steps
+    return steps, step_us, rows
+
+
+def format_timeline(timeline: tuple[int, float, list[TimelineRow]]) -> str:
+    """Per kernel name of a decode step: count, summed duration and gaps; then the first 24 kernels in order."""
+    steps, step_us, rows = timeline
+    if not rows:
+        return "no repeated decode step found among the profiled kernels"
+    by_name: dict[str, list[TimelineRow]] = {}
+    for row in rows:
+        by_name.setdefault(row.name, []).append(row)
+    lines = [
+        (
+            f"decode step timeline: {steps} steps of {len(rows)} kernels, {step_us:.1f} us per step (kernel time "
+            f"{sum(r.duration_us for r in rows):.1f} us, positive gaps {sum(max(r.gap_us, 0) for r in rows):.1f} us)"
+        ),
+        f"{'kernel':<44} {'calls':>5} {'us total':>9} {'us mean':>8} {'gap mean':>9}",
+    ]
+    for name, group in sorted(by_name.items(), key=lambda kv: -sum(r.duration_us for r in kv[1])):
+        total = sum(r.duration_us for r in group)
+        gap = sum(r.gap_us for r in group) / len(group)
+        lines.append(f"{name[:44]:<44} {len(group):>5} {total:>9.1f} {total / len(group):>8.2f} {gap:>9.2f}")
+    lines.append(f"{'first kernels of the step':<44} {'start':>9} {'us':>8} {'gap':>9}")
+    lines += [f"{r.name[:44]:<44} {r.start_us:>9.1f} {r.duration_us:>8.2f} {r.gap_us:>9.2f}" for r in rows[:24]]
+    return "\n".join(lines)
 
 
 def format_table(runs: list[DecodeRun], d2d_gbps: float, weight_bytes_note: str) -> str:

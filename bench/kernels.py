@@ -166,6 +166,36 @@ def bench_decode(copy_bw: float) -> list[dict]:
     return rows
 
 
+def bench_glue() -> list[dict]:
+    """The decode step's small kernels between the GEMVs, alone, on the 32B shapes: 64 calls back to back in one
+    CUDA graph, so each figure is a kernel's time plus the graph's launch gap (no early launch: nothing waits)."""
+    from compute.kernels.activation import silu_mul
+    from compute.kernels.norm import add_partials, add_partials_workspace, rms_norm
+
+    hidden, intermediate = 5120, 27648
+
+    def row(n: int) -> torch.Tensor:
+        return torch.randn(1, 1, n, device="cuda", dtype=torch.bfloat16)
+
+    x, weight, workspace = row(hidden).view(1, -1), row(hidden).view(-1), add_partials_workspace("cuda")
+    gate, up = row(intermediate), row(intermediate)
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("rms_norm -> operand", lambda: rms_norm(x, weight, 1e-6, operand=True)),
+        ("silu_mul 27648 -> operand", lambda: silu_mul(gate.view(1, -1), up.view(1, -1), operand=True)),
+    ]
+    for splits in (8, 16):
+        residual, parts = row(hidden), torch.randn(splits, 1, hidden, device="cuda")
+        cases += [
+            (f"add_partials, {splits} partial rows", lambda r=residual, p=parts: add_partials(r, p)),
+            (f"add_partials, {splits} partial rows + norm -> operand",
+             lambda r=residual, p=parts: add_partials(r, p, None, weight, 1e-6, operand=True, workspace=workspace)),
+        ]  # fmt: skip
+    rows = []
+    for name, call in cases:
+        rows.append(dict(kernel=name, us=time_in_graph([call] * 64) * 1e6))
+    return rows
+
+
 def bench_prefill() -> list[dict]:
     """int4_gemm at M = 2048 for every 32B shape, beside cuBLAS on the bf16 weight it dequantizes to."""
     rows = []
@@ -320,6 +350,10 @@ def main(json_path: Path, sweep: bool, sweep_seconds: float, sweep_kernels: str,
         ("rel err", "rel_err", ".1e"),
     ])
     click.echo(f"all Linears of one decode token: {decode_s * 1e3:.2f} ms -> {1 / decode_s:.0f} tok/s before other costs")
+    report["glue"] = bench_glue()
+    print_table("the decode step's other kernels, alone, in a CUDA graph", report["glue"], [
+        ("kernel", "kernel", ""), ("us per call", "us", ".2f"),
+    ])
     report["prefill"] = bench_prefill()
     # A prefill needs the lm_head for the last position only: count the layers' Linears.
     prefill_s = sum(row["ms"] * row["per_forward"] for row in report["prefill"] if row["per_forward"] > 1) * 1e-3

@@ -49,3 +49,21 @@ def test_sass_counts_the_one_row_gemv_loop_without_a_gpu():
     # an fp16 row (the magic 1024 + u): fp16 mmas
     sass = disassemble(compile_gemv(MmaConfig(), 5120, dtype="fp16"))
     assert "HMMA.16816.F32 " in sass and "BF16" not in sass
+
+
+def test_decode_timeline_averages_the_trailing_repeated_steps():
+    from bench.decode import decode_timeline, format_timeline
+
+    kernels, t = [("prefill", 0.0, 50.0)], 60.0
+    for step in range(3):  # a step: norm, gemv, gemv (starting 1 us early), lm_head
+        for name, duration, gap in (("norm", 2.0, 3.0), ("gemv", 5.0, 2.0 + step), ("gemv", 4.0, -1.0), ("lm", 9.0, 2.0)):
+            t += gap
+            kernels.append((name, t, t + duration))
+            t += duration
+    steps, step_us, rows = decode_timeline(list(reversed(kernels)))  # any order
+    assert steps == 3 and [r.name for r in rows] == ["norm", "gemv", "gemv", "lm"]
+    assert [r.duration_us for r in rows] == [2.0, 5.0, 4.0, 9.0]
+    assert [r.gap_us for r in rows] == [0.0, 3.0, -1.0, 2.0]
+    assert step_us == 2.0 + 3.0 + 5.0 - 1.0 + 4.0 + 2.0 + 9.0
+    assert "3 steps of 4 kernels" in format_timeline((steps, step_us, rows))
+    assert decode_timeline([("a", 0.0, 1.0), ("b", 2.0, 3.0)]) == (0, 0.0, [])
