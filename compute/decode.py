@@ -133,7 +133,7 @@ class FusedDecodeLayer:
         cache = self.cache_layer
         size = hidden.shape[-1]
         # Each GEMV directly follows the kernel that writes its operand, and may start before it ends, reading its
-        # weight first (compute.kernels.gemv.early_launch): a stacked weight that must be copied is copied earlier.
+        # weight first (compute.kernels.pdl): a stacked weight that must be copied is copied earlier.
         qkv_weight, qkv_scales = stacked(self.qkv)
         gate_up_weight, gate_up_scales = stacked(self.gate_up)
         if normed is None:

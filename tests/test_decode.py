@@ -52,7 +52,9 @@ class PooledWeights(CheckpointWeights):
             self.units[layout.name] = views
 
 
-def decode_both_ways(qdir: Path, device: str, weights_class=PooledWeights) -> dict[bool, dict[str, torch.Tensor]]:
+def decode_both_ways(
+    qdir: Path, device: str, weights_class=PooledWeights, ways: tuple[bool, ...] = (False, True)
+) -> dict[bool, dict[str, torch.Tensor]]:
     """Prefill ``PROMPT``, then decode ``DECODED`` through HF's layers (False) and the fused ones (True), each from
     its own freshly prefilled cache: per way the logits of every step and every layer's cache at the end."""
     checkpoint = QuantizedCheckpoint(qdir)
@@ -60,7 +62,7 @@ def decode_both_ways(qdir: Path, device: str, weights_class=PooledWeights) -> di
     config = model.config
     units = [name for name, _ in model.unit_binder.units]
     results = {}
-    for fused in (False, True):
+    for fused in ways:
         cache = StaticCache(config=config, max_cache_len=MAX_CONTEXT)
         cache.early_initialization(
             batch_size=1, num_heads=config.num_key_value_heads, head_dim=head_dim(config), dtype=torch.bfloat16,
@@ -172,6 +174,23 @@ def interpreter_cases(untied: Path) -> None:
 @pytest.mark.parametrize("weights_class", [PooledWeights, CheckpointWeights], ids=["pooled", "separate"])
 def test_fused_decode_layers_follow_hf_on_cuda(tiny_q, weights_class):
     check_agreement(decode_both_ways(tiny_q, "cuda", weights_class), logit_tolerance=0.03, cache_tolerance=0.01)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_early_launch_changes_no_bit_of_the_fused_decode_step(tiny_q, monkeypatch):
+    """Every kernel of the fused step launched early (compute.kernels.pdl) against every one launched plainly: the
+    same logits and caches, bit for bit (a kernel reading before its producer finished would differ)."""
+    from compute.kernels import pdl
+
+    if not pdl.early_launch(torch.device("cuda")):
+        pytest.skip("early launch needs compute capability 9 or later")
+    early = decode_both_ways(tiny_q, "cuda", ways=(True,))[True]
+    monkeypatch.setattr(pdl, "_EARLY_LAUNCH", False)
+    assert not pdl.early_launch(torch.device("cuda"))
+    plain = decode_both_ways(tiny_q, "cuda", ways=(True,))[True]
+    for name, tensor in early.items():
+        assert torch.equal(tensor, plain[name]), name
 
 
 if __name__ == "__main__":

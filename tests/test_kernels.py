@@ -249,7 +249,8 @@ def test_row_operand_on_cuda(k):
 def test_an_early_launched_gemv_reads_the_operand_its_producer_just_wrote_on_cuda():
     """Where GEMVs launch early (Hopper), each one may start before the kernel that writes its operand ends: in a
     replayed CUDA graph of producer, GEMV, producer, GEMV, … on new inputs, every GEMV still sees its own operand."""
-    from compute.kernels.gemv import early_launch, int4_gemv, row_operand
+    from compute.kernels.gemv import int4_gemv, row_operand
+    from compute.kernels.pdl import early_launch
 
     qweight, scales, _, bias = random_linear(4096, 1024, "cuda", bias=True)
     rows = torch.randn(8, 1, 1024, dtype=torch.bfloat16, device="cuda")

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from compute.kernels.gemv import RowOperand, early_launch, signal_dependents, store_operand
+from compute.kernels.gemv import RowOperand, store_operand
+from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 
 __all__ = ["reference_silu_mul", "silu_mul", "swiglu_mlp_forward"]
 
@@ -36,10 +37,11 @@ _BLOCK = 1024  # elements per program: the 32B model's 27648-wide decode row is 
 
 @triton.jit
 def _silu_mul_kernel(
-    gate_ptr, up_ptr, out_ptr, sums_ptr, n, BLOCK: tl.constexpr, OPERAND: tl.constexpr, SIGNAL: tl.constexpr
+    gate_ptr, up_ptr, out_ptr, sums_ptr, n, BLOCK: tl.constexpr, OPERAND: tl.constexpr, EARLY: tl.constexpr
 ):
     """BLOCK elements; with OPERAND (one row of n, a multiple of 128) into the down_proj GEMV's row operand."""
-    signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl
+    wait_for_producers(EARLY)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: long prefills pass 2**31
     mask = offsets < n
     gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -71,9 +73,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, operand: bool = False) -> 
         raise ValueError(f"silu_mul(operand=True) takes one row of a multiple of 128 elements, got {tuple(gate.shape)}")
     out = RowOperand.empty(n, gate.dtype, gate.device) if operand else torch.empty_like(gate)
     if n:
+        early = early_launch(gate.device)
         _silu_mul_kernel[(triton.cdiv(n, _BLOCK),)](
             gate, up, out.values if operand else out, out.sums if operand else out, n, BLOCK=_BLOCK, OPERAND=operand,
-            SIGNAL=operand and early_launch(gate.device), num_warps=4,
+            EARLY=early, num_warps=4, **pdl(early),
         )
     return out
 

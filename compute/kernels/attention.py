@@ -83,7 +83,8 @@ import triton
 import triton.language as tl
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
-from compute.kernels.gemv import RowOperand, early_launch, signal_dependents, store_operand, sum_partials
+from compute.kernels.gemv import RowOperand, store_operand, sum_partials
+from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 
 __all__ = [
     "MAX_SPLITS",
@@ -112,12 +113,14 @@ def _rotary_cache_write_kernel(
     part_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr, position_ptr, length_ptr,
     N, C,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LENGTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LENGTH: tl.constexpr, EARLY: tl.constexpr,
 ):
     """Head ``program_id(0)`` of the projection (q heads, then k heads, then v heads): rotated into ``q`` or
     into the key cache, or unrotated into the value cache, at ``position``."""
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl
     head = tl.program_id(0)
     d = tl.arange(0, D)
+    wait_for_producers(EARLY)
     x = _projection(part_ptr, bias_ptr, head * D + d, N, SPLITS, HAS_BIAS).to(tl.float32)
     # rotate_half(x)[d] = -x[d + D/2] for d < D/2, x[d - D/2] otherwise: the partner is computed again, from the
     # same partials in the same order, so it is bit for bit the value another lane holds
@@ -153,7 +156,7 @@ def _split_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, position_ptr, part_ptr, lse_ptr,
     C, qk_scale,
     G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, STEPS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, EARLY: tl.constexpr,
 ):
     """KV head ``program_id(0)``, key blocks ``split, split + SPLITS, ...`` (``split`` = ``program_id(1)``, STEPS
     blocks of BLOCK_N positions at most), for the G query heads that share it.
@@ -162,8 +165,10 @@ def _split_attention_kernel(
     D]``) and the base-2 log-sum-exp of its scaled scores (``lse [H, SPLITS]``), if the split holds any position up
     to ``position``; otherwise nothing. ``qk_scale`` is the softmax scale times log2(e).
     """
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl; every program waits, live or not
     kv = tl.program_id(0)
     split = tl.program_id(1)
+    wait_for_producers(EARLY)
     live = tl.minimum(tl.load(position_ptr) + 1, C)  # keys 0 .. position attend
     if split * BLOCK_N < live:  # the split's first block holds a live key
         g = tl.arange(0, BLOCK_G)
@@ -211,14 +216,15 @@ def _split_attention_kernel(
 def _combine_kernel(
     part_ptr, lse_ptr, position_ptr, out_ptr, sums_ptr, C, H,
     D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HEADS: tl.constexpr,
-    OPERAND: tl.constexpr, SIGNAL: tl.constexpr,
+    OPERAND: tl.constexpr, EARLY: tl.constexpr,
 ):
     """Query heads ``program_id(0) * HEADS …``: the splits' partial outputs weighed by ``exp2(lse)``, rounded to
     bf16, stored as bf16 or, with OPERAND, into the o_proj GEMV's row operand (whose groups of 128 elements a
     program's heads cover whole). Splits whose first block starts past ``position`` were not written and are not
     read."""
-    signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl
     heads = tl.program_id(0) * HEADS + tl.arange(0, HEADS)
+    wait_for_producers(EARLY)
     live = tl.minimum(tl.load(position_ptr) + 1, C)
     s = tl.arange(0, BLOCK_S)
     used = (s < SPLITS) & (s * BLOCK_N < live)
@@ -346,13 +352,14 @@ def rotary_cache_write(
     capacity, head_dim = key_cache.shape[2], key_cache.shape[3]
     q = torch.empty((1, num_heads, head_dim), dtype=torch.bfloat16, device=key_cache.device)  # (B, H, D)
     partials = qkv_partials.contiguous()
+    early = early_launch(key_cache.device)
     _rotary_cache_write_kernel[(num_heads + 2 * num_kv_heads,)](
         partials, bias if bias is not None else partials, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(),
         q, key_cache, value_cache, position, cache_length if cache_length is not None else position,
         n, capacity,
         H=num_heads, KVH=num_kv_heads, D=head_dim, SPLITS=splits,
-        HAS_BIAS=bias is not None, HAS_LENGTH=cache_length is not None,
-        num_warps=1,
+        HAS_BIAS=bias is not None, HAS_LENGTH=cache_length is not None, EARLY=early,
+        num_warps=1, **pdl(early),
         enable_fp_fusion=False,  # else LLVM turns bf16(x * cos) + ... into one bf16 FMA, dropping HF's rounding
     )  # fmt: skip
     return q
@@ -402,18 +409,19 @@ def decode_attention(
     else:
         out = torch.empty((1, 1, heads * head_dim), dtype=torch.bfloat16, device=device)  # (B, T, H * D)
     q = q.contiguous()
+    early = early_launch(device)
     _split_attention_kernel[(kv_heads, splits)](
         q, key_cache, value_cache, position, part, lse,
         capacity, scale * _LOG2_E,
         G=group, D=head_dim, SPLITS=splits, STEPS=steps,
         BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(group)), BLOCK_N=block_keys,
         DOT_IN_FP32=device.type == "cpu",  # on CPU the kernels only run in the Triton interpreter
-        num_warps=4, num_stages=2,
+        EARLY=early, num_warps=4, num_stages=2, **pdl(early),
     )  # fmt: skip
     _combine_kernel[(heads // combine_heads,)](
         part, lse, position, out.values if operand else out, out.sums if operand else out, capacity, heads,
         D=head_dim, SPLITS=splits, BLOCK_N=block_keys, BLOCK_S=triton.next_power_of_2(splits), HEADS=combine_heads,
-        OPERAND=operand, SIGNAL=operand and early_launch(device), num_warps=4,
+        OPERAND=operand, EARLY=early, num_warps=4, **pdl(early),
     )  # fmt: skip
     return out
 

@@ -33,11 +33,8 @@ every nibble is first turned into offset binary ``u = q + 8`` (one XOR per 32-bi
 Element ``8i + e`` of a row sits in word ``i`` at bit ``8 * (e // 2) + (4 if e is even else 0)``: byte ``j`` holds
 element ``2j`` in its high nibble (``quantizer/format.py``).
 
-On Hopper and later the one-row GEMV on an operand uses programmatic dependent launch (``early_launch``): the
-kernel that writes the operand signals at its start (``griddepcontrol.launch_dependents``), so the GEMV's programs
-launch while it runs, load their first weights, and only then wait for it (``griddepcontrol.wait``) before they
-read the operand or write anything. A chain of small launches (ten a layer in the decode step) then no longer pays
-each GEMV's launch and first-load latency in full. ``SPILLOVER_EARLY_LAUNCH=0`` turns it off.
+On Hopper and later the one-row GEMV launches early (``compute.kernels.pdl``): its programs start while the kernel
+that writes its operand runs, load their first weights, and only then wait for it.
 
 The kernels allocate nothing whose size depends on data and never synchronise with the host, so a call can
 be captured in a CUDA graph. Configs are chosen by ``gemv_configs.gemv_config`` from a table measured on the
@@ -47,16 +44,14 @@ H200 (see docs/kernels.md); nothing is autotuned at run time.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from compute.kernels.gemv_configs import GemvConfig, MmaConfig, gemv_config
 from compute.kernels.gemv_mma import gemv_mma, mma_supported
+from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 from quantizer.format import BLOCK_SIZE
 
 DOT_BLOCK_M = 16  # rows of x per program in the dot kernel: the smallest tensor-core tile
@@ -83,27 +78,6 @@ def _landed_float(words, NIBBLE_BIT: tl.constexpr, LAND_BIT: tl.constexpr, one_b
     else:
         moved = words
     return ((moved & (0xF << LAND_BIT)) | one_bits).to(tl.float32, bitcast=True)
-
-
-_EARLY_LAUNCH = os.environ.get("SPILLOVER_EARLY_LAUNCH", "1") != "0"
-
-
-def early_launch(device: torch.device) -> bool:
-    """Whether GEMVs on ``device`` launch early, overlapping the kernel that writes their operand (module docstring):
-    CUDA devices of compute capability 9 and later, unless ``$SPILLOVER_EARLY_LAUNCH`` is 0."""
-    return _EARLY_LAUNCH and device.type == "cuda" and _hopper_or_later(device.index)
-
-
-@functools.cache
-def _hopper_or_later(index: int | None) -> bool:  # asked at every launch of the decode step's kernels
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-@triton.jit
-def signal_dependents(SIGNAL: tl.constexpr):
-    """For a kernel that writes a GEMV's operand: let the GEMV, launched next, start now (``early_launch``)."""
-    if SIGNAL:
-        gdc_launch_dependents()
 
 
 @triton.jit
@@ -139,8 +113,9 @@ def store_operand(values_ptr, sums_ptr, x, group0, KG, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _operand_kernel(x_ptr, values_ptr, sums_ptr, KG, GROUPS: tl.constexpr, SIGNAL: tl.constexpr):
-    signal_dependents(SIGNAL)
+def _operand_kernel(x_ptr, values_ptr, sums_ptr, KG, GROUPS: tl.constexpr, EARLY: tl.constexpr):
+    signal_dependents(EARLY)
+    wait_for_producers(EARLY)
     group0 = tl.program_id(0) * GROUPS
     cols = group0 * 128 + tl.arange(0, GROUPS * 128)
     x = tl.load(x_ptr + cols, mask=cols < KG * 128, other=0.0).to(tl.float32)
@@ -301,8 +276,9 @@ def row_operand(x: torch.Tensor) -> RowOperand:
     launch."""
     operand = RowOperand.empty(x.shape[-1], x.dtype, x.device)
     n_groups = operand.sums.shape[0]
+    early = early_launch(x.device)
     _operand_kernel[(triton.cdiv(n_groups, _OPERAND_GROUPS),)](
-        x, operand.values, operand.sums, n_groups, GROUPS=_OPERAND_GROUPS, SIGNAL=early_launch(x.device), num_warps=4
+        x, operand.values, operand.sums, n_groups, GROUPS=_OPERAND_GROUPS, EARLY=early, num_warps=4, **pdl(early)
     )
     return operand
 

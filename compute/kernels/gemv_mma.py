@@ -25,8 +25,8 @@ Per 128-element group and 16-row tile (one warp; a program has ``TILES`` tiles a
 * ``sum_k x_k (M + u_k) = sum_k x_k q_k + (M + 8) X``, ``X`` the group's sum of x, so each tile's fp32 result
   becomes ``scale * (c - (M + 8) X)``; rows beyond N and groups beyond K are read clamped and weighed by 0.
 * The next ``GROUPS`` groups' words and scales are loaded before this step's arithmetic, so their latency
-  overlaps it; with ``EARLY`` (programmatic dependent launch, ``gemv.early_launch``) the first ones are issued
-  before the program waits for the kernel that writes x.
+  overlaps it; with ``EARLY`` (launched early, ``compute.kernels.pdl``) the first ones are issued before the
+  program waits for the kernel that writes x, and the kernel after it may launch as soon as it starts.
 
 Why tensor cores: the FMA loop this replaced spent 6.1-6.8 SASS instructions per weight byte (a multiply-add and a
 LOP3 per nibble); this one spends 3.3-3.7 in the configs in force (an ``HMMA`` does 256 multiply-adds), and its
@@ -43,6 +43,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from compute.kernels.gemv_configs import MmaConfig
+from compute.kernels.pdl import pdl
 
 __all__ = ["gemv_mma", "mma_supported", "stored_position"]
 
@@ -87,8 +88,16 @@ def _x_layout(warps: int) -> gl.DistributedLinearLayout:
 
 
 @gluon.jit
+def _gdc_launch_dependents():
+    """Let the kernel launched next start now (``griddepcontrol.launch_dependents``, ``compute.kernels.pdl``)."""
+    gl.inline_asm_elementwise(
+        "griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
+    )
+
+
+@gluon.jit
 def _gdc_wait():
-    """Wait until the kernel this one was launched early beside has finished (``griddepcontrol.wait``)."""
+    """Wait until the kernel before this one has finished (``griddepcontrol.wait``, ``compute.kernels.pdl``)."""
     gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
@@ -149,6 +158,8 @@ def _gemv_mma_kernel(
 ):  # fmt: skip
     """Rows ``program_id(0) * BN …`` (BN = 16 * TILES * WARPS) times x over the groups of split ``program_id(1)``.
     With SPLIT, fp32 partial sums into slice ``program_id(1)`` of ``out``; else the product (+ bias) in out's dtype."""
+    if EARLY:
+        _gdc_launch_dependents()
     BN: gl.constexpr = 16 * TILES * WARPS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
     pid_n = gl.program_id(0)
@@ -205,5 +216,5 @@ def gemv_mma(
         n, n_groups, groups_per_split, n, _PAIR_MASK, magic, offset,
         KW=kw, TILES=cfg.tiles, WARPS=cfg.warps, GROUPS=cfg.groups, SPLIT=splits > 1, HAS_BIAS=bias is not None,
         EARLY=early, words_layout=_words_layout(cfg.tiles, cfg.warps), x_layout=_x_layout(cfg.warps),
-        num_warps=cfg.warps, **({"launch_pdl": True} if early else {}),
+        num_warps=cfg.warps, **pdl(early),
     )  # fmt: skip

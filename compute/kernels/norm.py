@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from compute.kernels.gemv import RowOperand, early_launch, signal_dependents, store_operand, sum_partials
+from compute.kernels.gemv import RowOperand, store_operand, sum_partials
+from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 
 __all__ = ["FusedRMSNorm", "add_partials", "add_partials_workspace", "reference_rms_norm", "rms_norm"]
 
@@ -47,9 +48,10 @@ def _store_normed(out_ptr, sums_ptr, normed, weight_ptr, cols, mask, H, OPERAND:
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, weight_ptr, out_ptr, sums_ptr, stride_x, H, eps,
-    BLOCK_H: tl.constexpr, OPERAND: tl.constexpr, SIGNAL: tl.constexpr,
+    BLOCK_H: tl.constexpr, OPERAND: tl.constexpr, EARLY: tl.constexpr,
 ):  # fmt: skip
-    signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl
+    wait_for_producers(EARLY)
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride passes 2**31 for long prefills of wide models
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -73,17 +75,18 @@ def _fence():
 def _add_partials_kernel(
     residual_ptr, part_ptr, bias_ptr, weight_ptr, hidden_ptr, normed_ptr, sums_ptr, count_ptr, squares_ptr, H, eps,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_P: tl.constexpr, OPERAND: tl.constexpr, SIGNAL: tl.constexpr, FENCE: tl.constexpr,
+    BLOCK_P: tl.constexpr, OPERAND: tl.constexpr, EARLY: tl.constexpr, FENCE: tl.constexpr,
 ):
     """One row, BLOCK columns a program: hidden = residual + bf16(sum of SPLIT partial rows + bias). With NORM also
     normed = RMSNorm(hidden) (bf16 or, with OPERAND, the next GEMV's row operand): each program leaves its columns'
     sum of squares in ``squares`` and counts itself in ``count``; the last to arrive adds the sums in program order and
     writes the whole normed row, then zeroes the count for the next call. FENCE (on a GPU) orders every thread's
     writes before the count and the last program's reads after it."""
-    signal_dependents(SIGNAL)  # with OPERAND: the GEMV that reads it may launch now (gemv.early_launch)
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl
     pid = tl.program_id(0)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
+    wait_for_producers(EARLY)
     delta = sum_partials(part_ptr, H, cols, mask, bias_ptr, cols, SPLIT, HAS_BIAS)
     delta = delta.to(tl.bfloat16).to(tl.float32)  # the Linear's bf16 output, as HF has it
     residual = tl.load(residual_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -164,6 +167,7 @@ def add_partials(
     else:
         normed = RowOperand.empty(hidden_size, residual.dtype, residual.device) if operand else torch.empty_like(residual)
     block = max(_ADD_BLOCK, triton.next_power_of_2(triton.cdiv(hidden_size, _NORM_PROGRAMS)))
+    early = early_launch(residual.device)
     programs = triton.cdiv(hidden_size, block)
     block_h = triton.next_power_of_2(hidden_size)
     _add_partials_kernel[(programs,)](
@@ -173,8 +177,8 @@ def add_partials(
         normed.sums if operand else hidden,
         count, squares, hidden_size, eps,
         SPLIT=partials.shape[0], HAS_BIAS=bias is not None, NORM=weight is not None, BLOCK=block, BLOCK_H=block_h,
-        BLOCK_P=triton.next_power_of_2(programs), OPERAND=operand, SIGNAL=operand and early_launch(residual.device),
-        FENCE=residual.is_cuda, num_warps=4 if block_h <= 2048 else 8,
+        BLOCK_P=triton.next_power_of_2(programs), OPERAND=operand, EARLY=early, FENCE=residual.is_cuda,
+        num_warps=4 if block_h <= 2048 else 8, **pdl(early),
     )  # fmt: skip
     return hidden, normed
 
@@ -207,11 +211,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, operand: bool
         out = torch.empty((x2d.shape[0], hidden), dtype=x.dtype, device=x.device)
     if x2d.shape[0]:
         block = triton.next_power_of_2(hidden)
+        early = early_launch(x.device)
         _rms_norm_kernel[(x2d.shape[0],)](
             x2d, weight.contiguous(), out.values if operand else out, out.sums if operand else out,
             x2d.stride(0), hidden, eps,
-            BLOCK_H=block, OPERAND=operand, SIGNAL=operand and early_launch(x.device),
-            num_warps=4 if block <= 2048 else 8,
+            BLOCK_H=block, OPERAND=operand, EARLY=early, num_warps=4 if block <= 2048 else 8, **pdl(early),
         )  # fmt: skip
     return out if operand else out.reshape(x.shape)
 
