@@ -229,11 +229,21 @@ def _combine_kernel(
     s = tl.arange(0, BLOCK_S)
     used = (s < SPLITS) & (s * BLOCK_N < live)
     slots = heads.to(tl.int64)[:, None] * SPLITS + s[None, :]  # (HEADS, BLOCK_S)
-    lse = tl.load(lse_ptr + slots, mask=used[None, :], other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=1)[:, None])  # 0 for unused splits
+    top = tl.max(tl.load(lse_ptr + slots, mask=used[None, :], other=float("-inf")), axis=1)  # (HEADS,)
+    # The splits are added in order, one at a time: a reduction's order would follow the tensor's layout, which
+    # HEADS changes, and the operand (HEADS = 128 / D) must be bit for bit the plain row (HEADS = 1).
     d = tl.arange(0, D)
-    part = tl.load(part_ptr + slots[:, :, None] * D + d[None, None, :], mask=used[None, :, None], other=0.0)
-    out = (tl.sum(part * weight[:, :, None], axis=1) / tl.sum(weight, axis=1)[:, None]).to(tl.bfloat16)  # (HEADS, D)
+    total = tl.zeros((HEADS, D), tl.float32)
+    weights = tl.zeros((HEADS,), tl.float32)
+    h = tl.arange(0, HEADS)
+    for split in tl.static_range(SPLITS):
+        slot = heads.to(tl.int64) * SPLITS + split
+        written = split * BLOCK_N < live  # as lane counts below: see _rotary_cache_write_kernel
+        weight = tl.exp2(tl.load(lse_ptr + slot, mask=h < tl.where(written, HEADS, 0), other=float("-inf")) - top)
+        part = tl.load(part_ptr + slot[:, None] * D + d[None, :], mask=(d < tl.where(written, D, 0))[None, :], other=0.0)
+        total += part * weight[:, None]
+        weights += weight
+    out = (total / weights[:, None]).to(tl.bfloat16)  # (HEADS, D)
     if OPERAND:
         groups: tl.constexpr = HEADS * D // 128
         row = tl.reshape(out.to(tl.float32), (HEADS * D,))
