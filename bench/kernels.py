@@ -234,7 +234,8 @@ def bench_crossover(rows_list: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[
 
 
 # The one-row kernel: 16-row tiles a warp, warps a program, groups a step (loaded a step ahead), splits along K.
-SWEEP_MMA = dict(tiles=(1, 2, 4), warps=(1, 2, 4), groups=(1, 2), splits=(1, 2, 4, 8, 16))
+# splits 12 and 13: down's 216 groups in 12 or 13 splits fill about one wave of one-warp programs at 16 warps an SM
+SWEEP_MMA = dict(tiles=(1, 2, 4), warps=(1, 2, 4), groups=(1, 2), splits=(1, 2, 4, 8, 12, 13, 16))
 SWEEP_DOT = dict(block_n=(32, 64), groups=(1, 2), split_k=(1, 4, 8), num_warps=(4,), num_stages=(2, 3))
 SWEEP_DOT_ROWS = 8
 
@@ -260,15 +261,18 @@ def sweep_configs(kernel: str, n: int) -> list[GemvConfig | MmaConfig]:
 
 
 def sweep_gemv(
-    budget_s: float, kernels: tuple[str, ...] = ("mma", "dot")
+    budget_s: float, kernels: tuple[str, ...] = ("mma", "dot"), only: tuple[str, ...] = ()
 ) -> tuple[list[dict], dict[tuple[str, int, int], GemvConfig | MmaConfig]]:
     """Time every config of the grids of ``kernels`` on their shapes (the one-row kernel: the decode step's, the dot
-    kernel: the model's Linears), within ``budget_s`` seconds; the best per shape. The config in force comes first
-    for each shape: a sweep cut short by its budget can then only keep it or find better."""
+    kernel: the model's Linears; with ``only``, the shapes whose name starts with one of them), within ``budget_s``
+    seconds; the best per shape. The config in force comes first for each shape: a sweep cut short by its budget
+    can then only keep it or find better."""
     shapes = {
         "mma": (1, [(name, n, k, partials) for name, n, k, _, partials in _by_share(DECODE_SHAPES_32B)]),
         "dot": (SWEEP_DOT_ROWS, [(name, n, k, False) for name, n, k, _ in SHAPES_32B]),
     }
+    if only:
+        shapes = {kernel: (rows, [s for s in listed if s[0].startswith(only)]) for kernel, (rows, listed) in shapes.items()}
     plan = [
         (kernel, rows, shape, [gemv_config(kernel, shape[1], shape[2])] + sweep_configs(kernel, shape[1]))
         for kernel in kernels
@@ -319,8 +323,11 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]
 @click.option("--sweep-seconds", type=float, default=90.0, show_default=True, help="Time budget of the sweep.")
 @click.option("--sweep-kernels", type=click.Choice(["mma", "dot", "both"]), default="both", show_default=True,
               help="Which grid to sweep: mma (one row, decode) or dot (2-16 rows).")
+@click.option("--sweep-shape", "sweep_shapes", multiple=True, metavar="NAME",
+              help="Sweep only the shapes whose name starts with NAME (repeatable), e.g. 'down'.")  # fmt: skip
 @click.option("--crossover/--no-crossover", default=True, help="Time GEMV against the prefill path for M up to 64.")
-def main(json_path: Path, sweep: bool, sweep_seconds: float, sweep_kernels: str, crossover: bool) -> None:
+def main(json_path: Path, sweep: bool, sweep_seconds: float, sweep_kernels: str, sweep_shapes: tuple[str, ...],
+         crossover: bool) -> None:  # fmt: skip
     """Benchmark the INT4 kernels on the 32B shapes and compare them with the measured copy rate."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
@@ -334,7 +341,7 @@ def main(json_path: Path, sweep: bool, sweep_seconds: float, sweep_kernels: str,
     click.echo(f"{report['gpu']}: device->device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
     if sweep:
         kernels = ("mma", "dot") if sweep_kernels == "both" else (sweep_kernels,)
-        report["sweep"], tuned = sweep_gemv(sweep_seconds, kernels)
+        report["sweep"], tuned = sweep_gemv(sweep_seconds, kernels, sweep_shapes)
         report["tuned"] = {f"{kernel} {n} {k}": dataclasses.asdict(cfg) for (kernel, n, k), cfg in tuned.items()}
         TUNED_CONFIGS.update(tuned)  # the tables below then show the configs just found
         click.echo("\nTUNED_CONFIGS = {")
