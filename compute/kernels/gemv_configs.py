@@ -56,11 +56,13 @@ TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig | MmaConfig] = {
     ("dot", 27648, 5120): GemvConfig(block_n=64, groups=2, split_k=8, num_warps=4, num_stages=2),
     ("dot", 152064, 5120): GemvConfig(block_n=64, groups=2, split_k=1, num_warps=4, num_stages=3),
     # The decode step's GEMVs (compute.decode), swept on 2026-12-02 (bench/results/2026-12-02-h200-kernels-mma-
-    # sweep.json). q|k|v, o and down leave their partial sums to the kernel that consumes them.
+    # sweep.json; down again at 03:28, …-kernels-sweep-down-splits12.json: 12 splits of its 216 groups are 1920
+    # warps, one wave at 16 warps an SM, where 16 splits were 1.2 waves, 28.8 -> 24.3 us). q|k|v, o and down leave
+    # their partial sums to the kernel that consumes them.
     ("mma", 7168, 5120): MmaConfig(tiles=1, warps=2, groups=1, splits=8),
     ("mma", 5120, 5120): MmaConfig(tiles=1, warps=4, groups=1, splits=8),
     ("mma", 55296, 5120): MmaConfig(tiles=2, warps=2, groups=2, splits=1),
-    ("mma", 5120, 27648): MmaConfig(tiles=2, warps=1, groups=2, splits=16),
+    ("mma", 5120, 27648): MmaConfig(tiles=2, warps=2, groups=2, splits=12),
     ("mma", 152064, 5120): MmaConfig(tiles=2, warps=2, groups=2, splits=2),
 }
 _CONFIG_TYPES = {"dot": GemvConfig, "mma": MmaConfig}
