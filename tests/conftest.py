@@ -31,6 +31,17 @@ NUMPY_DTYPES = {"U8": np.uint8, "I8": np.int8, "BF16": np.uint16, "F16": np.floa
 # check quantizer/ and everything that reads its output against.
 
 
+def capture_graph(step):
+    """``step()`` captured in a CUDA graph after one call outside it (which compiles its kernels): (the graph, what
+    the captured call returned, which each replay writes again)."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def bf16_round(x: np.ndarray) -> np.ndarray:
     """float32 -> the nearest bfloat16 (ties to even), as float32: the bit trick, independent of torch."""
     bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)

@@ -50,6 +50,7 @@ from compute.kernels.attention import (
     rotary_cache_write,
     split_config,
 )
+from conftest import capture_graph
 from test_kernels import assert_operand
 
 REPO = Path(__file__).resolve().parent.parent
@@ -470,11 +471,7 @@ def test_the_decode_step_replays_in_a_cuda_graph_at_new_positions():
         )
         return decode_attention(q, keys, values, position, scale)
 
-    step()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_graph(step)
     for new_position in (5, 999, 0, 517):
         position.fill_(new_position)
         partials.copy_(torch.randn_like(partials))

@@ -30,6 +30,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 from compute.kernels.activation import reference_silu_mul, silu_mul, swiglu_mlp_forward
 from compute.kernels.norm import FusedRMSNorm, add_partials, add_partials_workspace, rms_norm
 from compute.model import build_model
+from conftest import capture_graph
 from quantizer.checkpoint import QuantizedCheckpoint
 from test_kernels import assert_operand
 from test_model import CheckpointWeights
@@ -286,11 +287,7 @@ def test_fused_ops_replay_in_a_cuda_graph():
     def step() -> torch.Tensor:
         return silu_mul(norm(x), up)
 
-    step()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_graph(step)
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         up.copy_(torch.randn_like(up))

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from compute.kernels import int4_matmul, reference_int4_matmul
+from conftest import capture_graph
 from quantizer.format import BLOCK_SIZE, dequantize, quantize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,11 +259,7 @@ def test_an_early_launched_gemv_reads_the_operand_its_producer_just_wrote_on_cud
     def chain() -> list[torch.Tensor]:
         return [int4_gemv(row_operand(row), qweight, scales, bias) for row in rows]
 
-    chain()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = chain()
+    graph, outs = capture_graph(chain)
     for _ in range(3):
         rows.copy_(torch.randn_like(rows))
         graph.replay()
@@ -320,11 +317,7 @@ def test_gemm_chunks_large_weights_on_cuda(monkeypatch):
 def test_int4_matmul_replays_in_a_cuda_graph(m, n, k):
     qweight, scales, w64, bias = random_linear(n, k, "cuda", bias=True)
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    int4_matmul(x, qweight, scales, bias)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = int4_matmul(x, qweight, scales, bias)
+    graph, y = capture_graph(lambda: int4_matmul(x, qweight, scales, bias))
     for _ in range(2):
         x.copy_(torch.randn(m, k, dtype=torch.bfloat16, device="cuda"))
         y.fill_(float("nan"))
