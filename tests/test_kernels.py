@@ -14,6 +14,7 @@ gives errors near ``sqrt(K)`` typical products, well above that bound at these s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -288,6 +289,29 @@ def test_tuned_configs_load_from_a_sweep_table_and_bad_tables_are_named(tmp_path
         configs.load_tuned_configs(table)
     with pytest.raises(ValueError, match="not a GEMV config table"):
         configs.load_tuned_configs(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("sms", [132, 82, 128, 46])
+def test_the_one_row_heuristic_fills_at_most_one_wave_with_its_splits(sms, monkeypatch):
+    """Untuned shapes: as many K splits (of two groups or more) as keep the programs within one wave of the GPU's
+    SMs, and one split when the row blocks alone fill a wave; down and gate|up as the H200 sweep found best."""
+    from compute.kernels import gemv_configs as configs
+    from compute.kernels.gemv import row_split
+
+    monkeypatch.setattr(configs, "TUNED_CONFIGS", {})
+    shapes = [(7168, 5120), (5120, 5120), (55296, 5120), (5120, 27648), (152064, 5120), (896, 896), (3584, 18944),
+              (64, 256), (300, 1280)]  # fmt: skip
+    for n, k in shapes:
+        cfg = configs.gemv_config("mma", n, k, sms)
+        per_split, splits = row_split(k // 128, cfg)
+        assert splits == cfg.splits and (splits == 1 or per_split >= 2), (n, k, cfg)
+        blocks, wave = -(-n // cfg.rows), sms * 16 // cfg.warps
+        assert splits == 1 or blocks * splits <= wave, (n, k, cfg)
+        more = [row_split(k // 128, dataclasses.replace(cfg, splits=s))[1] for s in range(splits + 1, k // 256 + 1)]
+        assert all(blocks * s > wave for s in more if s > splits), (n, k, cfg)
+    if sms == 132:
+        assert configs.gemv_config("mma", 5120, 27648, sms).splits == 13
+        assert configs.gemv_config("mma", 55296, 5120, sms).splits == 1
 
 
 @pytest.mark.gpu

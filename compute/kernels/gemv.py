@@ -44,12 +44,13 @@ H200 (see docs/kernels.md); nothing is autotuned at run time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from compute.kernels.gemv_configs import GemvConfig, MmaConfig, gemv_config
+from compute.kernels.gemv_configs import H200_SMS, GemvConfig, MmaConfig, gemv_config
 from compute.kernels.gemv_mma import gemv_mma, mma_supported
 from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 from quantizer.format import BLOCK_SIZE
@@ -291,6 +292,13 @@ def split_plan(n_groups: int, cfg: GemvConfig) -> tuple[int, int, int]:
     return n_tiles, tiles_per_split, triton.cdiv(n_tiles, tiles_per_split)
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:  # asked at every launch
+    if device.type != "cuda":
+        return H200_SMS  # the Triton interpreter: any count will do
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def row_split(n_groups: int, cfg: MmaConfig) -> tuple[int, int]:
     """(groups per split, splits) of a one-row GEMV over ``n_groups`` groups with ``cfg``: at most ``cfg.splits``
     splits, none left without a group."""
@@ -326,7 +334,7 @@ def int4_gemv(
     else:
         (m, k), dtype, device, kernel = x.shape, x.dtype, x.device, "dot"
     n = qweight.shape[0]
-    cfg = config or gemv_config(kernel, n, k)
+    cfg = config or gemv_config(kernel, n, k, _multiprocessors(device))
     words = qweight.view(torch.int32)  # [N, K / 8]; the pool starts every qweight at a multiple of 64 bytes
     n_groups = k // BLOCK_SIZE
     if kernel == "mma":

@@ -88,25 +88,41 @@ if os.environ.get("SPILLOVER_GEMV_CONFIGS"):
     load_tuned_configs(os.environ["SPILLOVER_GEMV_CONFIGS"])
 
 _TARGET_PROGRAMS = 1024  # enough resident programs to keep every SM's loads in flight (132 SMs on an H200)
-_TARGET_WARPS = 4096  # the same for one-warp programs: an H200 SM holds 32 of them
+H200_SMS = 132
+# The one-row heuristic's config holds 128 registers a thread (python -m bench.sass): 16 warps in an SM's 64K.
+_MMA_HEURISTIC = MmaConfig(tiles=2, warps=2, groups=2)
+_MMA_HEURISTIC_WARPS_PER_SM = 16
 
 
-def gemv_config(kernel: str, n: int, k: int) -> GemvConfig | MmaConfig:
+def gemv_config(kernel: str, n: int, k: int, sms: int = H200_SMS) -> GemvConfig | MmaConfig:
     """The config for ``kernel`` ("mma": one row, or "dot": a few) on an ``[n, k]`` weight: the measured one, else a
-    heuristic."""
+    heuristic (for a GPU of ``sms`` multiprocessors)."""
     tuned = TUNED_CONFIGS.get((kernel, n, k))
     if tuned is not None:
         return tuned
     n_groups = k // BLOCK_SIZE
     splits = 1
-    if kernel == "mma":  # the shape of most winners of the H200 sweep: one warp, 16 rows
-        cfg = MmaConfig(tiles=1, warps=1, groups=2)
-        # Few row blocks (small N, long K) leave SMs idle: share K among more programs, in powers of two.
-        while triton.cdiv(n, cfg.rows) * splits * 2 <= _TARGET_WARPS and splits * 2 <= n_groups // 2:
-            splits *= 2
-        return dataclasses.replace(cfg, splits=splits)
+    if kernel == "mma":
+        return dataclasses.replace(_MMA_HEURISTIC, splits=_one_wave_splits(n, n_groups, sms))
     block_n, groups, num_warps, num_stages = 64, 1, 4, 2
     n_tiles = triton.cdiv(n_groups, groups)
     while triton.cdiv(n, block_n) * splits * 2 <= _TARGET_PROGRAMS and splits * 2 <= n_tiles // 2:
         splits *= 2
     return GemvConfig(block_n=block_n, groups=groups, split_k=splits, num_warps=num_warps, num_stages=num_stages)
+
+
+def _one_wave_splits(n: int, n_groups: int, sms: int) -> int:
+    """K splits (of at least two groups each) for the one-row heuristic config: the most whose programs still fit in
+    one wave, or one when the row blocks alone fill a wave. The H200 sweeps of 2026-12-02 (bench/results/2026-12-02-
+    h200-kernels-mma-sweep.json, …-sweep-down-splits12.json) favour this config for the large shapes and a full
+    wave over a wave and a bit: down in 16 splits (1.2 waves) 28.5 us, in 12 (0.9) 24.4, in 13 (0.98) 25.8. On
+    those shapes it picks a config within 6% of the best measured for gate|up, down and the lm_head, 17% for q|k|v
+    (8 splits) and, for o, 10 splits, which were not measured (8 splits: 13% over the best, 16: 25%)."""
+    blocks = triton.cdiv(n, _MMA_HEURISTIC.rows)
+    wave = sms * _MMA_HEURISTIC_WARPS_PER_SM // _MMA_HEURISTIC.warps  # programs that fit at once: 1056 on an H200
+    splits = 1
+    for asked in range(2, n_groups // 2 + 1):
+        made = triton.cdiv(n_groups, triton.cdiv(n_groups, asked))  # the splits row_split makes of it
+        if blocks * made <= wave:
+            splits = max(splits, made)
+    return splits
