@@ -7,6 +7,7 @@ heuristic for other shapes, and the tables a sweep on another GPU writes (``pyth
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -111,6 +112,7 @@ def gemv_config(kernel: str, n: int, k: int, sms: int = H200_SMS) -> GemvConfig 
     return GemvConfig(block_n=block_n, groups=groups, split_k=splits, num_warps=num_warps, num_stages=num_stages)
 
 
+@functools.cache  # gemv_config runs at every launch; this loops over K's groups
 def _one_wave_splits(n: int, n_groups: int, sms: int) -> int:
     """K splits (of at least two groups each) for the one-row heuristic config: the most whose programs still fit in
     one wave, or one when the row blocks alone fill a wave. The H200 sweeps of 2026-12-02 (bench/results/2026-12-02-
