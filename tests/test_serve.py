@@ -306,6 +306,7 @@ def test_full_queue_is_429_and_disconnected_clients_free_their_sequences(server,
         return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=1000,
                                               stream=True)  # fmt: skip
 
+    before = health(server)["tokens_generated"]
     running = open_stream()
     first = next(iter(running))  # the role chunk; then wait for a token: the request runs
     assert first.choices[0].delta.role == "assistant"
@@ -327,8 +328,34 @@ def test_full_queue_is_429_and_disconnected_clients_free_their_sequences(server,
     generated = state["tokens_generated"]
     time.sleep(0.5)
     assert health(server)["tokens_generated"] == generated  # nothing runs for the clients that left
+    assert generated - before < 2000  # both were cut short
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_client_that_gives_up_on_a_whole_reply_frees_its_sequence(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": random_prompt()}], "temperature": 0,
+            "max_tokens": 1000}  # fmt: skip
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    before = health(server)["tokens_generated"]
+    with pytest.raises(httpx.ReadTimeout):  # a 1000-token reply takes seconds; the client leaves after 0.5 s
+        httpx.post(server.base_url + "/chat/completions", json=body, headers=headers, timeout=0.5)
+    state = wait_health(server, lambda s: s["running"] == 0, timeout_s=5)
+    assert state["running"] == 0, state
+    generated = state["tokens_generated"]
+    time.sleep(0.5)
+    assert health(server)["tokens_generated"] == generated
+    assert generated - before < 1000  # cut short: the reply would have run to max_tokens
+
+
+def test_a_port_in_use_is_one_line_before_anything_starts(server, tiny_q):
+    port = server.url.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "compute.cli", "serve", *serve_args(tiny_q), "--port", port],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
 def test_sigterm_ends_open_streams_cleanly_and_stops_the_loader(tiny_q, tmp_path):

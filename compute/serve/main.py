@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 15.0  # the loader is ready before anyone connects, so the handshake is quick
 # uvicorn's own limit on a graceful shutdown, beyond --shutdown-grace: the streams' last events and [DONE]
 SHUTDOWN_MARGIN_S = 15.0
+LISTEN_BACKLOG = 2048  # uvicorn's default
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,11 +91,21 @@ def serve(ctx: click.Context, **options) -> None:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """A listening TCP socket on ``host:port``. Its protocol must say TCP (as getaddrinfo's does): asyncio turns
+    Nagle's algorithm off only on such sockets, and with it on each small response waited ~40 ms for an ACK."""
     try:
-        return socket.create_server((host, port), family=family)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        listener = socket.socket(family, kind, proto)
     except OSError as e:
         raise RunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        listener.close()
+        raise RunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return listener
 
 
 def _serve(
