@@ -17,6 +17,10 @@ from typing import ClassVar
 # Bumped on any change to a message's fields or meaning; the loader refuses a Hello of another version.
 PROTOCOL_VERSION = 1
 
+# Positions per page of compute's paged KV cache (``compute.kv_pages``): the planner counts the KV pool in whole
+# pages, so both processes must agree on it.
+KV_PAGE_TOKENS = 32
+
 # type tag -> message class; filled by ``register``
 MESSAGE_TYPES: dict[str, type] = {}
 
