@@ -124,6 +124,15 @@ class BatchEngine:
             "paged Triton kernel" if self._paged_kernel else "torch SDPA per sequence",
         )
 
+    @classmethod
+    def for_plan(cls, checkpoint: QuantizedCheckpoint, client, *, device: torch.device | str, **options) -> BatchEngine:
+        """The engine the loader's plan counted: its max_context, prefill chunk, max_batch and KV pool."""
+        plan = client.plan
+        return cls(
+            checkpoint, client, device=device, max_context=plan.max_context, kv_tokens=plan.kv_tokens or plan.max_context,
+            max_batch=plan.max_batch, prefill_chunk=plan.prefill_chunk, **options,
+        )  # fmt: skip
+
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """One pass over every chunk's tokens; the logits of the chunks that ask, [asking, vocab]."""

@@ -20,9 +20,12 @@ from compute.kv_pages import KVPagePool
 from compute.launch import LaunchedLoader, LoaderOptions
 from compute.sampling import SamplingParams
 from compute.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
+from loader.layout import layout_units
+from loader.planner import plan_placement
+from loader.policies import get_policy
 from protocol.client import LoaderClient
 from quantizer.checkpoint import QuantizedCheckpoint
-from test_engine import LOGIT_TOLERANCE, PIPELINE_CONTEXT, deep_q, random_prompt, resident_budget  # noqa: F401
+from test_engine import LOGIT_TOLERANCE, PIPELINE_CONTEXT, deep_q, random_prompt  # noqa: F401
 from test_model import CheckpointWeights, reference_model
 
 WAIT_S = 120.0
@@ -146,20 +149,25 @@ def assert_same_or_near_tie(batched, alone, prompt, reference) -> None:
 @pytest.mark.parametrize("policy", ["hybrid"])
 def test_concurrent_requests_through_a_streaming_loader_match_their_replies_alone(deep_q, policy, tmp_path):
     # one byte less than the whole model: hybrid streams some units, so the ring must see one pass per forward
-    options = LoaderOptions(
-        model=deep_q, gpu_memory=str(resident_budget(deep_q) - 1), policy=policy, device="cpu",
-        max_context=PIPELINE_CONTEXT,
-    )  # fmt: skip
     checkpoint = QuantizedCheckpoint(deep_q)
+    batch = {"max_batch": 6, "kv_tokens": 4 * PIPELINE_CONTEXT - 5}
+    everything = plan_placement(
+        budget_bytes=1 << 40, device="cpu", units=layout_units(checkpoint.manifest), config=checkpoint.config,
+        max_context=PIPELINE_CONTEXT, policy=get_policy("resident"), **batch,
+    )  # fmt: skip
+    options = LoaderOptions(
+        model=deep_q, gpu_memory=str(everything.total_bytes - 1), policy=policy, device="cpu",
+        max_context=PIPELINE_CONTEXT, **batch,
+    )  # fmt: skip
     greedy = SamplingParams(temperature=0, max_new_tokens=7)
     sampled = SamplingParams(temperature=1.0, top_p=0.9, seed=5, max_new_tokens=6)
     work = [(random_prompt(n), greedy) for n in (5, 17, 2, 30, 9, 12)] + [(random_prompt(8), sampled)] * 2
     with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=30) as client:
         assert any(unit.pool_offset is None for unit in client.plan.units), "hybrid should stream some units"
-        engine = BatchEngine(
-            checkpoint, client, device="cpu", max_context=PIPELINE_CONTEXT, kv_tokens=4 * PIPELINE_CONTEXT,
-            max_batch=6, prefill_chunk=16,
-        )  # fmt: skip
+        plan = client.plan
+        assert (plan.max_batch, plan.kv_tokens) == (6, 4 * PIPELINE_CONTEXT)  # rounded up to whole pages
+        engine = BatchEngine.for_plan(checkpoint, client, device="cpu")
+        engine.prefill_chunk = 16  # passes that mix prefill chunks and decode rows, with these short prompts
         engine.eos_token_ids = frozenset()
         replies = Replies()
 
