@@ -43,7 +43,12 @@ from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from compute.engine import eos_token_ids, head_dim
 from compute.graphs import LM_HEAD_UNIT
-from compute.kernels.paged_attention import paged_decode_attention, paged_attention_supported
+from compute.batch_decode import BatchDecoder
+from compute.kernels.paged_attention import (
+    paged_attention_supported,
+    paged_decode_attention,
+    reference_paged_decode_attention,
+)
 from compute.kv_pages import KVPagePool
 from compute.model import HostEmbedding, UnitWeights, build_model
 from quantizer.checkpoint import QuantizedCheckpoint
@@ -76,6 +81,7 @@ class BatchEngine:
         prefill_chunk: int = 512,
         dtype: torch.dtype = torch.bfloat16,
         host_embedding: bool | None = None,
+        cuda_graphs: bool = True,
     ):
         kv_tokens = max_context if kv_tokens is None else kv_tokens
         if max_context < 1 or max_batch < 1 or prefill_chunk < 1:
@@ -110,11 +116,13 @@ class BatchEngine:
             device=self.device,
             dtype=dtype,
         )
+        self.max_pages = self.kv_pool.pages_for(max_context)  # the page table's width: a shape, never data
         self._ids_device = torch.device("cpu") if isinstance(inner.embed_tokens, HostEmbedding) else self.device
         binder = self.model.unit_binder
         self._binder = binder
         self._head_unit = next((i for i, (name, _) in enumerate(binder.units) if name == LM_HEAD_UNIT), None)
         self._paged_kernel = paged_attention_supported(self.device, dtype, self.head_dim)
+        self.decoder = BatchDecoder(self, cuda_graphs=cuda_graphs)
         log.info(
             "paged KV pool: %d tokens in %d pages of %d, %.1f MiB; attention for decode rows: %s",
             self.kv_pool.total_tokens,
@@ -149,24 +157,35 @@ class BatchEngine:
             raise
 
     def _forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        inner = self.model.model
-        batch = _Batch.build(chunks, self.kv_pool, self.device)
+        if all(len(chunk.token_ids) == 1 and chunk.logits for chunk in chunks):
+            return self.decoder.run(chunks)  # decode rows only: static buffers, CUDA graphs where the plan allows
+        batch = _Batch.build(chunks, self.kv_pool, self.device, self.max_pages)
         ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self._ids_device).unsqueeze(0)  # (1, T)
-        hidden = inner.embed_tokens(ids)  # (1, T, hidden)
-        cos, sin = inner.rotary_emb(hidden, batch.positions.unsqueeze(0))  # (1, T, D) each
+        hidden = self.model.model.embed_tokens(ids)  # (1, T, hidden)
+        return self.run_pass(hidden, batch.positions, batch.slots, batch, batch.logit_rows)
+
+    def run_pass(
+        self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attention, logit_rows: list[int] | None
+    ) -> torch.Tensor:
+        """The pass over embedded rows ``hidden`` (1, T, hidden) at ``positions`` [T], their keys/values stored at
+        ``slots`` [T]; ``attention.attend(layer, q, scale)`` attends each row over its own sequence. The logits of
+        ``logit_rows`` ([len, vocab]; None: of every row). Every unit is visited once, in order; nothing here reads
+        a value back from the device, so with static inputs it can be captured in a CUDA graph."""
+        inner = self.model.model
+        cos, sin = inner.rotary_emb(hidden, positions.unsqueeze(0))  # (1, T, D) each
         rotary = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # (T, 1, D): one row per token, every head
         for index, layer in enumerate(self.layers):
             with self._binder.bound(index):  # layer i is unit i: the binder checks the order
-                hidden = self._layer(index, layer, hidden, rotary, batch)
-        rows = hidden[:, batch.logit_rows]  # (1, asking, hidden)
-        if not batch.logit_rows:
+                hidden = self._layer(index, layer, hidden, rotary, slots, attention)
+        if logit_rows is not None and not logit_rows:
             if self._head_unit is not None:
                 with self._binder.bound(self._head_unit):  # the ring expects the head every pass
                     pass
             return hidden.new_empty((0, self.vocab_size))
+        rows = hidden if logit_rows is None else hidden[:, logit_rows]  # (1, asking, hidden)
         return self.model.lm_head(inner.norm(rows))[0]  # (asking, vocab); an untied head's hooks bind its unit
 
-    def _layer(self, index: int, layer, hidden: torch.Tensor, rotary, batch: _Batch) -> torch.Tensor:
+    def _layer(self, index: int, layer, hidden: torch.Tensor, rotary, slots: torch.Tensor, attention) -> torch.Tensor:
         attn = layer.self_attn
         tokens = hidden.shape[1]
         x = layer.input_layernorm(hidden)
@@ -176,21 +195,18 @@ class BatchEngine:
         cos, sin = rotary
         q = (q * cos) + (rotate_half(q) * sin)  # HF's apply_rotary_pos_emb, row by row
         k = (k * cos) + (rotate_half(k) * sin)
-        self.kv_pool.write(index, batch.slots, k, v)
-        out = torch.empty_like(q)  # (T, H, D)
-        if self._paged_kernel and batch.decode_rows:
-            rows = batch.decode_index
-            out[rows] = paged_decode_attention(
-                q[rows], self.kv_pool.keys[index], self.kv_pool.values[index], batch.page_table, batch.decode_lengths,
-                scale=attn.scaling,
-            )  # fmt: skip
-            chunks = batch.prefill_chunks
-        else:
-            chunks = batch.all_chunks
-        for offset, n, slots in chunks:
-            out[offset : offset + n] = self._attend(index, q[offset : offset + n], slots, attn.scaling)
-        hidden = hidden + attn.o_proj(out.view(1, tokens, -1))
+        self.kv_pool.write(index, slots, k, v)
+        out = attention.attend(self, index, q, attn.scaling)  # (T, H, D)
+        hidden = hidden + attn.o_proj(out.reshape(1, tokens, -1))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def paged_attention(
+        self, index: int, q: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """One decode row per sequence over its pages (``compute.kernels.paged_attention``; its torch reference
+        where the kernel does not run): [rows, H, D]."""
+        attend = paged_decode_attention if self._paged_kernel else reference_paged_decode_attention
+        return attend(q, self.kv_pool.keys[index], self.kv_pool.values[index], page_table, lengths, scale=scale)
 
     def _attend(self, index: int, q: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal attention of ``q`` [n, H, D], the last n positions of a sequence whose positions' slots are
@@ -217,13 +233,24 @@ class _Batch:
     logit_rows: list[int]  # the rows whose logits are returned, in chunk order
     all_chunks: list[tuple[int, int, torch.Tensor]]  # (first row, rows, slots of positions 0 .. last) per chunk
     prefill_chunks: list[tuple[int, int, torch.Tensor]]  # the same for chunks of more than one token
-    decode_rows: list[int]  # rows of one-token chunks
-    decode_index: torch.Tensor | None  # those rows, int64 on the device
-    page_table: torch.Tensor | None  # int32 [decode rows, pages]: each one's sequence's pages
+    decode_index: torch.Tensor | None  # rows of one-token chunks, int64 on the device
+    page_table: torch.Tensor | None  # int32 [decode rows, max pages]: each one's sequence's pages
     decode_lengths: torch.Tensor | None  # int32 [decode rows]: positions each attends over (its own included)
 
+    def attend(self, engine: BatchEngine, index: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Each chunk's rows over its own sequence: decode rows in one paged launch on CUDA, the rest by SDPA."""
+        out = torch.empty_like(q)  # (T, H, D)
+        chunks = self.all_chunks
+        if engine._paged_kernel and self.decode_index is not None:
+            rows = self.decode_index
+            out[rows] = engine.paged_attention(index, q[rows], self.page_table, self.decode_lengths, scale)
+            chunks = self.prefill_chunks
+        for offset, n, slots in chunks:
+            out[offset : offset + n] = engine._attend(index, q[offset : offset + n], slots, scale)
+        return out
+
     @classmethod
-    def build(cls, chunks: Sequence[Chunk], pool: KVPagePool, device: torch.device) -> _Batch:
+    def build(cls, chunks: Sequence[Chunk], pool: KVPagePool, device: torch.device, width: int) -> _Batch:
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[torch.Tensor] = []
@@ -256,8 +283,7 @@ class _Batch:
             logit_rows=logit_rows,
             all_chunks=all_chunks,
             prefill_chunks=prefill_chunks,
-            decode_rows=decode_rows,
             decode_index=torch.tensor(decode_rows, dtype=torch.long, device=device) if decode else None,
-            page_table=pool.page_table(decode_seqs) if decode else None,
+            page_table=pool.page_table(decode_seqs, width) if decode else None,
             decode_lengths=torch.tensor(decode_lengths, dtype=torch.int32, device=device) if decode else None,
         )

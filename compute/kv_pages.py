@@ -7,16 +7,19 @@ idea). Position ``p`` of a sequence lives in page ``pages[p // P]`` at offset ``
 
 Layout (L layers, N pages of P positions, KVH KV heads of D):
 
-    keys, values   [L, N, P, KVH, D]   bf16 (the model's dtype), contiguous, allocated once at construction
-    layer view     [N * P, KVH, D]     ``flat_keys(layer)``: a slot's row of every KV head
+    keys, values   [L, N + 1, P, KVH, D]   bf16 (the model's dtype), contiguous, allocated once at construction;
+                                           page N (``padding_page``) is never reserved: rows that only pad a
+                                           batch to a captured size write and read there
+    layer view     [(N + 1) * P, KVH, D]   ``flat_keys(layer)``: a slot's row of every KV head
 
 ``KVPagePool`` promises:
 
 * ``reserve(seq, length)`` gives ``seq`` (created on first use) pages for positions ``0 .. length - 1``; it takes
   all it needs or nothing, returning False when the pool cannot hold it. ``release(seq)`` returns its pages.
-* ``free_tokens`` / ``total_tokens``: positions in pages nobody holds / in the whole pool.
+* ``free_tokens`` / ``total_tokens``: positions in pages nobody holds / in the N pages sequences can hold.
 * ``slots(seq, start, stop)``: the slots of positions ``start .. stop - 1`` (int64, on the pool's device);
-  ``page_table(seqs)``: the sequences' pages as an int32 ``[B, max pages]`` tensor (rows padded with 0).
+  ``page_table(seqs)``: the sequences' pages as an int32 ``[B, max pages]`` tensor (rows padded with the
+  padding page).
 * ``write(layer, slots, k, v)`` stores ``k``/``v`` ``[T, KVH, D]`` at ``slots``; ``gather(layer, seq, length)``
   returns a sequence's first ``length`` keys and values ``[length, KVH, D]``, in position order.
 
@@ -53,7 +56,9 @@ class KVPagePool:
         self.page_tokens = page_tokens
         self.num_pages = math.ceil(capacity_tokens / page_tokens)
         self.device = torch.device(device)
-        shape = (num_layers, self.num_pages, page_tokens, num_kv_heads, head_dim)  # (L, N, P, KVH, D)
+        # One more page that no sequence gets: the rows that pad a captured batch write there and read only it.
+        self.padding_page = self.num_pages
+        shape = (num_layers, self.num_pages + 1, page_tokens, num_kv_heads, head_dim)  # (L, N + 1, P, KVH, D)
         self.keys = torch.zeros(shape, dtype=dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=dtype, device=self.device)
         self._free: list[int] = list(range(self.num_pages - 1, -1, -1))  # a stack: page 0 is handed out first
@@ -99,6 +104,10 @@ class KVPagePool:
     def pages(self, seq: Hashable) -> tuple[int, ...]:
         return tuple(self._pages.get(seq, ()))
 
+    def slot(self, seq: Hashable, position: int) -> int:
+        """The slot of ``seq``'s (reserved) ``position``."""
+        return self._pages[seq][position // self.page_tokens] * self.page_tokens + position % self.page_tokens
+
     def slots(self, seq: Hashable, start: int, stop: int) -> torch.Tensor:
         """Slots of ``seq``'s positions ``start .. stop - 1`` (they must be reserved): int64 [stop - start]."""
         pages = self._pages.get(seq, [])
@@ -108,14 +117,15 @@ class KVPagePool:
         table = torch.tensor(pages, dtype=torch.long)
         return (table[positions // self.page_tokens] * self.page_tokens + positions % self.page_tokens).to(self.device)
 
-    def page_table(self, seqs: Sequence[Hashable], width: int | None = None) -> torch.Tensor:
-        """The pages of each of ``seqs``, a row each: int32 [len(seqs), width] (default: the longest), 0-padded."""
+    def page_table(self, seqs: Sequence[Hashable], width: int | None = None, *, device=None) -> torch.Tensor:
+        """The pages of each of ``seqs``, a row each: int32 [len(seqs), width] (default: the longest), padded with
+        the padding page, on ``device`` (default: the pool's)."""
         rows = [self._pages.get(seq, []) for seq in seqs]
         width = max([len(r) for r in rows] + [1]) if width is None else width
-        table = torch.zeros((len(rows), width), dtype=torch.int32)
+        table = torch.full((len(rows), width), self.padding_page, dtype=torch.int32)
         for i, row in enumerate(rows):
             table[i, : len(row)] = torch.tensor(row[:width], dtype=torch.int32)
-        return table.to(self.device)
+        return table.to(self.device if device is None else device)
 
     def flat_keys(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s keys by slot: [N * P, KVH, D], a view."""

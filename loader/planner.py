@@ -210,7 +210,8 @@ def budget_lines(
     qkv_bias = layers * (heads + 2 * kv_heads) * head_dim * BF16
 
     pool_tokens = paged_kv_tokens(max_context, kv_tokens)
-    kv_cache = 2 * layers * kv_heads * head_dim * (pool_tokens or max_context) * BF16
+    # a paged pool has one page more, never given to a sequence: rows that pad a captured batch write there
+    kv_cache = 2 * layers * kv_heads * head_dim * (pool_tokens + KV_PAGE_TOKENS if pool_tokens else max_context) * BF16
 
     # one prefill chunk: residual + normed + attention output + a spare hidden state, q/k/v, gate/up/product,
     # the scores of one layer over the whole context (plus the mask), and the last position's logits

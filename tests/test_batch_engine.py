@@ -60,7 +60,7 @@ def test_pages_store_and_return_each_sequences_positions_in_order():
         torch.testing.assert_close(keys, k[seq].to(torch.bfloat16), rtol=0, atol=0)
         torch.testing.assert_close(values, v[seq].to(torch.bfloat16), rtol=0, atol=0)
     assert float(pool.keys[0].abs().sum()) == 0  # layer 0 untouched
-    assert pool.page_table(["y", "x", "z"]).tolist() == [[1, 2], [0, 3], [0, 0]]
+    assert pool.page_table(["y", "x", "z"]).tolist() == [[1, 2], [0, 3], [4, 4]]  # 4: the padding page
     assert pool.slots("x", 15, 18).tolist() == [15, 48, 49]
 
 
@@ -141,7 +141,8 @@ def assert_same_or_near_tie(batched, alone, prompt, reference) -> None:
         return
     step = next(i for i, (a, b) in enumerate(zip(batched, alone)) if a != b)
     with torch.inference_mode():
-        row = reference(input_ids=torch.tensor([list(prompt) + list(alone[:step])])).logits[0, -1].float()
+        ids = torch.tensor([list(prompt) + list(alone[:step])], device=reference.device)
+        row = reference(input_ids=ids).logits[0, -1].float()
     gap = float(row[alone[step]] - row[batched[step]]).__abs__()
     assert gap <= 2 * LOGIT_TOLERANCE, f"step {step}: batched {batched[step]}, alone {alone[step]}, logit gap {gap:.4f}"
 
@@ -227,3 +228,59 @@ def test_a_full_kv_pool_preempts_the_latest_sequence_and_its_reply_goes_on(tiny_
             row = logits[step].float()
             assert row.max() - row[token] <= 2 * LOGIT_TOLERANCE, f"step {step} chose {token}"
     assert engine.kv_pool.free_tokens == 64
+
+
+def test_decode_rows_padded_to_a_bucket_give_each_rows_own_logits(tiny_q):
+    from compute.batch_decode import DecodeInputs
+
+    checkpoint = QuantizedCheckpoint(tiny_q)
+    engine = BatchEngine(checkpoint, CheckpointWeights(checkpoint), device="cpu", max_context=64, kv_tokens=256,
+                         max_batch=8)  # fmt: skip
+    prompts = {name: random_prompt(n) for name, n in (("a", 7), ("b", 33), ("c", 1))}
+    for name, prompt in prompts.items():  # prefill all but the last token
+        assert engine.kv_pool.reserve(name, len(prompt))
+        if len(prompt) > 1:
+            engine.forward([Chunk(name, tuple(prompt[:-1]), 0, logits=False)])
+    rows = [Chunk(name, (prompt[-1],), len(prompt) - 1, logits=True) for name, prompt in prompts.items()]
+    padded = DecodeInputs(engine, 8)
+    padded.set(engine, rows)
+    with torch.inference_mode():
+        logits = padded.run(engine)
+        padding_keys = engine.kv_pool.keys[:, engine.kv_pool.padding_page].clone()
+        exact = engine.forward(rows)  # the same rows, unpadded (their keys/values written again, the same)
+    assert logits.shape == (8, 320)
+    torch.testing.assert_close(logits[:3], exact, rtol=0, atol=0)
+    assert float(padding_keys.abs().sum()) > 0  # the padding rows wrote only there
+    assert engine.decoder.mode == "eager: CUDA graphs need a CUDA device (decode runs on cpu)"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_decode_on_cuda_replays_graphs_and_each_reply_is_its_reply_alone(qdir, tmp_path):
+    checkpoint = QuantizedCheckpoint(qdir)
+    engine = BatchEngine(
+        checkpoint, CheckpointWeights(checkpoint, device="cuda"), device="cuda", max_context=64, max_batch=8,
+        prefill_chunk=16,
+    )  # fmt: skip
+    engine.eos_token_ids = frozenset()
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    prompts = [random_prompt(n) for n in (3, 9, 20, 5, 14)]
+    replies = Replies()
+    alone_scheduler = Scheduler(engine, max_batch=1)
+    alone_scheduler.start()
+    alone = [tokens_of(replies.wait(replies.submit(alone_scheduler, p, params))) for p in prompts]
+    alone_scheduler.close(drain=True)
+    scheduler = Scheduler(engine, max_batch=8)
+    ids = [replies.submit(scheduler, p, params) for p in prompts]
+    scheduler.start()
+    batched = [tokens_of(replies.wait(i)) for i in ids]
+    scheduler.close(drain=True)
+    assert engine.decoder.mode.startswith("graphs (buckets 1"), engine.decoder.mode
+    reference = reference_model(qdir, tmp_path).to("cuda")
+    for prompt, together, single in zip(prompts, batched, alone):
+        assert_same_or_near_tie(together, single, prompt, reference)
+        with torch.inference_mode():
+            logits = reference(input_ids=torch.tensor([prompt + list(single[:-1])], device="cuda")).logits[0]
+        for step, token in enumerate(single):
+            row = logits[len(prompt) - 1 + step].float()
+            assert row.max() - row[token] <= 2 * LOGIT_TOLERANCE, f"step {step} chose {token}"

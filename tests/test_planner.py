@@ -241,7 +241,7 @@ def test_many_sequences_share_a_paged_kv_pool_counted_in_whole_pages():
     batched = plan("12GiB", max_batch=16, kv_tokens=5000)  # 5000 -> 157 pages of 32 = 5024 positions
     assert (batched.max_batch, batched.kv_tokens, one.max_batch, one.kv_tokens) == (16, 5024, 1, 0)
     lines, one_lines = dict(batched.lines), dict(one.lines)
-    assert lines["KV pool (5024 tokens, paged)"] == 5024 * KV_BYTES_PER_TOKEN_32B
+    assert lines["KV pool (5024 tokens, paged)"] == (5024 + 32) * KV_BYTES_PER_TOKEN_32B  # and the padding page
     assert one_lines["KV cache (4096 tokens)"] == 4096 * KV_BYTES_PER_TOKEN_32B
     activations = next(n for what, n in batched.lines if what.startswith("activations"))
     one_activations = next(n for what, n in one.lines if what.startswith("activations"))
@@ -254,7 +254,7 @@ def test_many_sequences_share_a_paged_kv_pool_counted_in_whole_pages():
 def test_a_batch_without_kv_tokens_gets_the_memory_of_one_context_and_keeps_the_residency():
     one = plan("8GiB")
     batched = plan("8GiB", max_batch=16)
-    assert batched.kv_tokens == 4096 and dict(batched.lines)["KV pool (4096 tokens, paged)"] == 4096 * KV_BYTES_PER_TOKEN_32B
+    assert batched.kv_tokens == 4096 and dict(batched.lines)["KV pool (4096 tokens, paged)"] == 4128 * KV_BYTES_PER_TOKEN_32B
     assert batched.resident == one.resident and batched.streamed == one.streamed
 
 
