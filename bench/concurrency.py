@@ -57,6 +57,7 @@ class ConcurrencyResult:
     max_batch: int
     kv_tokens: int
     device: str
+    decode_mode: str  # BatchEngine.decoder.mode after the levels: "graphs (buckets ...)" or "eager: <why>"
     levels: list[LevelResult]
     peak_device_bytes: dict  # role -> bytes (NVML; None where it cannot be measured), and "total"
 
@@ -160,6 +161,7 @@ def run_concurrency(
         finally:
             scheduler.close(drain=False)
         plan = client.plan
+        decode_mode = engine.decoder.mode
     return ConcurrencyResult(
         budget=budget,
         budget_bytes=parse_size(budget),
@@ -169,6 +171,7 @@ def run_concurrency(
         max_batch=plan.max_batch,
         kv_tokens=plan.kv_tokens,
         device=device,
+        decode_mode=decode_mode,
         levels=results,
         peak_device_bytes=memory.report()["peak_device_memory_bytes"],
     )
@@ -180,8 +183,8 @@ def format_concurrency_table(results: list[ConcurrencyResult], baseline: dict[st
     gib = 2**30
     lines = [
         "| budget | policy | resident/streamed | max batch | KV tokens | concurrency | decode tok/s | x one request "
-        "| total tok/s | TTFT p50/p99 s | ITL p50/p99 ms | tokens/pass | peak loader+compute GiB (budget) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| total tok/s | TTFT p50/p99 s | ITL p50/p99 ms | tokens/pass | decode | peak loader+compute GiB (budget) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peak = r.peak_device_bytes
@@ -196,7 +199,7 @@ def format_concurrency_table(results: list[ConcurrencyResult], baseline: dict[st
                 f"| {r.budget} | {r.policy} | {r.resident_units}/{r.streamed_units} | {r.max_batch} | {r.kv_tokens} "
                 f"| {lv.concurrency} | {lv.decode_tokens_per_s:.1f} | {speedup} | {lv.total_tokens_per_s:.1f} "
                 f"| {lv.ttft_p50_s:.2f}/{lv.ttft_p99_s:.2f} | {1e3 * lv.itl_p50_s:.1f}/{1e3 * lv.itl_p99_s:.1f} "
-                f"| {lv.tokens_per_pass:.1f} | {peak_text} |"
+                f"| {lv.tokens_per_pass:.1f} | {r.decode_mode} | {peak_text} |"
             )
     return "\n".join(lines)
 

@@ -104,6 +104,7 @@ class BatchDecoder:
             next((b for b in BUCKETS if b >= engine.max_batch), engine.max_batch),
         )
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, DecodeInputs, torch.Tensor]] = {}
+        self._eager_inputs: dict[int, DecodeInputs] = {}  # rows -> buffers of eager passes (allocated once)
         self._pool = None  # one graph memory pool for every bucket (their replays never overlap)
         self._decided_for: object = ()  # the plan generation the graphs (or their absence) were decided for
         self._graphs_allowed = False
@@ -125,7 +126,9 @@ class BatchDecoder:
             replayed = self._replay(bucket, chunks)
             if replayed is not None:
                 return replayed[:n]
-        inputs = DecodeInputs(self.engine, n)
+        inputs = self._eager_inputs.get(n)
+        if inputs is None:
+            inputs = self._eager_inputs[n] = DecodeInputs(self.engine, n)
         inputs.set(self.engine, chunks)
         return inputs.run(self.engine)
 

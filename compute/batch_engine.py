@@ -38,10 +38,11 @@ from collections.abc import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 from transformers import AutoTokenizer, PretrainedConfig
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
-from compute.engine import eos_token_ids, head_dim
+from compute.engine import PREFILL_ATTENTION_BACKENDS, eos_token_ids, head_dim
 from compute.graphs import LM_HEAD_UNIT
 from compute.batch_decode import BatchDecoder
 from compute.kernels.paged_attention import (
@@ -219,7 +220,10 @@ class BatchEngine:
         mask = None
         if n > 1:  # query i sits at position length - n + i and sees keys up to there
             mask = torch.ones((n, length), dtype=torch.bool, device=q.device).tril(diagonal=length - n)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask, scale=scale)
+        with sdpa_kernel(PREFILL_ATTENTION_BACKENDS):  # not cuDNN: it plans anew for every shape it has not seen
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask, scale=scale
+            )
         return out[0].transpose(0, 1)  # (n, H, D)
 
 
