@@ -45,6 +45,8 @@ class LoaderOptions:
     policy: str  # a policy name the loader knows: resident, stream, hybrid
     device: str  # "cuda" or "cpu"
     max_context: int  # tokens of KV cache the budget must hold
+    max_batch: int = 1  # sequences per forward pass (more than 1: compute's paged KV pool)
+    kv_tokens: int | None = None  # positions of the paged KV pool; None: max_context
 
     def argv(self) -> list[str]:
         """The loader's options, ``--model DIR`` first (``run.sh`` relies on that order)."""
@@ -54,6 +56,8 @@ class LoaderOptions:
             "--policy", self.policy,
             "--device", self.device,
             "--max-context", str(self.max_context),
+            *(["--max-batch", str(self.max_batch)] if self.max_batch != 1 else []),
+            *(["--kv-tokens", str(self.kv_tokens)] if self.kv_tokens is not None else []),
         ]  # fmt: skip
 
 

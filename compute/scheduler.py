@@ -280,6 +280,22 @@ class Scheduler:
             self.finish(entry, FinishReason.STOPPED)
         return taken
 
+    def end_stopped_waiting(self) -> None:
+        """End the queued requests that were cancelled (or all of them, when closing without drain)."""
+        with self._lock:
+            stopped = [entry for entry in self._waiting if entry.cancelled or self._stop_all]
+            for entry in stopped:
+                self._waiting.remove(entry)
+        for entry in stopped:
+            self.finish(entry, FinishReason.STOPPED)
+
+    def wait_for_work(self) -> bool:
+        """Wait until a request is queued (True) or the scheduler closes with none queued (False)."""
+        with self._lock:
+            while not self._waiting and not self._closing:
+                self._wake.wait()
+            return bool(self._waiting)
+
     def peek_waiting(self) -> Request | None:
         """The request at the head of the queue, left there (to check it fits before taking it)."""
         with self._lock:
@@ -324,7 +340,10 @@ class Scheduler:
 
 
 def _make_runner(scheduler: Scheduler, engine, max_batch: int):
-    """The loop that drives ``engine``: batched for an engine with ``step`` over many sequences, else serial."""
-    from compute.batching import SerialRunner
+    """The loop that drives ``engine``: batched for a ``BatchEngine``, one request at a time for an ``Engine``."""
+    from compute.batch_engine import BatchEngine
+    from compute.batching import BatchRunner, SerialRunner
 
+    if isinstance(engine, BatchEngine):
+        return BatchRunner(scheduler, engine, max_batch)
     return SerialRunner(scheduler, engine)

@@ -52,12 +52,14 @@ def _default_device() -> str:
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="Where the pool lives (default: cuda when available).")
 @click.option("--socket", "address", required=True, help="ipc:///DIR/NAME (DIR mode 0700) or tcp://127.0.0.1:PORT.")
 @click.option("--max-context", default=DEFAULT_MAX_CONTEXT, show_default=True, type=click.IntRange(min=1), help="Tokens the KV cache is counted for.")
+@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(min=1), help="Sequences per forward pass compute may run (more than 1: a paged KV pool).")
+@click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="Positions of the paged KV pool shared by all sequences (default: --max-context).")
 @click.option("--ring-slots", type=click.IntRange(min=1), default=None, help="Ring slots K (default: the policy's).")
 @click.option("--prefetch-depth", type=click.IntRange(min=1), default=None, help="Fill at most D units ahead (default: the policy's).")
 @click.option("--no-verify-checksums", is_flag=True, help="Skip the sha256 of every shard (sizes are still checked).")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Written (JSON: address, pid) when ready.")
 @click.option("--stats-on-exit", is_flag=True, help="Print copy and wait statistics when the loader exits.")
-def main(model, budget, policy, device, address, max_context, ring_slots, prefetch_depth, no_verify_checksums, ready_file, stats_on_exit):
+def main(model, budget, policy, device, address, max_context, max_batch, kv_tokens, ring_slots, prefetch_depth, no_verify_checksums, ready_file, stats_on_exit):
     """Hold a model's INT4 weights and stream them into a device pool shared with the compute process."""
     config = LoaderConfig(
         model=model,
@@ -66,6 +68,8 @@ def main(model, budget, policy, device, address, max_context, ring_slots, prefet
         device=device or _default_device(),
         socket=address,
         max_context=max_context,
+        max_batch=max_batch,
+        kv_tokens=kv_tokens,
         ring_slots=ring_slots,
         prefetch_depth=prefetch_depth,
         verify_checksums=not no_verify_checksums,
@@ -93,6 +97,8 @@ def run(config: LoaderConfig) -> int:
             units=units,
             config=checkpoint.config,
             max_context=config.max_context,
+            max_batch=config.max_batch,
+            kv_tokens=config.kv_tokens,
         )
         policy_options = {
             "policy": get_policy(config.policy),

@@ -67,6 +67,8 @@ class LoaderConfig:
     device: str  # "cuda" or "cpu"
     socket: str  # address to bind: ipc:// in a private directory, or tcp://127.0.0.1:PORT
     max_context: int  # tokens the KV cache is counted for
+    max_batch: int  # sequences per forward pass compute may run (1: one conversation)
+    kv_tokens: int | None  # positions of compute's paged KV pool; None: max_context (a static cache when max_batch is 1)
     ring_slots: int | None  # K for the starting policy, None for its default
     prefetch_depth: int | None  # D for the starting policy, None for its default
     verify_checksums: bool  # sha256 of every shard while reading it
@@ -262,6 +264,8 @@ class LoaderProcess:
             ring=pool.ring,
             max_context=placement.max_context,
             prefill_chunk=placement.prefill_chunk,
+            max_batch=placement.max_batch,
+            kv_tokens=placement.kv_tokens,
             budget_bytes=placement.budget_bytes,
             lines=tuple(BudgetLine(what=what, nbytes=nbytes) for what, nbytes in placement.lines),
         )
