@@ -97,7 +97,8 @@ def _listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port``. Its protocol must say TCP (as getaddrinfo's does): asyncio turns
     Nagle's algorithm off only on such sockets, and with it on each small response waited ~40 ms for an ACK."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = found[0]
         listener = socket.socket(family, kind, proto)
     except OSError as e:
         raise RunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
@@ -142,7 +143,11 @@ def _serve(
                 engine = BatchEngine.for_plan(checkpoint, client, device=run.device)
             else:
                 engine = Engine(
-                    checkpoint, client, device=run.device, max_context=plan.max_context, prefill_chunk=plan.prefill_chunk
+                    checkpoint,
+                    client,
+                    device=run.device,
+                    max_context=plan.max_context,
+                    prefill_chunk=plan.prefill_chunk,
                 )
         except LoaderError as e:
             raise loader_failed(f"the loader (pid {plan.loader_pid}) failed: {e}") from None
