@@ -14,8 +14,9 @@ and waits for all of them. It records, from the events' arrival times in the eng
 * forward passes and tokens per pass (the scheduler's counters), and the peak device memory of each process
   (NVML, ``compute.usage.PeakMemorySampler``) against the budget.
 
-Requests beyond ``--max-batch`` wait in the scheduler's queue: their wait is part of their TTFT. One warm-up
-level (``max_batch`` short requests) runs first: kernels compile and CUDA graphs are captured outside the timing.
+Requests beyond ``--max-batch`` wait in the scheduler's queue: their wait is part of their TTFT. Warm-up levels
+of 1, 2, 4, ... ``max_batch`` short requests run first: kernels compile and CUDA graphs are captured outside the
+timing.
 It runs on CPU as well (tests drive it on a tiny model); ``spillover bench`` runs it on CUDA.
 """
 
@@ -152,7 +153,9 @@ def run_concurrency(
         scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max(levels) + max_batch)
         scheduler.start()
         try:
-            measure_level(scheduler, concurrency=max_batch, prompt_tokens=prompt_tokens, new_tokens=4, rng=rng)
+            for n in sorted({min(b, max_batch) for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch} | {max_batch}):
+                # every bucket of rows once: kernels compile and CUDA graphs are captured outside the timing
+                measure_level(scheduler, concurrency=n, prompt_tokens=prompt_tokens, new_tokens=3, rng=rng)
             with PeakMemorySampler({"compute": os.getpid(), "loader": loader.pid}, device=device) as memory:
                 results = [
                     measure_level(scheduler, concurrency=n, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rng=rng)
