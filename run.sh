@@ -4,14 +4,17 @@
 #   ./run.sh                                   the built-in demo: a small random-weight model, streamed
 #   ./run.sh --model Org/Name -p "Hello"       a Hugging Face model, quantized once into ~/.cache/spillover
 #   ./run.sh --help                            every option (they are `spillover run`'s)
+#   ./run.sh serve --model Org/Name            an OpenAI-compatible HTTP server on 127.0.0.1:8000 (`spillover serve`)
 #
 # 1. Python: the one on PATH if spillover is installed there, else a local .venv, made on first use
 #    (CPU torch when there is no NVIDIA driver).
-# 2. `spillover run --print-loader-args "$@"` resolves --model (download, quantize or make the demo, once)
+# 2. `spillover run --print-loader-args "$@"` (or `serve`'s) resolves --model (download, quantize or make the demo, once)
 #    and prints the loader's share of the options; that split lives in compute/run.py only.
 # 3. The loader starts in the background, in its own session (Ctrl-C at the terminal goes to compute,
 #    where it stops the current reply), with its socket in a private 0700 run directory.
 # 4. Once its ready file appears, compute runs in the foreground: `spillover run "$@" --connect ADDR`.
+#    The server (`./run.sh serve …`) needs no terminal: it runs in its own session too, and this script hands
+#    it a Ctrl-C or SIGTERM as one SIGTERM (a second forces its exit).
 # On exit, error, Ctrl-C or SIGTERM the loader is stopped and the run directory removed; compute exits
 # by itself within seconds of losing its loader. The exit code is compute's.
 set -euo pipefail
@@ -43,13 +46,18 @@ if ! has_spillover "$python"; then
 fi
 spillover=("$python" -m compute.cli)
 
+command=run
+if [[ ${1:-} == serve ]]; then
+    command=serve
+    shift
+fi
 for arg in "$@"; do
     if [[ $arg == -h || $arg == --help ]]; then
-        exec "${spillover[@]}" run --help
+        exec "${spillover[@]}" "$command" --help
     fi
 done
 
-loader_lines=$("${spillover[@]}" run --print-loader-args "$@")
+loader_lines=$("${spillover[@]}" "$command" --print-loader-args "$@")
 mapfile -t loader_args <<<"$loader_lines"
 model_dir=${loader_args[1]}  # --print-loader-args prints "--model DIR" first
 
@@ -89,7 +97,29 @@ while [[ ! -e $run_dir/ready.json ]]; do
     sleep 0.1
 done
 
-# Compute runs in the foreground so it owns the terminal; the later --model and --connect win over "$@".
+# The later --model and --connect win over "$@".
+if [[ $command == serve ]]; then
+    # The API names the model as the user did (or "demo"), not by the directory it was resolved to.
+    served_name=demo
+    previous=
+    for arg in "$@"; do
+        [[ $previous == --model ]] && served_name=$arg
+        [[ $arg == --model=* ]] && served_name=${arg#--model=}
+        previous=$arg
+    done
+    "${setsid[@]}" "${spillover[@]}" serve --served-model-name "$served_name" "$@" \
+        --model "$model_dir" --connect "$address" </dev/null &
+    server_pid=$!
+    trap 'kill -TERM "$server_pid" 2>/dev/null || true' INT TERM
+    while kill -0 "$server_pid" 2>/dev/null; do
+        wait "$server_pid" || true  # returns early when a signal is handed on
+    done
+    code=0
+    wait "$server_pid" || code=$?
+    exit "$code"
+fi
+
+# Compute runs in the foreground so it owns the terminal.
 code=0
 "${spillover[@]}" run "$@" --model "$model_dir" --connect "$address" || code=$?
 exit "$code"
