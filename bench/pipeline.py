@@ -18,7 +18,8 @@ per token, where resident bytes are the resident units plus the bf16 tied lm_hea
 The model has random weights, so the text is noise; EOS is ignored so that every run decodes the same number of
 tokens. Results go to a table on stdout and to ``--json``. With ``--concurrency 1,4,16,64`` each budget also
 serves that many requests at once through the scheduler and the multi-sequence engine (``bench.concurrency``),
-in a fresh process of its own; ``--no-baseline`` skips the one-conversation run.
+in a fresh process of its own, or with ``--http`` through an HTTP client against ``spillover serve``
+(``bench.http_concurrency``); ``--no-baseline`` skips the one-conversation run.
 """
 
 from __future__ import annotations
@@ -231,11 +232,13 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Prompt per request (--concurrency).")
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True, help="Reply per request (--concurrency).")
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="With --concurrency, also run the one-conversation engine.")
+@click.option("--http", is_flag=True, help="With --concurrency, measure with an HTTP client against `spillover serve` (bench.http_concurrency).")
 def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy: str, max_context: int,
           prefill_tokens: int, decode_tokens: int, json_path: Path | None, concurrency: str | None, max_batch: int,
-          kv_tokens: int | None, prompt_tokens: int, new_tokens: int, baseline: bool) -> None:  # fmt: skip
+          kv_tokens: int | None, prompt_tokens: int, new_tokens: int, baseline: bool, http: bool) -> None:  # fmt: skip
     """Benchmark the two-process pipeline on a synthetic 32B-shaped model under each budget."""
     from bench.concurrency import format_concurrency_table, parse_levels, run_concurrency_in_a_fresh_process
+    from bench.http_concurrency import run_http_concurrency
 
     try:
         levels = parse_levels(concurrency) if concurrency is not None else []
@@ -269,7 +272,8 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
                 ))  # fmt: skip
                 click.echo(format_table(ceilings, results[-1:]).splitlines()[-1], err=True)
             if levels:
-                served.append(run_concurrency_in_a_fresh_process(
+                serve_levels = run_http_concurrency if http else run_concurrency_in_a_fresh_process
+                served.append(serve_levels(
                     checkpoint, budget, levels=levels, policy=policy, max_batch=max_batch, kv_tokens=kv_tokens,
                     max_context=max_context, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                 ))  # fmt: skip
