@@ -64,6 +64,8 @@ class RunConfig:
     connect: str | None  # address of a running loader; None = start one here
     cache_dir: Path  # where quantized checkpoints and the demo model are kept
     print_loader_args: bool  # only print the loader's options (after resolving --model) and exit
+    max_batch: int = 1  # sequences per forward pass (`spillover serve --max-batch`); 1 for the chat
+    kv_tokens: int | None = None  # positions of the paged KV pool when max_batch > 1; None = the planner's default
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -83,6 +85,8 @@ class RunConfig:
             policy=self.policy,
             device=self.device,
             max_context=self.max_context or default_max_context(model),
+            max_batch=self.max_batch,
+            kv_tokens=self.kv_tokens,
         )
 
 
@@ -224,6 +228,8 @@ def build_config(options: dict) -> RunConfig:
         connect=options["connect"],
         cache_dir=options["cache_dir"] or default_cache_dir(),
         print_loader_args=options["print_loader_args"],
+        max_batch=options.get("max_batch", 1),
+        kv_tokens=options.get("kv_tokens"),
     )
 
 

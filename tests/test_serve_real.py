@@ -29,15 +29,21 @@ PROMPTS = [
 ]
 
 
+def real_fixture(request, name: str):
+    """A real-model fixture of tests/conftest.py, or a skip where this checkout has none."""
+    try:
+        return request.getfixturevalue(name)
+    except pytest.FixtureLookupError:
+        pytest.skip(f"no {name} fixture: the real-model fixtures (tests/real_models.py) are not in this checkout")
+
+
 @pytest.fixture(scope="module")
-def qwen05b_server(tmp_path_factory):
-    real_models = pytest.importorskip("real_models", reason="tests/real_models.py fetches the real GGUF files")
-    gguf = real_models.assemble(real_models.QWEN_05B)
-    cache = real_models.test_cache_dir() / "spillover"  # the imported model is kept there between sessions
-    args = ["--model", str(gguf), "--cache-dir", str(cache), "--device", "cpu", "--max-context", "512",
-            "--max-batch", "8", "--served-model-name", "qwen"]  # fmt: skip
+def qwen05b_server(request, tmp_path_factory):
+    _cache, model_dir = real_fixture(request, "qwen_05b_cache")  # the GGUF imported into spillover-int4 once
+    args = ["--model", str(model_dir), "--device", "cpu", "--max-context", "512", "--max-batch", "8",
+            "--served-model-name", "qwen"]  # fmt: skip
     log = tmp_path_factory.mktemp("serve_real") / "server.log"
-    with ServerProcess(args, log_path=log, timeout_s=1800) as server:
+    with ServerProcess(args, log_path=log, timeout_s=600) as server:
         yield server
 
 
@@ -77,3 +83,22 @@ def test_8_concurrent_greedy_streams_equal_the_same_requests_one_at_a_time(qwen0
     assert max(in_flight) == len(PROMPTS)  # all eight were in the server at once
     assert together == alone
     print(f"8 replies of {MAX_TOKENS} tokens: one at a time {alone_s:.1f} s, concurrently {together_s:.1f} s")
+
+
+def test_deepseek_r1_reasoning_goes_to_reasoning_content(request):
+    from transformers import AutoTokenizer
+
+    from compute.serve.text import ReplyText, prompt_opens_reasoning, thinks
+
+    tokenizer = AutoTokenizer.from_pretrained(real_fixture(request, "deepseek_r1_tokenizer"))
+    assert thinks(tokenizer)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"]  # fmt: skip
+    assert prompt_opens_reasoning(tokenizer, list(prompt))  # R1's generation prompt ends in "<think>\n"
+    reply = "Two plus two: 4. Café ✓\n</think>\n\nThe answer is **4**."
+    ids = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert tokenizer.convert_tokens_to_ids("</think>") in ids  # one token in R1's vocabulary
+    text = ReplyText(tokenizer, reasoning=True)
+    deltas = [text.add(i) for i in ids] + [text.finish()]
+    assert "".join(d.reasoning for d in deltas) == "Two plus two: 4. Café ✓\n"
+    assert "".join(d.content for d in deltas) == "\n\nThe answer is **4**."  # EOS not shown

@@ -3,9 +3,11 @@
 It takes ``spillover run``'s model, budget and sampling options (``compute.run.MODEL_OPTIONS``: the sampling
 ones become the defaults of requests that leave them out, ``-n`` the default ``max_tokens``) and its own:
 ``--host`` (default 127.0.0.1: loopback only), ``--port`` (0: any free port), ``--api-key`` (or
-``$SPILLOVER_API_KEY``), ``--max-batch``, ``--max-waiting``, ``--served-model-name``, ``--shutdown-grace``.
-Like ``spillover run`` it starts the loader (or uses ``--connect``'s), builds the engine on the loader's plan
-and puts a ``compute.scheduler.Scheduler`` over it.
+``$SPILLOVER_API_KEY``), ``--max-batch`` and ``--kv-tokens`` (the loader's planner counts the paged KV pool they
+ask for), ``--max-waiting``, ``--served-model-name``, ``--shutdown-grace``. Like ``spillover run`` it starts the
+loader (or uses ``--connect``'s), builds the engine on the loader's plan (``compute.batch_engine.BatchEngine``
+when the plan's batch is more than one sequence, else the one-conversation ``compute.engine.Engine``) and puts a
+``compute.scheduler.Scheduler`` over it.
 
 The listening socket is bound before the loader starts (a port in use is one line, at once). When the server
 listens it prints ``spillover: serving MODEL at http://HOST:PORT/v1 …`` on stderr. The first SIGINT or
@@ -48,7 +50,6 @@ class ServeConfig:
     host: str  # address to listen on
     port: int  # 0 = any free port
     api_key: str | None  # None: no key needed
-    max_batch: int  # sequences one forward pass serves at most
     max_waiting: int  # requests queued beyond the running ones before 429
     model_id: str  # the model's name in the API
     shutdown_grace_s: float  # seconds running requests may go on after SIGINT/SIGTERM
@@ -64,7 +65,10 @@ class ServeConfig:
 @click.option("--api-key", envvar="SPILLOVER_API_KEY", metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on every /v1 request. [env: SPILLOVER_API_KEY]")
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Sequences one forward pass serves at most (an engine of one conversation serves one).")
+              help="Sequences one forward pass serves at most; 1 = the one-conversation engine (its own CUDA graphs).")
+@click.option("--kv-tokens", type=click.IntRange(min=1),
+              help="Positions of the paged KV pool all sequences share (the budget counts it). [default: the "
+                   "planner's: one context's memory, at least --max-context]")
 @click.option("--max-waiting", type=click.IntRange(min=0), default=256, show_default=True,
               help="Requests queued beyond the running ones; more are refused with 429.")
 @click.option("--served-model-name", metavar="NAME", help="The model's name in the API. [default: --model as given]")
@@ -82,7 +86,6 @@ def serve(ctx: click.Context, **options) -> None:
         host=options["host"],
         port=options["port"],
         api_key=options["api_key"],
-        max_batch=options["max_batch"],
         max_waiting=options["max_waiting"],
         model_id=options["served_model_name"] or run.model or "demo",
         shutdown_grace_s=options["shutdown_grace"],
@@ -112,6 +115,7 @@ def _serve(
     config: ServeConfig, run: RunConfig, model: ResolvedModel, loader_options: LoaderOptions, verbose: int
 ) -> None:
     # Imported here: transformers is slow to import, and --help or --print-loader-args do not need it.
+    from compute.batch_engine import BatchEngine
     from compute.engine import Engine
     from compute.scheduler import Scheduler
     from protocol.client import LoaderClient, LoaderError
@@ -131,18 +135,18 @@ def _serve(
             client = stack.enter_context(LoaderClient.connect(address, timeout_s=CONNECT_TIMEOUT_S))
         except (LoaderError, AddressError) as e:
             raise loader_failed(f"could not connect to the loader at {address}: {e}") from None
-        plan = client.plan
+        plan = client.plan  # with --connect, the loader's max_batch, KV pool and context are the ones in force
+        checkpoint = QuantizedCheckpoint(model.path)
         try:
-            engine = Engine(
-                QuantizedCheckpoint(model.path),
-                client,
-                device=run.device,
-                max_context=plan.max_context,
-                prefill_chunk=plan.prefill_chunk,
-            )
+            if plan.max_batch > 1:
+                engine = BatchEngine.for_plan(checkpoint, client, device=run.device)
+            else:
+                engine = Engine(
+                    checkpoint, client, device=run.device, max_context=plan.max_context, prefill_chunk=plan.prefill_chunk
+                )
         except LoaderError as e:
             raise loader_failed(f"the loader (pid {plan.loader_pid}) failed: {e}") from None
-        scheduler = Scheduler(engine, max_batch=config.max_batch, max_waiting=config.max_waiting)
+        scheduler = Scheduler(engine, max_batch=plan.max_batch, max_waiting=config.max_waiting)
         scheduler.start()
         stack.callback(scheduler.close, drain=False)
         failure = asyncio.run(_http(config, run, scheduler, listener, plan.loader_pid, verbose))
