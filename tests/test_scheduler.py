@@ -142,7 +142,8 @@ def test_concurrent_requests_each_get_the_reply_they_get_alone(scheduler, alone)
 def test_a_reply_ends_at_eos_or_when_the_context_is_full(scheduler, alone):
     prompt = random_prompt(7)
     full = alone(prompt, SamplingParams(temperature=0, max_new_tokens=6))
-    scheduler.eos_token_ids = scheduler.engine.eos_token_ids = frozenset({full[2]})
+    scheduler.engine.eos_token_ids = frozenset({full[2]})
+    assert scheduler.eos_token_ids == {full[2]}
     scheduler.start()
     recorder = Recorder()
     eos = recorder.wait(recorder.submit(scheduler, prompt, SamplingParams(temperature=0, max_new_tokens=6)))
