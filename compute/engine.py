@@ -5,8 +5,7 @@
 * ``Engine(checkpoint, weights, device=..., max_context=N)`` builds the model (``compute.model.build_model``),
   loads the tokenizer from the model directory (``engine.tokenizer``, a transformers tokenizer; the engine
   itself only ever sees token ids), and allocates a static KV cache for exactly ``max_context`` tokens:
-  ``kv_cache_nbytes(config, max_context)`` = 2 × layers × kv_heads × head_dim × max_context × 2 bytes (bf16),
-  the number the loader's planner counts in the budget.
+  ``quantizer.model_spec.kv_cache_nbytes(config, max_context)`` bytes, the number the loader's planner counts.
 * ``generate(prompt_ids, params, on_token=None, should_stop=None) -> GenerationResult``: prefill in chunks of
   ``prefill_chunk`` tokens (logits only for the last position), then decode one token per forward until an EOS
   id (``engine.eos_token_ids``: generation_config.json and config.json together), ``params.max_new_tokens``,
@@ -51,11 +50,12 @@ from transformers import AutoTokenizer, PretrainedConfig, StaticCache
 from compute.graphs import Decoder, DecodeStep, keyword_of
 from compute.model import HostEmbedding, UnitWeights, build_model
 from compute.sampling import SamplingParams, sample_next
+from protocol.defaults import DEFAULT_PREFILL_CHUNK
 from quantizer.checkpoint import QuantizedCheckpoint
+from quantizer.model_spec import head_dim, kv_cache_nbytes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = 512
 # SDPA backends prefill may use: all but cuDNN. torch 2.11 tries cuDNN first for a masked SDPA on Hopper, and cuDNN
 # builds an execution plan for every shape it has not seen: measured on the H200 (2026-11-29, bench/decode.py
 # --profile), the first one-token prefill after 512-token chunks spent 0.86 s of CPU in _cudnn_attention_forward
@@ -97,16 +97,6 @@ class GenerationResult:
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-
-def head_dim(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def kv_cache_nbytes(config: PretrainedConfig, max_context: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of a static KV cache for ``max_context`` tokens: keys and values, every layer, every KV head."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * max_context * itemsize
 
 
 def eos_token_ids(checkpoint: QuantizedCheckpoint) -> frozenset[int]:
@@ -170,7 +160,7 @@ class Engine:
                 max_context,
                 self.config.max_position_embeddings,
             )
-        self.kv_cache_bytes = kv_cache_nbytes(self.config, max_context, dtype)
+        self.kv_cache_bytes = kv_cache_nbytes(self.config, max_context, dtype.itemsize)
         self.cache = StaticCache(config=self.config, max_cache_len=max_context)
         # Allocate now, not at the first forward: the budget is counted up front, and the addresses stay fixed
         # for the engine's lifetime (what a captured decode graph needs).

@@ -35,7 +35,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, Qwen2ForCausalLM
+import transformers
+from transformers import AutoConfig, PretrainedConfig
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 from compute.int4_linear import Int4Linear
@@ -43,11 +44,10 @@ from compute.kernels.activation import swiglu_mlp_forward
 from compute.kernels.norm import FusedRMSNorm
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError
+from quantizer.model_spec import SUPPORTED_ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
-# architecture name in config.json / the manifest -> the transformers class that runs it
-SUPPORTED_ARCHITECTURES: dict[str, type[nn.Module]] = {"Qwen2ForCausalLM": Qwen2ForCausalLM}
 
 
 class UnitWeights(Protocol):
@@ -95,7 +95,7 @@ def build_model(
     """
     device = torch.device(device)
     config = load_config(checkpoint)
-    model_class = SUPPORTED_ARCHITECTURES[checkpoint.manifest.architecture]
+    model_class = getattr(transformers, checkpoint.manifest.architecture)  # a SUPPORTED_ARCHITECTURES name
     with torch.device("meta"):
         model = model_class(config).to(dtype)  # on meta, the cast costs nothing
     unit_linears = _replace_linears(model, checkpoint)

@@ -28,14 +28,12 @@ from loader.planner import SIZE, choose_prefill_chunk, plan_placement
 from loader.policies import DEFAULT_POLICY, POLICIES, get_policy
 from loader.pool import DevicePool
 from loader.process import LoaderConfig, LoaderProcess, format_stats, pool_capacity
+from protocol.defaults import DEFAULT_MAX_CONTEXT
 from protocol.sockets import AddressError, check_address, make_run_dir
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import FormatError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_CONTEXT = 4096
-
 
 def _cuda_available() -> bool:
     return torch.cuda.is_available()

@@ -3,12 +3,12 @@
 ``--gpu-memory`` is the total device memory of BOTH processes. From the model's ``config.json`` and its
 units the planner counts everything that is not the loader's pool (``budget_lines``):
 
-* CUDA contexts: ``CUDA_CONTEXT_BYTES`` per process, two processes (not counted on ``device="cpu"``);
+* CUDA contexts: ``protocol.defaults.CUDA_CONTEXT_BYTES`` per process, two processes (not on ``device="cpu"``);
 * the compute process's dense weights: the final norm, the per-layer norms, the q/k/v biases, and the bf16
   embedding when it is on the device: a tied lm_head shares it, so it is; an untied model's embedding stays in
   the compute process's pinned host memory (``compute.model.HostEmbedding``: one row per token crosses the bus),
   except on ``device="cpu"``, where host memory is the device memory;
-* the KV cache for ``max_context`` tokens: 2 x layers x kv_heads x head_dim x max_context, bf16;
+* the KV cache for ``max_context`` tokens: ``quantizer.model_spec.kv_cache_nbytes`` (what compute allocates);
 * activations for one prefill chunk of ``prefill_chunk`` tokens: hidden states, q/k/v, MLP intermediates,
   the attention scores of one layer (chunk x max_context x heads, as SDPA's math path would hold them),
   and the last position's logits (float32, with room for sampling's sort);
@@ -35,13 +35,15 @@ import click
 
 from loader.layout import UnitLayout
 from loader.policies import MIN_RING_SLOTS, Policy, Residency
+from protocol.defaults import CUDA_CONTEXT_BYTES, CUDA_PROCESSES, DEFAULT_PREFILL_CHUNK
+from quantizer.model_spec import head_dim as config_head_dim
+from quantizer.model_spec import kv_cache_nbytes
+from quantizer.model_spec import kv_heads as config_kv_heads
 
 GiB = 1 << 30
 MiB = 1 << 20
 
-CUDA_CONTEXT_BYTES = 640 * MiB  # one process: CUDA context, cuBLAS workspace, loaded kernels (NVML on the H200, 2026-11-29: loader 589 MiB, a consumer 519 MiB)
 ALLOCATOR_MARGIN_BYTES = 256 * MiB  # caching-allocator rounding and fragmentation, both processes
-DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill forward pass
 BF16 = 2
 F32 = 4
 
@@ -181,8 +183,8 @@ def budget_lines(
     hidden = _config_int(config, "hidden_size")
     layers = _config_int(config, "num_hidden_layers")
     heads = _config_int(config, "num_attention_heads")
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config_kv_heads(config)
+    head_dim = config_head_dim(config)
     intermediate = _config_int(config, "intermediate_size")
     vocab = _config_int(config, "vocab_size")
     chunk = min(prefill_chunk, max_context)
@@ -194,7 +196,7 @@ def budget_lines(
     norms = (2 * layers + 1) * hidden * BF16
     qkv_bias = layers * (heads + 2 * kv_heads) * head_dim * BF16
 
-    kv_cache = 2 * layers * kv_heads * head_dim * max_context * BF16
+    kv_cache = kv_cache_nbytes(config, max_context, BF16)
 
     # one prefill chunk: residual + normed + attention output + a spare hidden state, q/k/v, gate/up/product,
     # the scores of one layer over the whole context (plus the mask), and the last position's logits
@@ -214,7 +216,8 @@ def budget_lines(
 
     lines = []
     if device.startswith("cuda"):
-        lines.append((f"CUDA contexts (2 × {format_size(CUDA_CONTEXT_BYTES)})", 2 * CUDA_CONTEXT_BYTES))
+        contexts = f"CUDA contexts ({CUDA_PROCESSES} × {format_size(CUDA_CONTEXT_BYTES)})"
+        lines.append((contexts, CUDA_PROCESSES * CUDA_CONTEXT_BYTES))
     lines += [
         (
             "embedding, norms, biases (bf16)" if embedding_on_device else "norms, biases (bf16; embedding in host memory)",

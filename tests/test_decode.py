@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # when run as the interpreter child process
 
 from compute.decode import fused_decode_unsupported, stacked  # noqa: E402
-from compute.engine import head_dim  # noqa: E402
+from quantizer.model_spec import head_dim  # noqa: E402
 from compute.graphs import DecodeStep, eager_segment  # noqa: E402
 from compute.model import build_model  # noqa: E402
 from loader.layout import layout_units  # noqa: E402

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import compute.engine
-from compute.engine import ContextLengthError, Engine, FinishReason, eos_token_ids, kv_cache_nbytes
+from compute.engine import ContextLengthError, Engine, FinishReason, eos_token_ids
+from quantizer.model_spec import kv_cache_nbytes
 from compute.launch import LaunchedLoader, LoaderOptions
 from compute.sampling import SamplingParams, sample_next
 from conftest import make_tiny_qwen2

@@ -14,7 +14,6 @@ from quantizer.checkpoint import QuantizedCheckpoint
 from loader.planner import (
     choose_prefill_chunk,
     ALLOCATOR_MARGIN_BYTES,
-    CUDA_CONTEXT_BYTES,
     SIZE,
     BudgetError,
     budget_lines,
@@ -22,6 +21,7 @@ from loader.planner import (
     plan_placement,
 )
 from loader.policies import get_policy
+from protocol.defaults import CUDA_CONTEXT_BYTES
 from quantizer.format import Manifest, TensorEntry, UnitEntry
 
 GiB = 1 << 30
