@@ -15,7 +15,7 @@
   acquired and the loader's ring out of step. So Ctrl-C handling belongs in a signal handler that sets a
   flag ``should_stop`` reads, not in an exception. If an exception does stop a forward half-way (a second
   Ctrl-C), ``generate`` walks the rest of that pass's units before re-raising, so the engine stays usable.
-* Decode runs one token per forward through ``compute.graphs.Decoder`` on fixed input buffers. On CUDA, with
+* Decode runs one token per forward through ``compute.decoder.Decoder`` on fixed input buffers. On CUDA, with
   ``cuda_graphs=True`` (the default), the first decode step under a plan captures the decode step as CUDA graphs:
   ONE graph when every unit is resident (one launch per token instead of a thousand); when some units stream, one
   graph per run of resident layers, the streamed layers running eagerly in between (their weights arrive through
@@ -47,7 +47,8 @@ import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer, PretrainedConfig, StaticCache
 
-from compute.graphs import Decoder, DecodeStep, keyword_of
+from compute.decode_step import DecodeStep, keyword_of
+from compute.decoder import Decoder
 from compute.model import HostEmbedding, UnitWeights, build_model
 from compute.sampling import SamplingParams, sample_next
 from protocol.defaults import DEFAULT_PREFILL_CHUNK
@@ -371,7 +372,7 @@ class Engine:
     def _decode_step(self, token: int, position: int) -> torch.Tensor:
         """One token at ``position`` through the model, its keys/values into the cache; its logits ([vocab]).
 
-        ``compute.graphs.Decoder`` runs it: replayed from CUDA graphs where the plan in force allows, eagerly
+        ``compute.decoder.Decoder`` runs it: replayed from CUDA graphs where the plan in force allows, eagerly
         otherwise. The logits of a replay live in the graph's memory: they are valid until the next step.
         """
         return self._decoder(token, position, cuda_graphs=self.cuda_graphs)

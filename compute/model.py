@@ -42,6 +42,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 from compute.int4_linear import Int4Linear
 from compute.kernels.activation import swiglu_mlp_forward
 from compute.kernels.norm import FusedRMSNorm
+from protocol.messages import Plan
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError
 from quantizer.model_spec import SUPPORTED_ARCHITECTURES
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 
 class UnitWeights(Protocol):
     """Where the quantized Linears' weights come from: the loader client, or a test double."""
+
+    plan: Plan | None  # the loader's plan in force (which units stream, its generation); None: nothing streams
 
     def acquire(self, unit: str, stream: torch.cuda.Stream | None = None) -> dict[str, torch.Tensor]: ...
 
@@ -192,7 +195,7 @@ class HostEmbedding(nn.Module):
 
     ``forward(input_ids)`` takes the ids on the host (the engine passes them so; ids on the device are fetched
     first, which waits for the device). The decode step does not call it: it copies the one row it needs into a
-    static device buffer itself (``compute.graphs.DecodeStep``), outside any captured graph. The rows are exact
+    static device buffer itself (``compute.decode_step.DecodeStep``), outside any captured graph. The rows are exact
     copies, so the model computes what it would with the embedding on the device.
     """
 

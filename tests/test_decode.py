@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO / "tests"))  # when run as the interpreter child pro
 
 from compute.decode import fused_decode_unsupported, stacked  # noqa: E402
 from quantizer.model_spec import head_dim  # noqa: E402
-from compute.graphs import DecodeStep, eager_segment  # noqa: E402
+from compute.decode_step import DecodeStep  # noqa: E402
+from compute.segments import eager_segment  # noqa: E402
 from compute.model import build_model  # noqa: E402
 from loader.layout import layout_units  # noqa: E402
 from quantizer.checkpoint import SAFETENSORS_DTYPES, QuantizedCheckpoint  # noqa: E402

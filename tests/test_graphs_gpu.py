@@ -1,4 +1,4 @@
-"""compute.graphs on the GPU: whole-step and piecewise replay follow stock transformers, over a real loader too,
+"""The decode step's segments, CUDA graphs and decoder (compute.segments, compute.cuda_graphs, compute.decoder) on the GPU: whole-step and piecewise replay follow stock transformers, over a real loader too,
 and decode does not capture when it must not (everything streamed, cuda_graphs off, a failed capture).
 
 The tests compare the engine against stock transformers by teacher forcing (``generate_checked``), and count
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from compute.engine import Engine
-from compute.graphs import SegmentGraph, describe, plan_segments, streamed_units
+from compute.cuda_graphs import SegmentGraph
+from compute.segments import describe, plan_segments, streamed_units
 from compute.launch import LaunchedLoader, LoaderOptions
 from loader.layout import layout_units
 from loader.planner import BudgetError, plan_placement
@@ -130,7 +131,7 @@ def test_a_new_plan_drops_the_graphs_and_a_plan_streaming_everything_decodes_eag
     piecewise = engine._decoder.graphs
 
     weights.switch(streamed={"layers.0", "layers.1", "lm_head"})
-    with caplog.at_level(logging.INFO, logger="compute.graphs"):
+    with caplog.at_level(logging.INFO, logger="compute.decoder"):
         generate_checked(engine, reference, prompt)
     assert not engine.decodes_with_cuda_graph
     assert engine.decode_mode == "eager: policy 'test' streams 3 of 3 units: nothing to capture"
@@ -162,7 +163,7 @@ def test_a_failed_capture_falls_back_to_eager_decode_with_the_reason(tiny_q, tmp
     engine = Engine(checkpoint, weights, device="cuda", max_context=64, prefill_chunk=4)
     engine.eos_token_ids = frozenset()
     reference = reference_model(tiny_q, tmp_path).to("cuda")
-    with caplog.at_level(logging.WARNING, logger="compute.graphs"):
+    with caplog.at_level(logging.WARNING, logger="compute.decoder"):
         generate_checked(engine, reference, random_prompt(7))
     assert not engine.decodes_with_cuda_graph and weights.held is None and not engine.model.unit_binder.in_pass
     reason = "capturing the decode step as CUDA graphs failed: operation not permitted"
@@ -233,7 +234,7 @@ def test_piecewise_decode_over_a_real_hybrid_loader_across_generations_resets_an
     assert expected_mode.startswith("piecewise"), expected_mode
     options = LoaderOptions(model=deep_q, gpu_memory=str(budget), policy="hybrid", device="cuda", max_context=64)
     with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=60) as client:
-        assert set(placement.streamed) == streamed_units(client)
+        assert set(placement.streamed) == streamed_units(client.plan)
         engine = Engine(checkpoint, client, device="cuda", max_context=64, prefill_chunk=4)
         engine.eos_token_ids = frozenset()
         prompt = random_prompt(9)

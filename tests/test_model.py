@@ -27,6 +27,8 @@ class CheckpointWeights:
     or releasing one that is not held.
     """
 
+    plan = None  # an in-process source: nothing streams
+
     def __init__(self, checkpoint: QuantizedCheckpoint, device: str = "cpu"):
         self.units = {
             unit.name: {

@@ -60,7 +60,7 @@ Why this design:
 
 Measured on the H200 (2026-12-01, torch 2.11, Triton 3.6; each call alone in a CUDA graph, ``do_bench_cudagraph``),
 the 32B model's shapes: ``rotary_cache_write`` with eight partials 1.7 us; ``decode_attention`` on a 4096-position
-cache 5.6 / 7.6 / 8.8 us at positions 100 / 2000 / 4095 (the ops of ``compute.graphs.grouped_decode_attention``:
+cache 5.6 / 7.6 / 8.8 us at positions 100 / 2000 / 4095 (the ops of ``compute.grouped_attention.grouped_decode_attention``:
 26.8 us at any position), on a 32768-position cache 7.0 / 24.1 / 39.5 us at positions 1000 / 16000 / 32767 (the
 last reads 128 MB of K and V: 3.3 TB/s). Of 32- to 128-key blocks, at most 32 or 64 splits and 4 or 8 warps,
 ``split_config``'s choice (64, 64, 4 warps) was the fastest at the two longest contexts and within 10% of the
