@@ -1,22 +1,29 @@
 """The options of one ``spillover run``, checked, and the defaults that fill in what was not given.
 
-``RunConfig`` is built once, from the command line, by ``compute.run``; ``RunConfig.loader_options`` is the one
-place that says which options the loader process needs. ``compute.session`` reads the rest.
+``RunConfig`` is built once, from the command line, by ``compute.run``; ``RunConfig.loader_command`` is the one
+place that says which options the loader process gets (``protocol.launch.LoaderCommand``). ``compute.session`` reads the rest.
+
+``KernelOptions`` are the kernels' options of any process that builds an engine (``spillover run``, ``spillover
+bench``, ``bench.decode``): ``kernel_options`` adds them to a click command (the environment variables
+``SPILLOVER_GEMV_CONFIGS`` and ``SPILLOVER_EARLY_LAUNCH`` may set them) and ``KernelOptions.apply`` hands them to
+the kernels once, before the first launch. No kernel module reads the environment.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import click
 import psutil
 import torch
 
-from compute.launch import LoaderOptions
 from compute.resolve import ResolvedModel
 from compute.sampling import SamplingParams
 from protocol.defaults import CUDA_CONTEXT_BYTES, CUDA_PROCESSES, DEFAULT_MAX_CONTEXT, MiB
+from protocol.launch import LoaderCommand
 
 # With no --model and no --gpu-memory, the demo runs under a budget that holds about half its layers, so the
 # placement shows streaming (a value for the "demo" preset; on cuda the processes' CUDA contexts come on top).
@@ -25,6 +32,48 @@ DEMO_MAX_CONTEXT = 1024
 # Without --gpu-memory on a real model: the free device memory (cuda), half the available host memory (cpu).
 CUDA_FREE_FRACTION = 0.95
 CPU_AVAILABLE_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelOptions:
+    """How this process's INT4 and decode kernels launch."""
+
+    gemv_configs: Path | None = None  # a table ``python -m bench.kernels --sweep`` wrote, merged over the built-in
+    early_launch: bool = True  # decode kernels launch early on Hopper and later (``compute.kernels.pdl``)
+
+    def apply(self) -> None:
+        """Hand the options to this process's kernels, before any is launched; ValueError names a bad table."""
+        from compute.kernels import pdl  # imported here: Triton is slow to import, and --help needs none of it
+        from compute.kernels.gemv_configs import load_tuned_configs
+
+        if self.gemv_configs is not None:
+            load_tuned_configs(self.gemv_configs)
+        pdl.set_early_launch(self.early_launch)
+
+
+def _check_gemv_configs(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None:
+        from compute.kernels.gemv_configs import read_tuned_configs
+
+        try:
+            read_tuned_configs(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    return value
+
+
+def kernel_options(command: Callable) -> Callable:
+    """Add ``--gemv-configs`` and ``--early-launch/--no-early-launch`` to a click command; its function receives
+    them as ``gemv_configs`` and ``early_launch`` (``KernelOptions(**...)``)."""
+    command = click.option(
+        "--early-launch/--no-early-launch", default=True, show_default=True, envvar="SPILLOVER_EARLY_LAUNCH",
+        help="Decode kernels start before the one before them ends (Hopper and later). [env: SPILLOVER_EARLY_LAUNCH]",
+    )(command)  # fmt: skip
+    return click.option(
+        "--gemv-configs", type=click.Path(dir_okay=False, path_type=Path), envvar="SPILLOVER_GEMV_CONFIGS",
+        callback=_check_gemv_configs, help="A GEMV config table `python -m bench.kernels --sweep` wrote on this "
+        "GPU, used over the built-in one. [env: SPILLOVER_GEMV_CONFIGS]",
+    )(command)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,14 +89,15 @@ class RunConfig:
     repetition_penalty: float  # 1.0 = off
     seed: int | None  # None = a fresh random seed per reply
     policy: str  # the loader's placement policy: resident, stream or hybrid
-    gpu_memory: str | None  # the budget of both processes, e.g. "12GiB"; None = chosen from what is free
+    gpu_memory: int | None  # the budget of both processes in bytes (--gpu-memory 12GiB); None = chosen from what is free
     device: str  # "cuda" or "cpu"
     max_context: int | None  # KV cache tokens; None = the default (the demo uses a smaller one)
     raw: bool  # no chat template: the prompt is tokenized as it is
     output_format: str  # "text" or "json"
     connect: str | None  # address of a running loader; None = start one here
     cache_dir: Path  # where quantized checkpoints and the demo model are kept
-    print_loader_args: bool  # only print the loader's options (after resolving --model) and exit
+    kernels: KernelOptions  # --gemv-configs, --early-launch
+    verbose: int  # the spillover group's -v count: the loader logs at the same level
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -59,14 +109,16 @@ class RunConfig:
             max_new_tokens=self.max_new_tokens,
         )
 
-    def loader_options(self, model: ResolvedModel) -> LoaderOptions:
-        """The loader's share of the options: the one place that splits them between the two processes."""
-        return LoaderOptions(
+    def loader_command(self, model: ResolvedModel) -> LoaderCommand:
+        """The loader's share of the options: the one place that splits them between the two processes (the
+        launcher adds the socket and the ready file)."""
+        return LoaderCommand(
             model=model.path,
             gpu_memory=self.gpu_memory or default_budget(self.device, demo=model.is_demo),
             policy=self.policy,
             device=self.device,
             max_context=self.max_context or default_max_context(model),
+            verbose=self.verbose,
         )
 
 
@@ -77,12 +129,12 @@ def default_max_context(model: ResolvedModel) -> int:
     return min(default, config.get("max_position_embeddings") or default)
 
 
-def default_budget(device: str, *, demo: bool) -> str:
-    """``--gpu-memory`` when none is given, in bytes (the loader parses sizes)."""
+def default_budget(device: str, *, demo: bool) -> int:
+    """``--gpu-memory`` when none is given, in bytes."""
     if demo:
         contexts = CUDA_PROCESSES * CUDA_CONTEXT_BYTES if device == "cuda" else 0
-        return str(DEMO_BUDGET_BYTES + contexts)
+        return DEMO_BUDGET_BYTES + contexts
     if device == "cuda":
         free, _total = torch.cuda.mem_get_info()
-        return str(int(free * CUDA_FREE_FRACTION))
-    return str(int(psutil.virtual_memory().available * CPU_AVAILABLE_FRACTION))
+        return int(free * CUDA_FREE_FRACTION)
+    return int(psutil.virtual_memory().available * CPU_AVAILABLE_FRACTION)

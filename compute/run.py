@@ -1,9 +1,9 @@
 """``spillover run``: chat with a model, one-shot or in a REPL, with the loader started here or already running.
 
-Every option is read once into ``RunConfig``; ``RunConfig.loader_options`` is the one place that says which
-options the loader process needs (``--model`` resolved, ``--gpu-memory``, ``--policy``, ``--device``,
-``--max-context``). ``--print-loader-args`` prints exactly those, one per line, so ``run.sh`` can start the
-loader itself and then run ``spillover run --connect ADDR`` with the same options.
+Every option is read once into ``compute.config.RunConfig``; ``RunConfig.loader_command`` is the one place that
+says which options the loader process gets (``--model`` resolved, ``--gpu-memory``, ``--policy``, ``--device``,
+``--max-context``). Without ``--connect`` the loader is started here (``compute.launch``), the one launcher both
+``spillover run`` and ``run.sh`` use.
 
 What goes where: the reply (or, with ``--output-format json``, exactly one JSON object) on stdout; the
 loader's output, progress, statistics and errors on stderr. Errors a person can fix end the command with one
@@ -23,10 +23,12 @@ from pathlib import Path
 import click
 import torch
 
-from compute.config import DEMO_MAX_CONTEXT, RunConfig
-from compute.launch import LaunchedLoader, LoaderOptions, LoaderStartError
+from compute.config import DEMO_MAX_CONTEXT, KernelOptions, RunConfig, kernel_options
+from compute.launch import LaunchedLoader, LoaderStartError
 from compute.resolve import ModelResolveError, ResolvedModel, default_cache_dir, resolve_model
-from protocol.defaults import DEFAULT_MAX_CONTEXT
+from protocol.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_POLICY, POLICY_NAMES
+from protocol.launch import LoaderCommand
+from protocol.sizes import SIZE
 from quantizer.format import FormatError
 
 def _device(requested: str | None) -> str:
@@ -60,9 +62,9 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off.")
 @click.option("--seed", type=click.IntRange(min=0), help="Makes a reply reproducible. Default: random.")
-@click.option("--policy", default="hybrid", show_default=True,
-              help="Which weights stay in device memory: resident, stream or hybrid.")
-@click.option("--gpu-memory", metavar="SIZE", help="Device memory for both processes together, e.g. 12GiB. "
+@click.option("--policy", type=click.Choice(sorted(POLICY_NAMES)), default=DEFAULT_POLICY, show_default=True,
+              help="Which weights stay in device memory.")
+@click.option("--gpu-memory", type=SIZE, metavar="SIZE", help="Device memory for both processes together, e.g. 12GiB. "
               "Default: the free device memory (the demo: less than its model, to show streaming).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when available.")
 @click.option("--max-context", type=click.IntRange(min=1),
@@ -76,25 +78,20 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
               "started with.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SPILLOVER_CACHE_DIR",
               help="Where quantized models and the demo are kept. [default: ~/.cache/spillover]")
-@click.option("--print-loader-args", is_flag=True,
-              help="Print the loader's options, one per line (--model DIR first), and exit. Used by run.sh.")
+@kernel_options
 @click.pass_context
 # fmt: on
 def run(ctx: click.Context, **options) -> None:
     """Chat with a model whose INT4 weights stream from a loader process."""
-    config = _build_config(options)
-    verbose = ctx.find_root().params.get("verbose", 0)
+    config = _build_config(options, verbose=ctx.find_root().params.get("verbose", 0))
     # SIGTERM ends the program through the normal exit path, so the loader is stopped and files are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         model = resolve_model(config.model, cache_dir=config.cache_dir, device=config.device)
-        loader_options = config.loader_options(model)
         if model.is_demo:
             click.echo(f"spillover: {model.label}; run with --model to use a real model", err=True)
-        if config.print_loader_args:
-            click.echo("\n".join(loader_options.argv()))
-            return
-        _serve(config, model, loader_options, verbose)
+        config.kernels.apply()
+        _serve(config, model, config.loader_command(model))
     except (ModelResolveError, LoaderStartError, FormatError) as e:
         raise RunError(str(e)) from None
     except KeyboardInterrupt:
@@ -102,11 +99,9 @@ def run(ctx: click.Context, **options) -> None:
         sys.exit(130)
 
 
-def _build_config(options: dict) -> RunConfig:
+def _build_config(options: dict, *, verbose: int) -> RunConfig:
     if options["output_format"] == "json" and options["prompt"] is None:
         raise click.UsageError("--output-format json needs a prompt (-p): the chat REPL writes text only")
-    if options["connect"] and options["print_loader_args"]:
-        raise click.UsageError("--print-loader-args and --connect do not go together")
     return RunConfig(
         model=options["model"],
         prompt=options["prompt"],
@@ -124,11 +119,12 @@ def _build_config(options: dict) -> RunConfig:
         output_format=options["output_format"],
         connect=options["connect"],
         cache_dir=options["cache_dir"] or default_cache_dir(),
-        print_loader_args=options["print_loader_args"],
+        kernels=KernelOptions(gemv_configs=options["gemv_configs"], early_launch=options["early_launch"]),
+        verbose=verbose,
     )
 
 
-def _serve(config: RunConfig, model: ResolvedModel, loader_options: LoaderOptions, verbose: int) -> None:
+def _serve(config: RunConfig, model: ResolvedModel, loader_command: LoaderCommand) -> None:
     """Connect to (or start) the loader, build the engine, and answer the prompt or run the REPL."""
     # Imported here: transformers is slow to import, and --help or --print-loader-args do not need it.
     from compute.chat import ReplyRefused
@@ -143,7 +139,7 @@ def _serve(config: RunConfig, model: ResolvedModel, loader_options: LoaderOption
         if config.connect:
             address = config.connect
         else:
-            launched = stack.enter_context(LaunchedLoader.start(loader_options, verbose=verbose))
+            launched = stack.enter_context(LaunchedLoader.start(loader_command))
             address = launched.address
         try:
             session = stack.enter_context(Session.open(address, model, config))

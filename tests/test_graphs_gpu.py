@@ -17,7 +17,8 @@ import torch
 from compute.engine import Engine
 from compute.cuda_graphs import SegmentGraph
 from compute.segments import describe, plan_segments, streamed_units
-from compute.launch import LaunchedLoader, LoaderOptions
+from compute.launch import LaunchedLoader
+from protocol.launch import LoaderCommand
 from loader.layout import layout_units
 from loader.planner import BudgetError, plan_placement
 from loader.policies import get_policy
@@ -204,7 +205,7 @@ def test_graph_over_a_real_resident_loader_and_eager_when_it_streams_everything(
     resident, _ = planned_budget(tiny_q, 64, "resident", lambda placement: True)
     # stream holds a ring of a few units besides: a MiB more is plenty for these tiny units
     for policy, budget, mode in [("resident", resident, "graph"), ("stream", resident + (1 << 20), "eager: policy")]:
-        options = LoaderOptions(model=tiny_q, gpu_memory=str(budget), policy=policy, device="cuda", max_context=64)
+        options = LoaderCommand(model=tiny_q, gpu_memory=budget, policy=policy, device="cuda", max_context=64)
         with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=60) as client:
             engine = Engine(checkpoint, client, device="cuda", max_context=64, prefill_chunk=4)
             engine.eos_token_ids = frozenset()
@@ -232,7 +233,7 @@ def test_piecewise_decode_over_a_real_hybrid_loader_across_generations_resets_an
     expected = plan_segments(units, set(placement.streamed), layers)
     expected_mode = describe(expected)
     assert expected_mode.startswith("piecewise"), expected_mode
-    options = LoaderOptions(model=deep_q, gpu_memory=str(budget), policy="hybrid", device="cuda", max_context=64)
+    options = LoaderCommand(model=deep_q, gpu_memory=budget, policy="hybrid", device="cuda", max_context=64)
     with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=60) as client:
         assert set(placement.streamed) == streamed_units(client.plan)
         engine = Engine(checkpoint, client, device="cuda", max_context=64, prefill_chunk=4)

@@ -14,14 +14,13 @@ from quantizer.checkpoint import QuantizedCheckpoint
 from loader.planner import (
     choose_prefill_chunk,
     ALLOCATOR_MARGIN_BYTES,
-    SIZE,
     BudgetError,
     budget_lines,
-    parse_size,
     plan_placement,
 )
 from loader.policies import get_policy
 from protocol.defaults import CUDA_CONTEXT_BYTES
+from protocol.sizes import SIZE, parse_size
 from quantizer.format import Manifest, TensorEntry, UnitEntry
 
 GiB = 1 << 30

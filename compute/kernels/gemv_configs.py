@@ -1,7 +1,8 @@
 """Launch configs of the INT4 GEMV kernels (``compute.kernels.gemv``): the ones measured on the H200 per shape, a
 heuristic for other shapes, and the tables a sweep on another GPU writes (``python -m bench.kernels --sweep``).
 
-``$SPILLOVER_GEMV_CONFIGS`` names such a table to merge in at import. Nothing is autotuned at run time.
+A process merges such a table in once, at its start (``compute.config.KernelOptions``). Nothing is autotuned at run
+time.
 """
 
 from __future__ import annotations
@@ -69,10 +70,9 @@ TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig | MmaConfig] = {
 _CONFIG_TYPES = {"dot": GemvConfig, "mma": MmaConfig}
 
 
-def load_tuned_configs(path: str | os.PathLike) -> int:
-    """Merge the configs a ``python -m bench.kernels --sweep`` run wrote (its ``--json``'s "tuned" table, keys
-    "kernel N K") into ``TUNED_CONFIGS``, for a GPU other than the one the table was measured on. Returns how many.
-    Read at import from the file ``$SPILLOVER_GEMV_CONFIGS`` names, when it is set."""
+def read_tuned_configs(path: str | os.PathLike) -> dict[tuple[str, int, int], GemvConfig | MmaConfig]:
+    """The configs a ``python -m bench.kernels --sweep`` run wrote (its ``--json``'s "tuned" table, keys
+    "kernel N K"); ValueError, naming the file, for anything else."""
     try:
         tuned = json.loads(Path(path).read_text())["tuned"]
         configs = {}
@@ -81,12 +81,15 @@ def load_tuned_configs(path: str | os.PathLike) -> int:
             configs[(kernel, int(n), int(k))] = _CONFIG_TYPES[kernel](**fields)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a GEMV config table written by bench.kernels --sweep ({e})") from None
+    return configs
+
+
+def load_tuned_configs(path: str | os.PathLike) -> int:
+    """Merge the table at ``path`` (``read_tuned_configs``) into ``TUNED_CONFIGS``, for a GPU other than the one the
+    built-in table was measured on. Returns how many configs it holds."""
+    configs = read_tuned_configs(path)
     TUNED_CONFIGS.update(configs)
     return len(configs)
-
-
-if os.environ.get("SPILLOVER_GEMV_CONFIGS"):
-    load_tuned_configs(os.environ["SPILLOVER_GEMV_CONFIGS"])
 
 _TARGET_PROGRAMS = 1024  # enough resident programs to keep every SM's loads in flight (132 SMs on an H200)
 H200_SMS = 132
