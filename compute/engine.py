@@ -188,12 +188,6 @@ class Engine:
         log.info("KV cache: %d tokens, %.1f MiB", max_context, self.kv_cache_bytes / 2**20)
 
     @property
-    def decodes_with_cuda_graph(self) -> bool:
-        """The decode step replays CUDA graphs, for the whole step or for its resident segments (decided at the
-        first decode step of a plan)."""
-        return self._decoder.graphs is not None
-
-    @property
     def decode_mode(self) -> str:
         """How decode runs, in one line: "graph" (the whole step one CUDA graph), "piecewise (N graphs, M eager
         units)" (resident segments replayed, streamed units eager), or "eager: <reason>"; "undecided …" before the

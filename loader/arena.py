@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from loader.layout import TensorSlot, UnitLayout
-from quantizer.checkpoint import SAFETENSORS_DTYPES, QuantizedCheckpoint
+from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import FormatError
 
 log = logging.getLogger(__name__)
@@ -135,13 +135,6 @@ class PinnedArena:
         except KeyError:
             raise KeyError(f"unit {name!r} is not in the arena; it holds {list(self.offsets)}") from None
         return self.data[offset : offset + self.units[name].nbytes]
-
-    def tensor(self, unit_name: str, tensor_name: str) -> torch.Tensor:
-        """Typed view of one tensor inside a unit (e.g. a ``qweight``, uint8 ``[out, in / 2]``)."""
-        unit = self.unit(unit_name)
-        slot = self.units[unit_name].slot(tensor_name)
-        raw = unit[slot.offset : slot.offset + slot.nbytes]
-        return raw.view(SAFETENSORS_DTYPES[slot.dtype]).view(slot.shape)
 
     def close(self) -> None:
         """Unpin and drop the memory (it is freed once no view of it remains); safe to call twice."""

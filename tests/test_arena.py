@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from loader.arena import PinnedArena
 from loader.layout import UnitLayout, layout_units
-from quantizer.checkpoint import QuantizedCheckpoint
+from quantizer.checkpoint import QuantizedCheckpoint, tensor_view
 from quantizer.format import (
     MANIFEST_NAME,
     FormatError,
@@ -91,7 +91,7 @@ def assert_arena_matches(arena: PinnedArena, model_dir: Path) -> int:
         for slot in unit.tensors:
             with safe_open(model_dir / checkpoint.entry(slot.name).file, framework="pt") as f:
                 expected = f.get_tensor(slot.name)
-            got = arena.tensor(unit.name, slot.name)
+            got = tensor_view(arena.unit(unit.name), slot.offset, slot.nbytes, slot.dtype, slot.shape)
             assert got.dtype == expected.dtype and got.shape == expected.shape, slot.name
             assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), slot.name
             checked += 1

@@ -201,7 +201,7 @@ def test_cpu_engine_decodes_eagerly_even_with_graphs_asked_for(tiny_q):
     engine = Engine(checkpoint, CheckpointWeights(checkpoint), device="cpu", max_context=32, cuda_graphs=True)
     assert engine.decode_mode.startswith("undecided")
     engine.generate(random_prompt(5), GREEDY)
-    assert not engine.decodes_with_cuda_graph
+    assert engine._decoder.graphs is None
     assert engine.decode_mode == "eager: CUDA graphs need a CUDA device (decode runs on cpu)"
     engine.cuda_graphs = False
     engine.generate(random_prompt(5), GREEDY)

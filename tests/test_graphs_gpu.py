@@ -70,7 +70,7 @@ def test_graph_replay_follows_stock_transformers_across_turns_and_resets(qdir, t
                    prefill_chunk=4, cuda_graphs=False)  # fmt: skip
     eager.eos_token_ids = frozenset()
     generate_checked(eager, reference, prompt)
-    assert not eager.decodes_with_cuda_graph and eager.decode_mode == "eager: cuda_graphs is off"
+    assert eager._decoder.graphs is None and eager.decode_mode == "eager: cuda_graphs is off"
 
 
 @pytest.mark.gpu
@@ -94,7 +94,7 @@ def test_piecewise_replay_follows_stock_transformers_and_runs_only_streamed_laye
 
     prompt = random_prompt(9)
     first = generate_checked(engine, reference, prompt)
-    assert engine.decode_mode == mode and engine.decodes_with_cuda_graph
+    assert engine.decode_mode == mode and engine._decoder.graphs is not None
     graphs = engine._decoder.graphs
 
     # Once captured, a decode step runs the streamed units in Python, acquiring each, and replays the resident ones,
@@ -134,7 +134,7 @@ def test_a_new_plan_drops_the_graphs_and_a_plan_streaming_everything_decodes_eag
     weights.switch(streamed={"layers.0", "layers.1", "lm_head"})
     with caplog.at_level(logging.INFO, logger="compute.decoder"):
         generate_checked(engine, reference, prompt)
-    assert not engine.decodes_with_cuda_graph
+    assert engine._decoder.graphs is None
     assert engine.decode_mode == "eager: policy 'test' streams 3 of 3 units: nothing to capture"
     assert "decode runs eagerly: policy 'test' streams 3 of 3 units" in caplog.text
 
@@ -166,7 +166,7 @@ def test_a_failed_capture_falls_back_to_eager_decode_with_the_reason(tiny_q, tmp
     reference = reference_model(tiny_q, tmp_path).to("cuda")
     with caplog.at_level(logging.WARNING, logger="compute.decoder"):
         generate_checked(engine, reference, random_prompt(7))
-    assert not engine.decodes_with_cuda_graph and weights.held is None and not engine.model.unit_binder.in_pass
+    assert engine._decoder.graphs is None and weights.held is None and not engine.model.unit_binder.in_pass
     reason = "capturing the decode step as CUDA graphs failed: operation not permitted"
     assert engine.decode_mode == f"eager: {reason} when stream is capturing"
     assert "capturing the decode step as CUDA graphs failed" in caplog.text
