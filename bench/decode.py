@@ -27,7 +27,7 @@ from protocol.sizes import SIZE
 
 log = logging.getLogger(__name__)
 
-FULL_MODEL_WEIGHT_BYTES = 16.5e9  # INT4 weights of the 64-layer 32B model, lm_head included (design.md)
+FULL_MODEL_WEIGHT_BYTES = 16.5e9  # INT4 weights of the 64-layer 32B model, lm_head included
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -58,9 +58,8 @@ from quantizer.model_spec import head_dim, kv_cache_nbytes
 log = logging.getLogger(__name__)
 
 # SDPA backends prefill may use: all but cuDNN. torch 2.11 tries cuDNN first for a masked SDPA on Hopper, and cuDNN
-# builds an execution plan for every shape it has not seen: measured on the H200 (2026-11-29, bench/decode.py
-# --profile), the first one-token prefill after 512-token chunks spent 0.86 s of CPU in _cudnn_attention_forward
-# for 16 layers. Prefill chunk lengths change with every prompt, so each new length would pay that again.
+# builds an execution plan, costing most of a second of CPU, for every shape it has not seen. Prefill chunk lengths
+# change with every prompt, so each new length would pay that again.
 PREFILL_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

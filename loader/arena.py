@@ -4,7 +4,7 @@ Layout: the units given to ``load``, back to back in that order, each laid out a
 unit is one contiguous range and moving it to the device is one copy). The arena is a single anonymous
 mmap (huge pages advised, so filling 16 GB does not take millions of page faults) and, with ``pin=True``, is
 page-locked once with ``cudaHostRegister``: PyTorch's pinned allocator would round each allocation up to a
-power of two, and pageable memory copies to the device at an eighth of the pinned rate (design.md).
+power of two, and pageable memory copies to the device at an eighth of the pinned rate (6.9 against 55 GB/s on the H200).
 
 Filling reads each shard once, front to back: the safetensors header (8-byte little-endian length, then
 JSON with every tensor's dtype, shape and data offsets), then each unit tensor's bytes ``readinto`` its

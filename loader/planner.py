@@ -230,8 +230,7 @@ PREFILL_CHUNKS = (2048, 1024)  # longer prefill chunks tried, longest first, bef
 def choose_prefill_chunk(plan_for: Callable[..., Placement], **policy_options) -> int:
     """The longest prefill chunk that costs the placement nothing.
 
-    Every prefill forward pass pays the per-layer launch costs once, so longer chunks prefill faster (on the
-    H200 the 32B model's 2048-token prefill ran 3915 tok/s in 512-token chunks). But a chunk's activations
+    Every prefill forward pass pays the per-layer launch costs once, so longer chunks prefill faster. But a chunk's activations
     come out of the same budget as resident layers: a longer chunk is taken only when the placement keeps
     exactly the residency it has with ``DEFAULT_PREFILL_CHUNK`` — in practice, when everything is resident
     with room to spare. ``plan_for`` is ``plan_placement`` with everything but ``prefill_chunk`` bound;

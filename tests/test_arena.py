@@ -220,7 +220,7 @@ def test_arena_is_pinned_and_copies_at_pinned_speed(tmp_path):
         assert rates["arena"] > 2 * rates["pageable"], rates
         device.copy_(big.data)  # the pageable copy came last: copy the arena again to check its bytes
         assert int(device[0]) == int(device[-1]) == 7
-        # start to ready must stay under 20 s for 16.5 GB (issue 5): pinning may take at most half of that
+        # start to ready must stay under 20 s for a 16.5 GB checkpoint (the project's target): pinning may take at most half of that
         assert pin_gbps >= 2.0, f"pinning a filled arena ran at {pin_gbps:.2f} GB/s; copy rates {rates}"
     finally:
         big.close()

@@ -76,7 +76,7 @@ def plan(budget: str, policy: str = "hybrid", *, device: str = "cuda", max_conte
 def test_the_32b_unit_sizes():
     assert len(UNITS) == 65 and UNITS[-1].name == "lm_head"
     assert 250e6 < LAYER_BYTES < 252e6 and 400e6 < UNITS[-1].nbytes < 402e6
-    assert 16.4e9 < sum(u.nbytes for u in UNITS) < 16.5e9  # design.md: about 16.5 GB with an INT4 lm_head
+    assert 16.4e9 < sum(u.nbytes for u in UNITS) < 16.5e9  # the 32B model: about 16.5 GB with an INT4 lm_head
 
 
 def test_lines_counted_for_the_32b_model():

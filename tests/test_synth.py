@@ -105,7 +105,7 @@ def test_the_32b_preset_has_the_r1_distill_shapes_and_size():
         if p.linear
     ]
     linear_bytes = planned_file_bytes(plan_shards(groups, 2 * 10**9))
-    assert 16.3e9 < linear_bytes < 16.7e9  # design.md: ~16.5 GB with an INT4 lm_head
+    assert 16.3e9 < linear_bytes < 16.7e9  # the 32B model: ~16.5 GB with an INT4 lm_head
 
 
 @pytest.mark.gpu
