@@ -1,7 +1,8 @@
 """The options of one ``spillover run``, checked, and the defaults that fill in what was not given.
 
 ``RunConfig`` is built once, from the command line, by ``compute.run``; ``RunConfig.loader_command`` is the one
-place that says which options the loader process gets (``protocol.launch.LoaderCommand``). ``compute.session`` reads the rest.
+place that says which options the loader process gets (``protocol.launch.LoaderCommand``). ``compute.session``
+reads the rest.
 
 ``KernelOptions`` are the kernels' options of any process that builds an engine (``spillover run``, ``spillover
 bench``, ``bench.decode``): ``kernel_options`` adds them to a click command (the environment variables
@@ -89,7 +90,7 @@ class RunConfig:
     repetition_penalty: float  # 1.0 = off
     seed: int | None  # None = a fresh random seed per reply
     policy: str  # the loader's placement policy: resident, stream or hybrid
-    gpu_memory: int | None  # the budget of both processes in bytes (--gpu-memory 12GiB); None = chosen from what is free
+    gpu_memory: int | None  # both processes' budget in bytes (--gpu-memory 12GiB); None = chosen from what is free
     device: str  # "cuda" or "cpu"
     max_context: int | None  # KV cache tokens; None = the default (the demo uses a smaller one)
     raw: bool  # no chat template: the prompt is tokenized as it is

@@ -126,7 +126,7 @@ def _build_config(options: dict, *, verbose: int) -> RunConfig:
 
 def _serve(config: RunConfig, model: ResolvedModel, loader_command: LoaderCommand) -> None:
     """Connect to (or start) the loader, build the engine, and answer the prompt or run the REPL."""
-    # Imported here: transformers is slow to import, and --help or --print-loader-args do not need it.
+    # Imported here: transformers is slow to import, and --help does not need it.
     from compute.chat import ReplyRefused
     from compute.session import LoaderLost, Session
 

@@ -37,7 +37,8 @@ def test_golden_command_lines():
 
 @settings(max_examples=50, deadline=None)
 @given(
-    gpu_memory=st.integers(1, 1 << 45), policy=st.sampled_from(POLICY_NAMES), device=st.sampled_from([None, "cuda", "cpu"]),
+    gpu_memory=st.integers(1, 1 << 45), policy=st.sampled_from(POLICY_NAMES),
+    device=st.sampled_from([None, "cuda", "cpu"]),
     max_context=st.integers(1, 1 << 20), ring_slots=st.none() | st.integers(1, 64), verbose=st.integers(0, 2),
     verify=st.booleans(), stats=st.booleans(), ready=st.booleans(),
 )  # fmt: skip
