@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,12 @@ def test_ready_file_golden_round_trip_and_refusals(tmp_path):
     ]:
         with pytest.raises(LaunchContractError, match=message):
             ReadyFile.decode(text)
+
+
+def test_the_loader_process_imports_nothing_of_compute_and_compute_nothing_of_the_loader():
+    """Each side in a fresh interpreter, as the launcher starts it: they share only ``protocol`` and ``quantizer``."""
+    check = "import sys, {modules}; print(sorted(m for m in sys.modules if m.split('.')[0] == {other!r}))"
+    for modules, other in [("loader.main", "compute"), ("compute.run, compute.session, compute.launch", "loader")]:
+        done = subprocess.run([sys.executable, "-c", check.format(modules=modules, other=other)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0 and done.stdout.strip() == "[]", (modules, done.stdout, done.stderr)
