@@ -64,15 +64,16 @@ def replies(scheduler, prompts: list[list[int]], params) -> list[tuple[int, ...]
 @click.option("--max-context", default=512, show_default=True, type=click.IntRange(min=16))
 def main(model_dir: Path, device: str, tokens: int, max_batch: int, max_context: int) -> None:
     from compute.batch_engine import BatchEngine
-    from compute.launch import LaunchedLoader, LoaderOptions
+    from compute.launch import LaunchedLoader
     from compute.sampling import SamplingParams
     from compute.scheduler import Scheduler
     from protocol.client import LoaderClient
+    from protocol.launch import LoaderCommand
     from quantizer.checkpoint import QuantizedCheckpoint
 
     checkpoint = QuantizedCheckpoint(model_dir)
-    options = LoaderOptions(
-        model=model_dir, gpu_memory="64GiB", policy="resident", device=device, max_context=max_context,
+    options = LoaderCommand(
+        model=model_dir, gpu_memory=64 << 30, policy="resident", device=device, max_context=max_context,
         max_batch=max_batch, kv_tokens=max_batch * max_context,
     )  # fmt: skip
     params = SamplingParams(temperature=0, max_new_tokens=tokens)

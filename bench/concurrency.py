@@ -129,21 +129,25 @@ def measure_level(scheduler, *, concurrency: int, prompt_tokens: int, new_tokens
 def run_concurrency(
     model_dir: Path, budget: str, *, levels: list[int], policy: str = "hybrid", max_batch: int = 16,
     kv_tokens: int | None = None, max_context: int = 4096, prompt_tokens: int = 128, new_tokens: int = 128,
-    device: str = "cuda", seed: int = 0,
+    device: str = "cuda", seed: int = 0, kernels=None,
 ) -> ConcurrencyResult:  # fmt: skip
-    """Every level under one loader and one engine; see the module docstring."""
+    """Every level under one loader and one engine; see the module docstring. ``kernels``: a
+    ``compute.config.KernelOptions`` to apply first (None: the kernels' defaults)."""
     from compute.batch_engine import BatchEngine
-    from compute.launch import LaunchedLoader, LoaderOptions
+    from compute.launch import LaunchedLoader
     from compute.scheduler import Scheduler
     from compute.usage import PeakMemorySampler
-    from loader.planner import parse_size
     from protocol.client import LoaderClient
+    from protocol.launch import LoaderCommand
+    from protocol.sizes import parse_size
     from quantizer.checkpoint import QuantizedCheckpoint
 
+    if kernels is not None:
+        kernels.apply()
     if kv_tokens is None:  # room for a full batch of these requests, and for one whole context
         kv_tokens = max(max_context, max_batch * (prompt_tokens + new_tokens))
-    options = LoaderOptions(
-        model=model_dir, gpu_memory=budget, policy=policy, device=device, max_context=max_context,
+    options = LoaderCommand(
+        model=model_dir, gpu_memory=parse_size(budget), policy=policy, device=device, max_context=max_context,
         max_batch=max_batch, kv_tokens=kv_tokens,
     )  # fmt: skip
     rng = random.Random(seed)

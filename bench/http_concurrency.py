@@ -150,7 +150,7 @@ def run_http_concurrency(
 ) -> ConcurrencyResult:  # fmt: skip
     """Every level against one ``spillover serve``; see the module docstring."""
     from compute.usage import PeakMemorySampler
-    from loader.planner import parse_size
+    from protocol.sizes import parse_size
 
     from transformers import AutoTokenizer
 

@@ -8,7 +8,7 @@ returns their logits ``[rows, vocab]``. It promises:
   the host by one copy each, and ``BatchEngine.run_pass`` computes from them with attention by
   ``compute.kernels.paged_attention``. Nothing in the pass reads a value back from the device.
 * On CUDA with ``cuda_graphs``, the pass is cut as the one-conversation decode step is
-  (``compute.graphs.plan_segments``: every run of resident pieces that holds a unit is one captured segment, the
+  (``compute.segments.plan_segments``: every run of resident pieces that holds a unit is one captured segment, the
   streamed units eager between them; with nothing streamed, one segment: the whole pass) and captured once per
   bucket size (``BUCKETS``: 1, 2, 4, 8, ... up to the engine's ``max_batch``) at its first use: a batch of n rows
   runs in the smallest bucket holding it, the extra rows padded (token 0 at position 0, their keys/values in the
@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compute.graphs import WARMUP_STEPS, Segment, describe, plan_generation, plan_segments, streamed_units
+from compute.cuda_graphs import WARMUP_STEPS
+from compute.segments import Segment, describe, plan_generation, plan_segments, streamed_units
 from compute.model import HostEmbedding
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class DecodeInputs:
         self.lengths = torch.ones(rows, dtype=torch.int32, device=device)  # [rows]: positions attended over
         config = engine.config
         dtype = engine.kv_pool.keys.dtype
-        # What crosses a segment boundary (compute.graphs.plan_segments): the hidden state and the rotary tables.
+        # What crosses a segment boundary (compute.segments.plan_segments): the hidden state and the rotary tables.
         self.hidden_state = torch.zeros((1, rows, config.hidden_size), dtype=dtype, device=device)  # (1, rows, hidden)
         self.cos = torch.zeros((rows, 1, engine.head_dim), dtype=dtype, device=device)  # (rows, 1, D)
         self.sin = torch.zeros_like(self.cos)
@@ -104,7 +105,7 @@ class DecodeInputs:
         return engine.run_pass(self.hidden(engine), self.positions, self.slots, self, None)
 
     def run_segment(self, engine: BatchEngine, segment: Segment) -> torch.Tensor | None:
-        """``segment``'s pieces of the pass (compute.graphs.Segment: the prologue, a run of layers, the head) over
+        """``segment``'s pieces of the pass (compute.segments.Segment: the prologue, a run of layers, the head) over
         these buffers, its units bound around them; the logits [rows, vocab] when it ends with the head, else None
         (the hidden state left in ``hidden_state`` for the next segment)."""
         inner = engine.model.model
@@ -182,7 +183,7 @@ class BatchDecoder:
         return logits
 
     def _decide(self) -> None:
-        key = plan_generation(self.engine.weights)
+        key = plan_generation(self.engine.weights.plan)
         if key == self._decided_for:
             return
         self._graphs.clear()
@@ -194,7 +195,7 @@ class BatchDecoder:
         if self.engine.device.type != "cuda":
             self._reason = f"CUDA graphs need a CUDA device (decode runs on {self.engine.device})"
             return
-        streamed = streamed_units(self.engine.weights)
+        streamed = streamed_units(self.engine.weights.plan)
         segments = plan_segments(self._units, streamed, len(self.engine.layers))
         if not any(segment.captured for segment in segments):
             self._reason = f"the plan streams {len(streamed)} of {len(self._units)} units: nothing to capture"

@@ -17,13 +17,14 @@ import torch
 from compute.batch_engine import BatchEngine, Chunk
 from compute.engine import FinishReason
 from compute.kv_pages import KVPagePool
-from compute.launch import LaunchedLoader, LoaderOptions
+from compute.launch import LaunchedLoader
 from compute.sampling import SamplingParams
 from compute.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
 from loader.layout import layout_units
 from loader.planner import plan_placement
 from loader.policies import get_policy
 from protocol.client import LoaderClient
+from protocol.launch import LoaderCommand
 from quantizer.checkpoint import QuantizedCheckpoint
 from test_engine import LOGIT_TOLERANCE, PIPELINE_CONTEXT, deep_q, random_prompt  # noqa: F401
 from test_model import CheckpointWeights, reference_model
@@ -156,8 +157,8 @@ def test_concurrent_requests_through_a_streaming_loader_match_their_replies_alon
         budget_bytes=1 << 40, device="cpu", units=layout_units(checkpoint.manifest), config=checkpoint.config,
         max_context=PIPELINE_CONTEXT, policy=get_policy("resident"), **batch,
     )  # fmt: skip
-    options = LoaderOptions(
-        model=deep_q, gpu_memory=str(everything.total_bytes - 1), policy=policy, device="cpu",
+    options = LoaderCommand(
+        model=deep_q, gpu_memory=everything.total_bytes - 1, policy=policy, device="cpu",
         max_context=PIPELINE_CONTEXT, **batch,
     )  # fmt: skip
     greedy = SamplingParams(temperature=0, max_new_tokens=7)
@@ -255,7 +256,7 @@ def test_decode_rows_padded_to_a_bucket_give_each_rows_own_logits(tiny_q):
 
     # The same pass cut into segments as a plan streaming layers.1 cuts it (what CUDA captures piecewise), run one
     # segment after another through the buffers between them: the same logits.
-    from compute.graphs import plan_segments
+    from compute.segments import plan_segments
 
     units = [name for name, _ in engine.model.unit_binder.units]
     segments = plan_segments(units, {"layers.1"}, len(engine.layers))
@@ -307,8 +308,8 @@ def test_batched_decode_through_a_streaming_loader_on_cuda_replays_its_resident_
         budget_bytes=1 << 40, device="cuda", units=layout_units(checkpoint.manifest), config=checkpoint.config,
         max_context=PIPELINE_CONTEXT, policy=get_policy("resident"), **batch,
     )  # fmt: skip
-    options = LoaderOptions(
-        model=deep_q, gpu_memory=str(everything.total_bytes - 1), policy="hybrid", device="cuda",
+    options = LoaderCommand(
+        model=deep_q, gpu_memory=everything.total_bytes - 1, policy="hybrid", device="cuda",
         max_context=PIPELINE_CONTEXT, **batch,
     )  # fmt: skip
     params = SamplingParams(temperature=0, max_new_tokens=6)
