@@ -14,8 +14,9 @@ and waits for all of them. It records, from the events' arrival times in the eng
 * forward passes and tokens per pass (the scheduler's counters), and the peak device memory of each process
   (NVML, ``compute.usage.PeakMemorySampler``) against the budget.
 
-Requests beyond ``--max-batch`` wait in the scheduler's queue: their wait is part of their TTFT. One warm-up
-level (``max_batch`` short requests) runs first: kernels compile and CUDA graphs are captured outside the timing.
+Requests beyond ``--max-batch`` wait in the scheduler's queue: their wait is part of their TTFT. Warm-up levels
+of 1, 2, 4, ... ``max_batch`` short requests run first: kernels compile and CUDA graphs are captured outside the
+timing.
 It runs on CPU as well (tests drive it on a tiny model); ``spillover bench`` runs it on CUDA.
 """
 
@@ -128,21 +129,25 @@ def measure_level(scheduler, *, concurrency: int, prompt_tokens: int, new_tokens
 def run_concurrency(
     model_dir: Path, budget: str, *, levels: list[int], policy: str = "hybrid", max_batch: int = 16,
     kv_tokens: int | None = None, max_context: int = 4096, prompt_tokens: int = 128, new_tokens: int = 128,
-    device: str = "cuda", seed: int = 0,
+    device: str = "cuda", seed: int = 0, kernels=None,
 ) -> ConcurrencyResult:  # fmt: skip
-    """Every level under one loader and one engine; see the module docstring."""
+    """Every level under one loader and one engine; see the module docstring. ``kernels``: a
+    ``compute.config.KernelOptions`` to apply first (None: the kernels' defaults)."""
     from compute.batch_engine import BatchEngine
-    from compute.launch import LaunchedLoader, LoaderOptions
+    from compute.launch import LaunchedLoader
     from compute.scheduler import Scheduler
     from compute.usage import PeakMemorySampler
-    from loader.planner import parse_size
     from protocol.client import LoaderClient
+    from protocol.launch import LoaderCommand
+    from protocol.sizes import parse_size
     from quantizer.checkpoint import QuantizedCheckpoint
 
+    if kernels is not None:
+        kernels.apply()
     if kv_tokens is None:  # room for a full batch of these requests, and for one whole context
         kv_tokens = max(max_context, max_batch * (prompt_tokens + new_tokens))
-    options = LoaderOptions(
-        model=model_dir, gpu_memory=budget, policy=policy, device=device, max_context=max_context,
+    options = LoaderCommand(
+        model=model_dir, gpu_memory=parse_size(budget), policy=policy, device=device, max_context=max_context,
         max_batch=max_batch, kv_tokens=kv_tokens,
     )  # fmt: skip
     rng = random.Random(seed)
@@ -152,7 +157,9 @@ def run_concurrency(
         scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max(levels) + max_batch)
         scheduler.start()
         try:
-            measure_level(scheduler, concurrency=max_batch, prompt_tokens=prompt_tokens, new_tokens=4, rng=rng)
+            for n in sorted({min(b, max_batch) for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch} | {max_batch}):
+                # every bucket of rows once: kernels compile and CUDA graphs are captured outside the timing
+                measure_level(scheduler, concurrency=n, prompt_tokens=prompt_tokens, new_tokens=3, rng=rng)
             with PeakMemorySampler({"compute": os.getpid(), "loader": loader.pid}, device=device) as memory:
                 results = [
                     measure_level(scheduler, concurrency=n, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rng=rng)

@@ -18,7 +18,8 @@ per token, where resident bytes are the resident units plus the bf16 tied lm_hea
 The model has random weights, so the text is noise; EOS is ignored so that every run decodes the same number of
 tokens. Results go to a table on stdout and to ``--json``. With ``--concurrency 1,4,16,64`` each budget also
 serves that many requests at once through the scheduler and the multi-sequence engine (``bench.concurrency``),
-in a fresh process of its own; ``--no-baseline`` skips the one-conversation run.
+in a fresh process of its own, or with ``--http`` through an HTTP client against ``spillover serve``
+(``bench.http_concurrency``); ``--no-baseline`` skips the one-conversation run.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from pathlib import Path
 
 import click
 import torch
+
+from compute.config import KernelOptions, kernel_options
+from protocol.defaults import DEFAULT_POLICY, POLICY_NAMES
+from protocol.sizes import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +104,18 @@ def measure_ceilings(nbytes: int = 1 << 30, repeats: int = 5) -> Ceilings:
 
 
 def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, prefill_tokens: int,
-               decode_tokens: int, ceilings: Ceilings) -> BudgetResult:  # fmt: skip
+               decode_tokens: int, ceilings: Ceilings, kernels: KernelOptions) -> BudgetResult:  # fmt: skip
     from compute.engine import Engine
-    from compute.launch import LaunchedLoader, LoaderOptions
+    from compute.launch import LaunchedLoader
+    from protocol.launch import LoaderCommand
     from compute.sampling import SamplingParams
     from compute.usage import PeakMemorySampler
     from protocol.client import LoaderClient
     from quantizer.checkpoint import QuantizedCheckpoint
 
-    options = LoaderOptions(model=model_dir, gpu_memory=budget, policy=policy, device="cuda", max_context=max_context)
+    kernels.apply()
+    options = LoaderCommand(model=model_dir, gpu_memory=parse_size(budget), policy=policy, device="cuda",
+                            max_context=max_context)  # fmt: skip
     started = time.perf_counter()
     with LaunchedLoader.start(options) as loader:
         loader_ready_s = time.perf_counter() - started
@@ -220,22 +228,33 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Depth of the synthetic model (default: 64).")
 @click.option("--gpu-memory", "budgets", multiple=True, default=DEFAULT_BUDGETS, show_default=True,
               help="Budgets to run (repeat the option).")
-@click.option("--policy", default="hybrid", show_default=True)
+@click.option("--policy", type=click.Choice(sorted(POLICY_NAMES)), default=DEFAULT_POLICY, show_default=True)
 @click.option("--max-context", type=click.IntRange(min=256), default=4096, show_default=True)
 @click.option("--prefill-tokens", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=64), default=128, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
-@click.option("--concurrency", default=None, help="Also serve this many requests at once, e.g. 1,4,16,64 (bench.concurrency).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True, help="Sequences per pass (--concurrency).")
-@click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="Paged KV pool (--concurrency; default: a full batch of requests).")
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Prompt per request (--concurrency).")
-@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True, help="Reply per request (--concurrency).")
-@click.option("--baseline/--no-baseline", default=True, show_default=True, help="With --concurrency, also run the one-conversation engine.")
+@click.option("--concurrency", default=None,
+              help="Also serve this many requests at once, e.g. 1,4,16,64 (bench.concurrency).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sequences per pass (--concurrency).")
+@click.option("--kv-tokens", type=click.IntRange(min=1), default=None,
+              help="Paged KV pool (--concurrency; default: a full batch of requests).")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Prompt per request (--concurrency).")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Reply per request (--concurrency).")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="With --concurrency, also run the one-conversation engine.")
+@click.option("--http", is_flag=True,
+              help="With --concurrency, measure with an HTTP client against `spillover serve` (bench.http_concurrency).")
+@kernel_options
 def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy: str, max_context: int,
           prefill_tokens: int, decode_tokens: int, json_path: Path | None, concurrency: str | None, max_batch: int,
-          kv_tokens: int | None, prompt_tokens: int, new_tokens: int, baseline: bool) -> None:  # fmt: skip
+          kv_tokens: int | None, prompt_tokens: int, new_tokens: int, baseline: bool, http: bool,
+          gemv_configs: Path | None, early_launch: bool) -> None:  # fmt: skip
     """Benchmark the two-process pipeline on a synthetic 32B-shaped model under each budget."""
     from bench.concurrency import format_concurrency_table, parse_levels, run_concurrency_in_a_fresh_process
+    from bench.http_concurrency import run_http_concurrency
 
     try:
         levels = parse_levels(concurrency) if concurrency is not None else []
@@ -249,6 +268,11 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
         raise click.ClickException(
             f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} do not fit in --max-context {max_context}"
         )
+    for budget in budgets:
+        try:
+            parse_size(budget)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--gpu-memory") from None
     if not (checkpoint / "spillover.json").is_file():
         from quantizer.synth import synthesize
 
@@ -262,17 +286,20 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
     for budget in budgets:
         click.echo(f"--gpu-memory {budget} ...", err=True)
         try:
+            kernels = KernelOptions(gemv_configs=gemv_configs, early_launch=early_launch)
             if baseline or not levels:
                 results.append(run_budget_in_a_fresh_process(
                     checkpoint, budget, policy=policy, max_context=max_context, prefill_tokens=prefill_tokens,
-                    decode_tokens=decode_tokens, ceilings=ceilings,
+                    decode_tokens=decode_tokens, ceilings=ceilings, kernels=kernels,
                 ))  # fmt: skip
                 click.echo(format_table(ceilings, results[-1:]).splitlines()[-1], err=True)
             if levels:
-                served.append(run_concurrency_in_a_fresh_process(
-                    checkpoint, budget, levels=levels, policy=policy, max_batch=max_batch, kv_tokens=kv_tokens,
-                    max_context=max_context, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                ))  # fmt: skip
+                options = {"levels": levels, "policy": policy, "max_batch": max_batch, "kv_tokens": kv_tokens,
+                           "max_context": max_context, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+                if http:  # the server is its own process: its kernels take their defaults
+                    served.append(run_http_concurrency(checkpoint, budget, **options))
+                else:
+                    served.append(run_concurrency_in_a_fresh_process(checkpoint, budget, kernels=kernels, **options))
                 click.echo("\n".join(format_concurrency_table(served[-1:]).splitlines()[2:]), err=True)
         except LoaderStartError as e:  # a budget too small, say: the loader's own message is on stderr above
             raise click.ClickException(f"--gpu-memory {budget}: {e}") from None

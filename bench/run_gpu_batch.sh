@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU run behind the continuous-batching rows of docs/performance.md, in one call:
 #   1. the GPU tests of the paged decode attention kernel and of the multi-sequence engine (CUDA graphs per bucket);
-#   2. `spillover bench --concurrency` at every budget on the synthetic 32B, beside the one-conversation engine.
+#   2. `spillover bench --concurrency` at every budget on the synthetic 32B, beside the one-conversation engine
+#      (BASELINE=no-baseline skips that one).
 # Run from the repository root on a machine with a CUDA GPU:
 #   bench/run_gpu_batch.sh OUTDIR
 # Each step has its own time limit; every log and result lands in OUTDIR (bench.json after every budget).
@@ -23,7 +24,8 @@ tail -n 15 "$out/gpu_tests.log" >&2
 echo "== spillover bench --concurrency ${LEVELS:-1,4,16,64}" >&2
 timeout "${BENCH_TIMEOUT:-330}" "$python" -m compute.cli bench --checkpoint "$checkpoint" \
     --concurrency "${LEVELS:-1,4,16,64}" --max-batch "${MAX_BATCH:-16}" --prompt-tokens "${PROMPT_TOKENS:-128}" \
-    --new-tokens "${NEW_TOKENS:-32}" --decode-tokens 64 --prefill-tokens 512 --json "$out/bench.json" \
+    --new-tokens "${NEW_TOKENS:-32}" --decode-tokens 64 --prefill-tokens 512 "--${BASELINE:-baseline}" \
+    --json "$out/bench.json" \
     >"$out/bench.log" 2>&1
 echo "exit $?" >>"$out/bench.log"
 grep -v "^synth" "$out/bench.log" | tail -n 30 >&2

@@ -43,7 +43,7 @@ from transformers import AutoTokenizer, PretrainedConfig
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from compute.engine import PREFILL_ATTENTION_BACKENDS, eos_token_ids, head_dim
-from compute.graphs import LM_HEAD_UNIT
+from compute.segments import LM_HEAD_UNIT
 from compute.batch_decode import BatchDecoder
 from compute.kernels.paged_attention import (
     paged_attention_supported,

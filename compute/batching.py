@@ -231,7 +231,7 @@ class BatchRunner:
 
     def _finish_reason(self, seq: Running, token: int) -> FinishReason | None:
         produced = len(seq.ids) - seq.entry.prompt_tokens
-        if token in self.scheduler.eos_token_ids:
+        if token in self.engine.eos_token_ids:
             return FinishReason.EOS
         if produced >= seq.entry.params.max_new_tokens:
             return FinishReason.LENGTH

@@ -34,7 +34,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from protocol.messages import KV_PAGE_TOKENS
+from protocol.defaults import KV_PAGE_TOKENS
 
 
 class KVPagePool:

@@ -130,7 +130,6 @@ class Scheduler:
             raise ValueError(f"max_waiting must be at least 0, got {max_waiting}")
         self.engine = engine
         self.max_context: int = engine.max_context
-        self.eos_token_ids: frozenset[int] = frozenset(engine.eos_token_ids)
         self.tokenizer = engine.tokenizer
         self.max_waiting = max_waiting
         self._runner = _make_runner(self, engine, max_batch)
@@ -211,6 +210,11 @@ class Scheduler:
                 log.warning("the engine thread did not end within %.0f s", JOIN_TIMEOUT_S)
         elif thread is None:
             self._end_all_queued(FinishReason.STOPPED)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The ids that end a reply: the engine's (a caller that changes them changes the engine's)."""
+        return frozenset(self.engine.eos_token_ids)
 
     @property
     def failure(self) -> BaseException | None:

@@ -17,13 +17,14 @@ import torch
 from compute.batch_engine import BatchEngine, Chunk
 from compute.engine import FinishReason
 from compute.kv_pages import KVPagePool
-from compute.launch import LaunchedLoader, LoaderOptions
+from compute.launch import LaunchedLoader
 from compute.sampling import SamplingParams
 from compute.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
 from loader.layout import layout_units
 from loader.planner import plan_placement
 from loader.policies import get_policy
 from protocol.client import LoaderClient
+from protocol.launch import LoaderCommand
 from quantizer.checkpoint import QuantizedCheckpoint
 from test_engine import LOGIT_TOLERANCE, PIPELINE_CONTEXT, deep_q, random_prompt  # noqa: F401
 from test_model import CheckpointWeights, reference_model
@@ -156,8 +157,8 @@ def test_concurrent_requests_through_a_streaming_loader_match_their_replies_alon
         budget_bytes=1 << 40, device="cpu", units=layout_units(checkpoint.manifest), config=checkpoint.config,
         max_context=PIPELINE_CONTEXT, policy=get_policy("resident"), **batch,
     )  # fmt: skip
-    options = LoaderOptions(
-        model=deep_q, gpu_memory=str(everything.total_bytes - 1), policy=policy, device="cpu",
+    options = LoaderCommand(
+        model=deep_q, gpu_memory=everything.total_bytes - 1, policy=policy, device="cpu",
         max_context=PIPELINE_CONTEXT, **batch,
     )  # fmt: skip
     greedy = SamplingParams(temperature=0, max_new_tokens=7)
@@ -253,6 +254,18 @@ def test_decode_rows_padded_to_a_bucket_give_each_rows_own_logits(tiny_q):
     assert float(padding_keys.abs().sum()) > 0  # the padding rows wrote only there
     assert engine.decoder.mode == "eager: CUDA graphs need a CUDA device (decode runs on cpu)"
 
+    # The same pass cut into segments as a plan streaming layers.1 cuts it (what CUDA captures piecewise), run one
+    # segment after another through the buffers between them: the same logits.
+    from compute.segments import plan_segments
+
+    units = [name for name, _ in engine.model.unit_binder.units]
+    segments = plan_segments(units, {"layers.1"}, len(engine.layers))
+    assert [s.captured for s in segments] == [True, False] + ([True] if "lm_head" in units else [])
+    with torch.inference_mode():
+        pieces = [padded.run_segment(engine, segment) for segment in segments]
+    assert all(piece is None for piece in pieces[:-1])
+    torch.testing.assert_close(pieces[-1][:3], exact, rtol=0, atol=0)
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -275,7 +288,7 @@ def test_batched_decode_on_cuda_replays_graphs_and_each_reply_is_its_reply_alone
     scheduler.start()
     batched = [tokens_of(replies.wait(i)) for i in ids]
     scheduler.close(drain=True)
-    assert engine.decoder.mode.startswith("graphs (buckets 1"), engine.decoder.mode
+    assert engine.decoder.mode.startswith("graph (buckets 1, 2, 4, 8"), engine.decoder.mode
     reference = reference_model(qdir, tmp_path).to("cuda")
     for prompt, together, single in zip(prompts, batched, alone):
         assert_same_or_near_tie(together, single, prompt, reference)
@@ -284,3 +297,38 @@ def test_batched_decode_on_cuda_replays_graphs_and_each_reply_is_its_reply_alone
         for step, token in enumerate(single):
             row = logits[len(prompt) - 1 + step].float()
             assert row.max() - row[token] <= 2 * LOGIT_TOLERANCE, f"step {step} chose {token}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_decode_through_a_streaming_loader_on_cuda_replays_its_resident_segments(deep_q, tmp_path):
+    checkpoint = QuantizedCheckpoint(deep_q)
+    batch = {"max_batch": 4, "kv_tokens": 4 * PIPELINE_CONTEXT}
+    everything = plan_placement(
+        budget_bytes=1 << 40, device="cuda", units=layout_units(checkpoint.manifest), config=checkpoint.config,
+        max_context=PIPELINE_CONTEXT, policy=get_policy("resident"), **batch,
+    )  # fmt: skip
+    options = LoaderCommand(
+        model=deep_q, gpu_memory=everything.total_bytes - 1, policy="hybrid", device="cuda",
+        max_context=PIPELINE_CONTEXT, **batch,
+    )  # fmt: skip
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    prompts = [random_prompt(n) for n in (4, 11, 7)]
+    with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=30) as client:
+        assert any(unit.pool_offset is None for unit in client.plan.units)
+        engine = BatchEngine.for_plan(checkpoint, client, device="cuda")
+        engine.eos_token_ids = frozenset()
+        replies = Replies()
+        alone_scheduler = Scheduler(engine, max_batch=1)
+        alone_scheduler.start()
+        alone = [tokens_of(replies.wait(replies.submit(alone_scheduler, p, params))) for p in prompts]
+        alone_scheduler.close(drain=True)
+        scheduler = Scheduler(engine, max_batch=4)
+        ids = [replies.submit(scheduler, p, params) for p in prompts]
+        scheduler.start()
+        batched = [tokens_of(replies.wait(i)) for i in ids]
+        scheduler.close(drain=True)
+        assert engine.decoder.mode.startswith("piecewise ("), engine.decoder.mode
+    reference = reference_model(deep_q, tmp_path).to("cuda")
+    for prompt, together, single in zip(prompts, batched, alone):
+        assert_same_or_near_tie(together, single, prompt, reference)

@@ -97,3 +97,18 @@ def test_concurrency_levels_are_checked_before_anything_runs(tmp_path):
     result = CliRunner().invoke(bench, ["--checkpoint", str(tmp_path / "ckpt"), "--concurrency", "1,x"])
     assert result.exit_code == 2 and "'x' is not a whole number of requests" in result.output
     assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5 and percentile([5.0], 99) == 5.0
+
+
+def test_the_http_concurrency_benchmark_streams_every_level_from_a_live_server(tiny_q):
+    from bench.http_concurrency import run_http_concurrency
+
+    result = run_http_concurrency(
+        tiny_q, "300MiB", levels=[1, 4], policy="resident", max_batch=4, max_context=64, prompt_tokens=6,
+        new_tokens=5, device="cpu",
+    )  # fmt: skip
+    assert [lv.concurrency for lv in result.levels] == [1, 4] and result.kv_tokens == 64
+    one, four = result.levels
+    assert 0 < one.passes <= 5 and 0 < four.passes < 4 * 5  # requests that arrive together share passes
+    for lv in result.levels:
+        assert 0 < lv.ttft_p50_s <= lv.ttft_p99_s <= lv.wall_s and lv.itl_p50_s <= lv.itl_p99_s
+        assert lv.decode_tokens_per_s > 0

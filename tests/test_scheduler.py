@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from compute.engine import ContextLengthError, Engine, FinishReason
-from compute.launch import LaunchedLoader, LoaderOptions
+from compute.launch import LaunchedLoader
 from compute.sampling import SamplingParams
 from compute.scheduler import (
     ErrorEvent,
@@ -32,6 +32,7 @@ from loader.layout import layout_units
 from loader.planner import plan_placement
 from loader.policies import get_policy
 from protocol.client import LoaderClient, LoaderGone
+from protocol.launch import LoaderCommand
 from quantizer.checkpoint import QuantizedCheckpoint
 from test_model import CheckpointWeights
 
@@ -88,8 +89,8 @@ def random_prompt(length: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def loader(tiny_q):
-    options = LoaderOptions(
-        model=tiny_q, gpu_memory=str(resident_budget(tiny_q)), policy="resident", device="cpu", max_context=CONTEXT
+    options = LoaderCommand(
+        model=tiny_q, gpu_memory=resident_budget(tiny_q), policy="resident", device="cpu", max_context=CONTEXT
     )
     with LaunchedLoader.start(options) as launched:
         yield launched
@@ -142,7 +143,8 @@ def test_concurrent_requests_each_get_the_reply_they_get_alone(scheduler, alone)
 def test_a_reply_ends_at_eos_or_when_the_context_is_full(scheduler, alone):
     prompt = random_prompt(7)
     full = alone(prompt, SamplingParams(temperature=0, max_new_tokens=6))
-    scheduler.eos_token_ids = scheduler.engine.eos_token_ids = frozenset({full[2]})
+    scheduler.engine.eos_token_ids = frozenset({full[2]})
+    assert scheduler.eos_token_ids == {full[2]}
     scheduler.start()
     recorder = Recorder()
     eos = recorder.wait(recorder.submit(scheduler, prompt, SamplingParams(temperature=0, max_new_tokens=6)))
@@ -213,8 +215,8 @@ def test_close_with_drain_finishes_queued_requests_and_without_stops_them(schedu
 
 def test_a_dead_loader_fails_every_live_request_and_the_scheduler(tiny_q):
     # Streamed units: resident ones are plain views that outlive the loader, the ring notices its death.
-    options = LoaderOptions(
-        model=tiny_q, gpu_memory=str(resident_budget(tiny_q) + 2**20), policy="stream", device="cpu", max_context=CONTEXT
+    options = LoaderCommand(
+        model=tiny_q, gpu_memory=resident_budget(tiny_q) + 2**20, policy="stream", device="cpu", max_context=CONTEXT
     )
     with LaunchedLoader.start(options) as launched, LoaderClient.connect(launched.address, timeout_s=30) as client:
         engine = Engine(QuantizedCheckpoint(tiny_q), client, device="cpu", max_context=CONTEXT, prefill_chunk=8)

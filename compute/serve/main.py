@@ -30,9 +30,9 @@ from collections.abc import Callable
 import click
 import uvicorn
 
-from compute.launch import LoaderOptions
 from compute.resolve import ResolvedModel
 from compute.run import RunConfig, RunError, build_config, drive, loader_address, model_options, share_cores_with_loader
+from protocol.launch import LoaderCommand
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class ServeConfig:
 # fmt: on
 def serve(ctx: click.Context, **options) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
-    run = build_config(options)
+    run = build_config(options, verbose=ctx.find_root().params.get("verbose", 0))
     if options["api_key"] is not None and not options["api_key"].strip():
         raise click.BadParameter("the key is empty", param_hint="--api-key")
     config = ServeConfig(
@@ -112,10 +112,8 @@ def _listen(host: str, port: int) -> socket.socket:
     return listener
 
 
-def _serve(
-    config: ServeConfig, run: RunConfig, model: ResolvedModel, loader_options: LoaderOptions, verbose: int
-) -> None:
-    # Imported here: transformers is slow to import, and --help or --print-loader-args do not need it.
+def _serve(config: ServeConfig, run: RunConfig, model: ResolvedModel, loader_command: LoaderCommand) -> None:
+    # Imported here: transformers is slow to import, and --help does not need it.
     from compute.batch_engine import BatchEngine
     from compute.engine import Engine
     from compute.scheduler import Scheduler
@@ -126,7 +124,7 @@ def _serve(
     share_cores_with_loader(run.device)
     with contextlib.ExitStack() as stack:
         listener = stack.enter_context(_listen(config.host, config.port))
-        address, launched = loader_address(stack, run, loader_options, verbose)
+        address, launched = loader_address(stack, run, loader_command)
 
         def loader_failed(message: str) -> RunError:
             code = launched.exit_code() if launched else None
@@ -154,7 +152,7 @@ def _serve(
         scheduler = Scheduler(engine, max_batch=plan.max_batch, max_waiting=config.max_waiting)
         scheduler.start()
         stack.callback(scheduler.close, drain=False)
-        failure = asyncio.run(_http(config, run, scheduler, listener, plan.loader_pid, verbose))
+        failure = asyncio.run(_http(config, run, scheduler, listener, plan.loader_pid, run.verbose))
         if failure is not None:
             raise loader_failed(failure)
 
