@@ -152,14 +152,12 @@ def _serve(config: ServeConfig, run: RunConfig, model: ResolvedModel, loader_com
         scheduler = Scheduler(engine, max_batch=plan.max_batch, max_waiting=config.max_waiting)
         scheduler.start()
         stack.callback(scheduler.close, drain=False)
-        failure = asyncio.run(_http(config, run, scheduler, listener, plan.loader_pid, run.verbose))
+        failure = asyncio.run(_http(config, run, scheduler, listener, plan.loader_pid))
         if failure is not None:
             raise loader_failed(failure)
 
 
-async def _http(
-    config: ServeConfig, run: RunConfig, scheduler, listener: socket.socket, loader_pid: int, verbose: int
-) -> str | None:
+async def _http(config: ServeConfig, run: RunConfig, scheduler, listener: socket.socket, loader_pid: int) -> str | None:
     """Serve until a signal or a failure; return the failure's message, or None after a signal."""
     from compute.serve.app import STREAM_EXIT_MARGIN_S, Service, create_app
     from compute.serve.bridge import LoaderWatch, SchedulerBridge
@@ -189,8 +187,8 @@ async def _http(
     )
     uvicorn_config = uvicorn.Config(
         create_app(service),
-        log_level="info" if verbose else "warning",
-        access_log=verbose > 0,
+        log_level="info" if run.verbose else "warning",
+        access_log=run.verbose > 0,
         lifespan="off",
         ws="none",
         timeout_graceful_shutdown=config.shutdown_grace_s + STREAM_EXIT_MARGIN_S + SHUTDOWN_MARGIN_S,
