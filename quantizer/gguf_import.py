@@ -93,7 +93,7 @@ def _open_reader(gguf, path: Path):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         size = path.stat().st_size
         raise QuantizeError(
-            f"{path} ({size} bytes) is not a readable GGUF file, or is truncated ({type(e).__name__}: {reason})"
+            f"{path} ({size} bytes) is not a readable GGUF file: truncated or damaged ({type(e).__name__}: {reason})"
         ) from None
 
 
