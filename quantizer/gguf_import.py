@@ -4,8 +4,8 @@ spillover-int4 directory, tensor by tensor.
 The file is read with the ecosystem's readers, never parsed by hand: ``gguf.GGUFReader`` for the tensor table
 (name, type, shape, offset), ``gguf.quants.dequantize`` for the values, and transformers' GGUF support for the
 config (``AutoConfig.from_pretrained(dir, gguf_file=...)``), the tokenizer with its chat template
-(``AutoTokenizer.from_pretrained(dir, gguf_file=...)``) and the GGUF -> Hugging Face tensor names
-(``get_gguf_hf_weights_map``). Each tensor is dequantized in pieces of a few rows read with ``os.pread`` (no
+(``AutoTokenizer.from_pretrained(dir, gguf_file=...)``, its special tokens restored by
+``quantizer.gguf_tokenizer``) and the GGUF -> Hugging Face tensor names (``get_gguf_hf_weights_map``). Each tensor is dequantized in pieces of a few rows read with ``os.pread`` (no
 mapping of the file stays resident), rounded to bf16, and then stored exactly as ``quantize_checkpoint`` stores
 a bf16 checkpoint: Linears quantized to the format, everything else bf16. Importing a GGUF therefore gives the
 same bytes as quantizing transformers' own bf16 conversion of that file. llama.cpp's converter permutes Q/K rows
@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from quantizer import format as fmt
 from quantizer.devices import resolve_device
+from quantizer.gguf_tokenizer import load_gguf_tokenizer
 from quantizer.model_spec import ModelSpec, UnsupportedModelError, describe_model
 from quantizer.quantize import CHUNK_BYTES, CUDA_CHUNK_BYTES, QuantizeError
 from quantizer.writer import (
@@ -224,8 +225,6 @@ def quantize_gguf(
     """Import the Qwen2 GGUF file ``src`` into the spillover-int4 directory ``dst`` (weights, config, tokenizer
     with the file's chat template, generation config with its EOS). Raises ``QuantizeError`` (one line) for a
     file it cannot import and when ``dst`` cannot be written; ``dst`` is then left as it was."""
-    from transformers import AutoTokenizer
-
     path = Path(src).expanduser().resolve()
     dst = Path(dst).expanduser()
     try:
@@ -236,8 +235,8 @@ def quantize_gguf(
     gguf = _import_gguf()
     architecture, reader = open_checked(path)
     fields = {key: _field(reader, key) for key in (
-        "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.bos_token_id",
-        "tokenizer.ggml.padding_token_id")}  # fmt: skip
+        "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id")}  # fmt: skip
     reader_tensors = list(reader.tensors)
     del reader  # its mapping of the file; the tensors' data is read with pread below
     config = _read_config(path)
@@ -248,7 +247,7 @@ def quantize_gguf(
     tensors = _map_names(path, architecture, config, reader_tensors, spec)
     del reader_tensors
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = load_gguf_tokenizer(path, fields)
     except Exception as e:  # as for the config: any failure means the file's tokenizer is unusable
         raise QuantizeError(f"{path}: transformers cannot read its tokenizer ({type(e).__name__}: {e})") from None
 
