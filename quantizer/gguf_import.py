@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from quantizer import format as fmt
 from quantizer.devices import resolve_device
-from quantizer.gguf_tokenizer import load_gguf_tokenizer
+from quantizer.gguf_tokenizer import load_gguf_tokenizer, read_tokenizer_fields
 from quantizer.model_spec import ModelSpec, UnsupportedModelError, describe_model
 from quantizer.quantize import CHUNK_BYTES, CUDA_CHUNK_BYTES, QuantizeError
 from quantizer.writer import (
@@ -234,9 +234,7 @@ def quantize_gguf(
         raise QuantizeError(str(e)) from None
     gguf = _import_gguf()
     architecture, reader = open_checked(path)
-    fields = {key: _field(reader, key) for key in (
-        "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.eot_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id")}  # fmt: skip
+    fields = read_tokenizer_fields(reader)
     reader_tensors = list(reader.tensors)
     del reader  # its mapping of the file; the tensors' data is read with pread below
     config = _read_config(path)

@@ -16,11 +16,24 @@ import json
 from pathlib import Path
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (gguf.TokenType)
+# The header fields this module and the generation config read.
+TOKENIZER_FIELDS = (
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.eot_token_id",
+    "tokenizer.ggml.padding_token_id",
+)
+
+
+def read_tokenizer_fields(reader) -> dict:
+    """``TOKENIZER_FIELDS`` of a ``gguf.GGUFReader``'s file, by key (None where the file has none)."""
+    return {key: reader.fields[key].contents() if key in reader.fields else None for key in TOKENIZER_FIELDS}
 
 
 def load_gguf_tokenizer(path: Path, fields: dict):
-    """The transformers tokenizer of the GGUF file ``path``; ``fields`` holds the file's ``tokenizer.ggml.tokens``,
-    ``tokenizer.ggml.token_type`` and the ``..._token_id`` fields (missing ones None)."""
+    """The transformers tokenizer of the GGUF file ``path``; ``fields``: ``read_tokenizer_fields`` of the file."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
