@@ -11,8 +11,8 @@ resident), rounded to bf16, and then stored exactly as ``quantize_checkpoint`` s
 same bytes as quantizing transformers' own bf16 conversion of that file. llama.cpp's converter permutes Q/K rows
 for llama but not for qwen2, so qwen2 tensors are taken as they are (as transformers does for qwen2).
 
-Everything is checked before anything is written: the architecture (qwen2 only), every tensor's type, that the
-file holds every byte its header describes, the tensor names and shapes against the config. Every refusal is a
+Everything is checked before anything is written: that the file holds every byte its header describes, the
+architecture (qwen2 only), every tensor's type, the tensor names and shapes against the config. Every refusal is a
 ``QuantizeError`` of one line; the output is staged beside ``dst`` and renamed at the end (``quantizer.writer``).
 ``gguf`` is an optional dependency (``pip install 'spillover[gguf]'``).
 """
@@ -104,8 +104,9 @@ def _field(reader, key: str):
 
 
 def open_checked(path: Path):
-    """(the architecture, a ``gguf.GGUFReader`` of ``path``), refusing another architecture, an unsupported tensor
-    type and a file shorter than its header says (one ``QuantizeError`` line each). Reads the header only."""
+    """(the architecture, a ``gguf.GGUFReader`` of ``path``), refusing a file the reader cannot open (a truncated
+    one: the reader maps every tensor the header lists), another architecture and an unsupported tensor type (one
+    ``QuantizeError`` line each). Reads the header only."""
     gguf = _import_gguf()
     reader = _open_reader(gguf, path)
     architecture = _field(reader, "general.architecture")
@@ -120,10 +121,6 @@ def open_checked(path: Path):
                 f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot be dequantized "
                 f"(supported: {', '.join(sorted(t.name for t in readable))})"
             )
-    needed = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    size = path.stat().st_size
-    if size < needed:
-        raise QuantizeError(f"{path} is truncated: its header describes {needed} bytes, the file has {size}")
     return architecture, reader
 
 
