@@ -137,6 +137,10 @@ def _shard_files(src_dir: Path) -> tuple[dict[str, str] | None, list[str]]:
     if files:
         return None, files
     others = sorted({p.name for pattern in OTHER_WEIGHT_PATTERNS for p in src_dir.glob(pattern)})
+    ggufs = [name for name in others if name.endswith(".gguf")]
+    if ggufs:
+        raise QuantizeError(f"{src_dir} holds no safetensors weights but a GGUF file: pass the file itself, "
+                            f"e.g. {src_dir / ggufs[0]}")  # fmt: skip
     if others:
         raise QuantizeError(
             f"{src_dir} holds no safetensors weights, only {', '.join(others)}: only safetensors checkpoints "

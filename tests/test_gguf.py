@@ -149,3 +149,11 @@ def test_deepseek_r1_gguf_tokenizer_keeps_its_special_tokens_whole(deepseek_r1_t
     assert ids.count(151644) == 2 and 151643 in ids  # each turn; the assistant's turn ends with EOS
     think = tokenizer("<think>\nHm</think>", add_special_tokens=False)["input_ids"]
     assert think[0] == 151648 and think[-1] == 151649 and len(think) <= 5
+
+
+def test_a_directory_holding_a_gguf_file_points_at_the_file(tiny_hf, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text((tiny_hf / "config.json").read_text())
+    write_gguf(tmp_path / "model" / "m.gguf", "qwen2", {"token_embd.weight": np.zeros((8, 32), np.float32)})
+    with pytest.raises(QuantizeError, match=r"pass the file itself, e\.g\. .*m\.gguf"):
+        quantize_checkpoint(tmp_path / "model", tmp_path / "out", device="cpu", progress=False)
