@@ -114,14 +114,26 @@ def open_checked(path: Path):
         raise QuantizeError(
             f"{path} is a GGUF of architecture {architecture!r}; only {', '.join(SUPPORTED_ARCHITECTURES)} is supported"
         )
-    readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *gguf.quants._type_traits}
     for tensor in reader.tensors:
-        if tensor.tensor_type not in readable:
+        if not _dequantizable(gguf, tensor.tensor_type):
+            readable = [t.name for t in gguf.GGMLQuantizationType if _dequantizable(gguf, t)]
             raise QuantizeError(
                 f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot be dequantized "
-                f"(supported: {', '.join(sorted(t.name for t in readable))})"
+                f"(supported: {', '.join(sorted(readable))})"
             )
     return architecture, reader
+
+
+def _dequantizable(gguf, qtype) -> bool:
+    """Whether ``gguf.quants.dequantize`` handles ``qtype``: tried on one block of zeros."""
+    if qtype not in gguf.GGML_QUANT_SIZES:
+        return False
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _read_config(path: Path) -> dict:
