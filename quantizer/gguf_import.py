@@ -48,7 +48,8 @@ from quantizer.writer import (
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("qwen2",)
+# GGUF's general.architecture -> the transformers class it is (one of model_spec.SUPPORTED_ARCHITECTURES).
+GGUF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM"}
 GGUF_MISSING = "reading GGUF files needs the gguf package: pip install 'spillover[gguf]' (or pip install gguf)"
 # The config, tokenizer and generation files written beside the weights take well under this.
 SIDE_FILES_BYTES = 50 * 10**6
@@ -110,9 +111,9 @@ def open_checked(path: Path):
     gguf = _import_gguf()
     reader = _open_reader(gguf, path)
     architecture = _field(reader, "general.architecture")
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    if architecture not in GGUF_ARCHITECTURES:
         raise QuantizeError(
-            f"{path} is a GGUF of architecture {architecture!r}; only {', '.join(SUPPORTED_ARCHITECTURES)} is supported"
+            f"{path} is a GGUF of architecture {architecture!r}; only {', '.join(GGUF_ARCHITECTURES)} is supported"
         )
     for tensor in reader.tensors:
         if not _dequantizable(gguf, tensor.tensor_type):
@@ -136,7 +137,7 @@ def _dequantizable(gguf, qtype) -> bool:
     return True
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path, architecture: str) -> dict:
     from transformers import AutoConfig
 
     try:
@@ -144,7 +145,7 @@ def _read_config(path: Path) -> dict:
     except Exception as e:  # transformers raises ValueError/KeyError/OSError for metadata it cannot use
         raise QuantizeError(f"{path}: transformers cannot read its config ({type(e).__name__}: {e})") from None
     config_dict = config.to_dict()
-    config_dict["architectures"] = ["Qwen2ForCausalLM"]
+    config_dict["architectures"] = [GGUF_ARCHITECTURES[architecture]]
     config_dict["dtype"] = "bfloat16"
     config_dict.pop("_model_name_or_path", None)
     return config_dict
@@ -246,7 +247,7 @@ def quantize_gguf(
     fields = read_tokenizer_fields(reader)
     reader_tensors = list(reader.tensors)
     del reader  # its mapping of the file; the tensors' data is read with pread below
-    config = _read_config(path)
+    config = _read_config(path, architecture)
     try:
         spec = describe_model(config)
     except UnsupportedModelError as e:
