@@ -7,8 +7,9 @@ config (``AutoConfig.from_pretrained(dir, gguf_file=...)``), the tokenizer with 
 (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``, its special tokens restored by
 ``quantizer.gguf_tokenizer``) and the GGUF -> Hugging Face tensor names (``get_gguf_hf_weights_map``).
 Each tensor is dequantized in pieces of a few rows read with ``os.pread`` (no mapping of the file stays
-resident), rounded to bf16, and then stored exactly as ``quantize_checkpoint`` stores a bf16 checkpoint: Linears quantized to the format, everything else bf16. Importing a GGUF therefore gives the
-same bytes as quantizing transformers' own bf16 conversion of that file. llama.cpp's converter permutes Q/K rows
+resident), rounded to bf16, and then stored exactly as ``quantize_checkpoint`` stores a bf16 checkpoint:
+Linears quantized to the format, everything else bf16. Importing a GGUF therefore gives the same bytes as
+quantizing transformers' own bf16 conversion of that file. llama.cpp's converter permutes Q/K rows
 for llama but not for qwen2, so qwen2 tensors are taken as they are (as transformers does for qwen2).
 
 Everything is checked before anything is written: that the file holds every byte its header describes, the
