@@ -4,9 +4,8 @@
 from the file's ``tokenizer.ggml.*`` fields. For a byte-level vocabulary it skips any token the file marks as
 control (type 3) or user-defined (type 4) whose spelling is outside the byte alphabet, taking it for a
 mislabel; DeepSeek-R1's ``<｜User｜>``, ``<｜Assistant｜>`` and ``<｜end▁of▁sentence｜>`` are such tokens.
-Then
-the chat template's turn markers are cut into pieces, and BOS/EOS, not found by name, are appended as new ids
-beyond the model's vocabulary. ``load_gguf_tokenizer`` restores them: each such token becomes an added token
+Then the chat template's turn markers are cut into pieces, and BOS/EOS, not found by name, are appended as new
+ids beyond the model's vocabulary. ``load_gguf_tokenizer`` restores them: each such token becomes an added token
 with its own id from the file (special when control), nothing is appended, and BOS/EOS/padding are the tokens
 the file names by id. A file whose special tokens transformers kept (Qwen2.5's ``<|im_end|>``) is unchanged.
 """
