@@ -94,11 +94,16 @@ def test_deepseek_r1_reasoning_goes_to_reasoning_content(request):
     assert thinks(tokenizer)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True,
                                            tokenize=True, return_dict=True)["input_ids"]  # fmt: skip
-    assert prompt_opens_reasoning(tokenizer, list(prompt))  # R1's generation prompt ends in "<think>\n"
-    reply = "Two plus two: 4. Café ✓\n</think>\n\nThe answer is **4**."
-    ids = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert tokenizer.convert_tokens_to_ids("</think>") in ids  # one token in R1's vocabulary
-    text = ReplyText(tokenizer, reasoning=True)
-    deltas = [text.add(i) for i in ids] + [text.finish()]
-    assert "".join(d.reasoning for d in deltas) == "Two plus two: 4. Café ✓\n"
-    assert "".join(d.content for d in deltas) == "\n\nThe answer is **4**."  # EOS not shown
+    # This file's template ends the prompt at "<｜Assistant｜>" and the model opens "<think>" itself; later
+    # templates put "<think>\n" in the generation prompt. Both go the same way.
+    assert not prompt_opens_reasoning(tokenizer, list(prompt))
+    opened = list(prompt) + tokenizer("<think>\n", add_special_tokens=False)["input_ids"]
+    assert prompt_opens_reasoning(tokenizer, opened)
+    thought, answer = "Two plus two: 4. Café ✓\n", "\n\nThe answer is **4**."
+    for prompt_ids, reply in [(prompt, f"<think>\n{thought}</think>{answer}"), (opened, f"{thought}</think>{answer}")]:
+        ids = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert tokenizer.convert_tokens_to_ids("</think>") in ids  # one token in R1's vocabulary
+        text = ReplyText(tokenizer, reasoning=prompt_opens_reasoning(tokenizer, list(prompt_ids)))
+        deltas = [text.add(i) for i in ids] + [text.finish()]
+        assert "".join(d.reasoning for d in deltas).lstrip("\n") == thought
+        assert "".join(d.content for d in deltas) == answer  # EOS not shown
