@@ -11,7 +11,8 @@ new text as a ``Delta`` (``reasoning``, ``content``):
    cancels the request);
 3. with ``reasoning`` not None (a model that thinks), ``compute.chat.ReasoningSplitter`` sends the text
    inside ``<think>…</think>`` to ``reasoning`` and the rest to ``content``, the tags themselves dropped;
-   ``reasoning=True`` when the prompt already opened the block (DeepSeek-R1's generation prompt does).
+   ``reasoning=True`` when the prompt already opened the block (recent DeepSeek-R1 templates end the generation
+   prompt with ``<think>\n``; with older ones the model writes ``<think>`` itself, and the split follows it).
 
 ``finish()`` returns what is still held back once the reply has ended. ``tokens`` counts the ids taken, up
 to and including the one that completed a stop string: the completion's token count in ``usage``.
