@@ -67,7 +67,7 @@ class ServeProcess:
         import psutil
 
         for child in psutil.Process(self.process.pid).children():
-            if " loader " in " ".join(child.cmdline()):
+            if "loader.main" in child.cmdline():  # started as python -m loader.main
                 return child.pid
         return None
 

@@ -239,7 +239,7 @@ class ServerProcess:
     def loader_pid(self) -> int:
         import psutil
 
-        (loader,) = [p for p in psutil.Process(self.process.pid).children() if " loader " in " ".join(p.cmdline())]
+        (loader,) = [p for p in psutil.Process(self.process.pid).children() if "loader.main" in p.cmdline()]
         return loader.pid
 
     def client(self, api_key: str = "none", **kwargs):
