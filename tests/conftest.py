@@ -239,7 +239,8 @@ class ServerProcess:
     def loader_pid(self) -> int:
         import psutil
 
-        (loader,) = [p for p in psutil.Process(self.process.pid).children() if "loader.main" in p.cmdline()]
+        children = psutil.Process(self.process.pid).children()
+        (loader,) = [p for p in children if {"loader", "loader.main"} & set(p.cmdline()[1:3])]
         return loader.pid
 
     def client(self, api_key: str = "none", **kwargs):

@@ -30,7 +30,8 @@ def test_stop_matcher_cuts_at_the_first_stop_string_however_the_text_arrives():
     rng = random.Random()
     for _ in range(300):
         text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 40)))
-        stops = tuple({"".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))})
+        stops = {"".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))}
+        stops = tuple(stops)
         matcher = StopMatcher(stops)
         out = "".join(matcher.feed(piece) for piece in random_pieces(rng, text)) + matcher.finish()
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -58,7 +59,8 @@ def test_reply_text_streams_reasoning_and_content_without_splitting_characters(t
     rng = random.Random()
     assert thinks(tokenizer)
     for _ in range(40):
-        text = "".join(rng.choice(["a", " b", "é", "日本", "🙂", "\n", "<think>", "</think>", "ok"]) for _ in range(20))
+        pieces = ["a", " b", "é", "日本", "🙂", "\n", "<think>", "</think>", "ok"]
+        text = "".join(rng.choice(pieces) for _ in range(20))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         opens = rng.random() < 0.5
         reply = ReplyText(tokenizer, reasoning=opens)
@@ -145,7 +147,8 @@ def test_bad_fields_are_400_naming_the_field(fields, param):
 
 
 def test_bodies_that_are_not_a_request_are_400():
-    for body in [b"", b"{", b"[]", b"null", b'{"model": "m"}', bytes(range(256)), "{\"model\": \"\ud800\"}".encode("utf-8", "surrogatepass")]:
+    lone_surrogate = '{"model": "\ud800"}'.encode("utf-8", "surrogatepass")
+    for body in [b"", b"{", b"[]", b"null", b'{"model": "m"}', bytes(range(256)), lone_surrogate]:
         with pytest.raises(APIError) as caught:
             parse_chat(body)
         assert caught.value.status == 400 and caught.value.message

@@ -120,11 +120,6 @@ class SchedulerBridge:
     def _forget(self, generation: Generation) -> None:
         self._live.pop(generation.request_id, None)
 
-    @property
-    def live(self) -> int:
-        """Requests submitted and not yet finished."""
-        return len(self._live)
-
     def fail(self, message: str) -> None:
         """The engine cannot go on: end every live request with a fatal error, refuse new ones, tell ``on_fatal``."""
         if self.failure is not None:

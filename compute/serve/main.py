@@ -31,8 +31,8 @@ import click
 import uvicorn
 
 from compute.resolve import ResolvedModel
-from protocol.launch import LoaderCommand
 from compute.run import RunConfig, RunError, build_config, drive, loader_address, model_options, share_cores_with_loader
+from protocol.launch import LoaderCommand
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def _listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port``. Its protocol must say TCP (as getaddrinfo's does): asyncio turns
     Nagle's algorithm off only on such sockets, and with it on each small response waited ~40 ms for an ACK."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = found[0]
         listener = socket.socket(family, kind, proto)
     except OSError as e:
         raise RunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
@@ -140,21 +141,23 @@ def _serve(config: ServeConfig, run: RunConfig, model: ResolvedModel, loader_com
                 engine = BatchEngine.for_plan(checkpoint, client, device=run.device)
             else:
                 engine = Engine(
-                    checkpoint, client, device=run.device, max_context=plan.max_context, prefill_chunk=plan.prefill_chunk
+                    checkpoint,
+                    client,
+                    device=run.device,
+                    max_context=plan.max_context,
+                    prefill_chunk=plan.prefill_chunk,
                 )
         except LoaderError as e:
             raise loader_failed(f"the loader (pid {plan.loader_pid}) failed: {e}") from None
         scheduler = Scheduler(engine, max_batch=plan.max_batch, max_waiting=config.max_waiting)
         scheduler.start()
         stack.callback(scheduler.close, drain=False)
-        failure = asyncio.run(_http(config, run, scheduler, listener, plan.loader_pid, run.verbose))
+        failure = asyncio.run(_http(config, run, scheduler, listener, plan.loader_pid))
         if failure is not None:
             raise loader_failed(failure)
 
 
-async def _http(
-    config: ServeConfig, run: RunConfig, scheduler, listener: socket.socket, loader_pid: int, verbose: int
-) -> str | None:
+async def _http(config: ServeConfig, run: RunConfig, scheduler, listener: socket.socket, loader_pid: int) -> str | None:
     """Serve until a signal or a failure; return the failure's message, or None after a signal."""
     from compute.serve.app import STREAM_EXIT_MARGIN_S, Service, create_app
     from compute.serve.bridge import LoaderWatch, SchedulerBridge
@@ -184,8 +187,8 @@ async def _http(
     )
     uvicorn_config = uvicorn.Config(
         create_app(service),
-        log_level="info" if verbose else "warning",
-        access_log=verbose > 0,
+        log_level="info" if run.verbose else "warning",
+        access_log=run.verbose > 0,
         lifespan="off",
         ws="none",
         timeout_graceful_shutdown=config.shutdown_grace_s + STREAM_EXIT_MARGIN_S + SHUTDOWN_MARGIN_S,
