@@ -100,7 +100,7 @@ def model_options(command):
 @click.pass_context
 def run(ctx: click.Context, **options) -> None:
     """Chat with a model whose INT4 weights stream from a loader process."""
-    drive(ctx, build_config(options, verbose=ctx.find_root().params.get("verbose", 0)), _serve)
+    drive(ctx, build_config(options, verbose=ctx.find_root().params.get("verbose", 0)), _chat)
 
 
 # a model command's own work, once the model is resolved: (config, model, the loader's command line)
@@ -170,7 +170,7 @@ def loader_address(
     return launched.address, launched
 
 
-def _serve(config: RunConfig, model: ResolvedModel, loader_command: LoaderCommand) -> None:
+def _chat(config: RunConfig, model: ResolvedModel, loader_command: LoaderCommand) -> None:
     """Connect to (or start) the loader, build the engine, and answer the prompt or run the REPL."""
     # Imported here: transformers is slow to import, and --help does not need it.
     from compute.chat import ReplyRefused
