@@ -74,7 +74,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def measure_level(scheduler, *, concurrency: int, prompt_tokens: int, new_tokens: int, rng: random.Random) -> LevelResult:
+def measure_level(
+    scheduler, *, concurrency: int, prompt_tokens: int, new_tokens: int, rng: random.Random
+) -> LevelResult:
     """Submit ``concurrency`` requests at once and time their events until all have ended."""
     from compute.sampling import SamplingParams
     from compute.scheduler import FinishEvent, GenerationRequest, TokenEvent
@@ -199,7 +201,8 @@ def format_concurrency_table(results: list[ConcurrencyResult], baseline: dict[st
             f"{(peak.get('loader') or 0) / gib:.2f} + {(peak.get('compute') or 0) / gib:.2f} = "
             f"{(peak.get('total') or 0) / gib:.2f} ({r.budget_bytes / gib:.0f})"
         )
-        one = (baseline or {}).get(r.budget) or next((lv.decode_tokens_per_s for lv in r.levels if lv.concurrency == 1), None)
+        alone = next((lv.decode_tokens_per_s for lv in r.levels if lv.concurrency == 1), None)
+        one = (baseline or {}).get(r.budget) or alone
         for lv in r.levels:
             speedup = f"{lv.decode_tokens_per_s / one:.1f}" if one else "-"
             lines.append(

@@ -1,15 +1,16 @@
 """``spillover bench --concurrency … --http``: the same levels measured by an HTTP client against ``spillover serve``.
 
-``run_http_concurrency`` starts the real server (``python -m compute.cli serve --model DIR --gpu-memory B --max-batch
-N --kv-tokens K --port 0``, which starts its loader) and, for each concurrency level N, opens N streamed
-``POST /v1/completions`` requests at once (random token-id prompts of ``prompt_tokens``, no special tokens, ``temperature`` 0,
-``max_tokens`` ``new_tokens``, ``stream_options.include_usage``) from one asyncio client (httpx). Per request it
-records the arrival time of every SSE chunk that carries text and the completion tokens of the final ``usage``:
+``run_http_concurrency`` starts the real server (``python -m compute.cli serve --model DIR --gpu-memory B
+--max-batch N [--kv-tokens K] --port 0``, which starts its loader) and, for each concurrency level N, opens N
+streamed ``POST /v1/completions`` requests at once from one asyncio client (httpx): random token-id prompts of
+``prompt_tokens`` (no special tokens), ``temperature`` 0, ``max_tokens`` ``new_tokens``,
+``stream_options.include_usage``. Per request it records the arrival time of every SSE chunk that carries text
+and the completion tokens of the final ``usage`` (and the scheduler's pass count from ``GET /health`` before and
+after the level):
 
 * time to first token: request sent -> first chunk with text (what a chat UI shows);
-* inter-token latency: gaps between a request's chunks, divided by the tokens between them where a chunk held
-  more than one token is not knowable here, so a gap is per chunk: the server sends a chunk per token unless a
-  token's text is incomplete (a partial UTF-8 sequence), which only merges gaps;
+* inter-token latency: gaps between a request's chunks (the server sends a chunk per token unless a token's text
+  is incomplete, a partial UTF-8 sequence, which merges two gaps into one);
 * aggregate decode tokens/s: completion tokens after each request's first, over first first chunk -> last chunk.
 
 The server's and its loader's peak device memory are sampled by NVML (``compute.usage.PeakMemorySampler``) for
@@ -67,7 +68,7 @@ class ServeProcess:
         import psutil
 
         for child in psutil.Process(self.process.pid).children():
-            if " loader " in " ".join(child.cmdline()):
+            if "loader.main" in child.cmdline():  # started as python -m loader.main
                 return child.pid
         return None
 

@@ -138,8 +138,9 @@ class BatchEngine:
         """The engine the loader's plan counted: its max_context, prefill chunk, max_batch and KV pool."""
         plan = client.plan
         return cls(
-            checkpoint, client, device=device, max_context=plan.max_context, kv_tokens=plan.kv_tokens or plan.max_context,
-            max_batch=plan.max_batch, prefill_chunk=plan.prefill_chunk, **options,
+            checkpoint, client, device=device, max_context=plan.max_context,
+            kv_tokens=plan.kv_tokens or plan.max_context, max_batch=plan.max_batch, prefill_chunk=plan.prefill_chunk,
+            **options,
         )  # fmt: skip
 
     @torch.inference_mode()
@@ -166,7 +167,12 @@ class BatchEngine:
         return self.run_pass(hidden, batch.positions, batch.slots, batch, batch.logit_rows)
 
     def run_pass(
-        self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attention, logit_rows: list[int] | None
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        attention,
+        logit_rows: list[int] | None,
     ) -> torch.Tensor:
         """The pass over embedded rows ``hidden`` (1, T, hidden) at ``positions`` [T], their keys/values stored at
         ``slots`` [T]; ``attention.attend(layer, q, scale)`` attends each row over its own sequence. The logits of

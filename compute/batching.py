@@ -189,7 +189,8 @@ class BatchRunner:
                 break
             if seq.fed < len(seq.ids) - 1:
                 n = min(budget, len(seq.ids) - seq.fed)
-                chunks.append(Chunk(seq.key, tuple(seq.ids[seq.fed : seq.fed + n]), seq.fed, seq.fed + n == len(seq.ids)))
+                last = seq.fed + n == len(seq.ids)  # the prompt's last chunk: its logits give the first token
+                chunks.append(Chunk(seq.key, tuple(seq.ids[seq.fed : seq.fed + n]), seq.fed, logits=last))
                 fed.append(seq)
                 budget -= n
         return chunks, fed
@@ -218,7 +219,7 @@ class BatchRunner:
     def _sample(self, seqs: list[Running], logits: torch.Tensor) -> list[int]:
         """Each sequence's next token from its row of ``logits``: plain greedy rows in one argmax, others alone."""
         tokens: list[int | None] = [None] * len(seqs)
-        plain = [i for i, seq in enumerate(seqs) if seq.entry.params.greedy and seq.entry.params.repetition_penalty == 1.0]
+        plain = [i for i, seq in enumerate(seqs) if seq.entry.params.greedy and seq.entry.params.repetition_penalty == 1]
         if plain:
             best = logits[plain].float().argmax(dim=-1).tolist()
             for i, token in zip(plain, best):

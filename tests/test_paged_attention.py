@@ -71,7 +71,8 @@ def check_paged(shape, device: str) -> None:
     for row, length in enumerate(lengths):
         positions = torch.arange(length)
         pages = table[row].long()[positions // page]
-        exact, magnitude = exact_attention(q[row], keys[pages, positions % page], values[pages, positions % page], scale)
+        offsets = positions % page
+        exact, magnitude = exact_attention(q[row], keys[pages, offsets], values[pages, offsets], scale)
         bound = 2**-6 * (exact.abs() + magnitude)
         for name, got in (("kernel", out[row]), ("reference", reference[row])):
             error = (got.double() - exact).abs()
