@@ -106,7 +106,7 @@ def test_models_auth_and_health(server, client):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("other-model")
     with pytest.raises(openai.AuthenticationError) as wrong:
-        server.client(API_KEY[:-1] + "x").models.list()
+        server.client(API_KEY + "-wrong").models.list()
     assert wrong.value.status_code == 401 and wrong.value.body["type"] == "authentication_error"
     missing = httpx.post(server.base_url + "/chat/completions", json={"model": MODEL, "messages": []})
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
@@ -385,7 +385,7 @@ def test_a_port_in_use_is_one_line_before_anything_starts(server, tiny_q):
 
 
 def test_sigterm_ends_open_streams_cleanly_and_stops_the_loader(tiny_q, tmp_path):
-    grace = 3.0
+    grace = 1.0  # the long replies (1000 tokens) take several seconds, the short one (2 tokens) far less
     args = serve_args(tiny_q, "--max-batch", "4", "--shutdown-grace", str(grace))
     with ServerProcess(args, log_path=tmp_path / "log") as server:
         client = server.client()
@@ -393,11 +393,12 @@ def test_sigterm_ends_open_streams_cleanly_and_stops_the_loader(tiny_q, tmp_path
         # two replies too long for the grace, one short enough to finish in it
         streams = [
             client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=n, stream=True)
-            for n in (1000, 1000, 12)
+            for n in (1000, 1000, 2)
         ]
         iterators = [iter(s) for s in streams]
-        first = [next(i) for i in iterators]  # every one answered
-        next(iterators[0])  # and generating
+        read = [[next(i)] for i in iterators]  # every one answered
+        read[0].append(next(iterators[0]))  # and generating
+        read[2].append(next(iterators[2]))
         loader = psutil.Process(server.loader_pid())
         server.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -405,8 +406,8 @@ def test_sigterm_ends_open_streams_cleanly_and_stops_the_loader(tiny_q, tmp_path
         with pytest.raises(httpx.ConnectError):  # no new connection is accepted
             httpx.get(server.url + "/health", timeout=5)
         finishes = []
-        for chunk_iterator, chunk in zip(iterators, first):
-            chunks = [chunk, *chunk_iterator]  # ends without an exception: [DONE] came
+        for chunk_iterator, chunks in zip(iterators, read):
+            chunks += list(chunk_iterator)  # ends without an exception: [DONE] came
             finishes.append(chunks[-1].choices[0].finish_reason)
         assert finishes[:2] == ["abort", "abort"] and finishes[2] in ("length", "stop")
         assert time.monotonic() - signalled >= grace - 0.5  # the long ones ran on for the grace
