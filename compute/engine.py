@@ -264,6 +264,8 @@ class Engine:
             self._cached_ids = []
             self._rewind_cache(0)
             self._abandon_forward()
+            if self.drafter is not None:
+                self.drafter.reset()
             raise
 
     def _abandon_forward(self) -> None:
@@ -480,9 +482,16 @@ class Engine:
         """The target over ``token`` (at ``prefix``) and every node of ``tree``, each row attending to the cache and
         its own ancestors (``compute.speculate.tree``); their keys/values go to positions ``prefix …`` in row order.
         Returns every row's logits, (1 + N, vocab)."""
-        ids = torch.tensor([[token, *tree.tokens]], dtype=torch.long, device=self._ids_device)  # (B, 1 + N)
-        positions = tree_positions(tree, prefix).to(self.device).unsqueeze(0)  # (B, 1 + N)
-        mask = tree_attention_mask(tree, prefix, self.max_context).to(self.device)[None, None]  # (B, 1, 1 + N, KV)
+        positions = tree_positions(tree, prefix)
+        return self.forward_rows([token, *tree.tokens], positions, tree_attention_mask(tree, prefix, self.max_context))
+
+    def forward_rows(self, ids: list[int], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One forward over the rows ``ids`` at ``positions`` ((T,) int64), each attending where ``mask`` ((T,
+        max_context) bool) is True; their keys/values are written after what the cache holds, in row order, and
+        the cache's length grows by T (``_rewind_cache`` takes them back). Every row's logits, (T, vocab)."""
+        ids = torch.tensor([ids], dtype=torch.long, device=self._ids_device)  # (B, T)
+        positions = positions.to(self.device).unsqueeze(0)  # (B, T)
+        mask = mask.to(self.device)[None, None]  # (B, 1, T, KV)
         with sdpa_kernel(PREFILL_ATTENTION_BACKENDS):
             out = self.model(
                 input_ids=ids,

@@ -45,15 +45,18 @@ class LoaderOptions:
     policy: str  # a policy name the loader knows: resident, stream, hybrid
     device: str  # "cuda" or "cpu"
     max_context: int  # tokens of KV cache the budget must hold
+    draft_model: Path | None = None  # a spillover-int4 draft model compute will hold: the budget reserves it
 
     def argv(self) -> list[str]:
         """The loader's options, ``--model DIR`` first (``run.sh`` relies on that order)."""
+        draft = ["--draft-model", str(self.draft_model)] if self.draft_model is not None else []
         return [
             "--model", str(self.model),
             "--gpu-memory", self.gpu_memory,
             "--policy", self.policy,
             "--device", self.device,
             "--max-context", str(self.max_context),
+            *draft,
         ]  # fmt: skip
 
 

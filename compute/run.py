@@ -61,6 +61,9 @@ class RunConfig:
     connect: str | None  # address of a running loader; None = start one here
     cache_dir: Path  # where quantized checkpoints and the demo model are kept
     print_loader_args: bool  # only print the loader's options (after resolving --model) and exit
+    speculate: str | None = None  # "ngram": prompt-lookup drafting; None: none (or the draft model's, if given)
+    draft_model: str | None = None  # --draft-model as given (like --model); None = no draft model
+    draft_tokens: int | None = None  # drafted tokens per target pass; None = sized from the measured pass cost
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -72,7 +75,7 @@ class RunConfig:
             max_new_tokens=self.max_new_tokens,
         )
 
-    def loader_options(self, model: ResolvedModel) -> LoaderOptions:
+    def loader_options(self, model: ResolvedModel, draft: ResolvedModel | None = None) -> LoaderOptions:
         """The loader's share of the options: the one place that splits them between the two processes."""
         return LoaderOptions(
             model=model.path,
@@ -80,6 +83,7 @@ class RunConfig:
             policy=self.policy,
             device=self.device,
             max_context=self.max_context or default_max_context(model),
+            draft_model=draft.path if draft is not None else None,
         )
 
 
@@ -147,6 +151,12 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
               "started with.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SPILLOVER_CACHE_DIR",
               help="Where quantized models and the demo are kept. [default: ~/.cache/spillover]")
+@click.option("--speculate", type=click.Choice(["ngram"]), help="Speculative decoding by prompt lookup: drafts "
+              "copied from earlier text (the prompt and the reply so far), checked by the model several at a pass.")
+@click.option("--draft-model", metavar="PATH|REPO_ID", help="Speculative decoding with this smaller model (same "
+              "tokenizer; quantized like --model), held resident in device memory within --gpu-memory.")
+@click.option("--draft-tokens", type=click.IntRange(min=1), help="Drafted tokens each pass checks. "
+              "[default: as many as pay for themselves at the measured cost of a pass, at most 128]")
 @click.option("--print-loader-args", is_flag=True,
               help="Print the loader's options, one per line (--model DIR first), and exit. Used by run.sh.")
 @click.pass_context
@@ -159,13 +169,16 @@ def run(ctx: click.Context, **options) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         model = resolve_model(config.model, cache_dir=config.cache_dir, device=config.device)
-        loader_options = config.loader_options(model)
+        draft = None
+        if config.draft_model is not None:
+            draft = resolve_model(config.draft_model, cache_dir=config.cache_dir, device=config.device)
+        loader_options = config.loader_options(model, draft)
         if model.is_demo:
             click.echo(f"spillover: {model.label}; run with --model to use a real model", err=True)
         if config.print_loader_args:
             click.echo("\n".join(loader_options.argv()))
             return
-        _serve(config, model, loader_options, verbose)
+        _serve(config, model, draft, loader_options, verbose)
     except (ModelResolveError, LoaderStartError, FormatError) as e:
         raise RunError(str(e)) from None
     except KeyboardInterrupt:
@@ -178,6 +191,10 @@ def _build_config(options: dict) -> RunConfig:
         raise click.UsageError("--output-format json needs a prompt (-p): the chat REPL writes text only")
     if options["connect"] and options["print_loader_args"]:
         raise click.UsageError("--print-loader-args and --connect do not go together")
+    if options["speculate"] and options["draft_model"]:
+        raise click.UsageError("--speculate ngram and --draft-model are two ways of drafting: choose one")
+    if options["draft_tokens"] and not (options["speculate"] or options["draft_model"]):
+        raise click.UsageError("--draft-tokens needs --speculate ngram or --draft-model")
     return RunConfig(
         model=options["model"],
         prompt=options["prompt"],
@@ -196,13 +213,19 @@ def _build_config(options: dict) -> RunConfig:
         connect=options["connect"],
         cache_dir=options["cache_dir"] or default_cache_dir(),
         print_loader_args=options["print_loader_args"],
+        speculate=options["speculate"],
+        draft_model=options["draft_model"],
+        draft_tokens=options["draft_tokens"],
     )
 
 
-def _serve(config: RunConfig, model: ResolvedModel, loader_options: LoaderOptions, verbose: int) -> None:
+def _serve(
+    config: RunConfig, model: ResolvedModel, draft: ResolvedModel | None, loader_options: LoaderOptions, verbose: int
+) -> None:
     """Connect to (or start) the loader, build the engine, and answer the prompt or run the REPL."""
     # Imported here: transformers is slow to import, and --help or --print-loader-args do not need it.
     from compute.chat import ReplyRefused
+    from compute.draft_model import DraftModelError
     from compute.session import LoaderLost, Session
 
     if config.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -217,7 +240,7 @@ def _serve(config: RunConfig, model: ResolvedModel, loader_options: LoaderOption
             launched = stack.enter_context(LaunchedLoader.start(loader_options, verbose=verbose))
             address = launched.address
         try:
-            session = stack.enter_context(Session.open(address, model, config))
+            session = stack.enter_context(Session.open(address, model, config, draft=draft))
             if config.prompt is None:
                 session.chat()
             elif config.output_format == "json":
@@ -230,5 +253,5 @@ def _serve(config: RunConfig, model: ResolvedModel, loader_options: LoaderOption
         except LoaderLost as e:
             code = launched.exit_code() if launched else None
             raise RunError(f"{e}" + (f" (it exited with code {code})" if code is not None else "")) from None
-        except ReplyRefused as e:
+        except (ReplyRefused, DraftModelError) as e:
             raise RunError(str(e)) from None

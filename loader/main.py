@@ -24,7 +24,7 @@ import zmq
 
 from loader.arena import PinnedArena
 from loader.layout import layout_units
-from loader.planner import SIZE, choose_prefill_chunk, plan_placement
+from loader.planner import SIZE, choose_prefill_chunk, draft_lines, plan_placement
 from loader.policies import DEFAULT_POLICY, POLICIES, get_policy
 from loader.pool import DevicePool
 from loader.process import LoaderConfig, LoaderProcess, format_stats, pool_capacity
@@ -57,7 +57,8 @@ def _default_device() -> str:
 @click.option("--no-verify-checksums", is_flag=True, help="Skip the sha256 of every shard (sizes are still checked).")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Written (JSON: address, pid) when ready.")
 @click.option("--stats-on-exit", is_flag=True, help="Print copy and wait statistics when the loader exits.")
-def main(model, budget, policy, device, address, max_context, ring_slots, prefetch_depth, no_verify_checksums, ready_file, stats_on_exit):
+@click.option("--draft-model", type=click.Path(file_okay=False, path_type=Path), default=None, help="spillover-int4 draft model the compute process holds resident: the budget reserves it.")
+def main(model, budget, policy, device, address, max_context, ring_slots, prefetch_depth, no_verify_checksums, ready_file, stats_on_exit, draft_model):
     """Hold a model's INT4 weights and stream them into a device pool shared with the compute process."""
     config = LoaderConfig(
         model=model,
@@ -71,6 +72,7 @@ def main(model, budget, policy, device, address, max_context, ring_slots, prefet
         verify_checksums=not no_verify_checksums,
         ready_file=ready_file,
         stats_on_exit=stats_on_exit,
+        draft_model=draft_model,
     )
     sys.exit(run(config))
 
@@ -86,8 +88,18 @@ def run(config: LoaderConfig) -> int:
         check_address(config.socket)
         checkpoint = QuantizedCheckpoint(config.model)
         units = layout_units(checkpoint.manifest)
+        reserved = []
+        if config.draft_model is not None:
+            draft = QuantizedCheckpoint(config.draft_model)
+            reserved = draft_lines(
+                device=config.device,
+                units=layout_units(draft.manifest),
+                config=draft.config,
+                max_context=config.max_context,
+            )
         plan_for = functools.partial(
             plan_placement,
+            reserved=reserved,
             budget_bytes=config.budget_bytes,
             device=config.device,
             units=units,

@@ -72,6 +72,7 @@ class LoaderConfig:
     verify_checksums: bool  # sha256 of every shard while reading it
     ready_file: Path | None  # written (JSON: address, pid) once the loader serves
     stats_on_exit: bool  # print the Stats table when the loader exits
+    draft_model: Path | None = None  # a spillover-int4 draft model compute holds resident; the budget reserves it
 
 
 def pool_capacity(placement: Placement, plan_for: PlanFor) -> int:
@@ -264,6 +265,7 @@ class LoaderProcess:
             prefill_chunk=placement.prefill_chunk,
             budget_bytes=placement.budget_bytes,
             lines=tuple(BudgetLine(what=what, nbytes=nbytes) for what, nbytes in placement.lines),
+            draft_model=str(self.config.draft_model) if self.config.draft_model is not None else None,
         )
 
     def _write_ready_file(self) -> None:

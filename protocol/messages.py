@@ -15,7 +15,7 @@ import dataclasses
 from typing import ClassVar
 
 # Bumped on any change to a message's fields or meaning; the loader refuses a Hello of another version.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # type tag -> message class; filled by ``register``
 MESSAGE_TYPES: dict[str, type] = {}
@@ -158,6 +158,7 @@ class Plan(Message):
     prefill_chunk: int  # tokens per prefill forward pass the activations were counted for
     budget_bytes: int  # --gpu-memory, bytes: the device memory of both processes together
     lines: tuple[BudgetLine, ...]  # everything the planner counted, the pool's lines last
+    draft_model: str | None  # the draft model directory whose bytes the budget reserves (compute holds it); None: none
 
 
 @register
