@@ -57,10 +57,8 @@ from transformers import AutoTokenizer, PretrainedConfig, StaticCache
 from compute.graphs import Decoder, DecodeStep, keyword_of
 from compute.model import HostEmbedding, UnitWeights, build_model
 from compute.sampling import SamplingParams, sample_next
-from compute.speculate.accept import walk_tree
-from compute.speculate.sizing import PassCost, tree_size
-from compute.speculate.tree import DraftTree, tree_attention_mask, tree_positions
-from compute.speculation import DEFAULT_MAX_DRAFT_TOKENS, Drafter, SpeculationStats
+from compute.speculate.sizing import PassCost
+from compute.speculation import Drafter, SpeculationStats, speculative_step
 from quantizer.checkpoint import QuantizedCheckpoint
 
 log = logging.getLogger(__name__)
@@ -343,7 +341,7 @@ class Engine:
                 chosen = [sample_next(logits, params, generator, seen)]
             else:
                 room = params.max_new_tokens - len(reply)  # tokens the reply may still take
-                chosen = self._speculative_step(token, params, generator, seen, room, stats)
+                chosen = speculative_step(self, token, params, generator, seen, room, stats)
             decode_passes += 1
             decode_seconds += time.perf_counter() - step_start
         # A speculative pass may have cached tokens past the one that ended the reply; the cache must hold exactly the
@@ -429,62 +427,6 @@ class Engine:
         """
         return self._decoder(token, position, cuda_graphs=self.cuda_graphs)
 
-    def _speculative_step(
-        self,
-        token: int,
-        params: SamplingParams,
-        generator: torch.Generator,
-        seen: torch.Tensor,
-        room: int,
-        stats: SpeculationStats,
-    ) -> list[int]:
-        """One speculative decode pass from ``token`` (chosen, not yet cached): draft a tree, verify it in one target
-        pass, keep the accepted path's keys/values; the tokens the pass emits (the accepted ones and one more).
-        ``seen`` holds every id so far (for the repetition penalty), ``room`` how many tokens the reply may still
-        take."""
-        prefix = len(self._cached_ids)
-        started = time.perf_counter()
-        # nodes past the reply's end or the cache's are wasted: at most room - 1 (one token comes from the target)
-        limit = min(self.draft_tokens or DEFAULT_MAX_DRAFT_TOKENS, room - 1, self.max_context - prefix - 1)
-        tree = self.drafter.propose([*self._cached_ids, token], limit) if limit > 0 else DraftTree((), (), ())
-        draft_seconds = time.perf_counter() - started
-        if self.draft_tokens is None:
-            tree = tree.prefix(tree_size(tree.expected_accepted(), self._pass_cost, draft_seconds))
-        verify_started = time.perf_counter()
-        if not len(tree):
-            logits = self._decode_step(token, prefix)
-            self._cached_ids.append(token)
-            chosen = [sample_next(logits, params, generator, seen)]
-        else:
-            logits = self._verify(token, tree, prefix)  # (1 + N, vocab)
-
-            def choose(row: int) -> int:  # the target's token at ``row``, after the path leading to it
-                path = [tree.tokens[n] for n in tree.path_to(row - 1)] if row else []
-                previous = torch.cat([seen, torch.tensor(path, dtype=seen.dtype, device=seen.device)]) if path else seen
-                return sample_next(logits[row], params, generator, previous)
-
-            accepted = walk_tree(tree, choose)
-            self._keep_rows(prefix, [0, *(node + 1 for node in accepted.nodes)])
-            self._cached_ids += [token, *(tree.tokens[node] for node in accepted.nodes)]
-            chosen = list(accepted.tokens)
-        seconds = time.perf_counter() - verify_started
-        self._pass_cost.record(1 + len(tree), seconds)
-        self.drafter.accepted(len(tree), len(chosen) - 1)
-        stats.target_passes += 1
-        stats.emitted_tokens += len(chosen)
-        stats.drafted_tokens += len(tree)
-        stats.accepted_tokens += len(chosen) - 1
-        stats.draft_seconds += draft_seconds
-        stats.target_seconds += seconds
-        return chosen
-
-    def _verify(self, token: int, tree: DraftTree, prefix: int) -> torch.Tensor:
-        """The target over ``token`` (at ``prefix``) and every node of ``tree``, each row attending to the cache and
-        its own ancestors (``compute.speculate.tree``); their keys/values go to positions ``prefix …`` in row order.
-        Returns every row's logits, (1 + N, vocab)."""
-        positions = tree_positions(tree, prefix)
-        return self.forward_rows([token, *tree.tokens], positions, tree_attention_mask(tree, prefix, self.max_context))
-
     def forward_rows(self, ids: list[int], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One forward over the rows ``ids`` at ``positions`` ((T,) int64), each attending where ``mask`` ((T,
         max_context) bool) is True; their keys/values are written after what the cache holds, in row order, and
@@ -503,7 +445,7 @@ class Engine:
             )
         return out.logits[0]
 
-    def _keep_rows(self, prefix: int, rows: list[int]) -> None:
+    def keep_rows(self, prefix: int, rows: list[int]) -> None:
         """After a verification pass: move the keys/values of ``rows`` (increasing; row r sits at ``prefix + r``) to
         positions ``prefix …`` in order, and make the cache end there (the other rows' are dropped)."""
         if rows != list(range(len(rows))):

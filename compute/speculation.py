@@ -14,6 +14,8 @@ This module promises:
   and ``name``. ``NgramDrafter`` drafts by prompt lookup (``compute.speculate.ngram``), a chain whose nodes carry the
   acceptance rate it has measured, so that sizing can weigh them; ``compute.draft_model.DraftModel`` runs a smaller
   model.
+* ``speculative_step(engine, ...)``: one such pass for ``Engine.generate`` (drafting, sizing the tree by
+  ``compute.speculate.sizing`` unless ``engine.draft_tokens`` fixes it, ``verify``, the walk, ``Engine.keep_rows``).
 * ``SpeculationStats``: per reply, target passes (decode only), drafted and accepted tokens, the seconds the draft
   took and the seconds the target's passes took; ``tokens_per_pass`` counts every token a decode pass emitted.
 
@@ -24,11 +26,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+import torch
+
+from compute.sampling import SamplingParams, sample_next
+from compute.speculate.accept import walk_tree
 from compute.speculate.ngram import propose_ngram
-from compute.speculate.tree import DraftTree, chain
+from compute.speculate.sizing import tree_size
+from compute.speculate.tree import DraftTree, chain, tree_attention_mask, tree_positions
+
+if TYPE_CHECKING:
+    from compute.engine import Engine
 
 DEFAULT_MAX_DRAFT_TOKENS = 128  # nodes per tree at most (a verification pass checks this many + 1 rows)
 NGRAM_MAX = 3  # longest suffix prompt lookup matches
@@ -108,3 +119,61 @@ class SpeculationStats:
             "accepted_per_pass": self.accepted_per_pass,
             "draft_time_share": self.draft_time_share,
         }
+
+
+def speculative_step(
+    engine: Engine,
+    token: int,
+    params: SamplingParams,
+    generator: torch.Generator,
+    seen: torch.Tensor,
+    room: int,
+    stats: SpeculationStats,
+) -> list[int]:
+    """One speculative decode pass from ``token`` (chosen, not yet cached): draft a tree, verify it in one target
+    pass, keep the accepted path's keys/values; the tokens the pass emits (the accepted ones and one more).
+    ``seen`` holds every id so far (for the repetition penalty), ``room`` how many tokens the reply may still
+    take."""
+    prefix = len(engine._cached_ids)
+    started = time.perf_counter()
+    # nodes past the reply's end or the cache's are wasted: at most room - 1 (one token comes from the target)
+    limit = min(engine.draft_tokens or DEFAULT_MAX_DRAFT_TOKENS, room - 1, engine.max_context - prefix - 1)
+    tree = engine.drafter.propose([*engine._cached_ids, token], limit) if limit > 0 else DraftTree((), (), ())
+    draft_seconds = time.perf_counter() - started
+    if engine.draft_tokens is None:
+        tree = tree.prefix(tree_size(tree.expected_accepted(), engine._pass_cost, draft_seconds))
+    verify_started = time.perf_counter()
+    if not len(tree):
+        logits = engine._decode_step(token, prefix)
+        engine._cached_ids.append(token)
+        chosen = [sample_next(logits, params, generator, seen)]
+    else:
+        logits = verify(engine, token, tree, prefix)  # (1 + N, vocab)
+
+        def choose(row: int) -> int:  # the target's token at ``row``, after the path leading to it
+            path = [tree.tokens[n] for n in tree.path_to(row - 1)] if row else []
+            previous = torch.cat([seen, torch.tensor(path, dtype=seen.dtype, device=seen.device)]) if path else seen
+            return sample_next(logits[row], params, generator, previous)
+
+        accepted = walk_tree(tree, choose)
+        engine.keep_rows(prefix, [0, *(node + 1 for node in accepted.nodes)])
+        engine._cached_ids += [token, *(tree.tokens[node] for node in accepted.nodes)]
+        chosen = list(accepted.tokens)
+    seconds = time.perf_counter() - verify_started
+    engine._pass_cost.record(1 + len(tree), seconds)
+    engine.drafter.accepted(len(tree), len(chosen) - 1)
+    stats.target_passes += 1
+    stats.emitted_tokens += len(chosen)
+    stats.drafted_tokens += len(tree)
+    stats.accepted_tokens += len(chosen) - 1
+    stats.draft_seconds += draft_seconds
+    stats.target_seconds += seconds
+    return chosen
+
+def verify(engine: Engine, token: int, tree: DraftTree, prefix: int) -> torch.Tensor:
+    """The target over ``token`` (at ``prefix``) and every node of ``tree``, each row attending to the cache and
+    its own ancestors (``compute.speculate.tree``); their keys/values go to positions ``prefix …`` in row order.
+    Returns every row's logits, (1 + N, vocab)."""
+    positions = tree_positions(tree, prefix)
+    mask = tree_attention_mask(tree, prefix, engine.max_context)
+    return engine.forward_rows([token, *tree.tokens], positions, mask)
