@@ -10,6 +10,9 @@ process (``compute.launch``), connects that process as the compute side (``proto
 * decode tokens/s over ``--decode-tokens`` (>= 64) tokens after a warm-up, context <= 1024;
 * bytes streamed host -> device per decoded token (the loader's counters);
 * peak device memory of each process and their sum (NVML per process, allocator caches and contexts included);
+* with ``--draft-model``, the same decode again with speculation (the draft held resident, reserved in the budget):
+  tokens per target pass, the draft's share of the time, tok/s (random weights: acceptance means nothing here;
+  ``bench.speculate`` measures it on a real pair);
 
 and the ceilings, measured by this run on this machine: pinned host -> device GB/s and device -> device GB/s.
 Each decode figure is reported against its roofline, ``resident_bytes / device_bw + streamed_bytes / h2d_bw``
@@ -69,6 +72,7 @@ class BudgetResult:
     compute_wait_s_per_token: float  # host time compute waited for the loader to enqueue a fill, per token (a device-side wait on a copy in flight is not seen)
     peak_device_bytes: dict  # role -> bytes (NVML), and "total"
     compute_reserved_peak_bytes: int  # the compute process's CUDA caching allocator at its peak (part of its NVML)
+    speculative: dict | None = None  # with --draft-model: decode_tokens_per_s and the SpeculationStats of that decode
 
 
 def measure_ceilings(nbytes: int = 1 << 30, repeats: int = 5) -> Ceilings:
@@ -97,7 +101,7 @@ def measure_ceilings(nbytes: int = 1 << 30, repeats: int = 5) -> Ceilings:
 
 
 def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, prefill_tokens: int,
-               decode_tokens: int, ceilings: Ceilings) -> BudgetResult:  # fmt: skip
+               decode_tokens: int, ceilings: Ceilings, draft_model: Path | None = None) -> BudgetResult:  # fmt: skip
     from compute.engine import Engine
     from compute.launch import LaunchedLoader, LoaderOptions
     from compute.sampling import SamplingParams
@@ -105,7 +109,8 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
     from protocol.client import LoaderClient
     from quantizer.checkpoint import QuantizedCheckpoint
 
-    options = LoaderOptions(model=model_dir, gpu_memory=budget, policy=policy, device="cuda", max_context=max_context)
+    options = LoaderOptions(model=model_dir, gpu_memory=budget, policy=policy, device="cuda", max_context=max_context,
+                            draft_model=draft_model)  # fmt: skip
     started = time.perf_counter()
     with LaunchedLoader.start(options) as loader:
         loader_ready_s = time.perf_counter() - started
@@ -136,6 +141,9 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
                 decode = engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=decode_tokens + 1))
                 after = _totals(client)
                 decode_mode = engine.decode_mode
+                speculative = None
+                if draft_model is not None:
+                    speculative = _speculative_decode(engine, draft_model, prompt, greedy, decode_tokens)
         finally:
             client.close()
 
@@ -172,7 +180,26 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
         compute_wait_s_per_token=wait_per_token,
         peak_device_bytes=memory.report()["peak_device_memory_bytes"],
         compute_reserved_peak_bytes=torch.cuda.max_memory_reserved(),
+        speculative=speculative,
     )
+
+
+def _speculative_decode(engine, draft_model: Path, prompt: list[int], greedy, decode_tokens: int) -> dict:
+    """The decode run again, drafted by ``draft_model`` held resident in this process."""
+    from compute.draft_model import DraftModel, ResidentWeights
+    from compute.engine import Engine
+    from quantizer.checkpoint import QuantizedCheckpoint
+
+    checkpoint = QuantizedCheckpoint(draft_model)
+    draft = Engine(checkpoint, ResidentWeights(checkpoint, "cuda"), device="cuda", max_context=engine.max_context,
+                   cuda_graphs=False)  # fmt: skip
+    engine.drafter = DraftModel(draft, vocab_size=engine.vocab_size)
+    engine.reset()
+    engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=16))  # warm-up
+    engine.reset()
+    result = engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=decode_tokens + 1))
+    engine.drafter = None
+    return {"decode_tokens_per_s": result.decode_tokens_per_s, **result.speculation.as_dict()}
 
 
 def run_budget_in_a_fresh_process(model_dir: Path, budget: str, **kwargs) -> BudgetResult:
@@ -209,6 +236,14 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
             f"| {r.roofline_tokens_per_s:.1f} | {100 * r.fraction_of_roofline:.0f}% | {r.decode_mode} "
             f"| {r.streamed_bytes_per_token / 1e9:.2f} | {1e3 * r.compute_wait_s_per_token:.1f} | {peak_text} |"
         )
+    for r in results:
+        if r.speculative is not None:
+            spec = r.speculative
+            lines.append(
+                f"{r.budget} with the draft (random weights: acceptance means nothing): "
+                f"{spec['decode_tokens_per_s']:.1f} tok/s, {spec['tokens_per_pass']:.2f} tok/pass, "
+                f"draft {100 * spec['draft_time_share']:.0f}% of the time"
+            )
     return "\n".join(lines)
 
 
@@ -223,8 +258,10 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
 @click.option("--prefill-tokens", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=64), default=128, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@click.option("--draft-model", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also decode speculatively with this spillover-int4 draft (e.g. `spillover synth --preset qwen2-0.5b`).")
 def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy: str, max_context: int,
-          prefill_tokens: int, decode_tokens: int, json_path: Path | None) -> None:  # fmt: skip
+          prefill_tokens: int, decode_tokens: int, json_path: Path | None, draft_model: Path | None) -> None:  # fmt: skip
     """Benchmark the two-process pipeline on a synthetic 32B-shaped model under each budget."""
     if not torch.cuda.is_available():
         raise click.ClickException("spillover bench measures the GPU pipeline and needs a CUDA device")
@@ -245,7 +282,7 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
         try:
             results.append(run_budget_in_a_fresh_process(
                 checkpoint, budget, policy=policy, max_context=max_context, prefill_tokens=prefill_tokens,
-                decode_tokens=decode_tokens, ceilings=ceilings,
+                decode_tokens=decode_tokens, ceilings=ceilings, draft_model=draft_model,
             ))  # fmt: skip
         except LoaderStartError as e:  # a budget too small, say: the loader's own message is on stderr above
             raise click.ClickException(f"--gpu-memory {budget}: {e}") from None
