@@ -138,3 +138,45 @@ def test_run_with_a_draft_model_through_both_processes(tiny_q, tiny_draft_q, tmp
     both = subprocess.run(spillover(*args, "--speculate", "ngram", "--draft-model", str(tiny_draft_q)),
                           capture_output=True, text=True, env=spillover_env(tmp_path), timeout=60)  # fmt: skip
     assert both.returncode != 0 and "choose one" in both.stderr and "Traceback" not in both.stderr
+
+
+def test_sampled_replies_with_a_draft_tree_have_the_targets_distribution(tiny_q, tiny_draft_q):
+    """Many seeds, the first three tokens of a reply (top-2 sampling: 8 possible replies) drawn with a draft tree
+    (the second and third come from a verification pass), against the target's own probabilities."""
+    from test_speculate import chi_square_p_value
+
+    params = SamplingParams(temperature=1.0, top_k=2, top_p=1.0, max_new_tokens=3)
+    # float32 throughout: the top-2 sets must be the same ones, which bf16 rounding can swap
+    drafter = draft_of(tiny_draft_q, dtype=torch.float32, top_k=2, expand_per_round=2, rounds=2)
+    engine = make_engine(tiny_q, drafter=drafter, draft_tokens=6, dtype=torch.float32)
+    engine.eos_token_ids = frozenset()
+    prompt = random_prompt(6)
+    counts: dict[tuple[int, ...], int] = {}
+    samples = 160
+    for seed in range(samples):
+        reply = engine.generate(prompt, SamplingParams(**{**params.__dict__, "seed": seed})).token_ids
+        counts[reply] = counts.get(reply, 0) + 1
+
+    # the target's own distribution, from one plain causal pass of a float32 engine over the reply so far
+    plain = make_engine(tiny_q, dtype=torch.float32)
+
+    def top2(ids: list[int]) -> dict[int, float]:
+        with torch.inference_mode():
+            causal = torch.ones(len(ids), plain.max_context, dtype=torch.bool).tril()
+            logits = plain.forward_rows(ids, torch.arange(len(ids)), causal)[-1].float()
+        plain.reset()
+        values, tokens = logits.topk(2)
+        return dict(zip(tokens.tolist(), torch.softmax(values, dim=-1).tolist()))
+
+    expected: dict[tuple[int, ...], float] = {}
+    for a, pa in top2(prompt).items():
+        for b, pb in top2(prompt + [a]).items():
+            for c, pc in top2(prompt + [a, b]).items():
+                expected[(a, b, c)] = pa * pb * pc
+    assert set(counts) <= set(expected)
+    # cells expected fewer than 5 times are pooled into one (the chi-square approximation needs that)
+    rare = [cell for cell in expected if expected[cell] * samples < 5]
+    cells = [[cell] for cell in expected if cell not in rare] + ([rare] if rare else [])
+    observed = torch.tensor([sum(counts.get(c, 0) for c in group) for group in cells], dtype=torch.float64)
+    probs = torch.tensor([sum(expected[c] for c in group) for group in cells], dtype=torch.float64)
+    assert len(cells) >= 3 and chi_square_p_value(observed, probs) > 1e-3
