@@ -186,13 +186,15 @@ def measure_passes(model_dir: Path, draft_dir: Path | None, budget: str, *, poli
     """One budget, in this process: a loader process, the target engine on its plan, the draft resident here."""
     from compute.draft_model import DraftModel, ResidentWeights
     from compute.engine import Engine
-    from compute.launch import LaunchedLoader, LoaderOptions
+    from compute.launch import LaunchedLoader
+    from protocol.launch import LoaderCommand
+    from protocol.sizes import parse_size
     from compute.speculation import verify
     from protocol.client import LoaderClient
     from quantizer.checkpoint import QuantizedCheckpoint
 
-    options = LoaderOptions(model=model_dir, gpu_memory=budget, policy=policy, device="cuda", max_context=max_context,
-                            draft_model=draft_dir)  # fmt: skip
+    options = LoaderCommand(model=model_dir, gpu_memory=parse_size(budget), policy=policy, device="cuda",
+                            max_context=max_context, draft_model=draft_dir)  # fmt: skip
     rng = random.Random(0)
     with LaunchedLoader.start(options) as loader:
         client = LoaderClient.connect(loader.address, timeout_s=60)

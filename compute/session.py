@@ -29,21 +29,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from compute.chat import Conversation, Reply, ReplyRefused, StopOnInterrupt, StreamingDetokenizer, reply_once, repl
+from compute.config import RunConfig
 from compute.draft_model import DraftModel, DraftModelError, ResidentWeights, check_same_tokenizer
-from compute.engine import DEFAULT_PREFILL_CHUNK, ContextLengthError, Engine, FinishReason, GenerationResult
+from compute.engine import ContextLengthError, Engine, FinishReason, GenerationResult
 from compute.resolve import ResolvedModel
 from compute.speculation import Drafter, NgramDrafter
 from compute.usage import PeakMemorySampler
 from protocol.client import LoaderClient, LoaderError
+from protocol.defaults import DEFAULT_PREFILL_CHUNK
 from protocol.ring import pid_alive
 from protocol.sockets import AddressError
 from quantizer.checkpoint import QuantizedCheckpoint
-
-if TYPE_CHECKING:
-    from compute.run import RunConfig
 
 log = logging.getLogger(__name__)
 

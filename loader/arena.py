@@ -4,7 +4,7 @@ Layout: the units given to ``load``, back to back in that order, each laid out a
 unit is one contiguous range and moving it to the device is one copy). The arena is a single anonymous
 mmap (huge pages advised, so filling 16 GB does not take millions of page faults) and, with ``pin=True``, is
 page-locked once with ``cudaHostRegister``: PyTorch's pinned allocator would round each allocation up to a
-power of two, and pageable memory copies to the device at an eighth of the pinned rate (design.md).
+power of two, and pageable memory copies to the device at an eighth of the pinned rate (6.9 against 55 GB/s on the H200).
 
 Filling reads each shard once, front to back: the safetensors header (8-byte little-endian length, then
 JSON with every tensor's dtype, shape and data offsets), then each unit tensor's bytes ``readinto`` its
@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from loader.layout import TensorSlot, UnitLayout
-from quantizer.checkpoint import SAFETENSORS_DTYPES, QuantizedCheckpoint
+from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import FormatError
 
 log = logging.getLogger(__name__)
@@ -135,13 +135,6 @@ class PinnedArena:
         except KeyError:
             raise KeyError(f"unit {name!r} is not in the arena; it holds {list(self.offsets)}") from None
         return self.data[offset : offset + self.units[name].nbytes]
-
-    def tensor(self, unit_name: str, tensor_name: str) -> torch.Tensor:
-        """Typed view of one tensor inside a unit (e.g. a ``qweight``, uint8 ``[out, in / 2]``)."""
-        unit = self.unit(unit_name)
-        slot = self.units[unit_name].slot(tensor_name)
-        raw = unit[slot.offset : slot.offset + slot.nbytes]
-        return raw.view(SAFETENSORS_DTYPES[slot.dtype]).view(slot.shape)
 
     def close(self) -> None:
         """Unpin and drop the memory (it is freed once no view of it remains); safe to call twice."""
