@@ -6,7 +6,7 @@ there, and the loader's planner reserves their bytes (``loader.planner.draft_lin
 
 * ``ResidentWeights(checkpoint, device)``: every unit in one device buffer, its Linears' ``qweight``s back to back
   in manifest order, then their ``scales`` (the order the loader lays a unit out, so the decode step's fused GEMVs
-  see q/k/v and gate/up as one matrix); ``acquire`` returns fixed views, ``release`` does nothing
+  see q/k/v and gate/up as one matrix); ``acquire`` returns fixed views, ``release`` does nothing, ``plan`` is None
   (``compute.model.UnitWeights``).
 * ``check_same_tokenizer(target, draft, label)``: ``DraftModelError`` (one line) unless both tokenizers map every
   token, special ones included, to the same id.
@@ -47,6 +47,8 @@ class DraftModelError(ValueError):
 
 class ResidentWeights:
     """Every unit of ``checkpoint`` resident on ``device``, laid out as the loader lays out a unit."""
+
+    plan = None  # no loader: nothing streams
 
     def __init__(self, checkpoint: QuantizedCheckpoint, device: torch.device | str):
         self.units: dict[str, dict[str, torch.Tensor]] = {}
