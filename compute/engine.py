@@ -24,10 +24,14 @@
   eagerly. ``decode_mode`` says which in one line: "graph", "piecewise (N graphs, M eager units)", "eager: why".
 * With a ``drafter`` (``compute.speculation``), decode is speculative: each pass checks a drafted tree of tokens
   (at most ``draft_tokens`` nodes; without it, as many as ``compute.speculate.sizing`` finds worth the measured
-  cost of a pass, up to ``DEFAULT_MAX_DRAFT_TOKENS``) and emits the accepted ones plus one. The target still
+  cost of a pass, up to ``compute.speculation.DEFAULT_MAX_DRAFT_TOKENS``) and emits the accepted ones plus one. The target still
   chooses every token (the argmax when greedy, a draw from its own distribution otherwise, one draw per token as
   without a drafter), so replies are the same up to the arithmetic's rounding in a pass over several rows.
   ``GenerationResult.speculation`` reports what it did. A drafter that proposes nothing costs a one-token pass.
+* Two primitives serve speculation and the draft model: ``forward_rows(ids, positions, mask)``, one forward over
+  arbitrary rows (any positions, a boolean mask over the whole cache; keys/values appended after what the cache
+  holds; every row's logits), and ``keep_rows(prefix, rows)``, which moves the kept rows' keys/values into place
+  and cuts the cache there.
 * ``prompt_ids`` is the whole conversation so far. The KV cache is kept between calls, and the longest prefix
   the new prompt shares with what the cache holds is not computed again (a multi-turn chat prefills only the
   new turn). ``reset()`` empties the cache; it is never required for correctness.
