@@ -99,6 +99,8 @@ class RunConfig:
     cache_dir: Path  # where quantized checkpoints and the demo model are kept
     kernels: KernelOptions  # --gemv-configs, --early-launch
     verbose: int  # the spillover group's -v count: the loader logs at the same level
+    max_batch: int = 1  # sequences per forward pass (`spillover serve --max-batch`); 1 for the chat
+    kv_tokens: int | None = None  # positions of the paged KV pool when max_batch > 1; None = the planner's default
     speculate: str | None = None  # "ngram": prompt-lookup drafting; None: none (or the draft model's, if given)
     draft_model: str | None = None  # --draft-model as given (like --model); None = no draft model
     draft_tokens: int | None = None  # drafted tokens per target pass; None = sized from the measured pass cost
@@ -122,6 +124,8 @@ class RunConfig:
             policy=self.policy,
             device=self.device,
             max_context=self.max_context or default_max_context(model),
+            max_batch=self.max_batch,
+            kv_tokens=self.kv_tokens,
             verbose=self.verbose,
             draft_model=draft.path if draft is not None else None,
         )
