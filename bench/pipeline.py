@@ -10,6 +10,9 @@ process (``compute.launch``), connects that process as the compute side (``proto
 * decode tokens/s over ``--decode-tokens`` (>= 64) tokens after a warm-up, context <= 1024;
 * bytes streamed host -> device per decoded token (the loader's counters);
 * peak device memory of each process and their sum (NVML per process, allocator caches and contexts included);
+* with ``--draft-model``, the same decode again with speculation (the draft held resident, reserved in the budget):
+  tokens per target pass, the draft's share of the time, tok/s (random weights: acceptance means nothing here;
+  ``bench.speculate`` measures it on a real pair);
 
 and the ceilings, measured by this run on this machine: pinned host -> device GB/s and device -> device GB/s.
 Each decode figure is reported against its roofline, ``resident_bytes / device_bw + streamed_bytes / h2d_bw``
@@ -76,6 +79,7 @@ class BudgetResult:
     compute_wait_s_per_token: float  # host time compute waited for the loader to enqueue a fill, per token (a device-side wait on a copy in flight is not seen)
     peak_device_bytes: dict  # role -> bytes (NVML), and "total"
     compute_reserved_peak_bytes: int  # the compute process's CUDA caching allocator at its peak (part of its NVML)
+    speculative: dict | None = None  # with --draft-model: decode_tokens_per_s and the SpeculationStats of that decode
 
 
 def measure_ceilings(nbytes: int = 1 << 30, repeats: int = 5) -> Ceilings:
@@ -104,7 +108,8 @@ def measure_ceilings(nbytes: int = 1 << 30, repeats: int = 5) -> Ceilings:
 
 
 def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, prefill_tokens: int,
-               decode_tokens: int, ceilings: Ceilings, kernels: KernelOptions) -> BudgetResult:  # fmt: skip
+               decode_tokens: int, ceilings: Ceilings, kernels: KernelOptions,
+               draft_model: Path | None = None) -> BudgetResult:  # fmt: skip
     from compute.engine import Engine
     from compute.launch import LaunchedLoader
     from protocol.launch import LoaderCommand
@@ -115,7 +120,7 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
 
     kernels.apply()
     options = LoaderCommand(model=model_dir, gpu_memory=parse_size(budget), policy=policy, device="cuda",
-                            max_context=max_context)  # fmt: skip
+                            max_context=max_context, draft_model=draft_model)  # fmt: skip
     started = time.perf_counter()
     with LaunchedLoader.start(options) as loader:
         loader_ready_s = time.perf_counter() - started
@@ -146,6 +151,9 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
                 decode = engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=decode_tokens + 1))
                 after = _totals(client)
                 decode_mode = engine.decode_mode
+                speculative = None
+                if draft_model is not None:
+                    speculative = _speculative_decode(engine, draft_model, prompt, greedy, decode_tokens)
         finally:
             client.close()
 
@@ -182,7 +190,26 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
         compute_wait_s_per_token=wait_per_token,
         peak_device_bytes=memory.report()["peak_device_memory_bytes"],
         compute_reserved_peak_bytes=torch.cuda.max_memory_reserved(),
+        speculative=speculative,
     )
+
+
+def _speculative_decode(engine, draft_model: Path, prompt: list[int], greedy, decode_tokens: int) -> dict:
+    """The decode run again, drafted by ``draft_model`` held resident in this process."""
+    from compute.draft_model import DraftModel, ResidentWeights
+    from compute.engine import Engine
+    from quantizer.checkpoint import QuantizedCheckpoint
+
+    checkpoint = QuantizedCheckpoint(draft_model)
+    draft = Engine(checkpoint, ResidentWeights(checkpoint, "cuda"), device="cuda", max_context=engine.max_context,
+                   cuda_graphs=False)  # fmt: skip
+    engine.drafter = DraftModel(draft, vocab_size=engine.vocab_size)
+    engine.reset()
+    engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=16))  # warm-up
+    engine.reset()
+    result = engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=decode_tokens + 1))
+    engine.drafter = None
+    return {"decode_tokens_per_s": result.decode_tokens_per_s, **result.speculation.as_dict()}
 
 
 def run_budget_in_a_fresh_process(model_dir: Path, budget: str, **kwargs) -> BudgetResult:
@@ -219,6 +246,14 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
             f"| {r.roofline_tokens_per_s:.1f} | {100 * r.fraction_of_roofline:.0f}% | {r.decode_mode} "
             f"| {r.streamed_bytes_per_token / 1e9:.2f} | {1e3 * r.compute_wait_s_per_token:.1f} | {peak_text} |"
         )
+    for r in results:
+        if r.speculative is not None:
+            spec = r.speculative
+            lines.append(
+                f"{r.budget} with the draft (random weights: acceptance means nothing): "
+                f"{spec['decode_tokens_per_s']:.1f} tok/s, {spec['tokens_per_pass']:.2f} tok/pass, "
+                f"draft {100 * spec['draft_time_share']:.0f}% of the time"
+            )
     return "\n".join(lines)
 
 
@@ -233,6 +268,8 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
 @click.option("--prefill-tokens", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=64), default=128, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@click.option("--draft-model", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also decode speculatively with this spillover-int4 draft (e.g. `spillover synth --preset qwen2-0.5b`).")
 @click.option("--concurrency", default=None,
               help="Also serve this many requests at once, e.g. 1,4,16,64 (bench.concurrency).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
@@ -251,6 +288,7 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
 def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy: str, max_context: int,
           prefill_tokens: int, decode_tokens: int, json_path: Path | None, concurrency: str | None, max_batch: int,
           kv_tokens: int | None, prompt_tokens: int, new_tokens: int, baseline: bool, http: bool,
+          draft_model: Path | None,
           gemv_configs: Path | None, early_launch: bool) -> None:  # fmt: skip
     """Benchmark the two-process pipeline on a synthetic 32B-shaped model under each budget."""
     from bench.concurrency import format_concurrency_table, parse_levels, run_concurrency_in_a_fresh_process
@@ -290,7 +328,7 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
             if baseline or not levels:
                 results.append(run_budget_in_a_fresh_process(
                     checkpoint, budget, policy=policy, max_context=max_context, prefill_tokens=prefill_tokens,
-                    decode_tokens=decode_tokens, ceilings=ceilings, kernels=kernels,
+                    decode_tokens=decode_tokens, ceilings=ceilings, kernels=kernels, draft_model=draft_model,
                 ))  # fmt: skip
                 click.echo(format_table(ceilings, results[-1:]).splitlines()[-1], err=True)
             if levels:

@@ -101,6 +101,9 @@ class RunConfig:
     verbose: int  # the spillover group's -v count: the loader logs at the same level
     max_batch: int = 1  # sequences per forward pass (`spillover serve --max-batch`); 1 for the chat
     kv_tokens: int | None = None  # positions of the paged KV pool when max_batch > 1; None = the planner's default
+    speculate: str | None = None  # "ngram": prompt-lookup drafting; None: none (or the draft model's, if given)
+    draft_model: str | None = None  # --draft-model as given (like --model); None = no draft model
+    draft_tokens: int | None = None  # drafted tokens per target pass; None = sized from the measured pass cost
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -112,7 +115,7 @@ class RunConfig:
             max_new_tokens=self.max_new_tokens,
         )
 
-    def loader_command(self, model: ResolvedModel) -> LoaderCommand:
+    def loader_command(self, model: ResolvedModel, draft: ResolvedModel | None = None) -> LoaderCommand:
         """The loader's share of the options: the one place that splits them between the two processes (the
         launcher adds the socket and the ready file)."""
         return LoaderCommand(
@@ -124,6 +127,7 @@ class RunConfig:
             max_batch=self.max_batch,
             kv_tokens=self.kv_tokens,
             verbose=self.verbose,
+            draft_model=draft.path if draft is not None else None,
         )
 
 

@@ -22,6 +22,16 @@
   the loader's ring, behind host-side waits a graph cannot make). A new plan (a policy switch) drops the graphs and
   decides again; a plan that streams every unit, or a capture that fails (logged with its reason), decodes
   eagerly. ``decode_mode`` says which in one line: "graph", "piecewise (N graphs, M eager units)", "eager: why".
+* With a ``drafter`` (``compute.speculation``), decode is speculative: each pass checks a drafted tree of tokens
+  (at most ``draft_tokens`` nodes; without it, as many as ``compute.speculate.sizing`` finds worth the measured
+  cost of a pass, up to ``compute.speculation.DEFAULT_MAX_DRAFT_TOKENS``) and emits the accepted ones plus one. The target still
+  chooses every token (the argmax when greedy, a draw from its own distribution otherwise, one draw per token as
+  without a drafter), so replies are the same up to the arithmetic's rounding in a pass over several rows.
+  ``GenerationResult.speculation`` reports what it did. A drafter that proposes nothing costs a one-token pass.
+* Two primitives serve speculation and the draft model: ``forward_rows(ids, positions, mask)``, one forward over
+  arbitrary rows (any positions, a boolean mask over the whole cache; keys/values appended after what the cache
+  holds; every row's logits), and ``keep_rows(prefix, rows)``, which moves the kept rows' keys/values into place
+  and cuts the cache there.
 * ``prompt_ids`` is the whole conversation so far. The KV cache is kept between calls, and the longest prefix
   the new prompt shares with what the cache holds is not computed again (a multi-turn chat prefills only the
   new turn). ``reset()`` empties the cache; it is never required for correctness.
@@ -51,6 +61,8 @@ from compute.decode_step import DecodeStep, keyword_of
 from compute.decoder import Decoder
 from compute.model import HostEmbedding, UnitWeights, build_model
 from compute.sampling import SamplingParams, sample_next
+from compute.speculate.sizing import PassCost
+from compute.speculation import Drafter, SpeculationStats, speculative_step
 from protocol.defaults import DEFAULT_PREFILL_CHUNK
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.model_spec import head_dim, kv_cache_nbytes
@@ -82,13 +94,15 @@ class GenerationResult:
     prefill_tokens: int  # prompt tokens run through the model (fewer than prompt_tokens when the cache held a prefix)
     prefill_passes: int  # forward passes the prefill took: ceil(prefill_tokens / prefill_chunk)
     prefill_seconds: float  # from the first prefill forward to the first reply token chosen
-    decode_tokens: int  # tokens produced by one-token forward passes (the first reply token comes from prefill)
-    decode_seconds: float  # time spent in those forward passes and their sampling
+    decode_tokens: int  # tokens produced by decode forward passes (the first reply token comes from prefill)
+    decode_seconds: float  # time spent in those forward passes, their sampling and any drafting
+    decode_passes: int  # decode forward passes of the model (= decode_tokens without speculation)
+    speculation: SpeculationStats | None = None  # what speculative decode did; None without a drafter
 
     @property
     def forward_passes(self) -> int:
         """Forward passes of the whole reply: each one reads every weight once (streamed units cross the bus)."""
-        return self.prefill_passes + self.decode_tokens
+        return self.prefill_passes + self.decode_passes
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -135,16 +149,23 @@ class Engine:
         dtype: torch.dtype = torch.bfloat16,
         cuda_graphs: bool = True,
         host_embedding: bool | None = None,
+        drafter: Drafter | None = None,
+        draft_tokens: int | None = None,
     ):
         if max_context < 1:
             raise ValueError(f"max_context must be at least 1 token, got {max_context}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        if draft_tokens is not None and draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be at least 1 token, got {draft_tokens}")
         self.device = torch.device(device)
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self.cuda_graphs = cuda_graphs  # capture the decode step (its resident segments) as CUDA graphs on CUDA
         self.weights = weights
+        self.drafter = drafter
+        self.draft_tokens = draft_tokens  # nodes per drafted tree; None = sized from the measured pass cost
+        self._pass_cost = PassCost()  # decode passes' seconds against their rows, for sizing draft trees
         self.model = build_model(checkpoint, weights, self.device, dtype, host_embedding=host_embedding)
         self.config: PretrainedConfig = self.model.config
         self.vocab_size: int = self.config.vocab_size
@@ -197,6 +218,8 @@ class Engine:
         """Forget the conversation: the next ``generate`` prefills its whole prompt."""
         self._rewind_cache(0)
         self._cached_ids = []
+        if self.drafter is not None:
+            self.drafter.reset()
 
     def _rewind_cache(self, length: int) -> None:
         """Make the cache hold its first ``length`` positions: the next write goes to position ``length``.
@@ -227,6 +250,8 @@ class Engine:
             self._cached_ids = []
             self._rewind_cache(0)
             self._abandon_forward()
+            if self.drafter is not None:
+                self.drafter.reset()
             raise
 
     def _abandon_forward(self) -> None:
@@ -281,20 +306,37 @@ class Engine:
         prefill_seconds = time.perf_counter() - start
 
         reply: list[int] = []
+        chosen = [token]  # tokens chosen by the last pass, not yet in the reply
         decode_seconds = 0.0
+        decode_passes = 0
+        stats = SpeculationStats(drafter=self.drafter.name) if self.drafter is not None else None
         while True:
-            reply.append(token)
-            history[len(prompt) + len(reply) - 1] = token
-            if on_token is not None:
-                on_token(token)
-            finish = self._finish_reason(token, len(reply), params, stop_requested)
+            for token in chosen:
+                reply.append(token)
+                history[len(prompt) + len(reply) - 1] = token
+                if on_token is not None:
+                    on_token(token)
+                finish = self._finish_reason(token, len(prompt) + len(reply) - 1, len(reply), params, stop_requested)
+                if finish is not None:
+                    break
             if finish is not None:
                 break
             step_start = time.perf_counter()
-            logits = self._decode_step(token, len(self._cached_ids))
-            self._cached_ids.append(token)
-            token = sample_next(logits, params, generator, history[: len(prompt) + len(reply)])
+            seen = history[: len(prompt) + len(reply)]
+            if stats is None:
+                logits = self._decode_step(token, len(self._cached_ids))
+                self._cached_ids.append(token)
+                chosen = [sample_next(logits, params, generator, seen)]
+            else:
+                room = params.max_new_tokens - len(reply)  # tokens the reply may still take
+                chosen = speculative_step(self, token, params, generator, seen, room, stats)
+            decode_passes += 1
             decode_seconds += time.perf_counter() - step_start
+        # A speculative pass may have cached tokens past the one that ended the reply; the cache must hold exactly the
+        # conversation before the reply's last token (which is never fed), as after one-token passes.
+        if len(self._cached_ids) > len(prompt) + len(reply) - 1:
+            del self._cached_ids[len(prompt) + len(reply) - 1 :]
+            self._rewind_cache(len(self._cached_ids))
         return GenerationResult(
             token_ids=tuple(reply),
             finish_reason=finish,
@@ -304,17 +346,19 @@ class Engine:
             prefill_seconds=prefill_seconds,
             decode_tokens=len(reply) - 1,
             decode_seconds=decode_seconds,
+            decode_passes=decode_passes,
+            speculation=stats,
         )
 
     def _finish_reason(
-        self, token: int, produced: int, params: SamplingParams, stop_requested: Callable[[], bool]
+        self, token: int, position: int, produced: int, params: SamplingParams, stop_requested: Callable[[], bool]
     ) -> FinishReason | None:
-        """Why the reply ends after ``token`` (its ``produced``-th token), or None to go on."""
+        """Why the reply ends after ``token`` (its ``produced``-th token, to be fed at ``position``), or None."""
         if token in self.eos_token_ids:
             return FinishReason.EOS
         if produced >= params.max_new_tokens:
             return FinishReason.LENGTH
-        if len(self._cached_ids) >= self.max_context:  # no position left for feeding ``token`` back
+        if position >= self.max_context:  # no position left for feeding ``token`` back
             return FinishReason.CONTEXT
         if stop_requested():
             return FinishReason.STOPPED
@@ -346,6 +390,7 @@ class Engine:
             prefill_seconds=seconds,
             decode_tokens=0,
             decode_seconds=0.0,
+            decode_passes=0,
         )
 
     def _prefill_chunk(self, chunk: list[int], position: int) -> torch.Tensor:
@@ -369,3 +414,32 @@ class Engine:
         otherwise. The logits of a replay live in the graph's memory: they are valid until the next step.
         """
         return self._decoder(token, position, cuda_graphs=self.cuda_graphs)
+
+    def forward_rows(self, ids: list[int], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One forward over the rows ``ids`` at ``positions`` ((T,) int64), each attending where ``mask`` ((T,
+        max_context) bool) is True; their keys/values are written after what the cache holds, in row order, and
+        the cache's length grows by T (``_rewind_cache`` takes them back). Every row's logits, (T, vocab)."""
+        ids = torch.tensor([ids], dtype=torch.long, device=self._ids_device)  # (B, T)
+        positions = positions.to(self.device).unsqueeze(0)  # (B, T)
+        mask = mask.to(self.device)[None, None]  # (B, 1, T, KV)
+        with sdpa_kernel(PREFILL_ATTENTION_BACKENDS):
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask=mask,
+                use_cache=True,
+                logits_to_keep=0,
+                **{self._cache_keyword: self.cache},
+            )
+        return out.logits[0]
+
+    def keep_rows(self, prefix: int, rows: list[int]) -> None:
+        """After a verification pass: move the keys/values of ``rows`` (increasing; row r sits at ``prefix + r``) to
+        positions ``prefix …`` in order, and make the cache end there (the other rows' are dropped)."""
+        if rows != list(range(len(rows))):
+            source = torch.tensor([prefix + r for r in rows], device=self.device)
+            target = torch.arange(prefix, prefix + len(rows), device=self.device)
+            for layer in self.cache.layers:
+                layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
+                layer.values.index_copy_(2, target, layer.values.index_select(2, source))
+        self._rewind_cache(prefix + len(rows))

@@ -98,6 +98,12 @@ def model_options(command):
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is tokenized as it is.")
 @click.option("--output-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one JSON object on stdout (needs -p).")
+@click.option("--speculate", type=click.Choice(["ngram"]), help="Speculative decoding by prompt lookup: drafts "
+              "copied from earlier text (the prompt and the reply so far), checked by the model several at a pass.")
+@click.option("--draft-model", metavar="PATH|REPO_ID", help="Speculative decoding with this smaller model (same "
+              "tokenizer; quantized like --model), held resident in device memory within --gpu-memory.")
+@click.option("--draft-tokens", type=click.IntRange(min=1), help="Drafted tokens each pass checks. "
+              "[default: as many as pay for themselves at the measured cost of a pass, at most 128]")
 @click.pass_context
 def run(ctx: click.Context, **options) -> None:
     """Chat with a model whose INT4 weights stream from a loader process."""
@@ -115,10 +121,13 @@ def drive(ctx: click.Context, config: RunConfig, serve: ModelCommand) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         model = resolve_model(config.model, cache_dir=config.cache_dir, device=config.device)
+        draft = None
+        if config.draft_model is not None:
+            draft = resolve_model(config.draft_model, cache_dir=config.cache_dir, device=config.device)
         if model.is_demo:
             click.echo(f"spillover: {model.label}; run with --model to use a real model", err=True)
         config.kernels.apply()
-        serve(config, model, config.loader_command(model))
+        serve(config, model, config.loader_command(model, draft))
     except (ModelResolveError, LoaderStartError, FormatError) as e:
         raise RunError(str(e)) from None
     except KeyboardInterrupt:
@@ -130,6 +139,10 @@ def build_config(options: dict, *, verbose: int) -> RunConfig:
     """The RunConfig of a model command's options; those only ``spillover run`` has may be absent."""
     if options.get("output_format") == "json" and options.get("prompt") is None:
         raise click.UsageError("--output-format json needs a prompt (-p): the chat REPL writes text only")
+    if options.get("speculate") and options.get("draft_model"):
+        raise click.UsageError("--speculate ngram and --draft-model are two ways of drafting: choose one")
+    if options.get("draft_tokens") and not (options.get("speculate") or options.get("draft_model")):
+        raise click.UsageError("--draft-tokens needs --speculate ngram or --draft-model")
     return RunConfig(
         model=options["model"],
         prompt=options.get("prompt"),
@@ -149,6 +162,9 @@ def build_config(options: dict, *, verbose: int) -> RunConfig:
         cache_dir=options["cache_dir"] or default_cache_dir(),
         kernels=KernelOptions(gemv_configs=options["gemv_configs"], early_launch=options["early_launch"]),
         verbose=verbose,
+        speculate=options.get("speculate"),
+        draft_model=options.get("draft_model"),
+        draft_tokens=options.get("draft_tokens"),
         max_batch=options.get("max_batch", 1),
         kv_tokens=options.get("kv_tokens"),
     )
@@ -175,13 +191,17 @@ def _chat(config: RunConfig, model: ResolvedModel, loader_command: LoaderCommand
     """Connect to (or start) the loader, build the engine, and answer the prompt or run the REPL."""
     # Imported here: transformers is slow to import, and --help does not need it.
     from compute.chat import ReplyRefused
+    from compute.draft_model import DraftModelError
     from compute.session import LoaderLost, Session
 
     share_cores_with_loader(config.device)
+    draft = None  # the draft model drive resolved, which the loader's budget reserves
+    if loader_command.draft_model is not None:
+        draft = ResolvedModel(path=loader_command.draft_model, label=config.draft_model, is_demo=False)
     with contextlib.ExitStack() as stack:
         address, launched = loader_address(stack, config, loader_command)
         try:
-            session = stack.enter_context(Session.open(address, model, config))
+            session = stack.enter_context(Session.open(address, model, config, draft=draft))
             if config.prompt is None:
                 session.chat()
             elif config.output_format == "json":
@@ -194,5 +214,5 @@ def _chat(config: RunConfig, model: ResolvedModel, loader_command: LoaderCommand
         except LoaderLost as e:
             code = launched.exit_code() if launched else None
             raise RunError(f"{e}" + (f" (it exited with code {code})" if code is not None else "")) from None
-        except ReplyRefused as e:
+        except (ReplyRefused, DraftModelError) as e:
             raise RunError(str(e)) from None

@@ -8,6 +8,10 @@ chunks: what the budget counted), and closes the connection when left. It then s
 * ``answer_json(prompt)``: one reply as a dict for ``--output-format json`` (nothing written to stdout);
 * ``chat()``: the multi-turn REPL of ``compute.chat``.
 
+With ``config.speculate`` ("ngram") or a draft model (``draft``, resolved from ``--draft-model``) the engine
+decodes speculatively (``compute.speculation``); the draft model is held here, resident, and must be the one the
+loader's plan reserved room for (``Plan.draft_model``), else ``DraftModelError``.
+
 Any failure of the loader connection becomes ``LoaderLost``, whose message names the loader and its pid. A
 watchdog thread also checks, every ``WATCH_S``, that the loader process lives: resident weights need no
 messages, so without it a reply could go on, or the REPL wait for input, with the loader long gone. When it
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
@@ -29,10 +32,13 @@ from collections.abc import Callable, Iterator
 
 from compute.chat import Conversation, Reply, ReplyRefused, StopOnInterrupt, StreamingDetokenizer, reply_once, repl
 from compute.config import RunConfig
+from compute.draft_model import DraftModel, DraftModelError, ResidentWeights, check_same_tokenizer
 from compute.engine import ContextLengthError, Engine, FinishReason, GenerationResult
 from compute.resolve import ResolvedModel
+from compute.speculation import Drafter, NgramDrafter
 from compute.usage import PeakMemorySampler
 from protocol.client import LoaderClient, LoaderError
+from protocol.defaults import DEFAULT_PREFILL_CHUNK
 from protocol.ring import pid_alive
 from protocol.sockets import AddressError
 from quantizer.checkpoint import QuantizedCheckpoint
@@ -89,7 +95,9 @@ class Session:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, address: str, model: ResolvedModel, config: RunConfig) -> Iterator["Session"]:
+    def open(
+        cls, address: str, model: ResolvedModel, config: RunConfig, draft: ResolvedModel | None = None
+    ) -> Iterator["Session"]:
         try:
             client = LoaderClient.connect(address, timeout_s=CONNECT_TIMEOUT_S)
         except (LoaderError, AddressError) as e:
@@ -97,13 +105,18 @@ class Session:
         plan = client.plan
         log.info("loader pid %d, policy %s, max_context %d", plan.loader_pid, plan.policy, plan.max_context)
         with client, LoaderWatchdog(plan.loader_pid), cls._loader_errors(plan.loader_pid):
+            checkpoint = QuantizedCheckpoint(model.path)
             engine = Engine(
-                QuantizedCheckpoint(model.path),
+                checkpoint,
                 client,
                 device=config.device,
                 max_context=plan.max_context,
                 prefill_chunk=plan.prefill_chunk,
+                drafter=_drafter(config, draft, plan, checkpoint, address),
+                draft_tokens=config.draft_tokens,
             )
+            if isinstance(engine.drafter, DraftModel):
+                check_same_tokenizer(engine.tokenizer, engine.drafter.engine.tokenizer, config.draft_model)
             yield cls(client, engine, model, config)
 
     @staticmethod
@@ -152,13 +165,16 @@ class Session:
             f"prefill {result.prefill_tokens} tok, {result.prefill_tokens_per_s:.1f} tok/s | "
             f"decode {result.decode_tokens} tok, {result.decode_tokens_per_s:.1f} tok/s"
         )
+        if result.speculation is not None:
+            s = result.speculation
+            line += f" | {s.tokens_per_pass:.2f} tok/pass, draft {100 * s.draft_time_share:.0f}% of the time"
         if streamed:
             line += f" | streamed {self._per_forward(streamed, result) / 2**20:.1f} MiB/token"
         return Reply(text=text, stopped=result.finish_reason == FinishReason.STOPPED, stats_line=line)
 
     def _per_forward(self, streamed_bytes: int, result: GenerationResult) -> float:
         """Bytes streamed per forward pass of a reply: one per decoded token, one per prefill chunk."""
-        passes = result.decode_tokens + math.ceil(result.prefill_tokens / self.engine.prefill_chunk)
+        passes = result.forward_passes
         return streamed_bytes / passes if passes else 0.0
 
     def answer(self, prompt: str) -> Reply:
@@ -196,6 +212,8 @@ class Session:
                 "streamed_bytes": streamed,
                 "streamed_bytes_per_token": self._per_forward(streamed, result),
                 "device": self.config.device,
+                "forward_passes": result.forward_passes,
+                "speculation": result.speculation.as_dict() if result.speculation is not None else None,
                 **memory.report(),
             },
         }
@@ -208,3 +226,29 @@ class Session:
         styled = sys.stdout.isatty()
         repl(conversation, self._reply, read_line=input, out=sys.stdout, err=sys.stderr, styled=styled)
 
+
+
+def _drafter(
+    config: RunConfig, draft: ResolvedModel | None, plan, target: QuantizedCheckpoint, address: str
+) -> Drafter | None:
+    """The drafter the options ask for: prompt lookup, a draft model (held resident here), or none."""
+    if config.speculate == "ngram":
+        return NgramDrafter()
+    if draft is None:
+        return None
+    if plan.draft_model != str(draft.path):
+        raise DraftModelError(
+            f"the loader at {address} reserved no room for the draft model {draft.path} "
+            f"(it counted {plan.draft_model or 'none'}): start it with --draft-model {draft.path}"
+        )
+    checkpoint = QuantizedCheckpoint(draft.path)
+    engine = Engine(
+        checkpoint,
+        ResidentWeights(checkpoint, config.device),
+        device=config.device,
+        max_context=plan.max_context,
+        prefill_chunk=min(plan.prefill_chunk, DEFAULT_PREFILL_CHUNK),  # what the planner counted for the draft
+        cuda_graphs=False,
+    )
+    log.info("draft model %s: %d layers, resident", draft.label, engine.config.num_hidden_layers)
+    return DraftModel(engine, vocab_size=int(target.config["vocab_size"]))

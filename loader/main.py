@@ -24,7 +24,7 @@ import zmq
 
 from loader.arena import PinnedArena
 from loader.layout import layout_units
-from loader.planner import choose_prefill_chunk, plan_placement
+from loader.planner import choose_prefill_chunk, draft_lines, plan_placement
 from loader.policies import get_policy
 from loader.pool import DevicePool
 from loader.process import LoaderProcess, format_stats, pool_capacity
@@ -66,8 +66,18 @@ def run(config: LoaderCommand) -> int:
         check_address(config.socket)
         checkpoint = QuantizedCheckpoint(config.model)
         units = layout_units(checkpoint.manifest)
+        reserved = []
+        if config.draft_model is not None:
+            draft = QuantizedCheckpoint(config.draft_model)
+            reserved = draft_lines(
+                device=config.device,
+                units=layout_units(draft.manifest),
+                config=draft.config,
+                max_context=config.max_context,
+            )
         plan_for = functools.partial(
             plan_placement,
+            reserved=reserved,
             budget_bytes=config.gpu_memory,
             device=config.device,
             units=units,

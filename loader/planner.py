@@ -20,7 +20,9 @@ units the planner counts everything that is not the loader's pool (``budget_line
   for the batched argmax);
 * a dequantization workspace: the largest decoder-layer Linear as a bf16 weight, for a prefill path that
   dequantizes one weight at a time (the lm_head is excluded: it only ever sees the last position, a GEMV);
-* ``ALLOCATOR_MARGIN_BYTES`` for the caching allocator's rounding and fragmentation.
+* ``ALLOCATOR_MARGIN_BYTES`` for the caching allocator's rounding and fragmentation;
+* with a draft model for speculative decoding (held resident by the compute process, not in the pool), its
+  INT4 weights and its own dense weights, KV cache and activations (``draft_lines``), passed as ``reserved``.
 
 What is left bounds the pool; the policy (``loader.policies``) places the units in it. When even the
 policy's minimum does not fit, ``plan_placement`` raises ``BudgetError`` naming every line, before anything
@@ -204,6 +206,33 @@ def paged_kv_tokens(max_context: int, kv_tokens: int | None) -> int:
     return -(-kv_tokens // KV_PAGE_TOKENS) * KV_PAGE_TOKENS
 
 
+def draft_lines(
+    *,
+    device: str,
+    units: Sequence[UnitLayout],
+    config: dict,
+    max_context: int,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> list[tuple[str, int]]:
+    """What a draft model held by the compute process costs: its INT4 weights (every unit resident), and the lines
+    ``budget_lines`` counts for any model it runs (dense weights, KV cache for ``max_context``, activations,
+    dequantization workspace) without the CUDA contexts and the allocator margin, which the target's lines hold."""
+    if not units:
+        raise ValueError("the draft model has no units (its manifest lists no quantized Linears)")
+    shared = {"allocator margin"}
+    own = [
+        (what, nbytes)
+        for what, nbytes in budget_lines(
+            device=device, units=units, config=config, max_context=max_context, prefill_chunk=prefill_chunk
+        )
+        if what not in shared and not what.startswith("CUDA contexts")
+    ]
+    return [
+        (f"draft model: INT4 weights ({len(units)} units, resident in compute)", sum(u.nbytes for u in units)),
+        ("draft model: " + ", ".join(what for what, _ in own), sum(nbytes for _, nbytes in own)),
+    ]
+
+
 def plan_placement(
     *,
     budget_bytes: int,
@@ -217,12 +246,13 @@ def plan_placement(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     max_batch: int = 1,
     kv_tokens: int | None = None,
+    reserved: Sequence[tuple[str, int]] = (),
 ) -> Placement:
     """Count the budget, let ``policy`` place the units in what is left; ``BudgetError`` if its minimum does not fit.
 
     ``max_batch`` > 1 serves many sequences per pass from a paged KV pool of ``kv_tokens`` positions (None:
     ``max_context``, the memory one conversation's cache takes); ``max_batch`` 1 with ``kv_tokens`` None is the
-    one-conversation static cache."""
+    one-conversation static cache. ``reserved``: more (what, bytes) lines outside the pool, e.g. ``draft_lines``."""
     if not units:
         raise ValueError("the model has no units to place (its manifest lists no quantized Linears)")
     if max_batch > 1 and kv_tokens is None:
@@ -230,7 +260,7 @@ def plan_placement(
     fixed = budget_lines(
         device=device, units=units, config=config, max_context=max_context, prefill_chunk=prefill_chunk,
         max_batch=max_batch, kv_tokens=kv_tokens,
-    )  # fmt: skip
+    ) + list(reserved)  # fmt: skip
     pool_budget = budget_bytes - sum(nbytes for _, nbytes in fixed)
     minimum = policy.minimum(units, ring_slots=ring_slots, prefetch_depth=prefetch_depth)
     if minimum.pool_bytes > pool_budget:

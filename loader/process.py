@@ -248,6 +248,7 @@ class LoaderProcess:
             kv_tokens=placement.kv_tokens,
             budget_bytes=placement.budget_bytes,
             lines=tuple(BudgetLine(what=what, nbytes=nbytes) for what, nbytes in placement.lines),
+            draft_model=str(self.config.draft_model) if self.config.draft_model is not None else None,
         )
 
     def _write_ready_file(self) -> None:

@@ -48,6 +48,7 @@ class LoaderCommand:
     ready_file: Path | None = None  # where to write the ReadyFile once serving
     stats_on_exit: bool = False  # print the copy and wait statistics when the loader exits
     verbose: int = 0  # log level: 0 warnings, 1 info, 2 debug
+    draft_model: Path | None = None  # a spillover-int4 draft model the compute process holds: the budget reserves it
 
     def argv(self) -> list[str]:
         """The command line that ``parse`` turns back into this record (the loader requires ``socket``)."""
@@ -73,6 +74,8 @@ class LoaderCommand:
             args.append("--stats-on-exit")
         if self.verbose:
             args.append("-" + "v" * self.verbose)
+        if self.draft_model is not None:
+            args += ["--draft-model", str(self.draft_model)]
         return args
 
     @classmethod
@@ -112,6 +115,8 @@ _OPTIONS = (
                  help="Written (JSON: address, pid) when ready."),
     click.option("--stats-on-exit", is_flag=True, help="Print copy and wait statistics when the loader exits."),
     click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug)."),
+    click.option("--draft-model", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="spillover-int4 draft model the compute process holds resident: the budget reserves it."),
 )
 # fmt: on
 

@@ -160,6 +160,7 @@ class Plan(Message):
     kv_tokens: int  # positions of compute's paged KV pool (whole pages); 0: a static cache of max_context
     budget_bytes: int  # --gpu-memory, bytes: the device memory of both processes together
     lines: tuple[BudgetLine, ...]  # everything the planner counted, the pool's lines last
+    draft_model: str | None  # the draft model directory whose bytes the budget reserves (compute holds it); None: none
 
 
 @register

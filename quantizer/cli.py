@@ -64,7 +64,7 @@ def verify(directory: Path, no_checksums: bool) -> None:
 
 @click.command()
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["qwen2-32b", "demo", "tiny"]), required=True, help="Model shapes.")
+@click.option("--preset", type=click.Choice(["qwen2-32b", "qwen2-0.5b", "demo", "tiny"]), required=True, help="Model shapes.")
 @click.option(
     "--layers", type=click.IntRange(min=1), default=None, help="Number of decoder layers (default: the preset's)."
 )

@@ -72,6 +72,11 @@ PRESETS: dict[str, SynthPreset] = {
         hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40, num_kv_heads=8, vocab_size=152064,
         tokenizer_vocab=4000, max_position_embeddings=131072, rope_theta=1e6, rms_norm_eps=1e-5, tied=False,
     ),
+    # Qwen2.5-0.5B's shapes: a draft model for the 32B in speculative decoding benchmarks (same tokenizer size).
+    "qwen2-0.5b": SynthPreset(
+        hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2, vocab_size=151936,
+        tokenizer_vocab=4000, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tied=True,
+    ),
     # Big enough that streaming is visible, quick on a CPU: run.sh's built-in demo (~12 MB).
     "demo": SynthPreset(
         hidden_size=512, intermediate_size=1536, num_layers=6, num_heads=8, num_kv_heads=2, vocab_size=2048,

@@ -88,6 +88,10 @@ def test_the_loader_gets_its_share_of_the_options(tiny_q, monkeypatch):
     result = CliRunner().invoke(main, ["run", *args])
     assert result.exit_code == 0, result.output
     assert commands[-1].max_context == 1024 and commands[-1].verbose == 0
+    # a draft model: the loader is told, so that its budget reserves the draft's bytes
+    result = CliRunner().invoke(main, ["run", *args, "--draft-model", str(tiny_q)])
+    assert result.exit_code == 0, result.output
+    assert commands[-1].draft_model == Path(tiny_q).resolve()
 
 
 def test_an_unknown_policy_or_size_is_refused_before_anything_starts(tmp_path):

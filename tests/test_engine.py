@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import compute.engine
+import compute.speculation
 from compute.engine import ContextLengthError, Engine, FinishReason, eos_token_ids
 from quantizer.model_spec import kv_cache_nbytes
 from compute.launch import LaunchedLoader
@@ -76,7 +77,10 @@ def generate_checked(engine: Engine, reference, prompt: list[int], params: Sampl
         rows.append(logits.float().clone())
         return sample_next(logits, *args)
 
-    with unittest.mock.patch.object(compute.engine, "sample_next", recording_sample_next):
+    with (
+        unittest.mock.patch.object(compute.engine, "sample_next", recording_sample_next),
+        unittest.mock.patch.object(compute.speculation, "sample_next", recording_sample_next),  # speculative passes
+    ):
         result = engine.generate(prompt, params, **kwargs)
     reply = result.token_ids
     ids = torch.tensor([prompt + list(reply[:-1])], device=reference.device)

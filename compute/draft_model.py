@@ -1,0 +1,176 @@
+"""A draft model for speculative decoding: a smaller model with the target's tokenizer, held resident by compute.
+
+The draft's INT4 weights never go through the loader: compute reads them once into device memory and keeps them
+there, and the loader's planner reserves their bytes (``loader.planner.draft_lines``, shown in the plan's table;
+``Plan.draft_model`` names the directory it counted, which compute checks). This module promises:
+
+* ``ResidentWeights(checkpoint, device)``: every unit in one device buffer, its Linears' ``qweight``s back to back
+  in manifest order, then their ``scales`` (the order the loader lays a unit out, so the decode step's fused GEMVs
+  see q/k/v and gate/up as one matrix); ``acquire`` returns fixed views, ``release`` does nothing, ``plan`` is None
+  (``compute.model.UnitWeights``).
+* ``check_same_tokenizer(target, draft, label)``: ``DraftModelError`` (one line) unless both tokenizers map every
+  token, special ones included, to the same id.
+* ``DraftModel(engine, vocab_size=..., ...)``: a ``compute.speculation.Drafter`` over an ``Engine`` of the draft.
+  ``propose(context, max_tokens)`` brings the draft's KV cache to ``context`` (reusing the prefix it holds, as
+  ``Engine.generate`` does), then grows a SpecExec tree (``compute.speculate.tree.grow_tree``): the draft's
+  ``top_k`` most likely tokens after the root, then ``rounds`` rounds each expanding up to ``expand_per_round`` of
+  the best candidates in ONE draft forward (``Engine.forward_rows`` under a tree mask: a row sees the context, its
+  ancestors' cached rows and itself). The tree's keys/values are dropped afterwards: the next call feeds the
+  accepted tokens again (a few rows, in the pass that also yields the new root's distribution). Node ids are
+  limited to the target's vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from compute.engine import Engine
+from compute.speculate.tree import DraftTree, grow_tree
+from quantizer.checkpoint import QuantizedCheckpoint
+from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX
+
+log = logging.getLogger(__name__)
+
+UNIT_ALIGN = 256  # bytes: a unit's scales start at this boundary, as in the loader's layout
+DEFAULT_TOP_K = 4  # children the draft proposes per expanded node
+DEFAULT_EXPAND_PER_ROUND = 16  # nodes expanded together in one draft forward
+DEFAULT_ROUNDS = 12  # draft forwards per tree, after the one that yields the root's distribution
+DEFAULT_MAX_DEPTH = 24  # nodes deep at most
+
+
+class DraftModelError(ValueError):
+    """The draft model cannot serve this target; the message says why in one line."""
+
+
+class ResidentWeights:
+    """Every unit of ``checkpoint`` resident on ``device``, laid out as the loader lays out a unit."""
+
+    plan = None  # no loader: nothing streams
+
+    def __init__(self, checkpoint: QuantizedCheckpoint, device: torch.device | str):
+        self.units: dict[str, dict[str, torch.Tensor]] = {}
+        self.nbytes = 0
+        for unit in checkpoint.manifest.units:
+            names = [linear + QWEIGHT_SUFFIX for linear in unit.linears] + [linear + SCALES_SUFFIX for linear in unit.linears]
+            tensors = [checkpoint.tensor(name) for name in names]
+            offsets, offset = [], 0
+            for index, tensor in enumerate(tensors):
+                if index == len(unit.linears):  # the first scales
+                    offset = -(-offset // UNIT_ALIGN) * UNIT_ALIGN
+                offsets.append(offset)
+                offset += tensor.numel() * tensor.element_size()
+            buffer = torch.empty(offset, dtype=torch.uint8, device=device)
+            views = {}
+            for name, tensor, start in zip(names, tensors, offsets):
+                raw = buffer[start : start + tensor.numel() * tensor.element_size()]
+                view = raw.view(tensor.dtype).view(tensor.shape)
+                view.copy_(tensor)
+                views[name] = view
+            self.units[unit.name] = views
+            self.nbytes += offset
+
+    def acquire(self, unit: str, stream: torch.cuda.Stream | None = None) -> dict[str, torch.Tensor]:
+        return self.units[unit]
+
+    def release(self, unit: str, stream: torch.cuda.Stream | None = None) -> None:
+        """Resident: nothing to give back."""
+
+
+def check_same_tokenizer(target, draft, label: str) -> None:
+    """Refuse a draft whose tokenizer maps any token to another id than the target's does."""
+    target_vocab, draft_vocab = target.get_vocab(), draft.get_vocab()
+    if target_vocab == draft_vocab:
+        return
+    differing = sorted(set(target_vocab.items()) ^ set(draft_vocab.items()), key=lambda item: item[1])
+    example = differing[0] if differing else ("?", -1)
+    raise DraftModelError(
+        f"--draft-model {label}: its tokenizer differs from the model's ({len(draft_vocab)} vs {len(target_vocab)} "
+        f"tokens; e.g. {example[0]!r} -> {example[1]} in only one of them): a draft must share the target's tokenizer"
+    )
+
+
+class DraftModel:
+    """Drafts SpecExec trees with a smaller model; see the module docstring."""
+
+    name = "draft-model"
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        vocab_size: int,
+        top_k: int = DEFAULT_TOP_K,
+        expand_per_round: int = DEFAULT_EXPAND_PER_ROUND,
+        rounds: int = DEFAULT_ROUNDS,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ):
+        self.engine = engine
+        self.vocab_size = min(vocab_size, engine.vocab_size)  # ids the target knows
+        self.top_k = top_k
+        self.expand_per_round = expand_per_round
+        self.rounds = rounds
+        self.max_depth = max_depth
+
+    def reset(self) -> None:
+        self.engine.reset()
+
+    def accepted(self, drafted: int, accepted: int) -> None:
+        """The tree's probabilities already carry what the draft expects; nothing to learn here."""
+
+    @torch.inference_mode()
+    def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree:
+        context = [int(t) for t in context]
+        if max_tokens < 1:
+            return DraftTree((), (), ())
+        root = self._follow(context)
+        base = len(context)
+        root_ids, root_log_probs = self._top_k(root[None])[0]
+        slots: dict[int, int] = {}  # node -> where its keys/values went in the draft's cache
+
+        def expand(tree: DraftTree, nodes: Sequence[int]):
+            depths = tree.depths()
+            start = base + len(slots)
+            mask = torch.zeros(len(nodes), self.engine.max_context, dtype=torch.bool)
+            mask[:, :base] = True
+            for row, node in enumerate(nodes):
+                for ancestor in tree.path_to(node)[:-1]:
+                    mask[row, slots[ancestor]] = True
+                mask[row, start + row] = True
+            for row, node in enumerate(nodes):
+                slots[node] = start + row
+            positions = torch.tensor([base + depths[node] for node in nodes], dtype=torch.long)
+            logits = self.engine.forward_rows([tree.tokens[node] for node in nodes], positions, mask)
+            return self._top_k(logits)
+
+        # every expanded node takes a cache position: stay inside the cache
+        rounds = min(self.rounds, (self.engine.max_context - base) // self.expand_per_round)
+        try:
+            return grow_tree(
+                root_ids,
+                root_log_probs,
+                expand,
+                budget=max_tokens,
+                max_depth=self.max_depth,
+                rounds=rounds,
+                expand_per_round=self.expand_per_round,
+            )
+        finally:
+            self.engine._rewind_cache(base)  # the tree's keys/values are not the conversation's
+
+    def _follow(self, context: list[int]) -> torch.Tensor:
+        """Bring the draft's cache to hold ``context``; the logits after its last token ([vocab])."""
+        engine = self.engine
+        keep = engine._reuse_prefix(context)
+        for begin in range(keep, len(context), engine.prefill_chunk):
+            logits = engine._prefill_chunk(context[begin : begin + engine.prefill_chunk], begin)
+            engine._cached_ids.extend(context[begin : begin + engine.prefill_chunk])
+        return logits
+
+    def _top_k(self, logits: torch.Tensor) -> list[tuple[list[int], list[float]]]:
+        """Per row of ``logits`` (rows, vocab): the ``top_k`` ids the target knows and their log-probabilities."""
+        log_probs = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
+        values, ids = log_probs.topk(self.top_k, dim=-1)
+        return [(i.tolist(), v.tolist()) for i, v in zip(ids.cpu(), values.cpu())]

@@ -1,0 +1,179 @@
+"""Speculative decoding in the engine: drafters, and the per-reply record of what speculation did.
+
+``compute.engine.Engine(..., drafter=...)`` decodes speculatively: each step a ``Drafter`` proposes a
+``compute.speculate.tree.DraftTree`` continuing the conversation, the engine checks the whole tree in one target
+pass (``Engine._verify``: the root token and every node, under the tree attention mask), walks it with the target's
+own choices (``compute.speculate.accept.walk_tree``: the argmax when greedy, a draw from the target's distribution
+otherwise, so replies have exactly the target's distribution and a greedy reply is the one-token-per-pass reply),
+keeps the keys/values of the accepted path and drops the rest. A step emits the accepted tokens and one more.
+
+This module promises:
+
+* ``Drafter``: ``propose(context, max_tokens) -> DraftTree`` (``context``: every id of the conversation, the root
+  token last; at most ``max_tokens`` nodes), ``accepted(drafted, accepted)`` (feedback after each pass), ``reset()``
+  and ``name``. ``NgramDrafter`` drafts by prompt lookup (``compute.speculate.ngram``), a chain whose nodes carry the
+  acceptance rate it has measured, so that sizing can weigh them; ``compute.draft_model.DraftModel`` runs a smaller
+  model.
+* ``speculative_step(engine, ...)``: one such pass for ``Engine.generate`` (drafting, sizing the tree by
+  ``compute.speculate.sizing`` unless ``engine.draft_tokens`` fixes it, ``verify``, the walk, ``Engine.keep_rows``).
+* ``SpeculationStats``: per reply, target passes (decode only), drafted and accepted tokens, the seconds the draft
+  took and the seconds the target's passes took; ``tokens_per_pass`` counts every token a decode pass emitted.
+
+It knows nothing about the loader or about terminals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from compute.sampling import SamplingParams, sample_next
+from compute.speculate.accept import walk_tree
+from compute.speculate.ngram import propose_ngram
+from compute.speculate.sizing import tree_size
+from compute.speculate.tree import DraftTree, chain, tree_attention_mask, tree_positions
+
+if TYPE_CHECKING:
+    from compute.engine import Engine
+
+DEFAULT_MAX_DRAFT_TOKENS = 128  # nodes per tree at most (a verification pass checks this many + 1 rows)
+NGRAM_MAX = 3  # longest suffix prompt lookup matches
+NGRAM_PRIOR_ACCEPTANCE = 0.5  # what a drafted n-gram token is assumed worth before any was checked
+
+
+class Drafter(Protocol):
+    name: str
+
+    def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree: ...
+
+    def accepted(self, drafted: int, accepted: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+class NgramDrafter:
+    """Prompt lookup: the tokens that followed the last earlier occurrence of the context's tail, as a chain."""
+
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = NGRAM_MAX):
+        self.max_ngram = max_ngram
+        self._drafted = 0
+        self._accepted = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / drafted tokens over this drafter's life (with one prior draft counted at the prior rate)."""
+        return (self._accepted + NGRAM_PRIOR_ACCEPTANCE) / (self._drafted + 1)
+
+    def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree:
+        if max_tokens < 1:
+            return chain([])
+        tokens = propose_ngram(context, max_tokens, max_ngram=self.max_ngram)
+        # the i-th drafted token is accepted only if the ones before it were: a geometric guess
+        log_rate = math.log(max(self.acceptance, 1e-6))
+        return chain(tokens, [log_rate * (i + 1) for i in range(len(tokens))])
+
+    def accepted(self, drafted: int, accepted: int) -> None:
+        self._drafted += drafted
+        self._accepted += accepted
+
+    def reset(self) -> None:
+        """Prompt lookup keeps no state about the conversation."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class SpeculationStats:
+    """What speculation did during one reply's decode."""
+
+    drafter: str  # the drafter's name: "ngram" or "draft-model"
+    target_passes: int = 0  # decode forward passes of the target (verification passes and one-token passes)
+    emitted_tokens: int = 0  # tokens those passes emitted (accepted drafts + the target's own one per pass)
+    drafted_tokens: int = 0  # tree nodes the target checked
+    accepted_tokens: int = 0  # tree nodes accepted
+    draft_seconds: float = 0.0  # time spent drafting
+    target_seconds: float = 0.0  # time spent in the target's decode passes and acceptance
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.emitted_tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def accepted_per_pass(self) -> float:
+        return self.accepted_tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def draft_time_share(self) -> float:
+        total = self.draft_seconds + self.target_seconds
+        return self.draft_seconds / total if total > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "tokens_per_pass": self.tokens_per_pass,
+            "accepted_per_pass": self.accepted_per_pass,
+            "draft_time_share": self.draft_time_share,
+        }
+
+
+def speculative_step(
+    engine: Engine,
+    token: int,
+    params: SamplingParams,
+    generator: torch.Generator,
+    seen: torch.Tensor,
+    room: int,
+    stats: SpeculationStats,
+) -> list[int]:
+    """One speculative decode pass from ``token`` (chosen, not yet cached): draft a tree, verify it in one target
+    pass, keep the accepted path's keys/values; the tokens the pass emits (the accepted ones and one more).
+    ``seen`` holds every id so far (for the repetition penalty), ``room`` how many tokens the reply may still
+    take."""
+    prefix = len(engine._cached_ids)
+    started = time.perf_counter()
+    # nodes past the reply's end or the cache's are wasted: at most room - 1 (one token comes from the target)
+    limit = min(engine.draft_tokens or DEFAULT_MAX_DRAFT_TOKENS, room - 1, engine.max_context - prefix - 1)
+    tree = engine.drafter.propose([*engine._cached_ids, token], limit) if limit > 0 else DraftTree((), (), ())
+    draft_seconds = time.perf_counter() - started
+    if engine.draft_tokens is None:
+        tree = tree.prefix(tree_size(tree.expected_accepted(), engine._pass_cost, draft_seconds))
+    verify_started = time.perf_counter()
+    if not len(tree):
+        logits = engine._decode_step(token, prefix)
+        engine._cached_ids.append(token)
+        chosen = [sample_next(logits, params, generator, seen)]
+    else:
+        logits = verify(engine, token, tree, prefix)  # (1 + N, vocab)
+
+        def choose(row: int) -> int:  # the target's token at ``row``, after the path leading to it
+            path = [tree.tokens[n] for n in tree.path_to(row - 1)] if row else []
+            previous = torch.cat([seen, torch.tensor(path, dtype=seen.dtype, device=seen.device)]) if path else seen
+            return sample_next(logits[row], params, generator, previous)
+
+        accepted = walk_tree(tree, choose)
+        engine.keep_rows(prefix, [0, *(node + 1 for node in accepted.nodes)])
+        engine._cached_ids += [token, *(tree.tokens[node] for node in accepted.nodes)]
+        chosen = list(accepted.tokens)
+    seconds = time.perf_counter() - verify_started
+    engine._pass_cost.record(1 + len(tree), seconds)
+    engine.drafter.accepted(len(tree), len(chosen) - 1)
+    stats.target_passes += 1
+    stats.emitted_tokens += len(chosen)
+    stats.drafted_tokens += len(tree)
+    stats.accepted_tokens += len(chosen) - 1
+    stats.draft_seconds += draft_seconds
+    stats.target_seconds += seconds
+    return chosen
+
+def verify(engine: Engine, token: int, tree: DraftTree, prefix: int) -> torch.Tensor:
+    """The target over ``token`` (at ``prefix``) and every node of ``tree``, each row attending to the cache and
+    its own ancestors (``compute.speculate.tree``); their keys/values go to positions ``prefix …`` in row order.
+    Returns every row's logits, (1 + N, vocab)."""
+    positions = tree_positions(tree, prefix)
+    mask = tree_attention_mask(tree, prefix, engine.max_context)
+    return engine.forward_rows([token, *tree.tokens], positions, mask)
