@@ -14,6 +14,10 @@ byte count are checked against the layout, each shard's size against the manifes
 ``verify_checksums=False``, each shard's sha256, computed while reading (no second pass). Shards are read
 in parallel threads (file reads and hashing release the GIL). Every error names the file.
 
+A CPU loader's arena holds the Linears in the CPU INT4 kernel's form (``protocol.cpu_kernel_form``):
+``repacked_for_cpu_kernel`` builds it from the file-form arena once, at load time, unit by unit (for a moment both
+are in memory), so that every later copy into the pool or a ring slot is a plain copy.
+
 The arena never touches device memory beyond registering its own pages; the device pool copies from it.
 """
 
@@ -32,9 +36,10 @@ from typing import Sequence
 
 import torch
 
-from loader.layout import TensorSlot, UnitLayout
+from loader.layout import TensorSlot, UnitLayout, is_kernel_form
+from protocol.cpu_kernel_form import pack_for_cpu_kernel
 from quantizer.checkpoint import SAFETENSORS_DTYPES, QuantizedCheckpoint
-from quantizer.format import FormatError
+from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +148,30 @@ class PinnedArena:
         raw = unit[slot.offset : slot.offset + slot.nbytes]
         return raw.view(SAFETENSORS_DTYPES[slot.dtype]).view(slot.shape)
 
+    def repacked_for_cpu_kernel(self, kernel_units: Sequence[UnitLayout]) -> "PinnedArena":
+        """A new (unpinned) arena laid out as ``kernel_units`` (``layout_units(..., cpu_kernel_form=True)`` of the same
+        manifest), every Linear with a kernel form packed into it, the others copied as they are; closes this one."""
+        start = time.perf_counter()
+        repacked = PinnedArena(kernel_units, pin=False)
+        try:
+            for unit in kernel_units:
+                for slot in unit.tensors:
+                    if is_kernel_form(slot):
+                        linear = slot.name.removesuffix(SCALES_SUFFIX)
+                        packed, scales_and_zeros = pack_for_cpu_kernel(
+                            self.tensor(unit.name, linear + QWEIGHT_SUFFIX), self.tensor(unit.name, slot.name)
+                        )
+                        repacked.tensor(unit.name, linear + QWEIGHT_SUFFIX).copy_(packed)
+                        repacked.tensor(unit.name, slot.name).copy_(scales_and_zeros)
+                    elif not _packed_with_its_scales(slot, unit):
+                        repacked.tensor(unit.name, slot.name).copy_(self.tensor(unit.name, slot.name))
+        except BaseException:
+            repacked.close()
+            raise
+        self.close()
+        log.info("repacked %.2f GB for the CPU INT4 kernel in %.2f s", repacked.nbytes / 1e9, time.perf_counter() - start)
+        return repacked
+
     def close(self) -> None:
         """Unpin and drop the memory (it is freed once no view of it remains); safe to call twice."""
         if self.pinned:
@@ -235,6 +264,13 @@ class PinnedArena:
                 raise FormatError(
                     f"{path}: tensor {name!r} has data_offsets {begin}..{end} outside the file's {data_bytes} data bytes"
                 )
+
+
+def _packed_with_its_scales(slot: TensorSlot, unit: UnitLayout) -> bool:
+    """A ``qweight`` whose Linear's scales are in the kernel form: packed together with them."""
+    if not slot.name.endswith(QWEIGHT_SUFFIX):
+        return False
+    return is_kernel_form(unit.slot(slot.name.removesuffix(QWEIGHT_SUFFIX) + SCALES_SUFFIX))
 
 
 def _tensors_by_shard(checkpoint: QuantizedCheckpoint, units: Sequence[UnitLayout]) -> dict[str, Wanted]:

@@ -85,7 +85,9 @@ def run(config: LoaderConfig) -> int:
     try:
         check_address(config.socket)
         checkpoint = QuantizedCheckpoint(config.model)
-        units = layout_units(checkpoint.manifest)
+        file_units = layout_units(checkpoint.manifest)
+        # a CPU pool holds the weights in the CPU kernel's form (loader.layout): the planner counts that form's bytes
+        units = layout_units(checkpoint.manifest, cpu_kernel_form=True) if config.device == "cpu" else file_units
         plan_for = functools.partial(
             plan_placement,
             budget_bytes=config.budget_bytes,
@@ -116,7 +118,11 @@ def run(config: LoaderConfig) -> int:
     capacity = pool_capacity(placement, plan_for)
 
     try:
-        arena = PinnedArena.load(checkpoint, units, pin=config.device == "cuda", verify_checksums=config.verify_checksums)
+        arena = PinnedArena.load(
+            checkpoint, file_units, pin=config.device == "cuda", verify_checksums=config.verify_checksums
+        )
+        if config.device == "cpu":
+            arena = arena.repacked_for_cpu_kernel(units)
     except (FormatError, OSError, RuntimeError) as e:  # a bad shard, an unreadable file, pinning refused
         return _refuse(str(e))
     if config.device == "cpu":
