@@ -91,6 +91,11 @@ def layout_units(manifest: Manifest, *, cpu_kernel_form: bool = False) -> list[U
     return layouts
 
 
+def pool_layouts(manifest: Manifest, device: str) -> list[UnitLayout]:
+    """The layout of the arena and pool of a loader on ``device``: the CPU kernel form on ``"cpu"``."""
+    return layout_units(manifest, cpu_kernel_form=device == "cpu")
+
+
 def is_kernel_form(slot: TensorSlot) -> bool:
     """Whether ``slot`` holds scales in the CPU kernel's form (``[K / 128, N, 2]``), not the file's."""
     return slot.name.endswith(SCALES_SUFFIX) and len(slot.shape) == 3

@@ -23,7 +23,7 @@ import torch
 import zmq
 
 from loader.arena import PinnedArena
-from loader.layout import layout_units
+from loader.layout import layout_units, pool_layouts
 from loader.planner import SIZE, choose_prefill_chunk, plan_placement
 from loader.policies import DEFAULT_POLICY, POLICIES, get_policy
 from loader.pool import DevicePool
@@ -87,7 +87,7 @@ def run(config: LoaderConfig) -> int:
         checkpoint = QuantizedCheckpoint(config.model)
         file_units = layout_units(checkpoint.manifest)
         # a CPU pool holds the weights in the CPU kernel's form (loader.layout): the planner counts that form's bytes
-        units = layout_units(checkpoint.manifest, cpu_kernel_form=True) if config.device == "cpu" else file_units
+        units = pool_layouts(checkpoint.manifest, config.device)
         plan_for = functools.partial(
             plan_placement,
             budget_bytes=config.budget_bytes,
