@@ -19,7 +19,7 @@ from compute.engine import ContextLengthError, Engine, FinishReason, eos_token_i
 from compute.launch import LaunchedLoader, LoaderOptions
 from compute.sampling import SamplingParams, sample_next
 from conftest import make_tiny_qwen2
-from loader.layout import layout_units
+from loader.layout import pool_layouts
 from loader.planner import plan_placement
 from loader.policies import get_policy
 from protocol.client import LoaderClient, LoaderError
@@ -272,7 +272,7 @@ def resident_budget(qdir: Path) -> int:
     placement = plan_placement(
         budget_bytes=1 << 40,
         device="cpu",
-        units=layout_units(checkpoint.manifest),
+        units=pool_layouts(checkpoint.manifest, "cpu"),
         config=checkpoint.config,
         max_context=PIPELINE_CONTEXT,
         policy=get_policy("resident"),
