@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "synth": "quantizer.cli:synth",
     "loader": "loader.main:main",
     "run": "compute.run:run",
+    "perplexity": "compute.perplexity:perplexity",
     "bench": "bench.pipeline:bench",
 }
 

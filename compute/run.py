@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 from pathlib import Path
@@ -205,10 +204,6 @@ def _serve(config: RunConfig, model: ResolvedModel, loader_options: LoaderOption
     from compute.chat import ReplyRefused
     from compute.session import LoaderLost, Session
 
-    if config.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # The loader runs beside us on the same cores: a thread pool as wide as the machine spins against it
-        # (on 2 cores the demo decoded 4.7 tok/s with 2 threads, 17.5 with 1). Leave it a core.
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     with contextlib.ExitStack() as stack:
         launched = None
         if config.connect:

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import torch
+
 from compute.chat import Conversation, Reply, ReplyRefused, StopOnInterrupt, StreamingDetokenizer, reply_once, repl
 from compute.engine import ContextLengthError, Engine, FinishReason, GenerationResult
 from compute.resolve import ResolvedModel
@@ -48,6 +50,17 @@ WATCH_S = 0.2  # how often the watchdog checks that the loader process lives
 
 class LoaderLost(RuntimeError):
     """The loader died or failed while this session needed it; the message names it."""
+
+
+def cpu_compute_threads(plan, cores: int | None = None) -> int:
+    """Compute's intra-op threads on a CPU device, for ``plan`` (a ``protocol.messages.Plan``): every core when no
+    unit streams (the loader then only sleeps between liveness checks), one fewer when some do (the loader copies
+    each streamed unit on a core of its own while compute works: an op split over every core would wait, at each
+    step, for the thread the copy displaced). ``$OMP_NUM_THREADS``, when set, is left to rule."""
+    cores = cores or os.cpu_count() or 1
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    return cores if not plan.ring.order else max(1, cores - 1)
 
 
 class LoaderWatchdog:
@@ -99,6 +112,8 @@ class Session:
             raise LoaderLost(f"could not connect to the loader at {address}: {e}") from None
         plan = client.plan
         log.info("loader pid %d, policy %s, max_context %d", plan.loader_pid, plan.policy, plan.max_context)
+        if config.device == "cpu":
+            torch.set_num_threads(cpu_compute_threads(plan))
         with client, LoaderWatchdog(plan.loader_pid), cls._loader_errors(plan.loader_pid):
             engine = Engine(
                 QuantizedCheckpoint(model.path),
