@@ -48,14 +48,20 @@ class PerplexityResult:
         return dataclasses.asdict(self) | {"top1": list(self.top1)}
 
 
-def perplexity_of(engine, ids: Sequence[int], context: int, chunk: int = SCORE_CHUNK) -> PerplexityResult:
-    """Score ``ids`` with ``engine`` (a ``compute.engine.Engine``) in windows of ``context`` tokens (the method above)."""
+def windows_of(ids: Sequence[int], context: int) -> list[Sequence[int]]:
+    """The windows the method scores; ``ValueError`` when there is nothing to score."""
     if context < 2:
         raise ValueError(f"a window of {context} token(s) scores nothing: use at least 2")
     windows = [ids[i : i + context] for i in range(0, len(ids), context)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
         raise ValueError(f"the text has {len(ids)} token(s): at least 2 are needed to score one")
+    return windows
+
+
+def perplexity_of(engine, ids: Sequence[int], context: int, chunk: int = SCORE_CHUNK) -> PerplexityResult:
+    """Score ``ids`` with ``engine`` (a ``compute.engine.Engine``) in windows of ``context`` tokens (the method above)."""
+    windows = windows_of(ids, context)
     start = time.perf_counter()
     nll_sum = 0.0
     top1: list[int] = []
@@ -108,6 +114,7 @@ def perplexity(model, text_path, context, max_tokens, policy, gpu_memory, device
     from compute.session import cpu_compute_threads
     from protocol.client import LoaderClient, LoaderError
     from quantizer.checkpoint import QuantizedCheckpoint
+    from transformers import AutoTokenizer
 
     if device == "cuda" and not torch.cuda.is_available():
         raise PerplexityError("--device cuda: no CUDA device is usable here (torch sees none); use --device cpu")
@@ -121,6 +128,11 @@ def perplexity(model, text_path, context, max_tokens, policy, gpu_memory, device
     except (ModelResolveError, FormatError) as e:
         raise PerplexityError(str(e)) from None
     checkpoint = QuantizedCheckpoint(resolved.path)
+    ids = AutoTokenizer.from_pretrained(resolved.path)(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    try:
+        windows_of(ids, context)
+    except ValueError as e:
+        raise PerplexityError(f"{text_path}: {e}") from None
     max_context = context  # one window at a time: the KV cache holds one window
     options = LoaderOptions(
         model=resolved.path,
@@ -136,12 +148,9 @@ def perplexity(model, text_path, context, max_tokens, policy, gpu_memory, device
             engine = Engine(
                 checkpoint, client, device=device, max_context=max_context, prefill_chunk=client.plan.prefill_chunk
             )
-            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
             result = perplexity_of(engine, ids, context)
     except (LoaderStartError, LoaderError) as e:
         raise PerplexityError(str(e)) from None
-    except ValueError as e:
-        raise PerplexityError(f"{text_path}: {e}") from None
     click.echo(
         f"perplexity {result.perplexity:.4f} over {result.scored} tokens ({result.windows} windows of {context}; "
         f"{result.text_tokens} tokens in {text_path.name}), {result.seconds:.1f} s"
