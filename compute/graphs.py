@@ -92,7 +92,16 @@ def grouped_decode_attention(
     Plain batched matmuls rather than SDPA: on the H200 (2026-11-29, 4096-token cache, 8 KV heads) cuDNN's SDPA
     took 83 µs per layer for this shape, one program per KV head, while the whole layer's weights take ~60 µs to
     read; matmuls spread the cache over the GPU like any other product.
+
+    On the CPU (never captured in a graph, so shapes may change per step) only the cache positions the mask opens
+    are read: the static cache is ``max_context`` long, and scoring its empty tail cost more than the layer's
+    INT4 weights did (docs/performance.md).
     """
+    if not query.is_cuda and query.shape[2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool:
+        open_positions = attention_mask[0, 0, 0].nonzero()
+        if len(open_positions):
+            visible = int(open_positions[-1]) + 1  # past the last open position, all is masked
+            key, value, attention_mask = key[:, :, :visible], value[:, :, :visible], attention_mask[..., :visible]
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     if q_len != 1 or dropout or attention_mask is None or attention_mask.dtype != torch.bool:
