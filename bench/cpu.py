@@ -32,6 +32,8 @@ from pathlib import Path
 import click
 import torch
 
+from compute.engine import cache_keyword
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = (
     "Write a Python function that checks whether a number is prime.",
@@ -64,6 +66,7 @@ class StockTransformers:
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
         eos = GenerationConfig.from_pretrained(hf_dir).eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.cache_keyword = cache_keyword(self.model)  # the name of the KV cache argument in this transformers
 
     @torch.inference_mode()
     def run(self, prompt: str, max_new_tokens: int) -> dict:
@@ -76,7 +79,7 @@ class StockTransformers:
         prefill_seconds = time.perf_counter() - start
         cache, decoded, start = out.past_key_values, 0, time.perf_counter()
         while token not in self.eos and decoded < max_new_tokens - 1:
-            out = self.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=torch.tensor([[token]]), use_cache=True, **{self.cache_keyword: cache})
             cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
             decoded += 1
         decode_seconds = time.perf_counter() - start
