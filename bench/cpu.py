@@ -41,10 +41,11 @@ DEFAULT_PROMPTS = (
 )
 
 
-def run_spillover(model: Path, prompt: str, max_new_tokens: int) -> dict:
+def run_spillover(model: Path, prompt: str, max_new_tokens: int, threads: int | None) -> dict:
     command = [str(ROOT / "run.sh"), "--model", str(model), "-p", prompt, "--temperature", "0", "--device", "cpu",
                "-n", str(max_new_tokens), "--output-format", "json"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     if result.returncode != 0:
         raise click.ClickException(f"{' '.join(command)} failed ({result.returncode}): {result.stderr[-2000:]}")
     stats = json.loads(result.stdout)["stats"]
@@ -103,17 +104,22 @@ def median(rows: list[dict], engine: str, key: str) -> float:
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable). Default: two coding prompts.")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads for both (OMP_NUM_THREADS for run.sh). "
+              "Default: each its own (spillover: every core when nothing streams; transformers: every core).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def main(model: Path, hf_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, repeats: int, json_path: Path | None):
+def main(model: Path, hf_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, repeats: int, threads: int | None,
+         json_path: Path | None):
     """Decode and prefill tokens/s of spillover (./run.sh, both processes) and of stock transformers, on CPU."""
     prompts = prompts or DEFAULT_PROMPTS
     load_before = os.getloadavg()
+    if threads:
+        torch.set_num_threads(threads)
     stock = StockTransformers(hf_dir)
     rows = []
     for repeat in range(repeats):
         for prompt in prompts:
             row = {"prompt": prompt, "repeat": repeat}
-            row["spillover"] = run_spillover(model, prompt, max_new_tokens)
+            row["spillover"] = run_spillover(model, prompt, max_new_tokens, threads)
             row["transformers"] = stock.run(prompt, max_new_tokens)
             rows.append(row)
             click.echo(
@@ -133,7 +139,7 @@ def main(model: Path, hf_dir: Path, prompts: tuple[str, ...], max_new_tokens: in
                         "load_average_before": load_before, "load_average_after": os.getloadavg()},
             "torch": torch.__version__,
             "command": " ".join([Path(sys.executable).name, "-m", "bench.cpu", *sys.argv[1:]]),
-            "model": str(model), "hf": str(hf_dir), "max_new_tokens": max_new_tokens,
+            "model": str(model), "hf": str(hf_dir), "max_new_tokens": max_new_tokens, "threads": threads,
             "rows": rows, "median": summary,
         }, indent=1))  # fmt: skip
 
