@@ -144,7 +144,7 @@ def perplexity(model, text_path, context, max_tokens, policy, gpu_memory, device
     try:
         with LaunchedLoader.start(options) as launched, LoaderClient.connect(launched.address, timeout_s=60) as client:
             if device == "cpu":
-                torch.set_num_threads(cpu_compute_threads(client.plan))
+                torch.set_num_threads(cpu_compute_threads())
             engine = Engine(
                 checkpoint, client, device=device, max_context=max_context, prefill_chunk=client.plan.prefill_chunk
             )

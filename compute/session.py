@@ -52,15 +52,17 @@ class LoaderLost(RuntimeError):
     """The loader died or failed while this session needed it; the message names it."""
 
 
-def cpu_compute_threads(plan, cores: int | None = None) -> int:
-    """Compute's intra-op threads on a CPU device, for ``plan`` (a ``protocol.messages.Plan``): every core when no
-    unit streams (the loader then only sleeps between liveness checks), one fewer when some do (the loader copies
-    each streamed unit on a core of its own while compute works: an op split over every core would wait, at each
-    step, for the thread the copy displaced). ``$OMP_NUM_THREADS``, when set, is left to rule."""
-    cores = cores or os.cpu_count() or 1
+def cpu_compute_threads(cores: int | None = None) -> int:
+    """Compute's intra-op threads on a CPU device: one core fewer than the machine has (at least one).
+
+    PyTorch splits an op's work evenly over its threads and waits for the last: a thread that loses its core (to
+    the loader copying a streamed unit, to any other process) stalls the whole op. On the 2-core development
+    machine, busy with other work, the real 0.5B decoded 31 tok/s with one thread and 1.9 with two in the same
+    hour (docs/performance.md); an idle machine gains from the last core (up to 2x in the INT4 kernel alone):
+    ``OMP_NUM_THREADS``, when set, rules."""
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
-    return cores if not plan.ring.order else max(1, cores - 1)
+    return max(1, (cores or os.cpu_count() or 1) - 1)
 
 
 class LoaderWatchdog:
@@ -113,7 +115,7 @@ class Session:
         plan = client.plan
         log.info("loader pid %d, policy %s, max_context %d", plan.loader_pid, plan.policy, plan.max_context)
         if config.device == "cpu":
-            torch.set_num_threads(cpu_compute_threads(plan))
+            torch.set_num_threads(cpu_compute_threads())
         with client, LoaderWatchdog(plan.loader_pid), cls._loader_errors(plan.loader_pid):
             engine = Engine(
                 QuantizedCheckpoint(model.path),

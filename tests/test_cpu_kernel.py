@@ -132,16 +132,12 @@ def test_cpu_arena_holds_the_kernel_form(tiny_q):
         arena.close()
 
 
-def test_compute_takes_every_core_only_when_nothing_streams(monkeypatch):
-    from types import SimpleNamespace
-
+def test_compute_leaves_a_core_unless_told(monkeypatch):
     from compute.session import cpu_compute_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    resident = SimpleNamespace(ring=SimpleNamespace(order=()))
-    streaming = SimpleNamespace(ring=SimpleNamespace(order=("layers.1",)))
-    assert cpu_compute_threads(resident, cores=2) == 2
-    assert cpu_compute_threads(streaming, cores=2) == 1
-    assert cpu_compute_threads(streaming, cores=1) == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert cpu_compute_threads(resident, cores=2) == torch.get_num_threads()
+    assert cpu_compute_threads(cores=2) == 1
+    assert cpu_compute_threads(cores=1) == 1
+    assert cpu_compute_threads(cores=8) == 7
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_compute_threads(cores=2) == torch.get_num_threads()
