@@ -5,15 +5,10 @@
 #   ./run.sh --model Org/Name -p "Hello"       a Hugging Face model, quantized once into ~/.cache/spillover
 #   ./run.sh --help                            every option (they are `spillover run`'s)
 #
-# 1. Python: the one on PATH if spillover is installed there, else a local .venv, made on first use
-#    (CPU torch when there is no NVIDIA driver).
-# 2. `spillover run --print-loader-args "$@"` resolves --model (download, quantize or make the demo, once)
-#    and prints the loader's share of the options; that split lives in compute/run.py only.
-# 3. The loader starts in the background, in its own session (Ctrl-C at the terminal goes to compute,
-#    where it stops the current reply), with its socket in a private 0700 run directory.
-# 4. Once its ready file appears, compute runs in the foreground: `spillover run "$@" --connect ADDR`.
-# On exit, error, Ctrl-C or SIGTERM the loader is stopped and the run directory removed; compute exits
-# by itself within seconds of losing its loader. The exit code is compute's.
+# This script only finds Python: the one on PATH if spillover is installed there, else a local .venv, made on
+# first use (CPU torch when there is no NVIDIA driver). It then becomes `spillover run "$@"`, which starts the
+# loader in its own session, waits for it to be ready, runs compute in the foreground and stops the loader on
+# exit, error, Ctrl-C or SIGTERM (compute/launch.py: the one launcher). The exit code is compute's.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -41,55 +36,4 @@ if ! has_spillover "$python"; then
         "$python" -m pip install -e "$here[dev]" >&2  # [dev]: pytest, for the test command
     fi
 fi
-spillover=("$python" -m compute.cli)
-
-for arg in "$@"; do
-    if [[ $arg == -h || $arg == --help ]]; then
-        exec "${spillover[@]}" run --help
-    fi
-done
-
-loader_lines=$("${spillover[@]}" run --print-loader-args "$@")
-mapfile -t loader_args <<<"$loader_lines"
-model_dir=${loader_args[1]}  # --print-loader-args prints "--model DIR" first
-
-run_dir=$(mktemp -d "${TMPDIR:-/tmp}/spillover-XXXXXX")  # mode 0700: only this user reaches the socket
-address=ipc://$run_dir/loader.sock
-loader_pid=
-
-stop_loader() {
-    if [[ -n $loader_pid ]] && kill -0 "$loader_pid" 2>/dev/null; then
-        kill -TERM "$loader_pid" 2>/dev/null || true
-        for _ in {1..100}; do  # 10 s to free its memory, then SIGKILL
-            kill -0 "$loader_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$loader_pid" 2>/dev/null || true
-    fi
-    rm -rf "$run_dir"
-}
-trap stop_loader EXIT
-
-# setsid keeps the terminal's Ctrl-C away from the loader; it exits by itself when this script dies.
-setsid=()
-if command -v setsid >/dev/null; then
-    setsid=(setsid)
-fi
-"${setsid[@]}" "${spillover[@]}" loader "${loader_args[@]}" --socket "$address" \
-    --ready-file "$run_dir/ready.json" </dev/null >&2 &
-loader_pid=$!
-
-while [[ ! -e $run_dir/ready.json ]]; do
-    if ! kill -0 "$loader_pid" 2>/dev/null; then
-        code=0
-        wait "$loader_pid" || code=$?
-        echo "run.sh: the loader (pid $loader_pid) exited with code $code before it was ready" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-
-# Compute runs in the foreground so it owns the terminal; the later --model and --connect win over "$@".
-code=0
-"${spillover[@]}" run "$@" --model "$model_dir" --connect "$address" || code=$?
-exit "$code"
+exec "$python" -m compute.cli run "$@"

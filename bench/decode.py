@@ -22,15 +22,18 @@ from pathlib import Path
 import click
 import torch
 
+from compute.config import KernelOptions, kernel_options
+from protocol.sizes import SIZE
+
 log = logging.getLogger(__name__)
 
-FULL_MODEL_WEIGHT_BYTES = 16.5e9  # INT4 weights of the 64-layer 32B model, lm_head included (design.md)
+FULL_MODEL_WEIGHT_BYTES = 16.5e9  # INT4 weights of the 64-layer 32B model, lm_head included
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecodeRun:
     mode: str  # "eager" or "cuda_graph"
-    decodes_with_cuda_graph: bool  # what the engine actually did
+    decode_mode: str  # Engine.decode_mode: what the engine actually did ("graph", "eager: <why>", ...)
     context: int  # prompt tokens in the cache before the timed decode
     decode_tokens: int
     tokens_per_s: float
@@ -40,18 +43,21 @@ class DecodeRun:
     full_model_tokens_per_s: float  # FULL_MODEL_WEIGHT_BYTES at weight_gbps
 
 
-def run(checkpoint_dir: Path, *, gpu_memory: str, max_context: int, context: int, decode_tokens: int,
-        d2d_gbps: float, device: str = "cuda", profile_path: Path | None = None) -> list[DecodeRun]:  # fmt: skip
+def run(checkpoint_dir: Path, *, gpu_memory: int, max_context: int, context: int, decode_tokens: int,
+        d2d_gbps: float, device: str = "cuda", profile_path: Path | None = None,
+        kernels: KernelOptions = KernelOptions()) -> list[DecodeRun]:  # fmt: skip
     """Both decode modes through a real resident loader on ``device``; see the module docstring. With
     ``profile_path``, a few more graph-replayed tokens run under the torch profiler and its table of device time
     per kernel is written there."""
     from compute.engine import Engine
-    from compute.launch import LaunchedLoader, LoaderOptions
+    from compute.launch import LaunchedLoader
+    from protocol.launch import LoaderCommand
     from compute.sampling import SamplingParams
     from protocol.client import LoaderClient
     from quantizer.checkpoint import QuantizedCheckpoint
 
-    options = LoaderOptions(model=checkpoint_dir, gpu_memory=gpu_memory, policy="resident", device=device,
+    kernels.apply()
+    options = LoaderCommand(model=checkpoint_dir, gpu_memory=gpu_memory, policy="resident", device=device,
                             max_context=max_context)  # fmt: skip
     runs = []
     with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=120) as client:
@@ -71,7 +77,7 @@ def run(checkpoint_dir: Path, *, gpu_memory: str, max_context: int, context: int
             seconds = result.decode_seconds / result.decode_tokens
             gbps = weight_bytes / seconds / 1e9
             runs.append(DecodeRun(
-                mode=mode, decodes_with_cuda_graph=engine.decodes_with_cuda_graph, context=context,
+                mode=mode, decode_mode=engine.decode_mode, context=context,
                 decode_tokens=result.decode_tokens, tokens_per_s=result.decode_tokens_per_s,
                 ms_per_token=seconds * 1e3, weight_gbps=gbps, fraction_of_d2d=gbps / d2d_gbps,
                 full_model_tokens_per_s=gbps * 1e9 / FULL_MODEL_WEIGHT_BYTES,
@@ -153,12 +159,12 @@ def format_timeline(timeline: tuple[int, float, list[TimelineRow]]) -> str:
 def format_table(runs: list[DecodeRun], d2d_gbps: float, weight_bytes_note: str) -> str:
     lines = [
         f"device->device copy {d2d_gbps:.0f} GB/s; {weight_bytes_note}",
-        f"{'mode':<11} {'graph':>5} {'tok/s':>8} {'ms/tok':>8} {'weights GB/s':>13} {'of d2d':>7} {'32B tok/s':>10}",
+        f"{'mode':<11} {'tok/s':>8} {'ms/tok':>8} {'weights GB/s':>13} {'of d2d':>7} {'32B tok/s':>10}  decode mode",
     ]
     for r in runs:
         lines.append(
-            f"{r.mode:<11} {str(r.decodes_with_cuda_graph):>5} {r.tokens_per_s:>8.1f} {r.ms_per_token:>8.2f} "
-            f"{r.weight_gbps:>13.0f} {r.fraction_of_d2d:>7.0%} {r.full_model_tokens_per_s:>10.1f}"
+            f"{r.mode:<11} {r.tokens_per_s:>8.1f} {r.ms_per_token:>8.2f} {r.weight_gbps:>13.0f} "
+            f"{r.fraction_of_d2d:>7.0%} {r.full_model_tokens_per_s:>10.1f}  {r.decode_mode}"
         )
     return "\n".join(lines)
 
@@ -168,15 +174,17 @@ def format_table(runs: list[DecodeRun], d2d_gbps: float, weight_bytes_note: str)
               help="A spillover-int4 model; a synthetic qwen2-32b one is written there when missing.")  # fmt: skip
 @click.option("--layers", type=click.IntRange(min=1), default=16, show_default=True,
               help="Depth of the synthetic model when one is written.")  # fmt: skip
-@click.option("--gpu-memory", default="24GiB", show_default=True)
+@click.option("--gpu-memory", type=SIZE, default="24GiB", show_default=True)
 @click.option("--max-context", type=click.IntRange(min=16), default=4096, show_default=True)
 @click.option("--context", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt tokens.")
 @click.option("--decode-tokens", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path), default=None,
               help="Write the profiler's device time per kernel for a few graph-replayed tokens here.")  # fmt: skip
-def main(checkpoint: Path, layers: int, gpu_memory: str, max_context: int, context: int, decode_tokens: int,
-         json_path: Path | None, profile_path: Path | None) -> None:  # fmt: skip
+@kernel_options
+def main(checkpoint: Path, layers: int, gpu_memory: int, max_context: int, context: int, decode_tokens: int,
+         json_path: Path | None, profile_path: Path | None, gemv_configs: Path | None,
+         early_launch: bool) -> None:  # fmt: skip
     """Decode tok/s, eager against CUDA graphs, everything resident."""
     from bench.pipeline import measure_ceilings
 
@@ -192,7 +200,8 @@ def main(checkpoint: Path, layers: int, gpu_memory: str, max_context: int, conte
         synthesize(checkpoint, preset="qwen2-32b", layers=layers, device="auto", progress=False)
     d2d = measure_ceilings().d2d_gbps
     runs = run(checkpoint, gpu_memory=gpu_memory, max_context=max_context, context=context,
-               decode_tokens=decode_tokens, d2d_gbps=d2d, profile_path=profile_path)  # fmt: skip
+               decode_tokens=decode_tokens, d2d_gbps=d2d, profile_path=profile_path,
+               kernels=KernelOptions(gemv_configs=gemv_configs, early_launch=early_launch))  # fmt: skip
     from quantizer.checkpoint import QuantizedCheckpoint
 
     config = QuantizedCheckpoint(checkpoint).config

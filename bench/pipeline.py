@@ -35,6 +35,10 @@ from pathlib import Path
 import click
 import torch
 
+from compute.config import KernelOptions, kernel_options
+from protocol.defaults import DEFAULT_POLICY, POLICY_NAMES
+from protocol.sizes import parse_size
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGETS = ("24GiB", "12GiB", "8GiB")
@@ -97,15 +101,18 @@ def measure_ceilings(nbytes: int = 1 << 30, repeats: int = 5) -> Ceilings:
 
 
 def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, prefill_tokens: int,
-               decode_tokens: int, ceilings: Ceilings) -> BudgetResult:  # fmt: skip
+               decode_tokens: int, ceilings: Ceilings, kernels: KernelOptions) -> BudgetResult:  # fmt: skip
     from compute.engine import Engine
-    from compute.launch import LaunchedLoader, LoaderOptions
+    from compute.launch import LaunchedLoader
+    from protocol.launch import LoaderCommand
     from compute.sampling import SamplingParams
     from compute.usage import PeakMemorySampler
     from protocol.client import LoaderClient
     from quantizer.checkpoint import QuantizedCheckpoint
 
-    options = LoaderOptions(model=model_dir, gpu_memory=budget, policy=policy, device="cuda", max_context=max_context)
+    kernels.apply()
+    options = LoaderCommand(model=model_dir, gpu_memory=parse_size(budget), policy=policy, device="cuda",
+                            max_context=max_context)  # fmt: skip
     started = time.perf_counter()
     with LaunchedLoader.start(options) as loader:
         loader_ready_s = time.perf_counter() - started
@@ -218,18 +225,25 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Depth of the synthetic model (default: 64).")
 @click.option("--gpu-memory", "budgets", multiple=True, default=DEFAULT_BUDGETS, show_default=True,
               help="Budgets to run (repeat the option).")
-@click.option("--policy", default="hybrid", show_default=True)
+@click.option("--policy", type=click.Choice(sorted(POLICY_NAMES)), default=DEFAULT_POLICY, show_default=True)
 @click.option("--max-context", type=click.IntRange(min=256), default=4096, show_default=True)
 @click.option("--prefill-tokens", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=64), default=128, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@kernel_options
 def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy: str, max_context: int,
-          prefill_tokens: int, decode_tokens: int, json_path: Path | None) -> None:  # fmt: skip
+          prefill_tokens: int, decode_tokens: int, json_path: Path | None, gemv_configs: Path | None,
+          early_launch: bool) -> None:  # fmt: skip
     """Benchmark the two-process pipeline on a synthetic 32B-shaped model under each budget."""
     if not torch.cuda.is_available():
         raise click.ClickException("spillover bench measures the GPU pipeline and needs a CUDA device")
     if prefill_tokens + 1 > max_context:
         raise click.ClickException(f"--prefill-tokens {prefill_tokens} does not fit in --max-context {max_context}")
+    for budget in budgets:
+        try:
+            parse_size(budget)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--gpu-memory") from None
     if not (checkpoint / "spillover.json").is_file():
         from quantizer.synth import synthesize
 
@@ -246,6 +260,7 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
             results.append(run_budget_in_a_fresh_process(
                 checkpoint, budget, policy=policy, max_context=max_context, prefill_tokens=prefill_tokens,
                 decode_tokens=decode_tokens, ceilings=ceilings,
+                kernels=KernelOptions(gemv_configs=gemv_configs, early_launch=early_launch),
             ))  # fmt: skip
         except LoaderStartError as e:  # a budget too small, say: the loader's own message is on stderr above
             raise click.ClickException(f"--gpu-memory {budget}: {e}") from None

@@ -7,7 +7,6 @@ Subcommands are imported only when invoked, so ``spillover quantize`` never impo
 from __future__ import annotations
 
 import importlib
-import os
 
 import click
 
@@ -31,20 +30,8 @@ class LazyGroup(click.Group):
         target = SUBCOMMANDS.get(cmd_name)
         if target is None:
             return None
-        _check_gemv_configs()
         module_name, attr = target.split(":")
         return getattr(importlib.import_module(module_name), attr)
-
-
-def _check_gemv_configs() -> None:
-    """A table named by $SPILLOVER_GEMV_CONFIGS is read when the GEMV kernels are imported: a bad one is refused
-    here, in one line, before any command starts."""
-    if not os.environ.get("SPILLOVER_GEMV_CONFIGS"):
-        return
-    try:  # the import reads it the first time; an earlier import (tests) has not, so read it again
-        importlib.import_module("compute.kernels.gemv_configs").load_tuned_configs(os.environ["SPILLOVER_GEMV_CONFIGS"])
-    except ValueError as e:
-        raise click.ClickException(f"$SPILLOVER_GEMV_CONFIGS: {e}") from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,6 +47,5 @@ def main(verbose: int) -> None:
 
 
 if __name__ == "__main__":
-    # ``python -m compute.cli loader ...`` is how ``compute.launch`` and run.sh start the loader with a chosen
-    # interpreter; its messages still name the command people know.
+    # ``python -m compute.cli`` is ``spillover`` for an interpreter of one's choosing (run.sh, bench/run_gpu*.sh).
     main(prog_name="spillover")

@@ -44,6 +44,7 @@ from compute.kernels.activation import silu_mul
 from compute.kernels.attention import decode_attention, rotary_cache_write
 from compute.kernels.gemv import RowOperand, int4_gemv
 from compute.kernels.norm import add_partials, add_partials_workspace, rms_norm
+from quantizer.model_spec import head_dim as config_head_dim
 
 
 def fused_decode_unsupported(config: PretrainedConfig, dtype: torch.dtype = torch.bfloat16) -> str | None:
@@ -51,7 +52,7 @@ def fused_decode_unsupported(config: PretrainedConfig, dtype: torch.dtype = torc
     (The kernels are Triton's: on CUDA, or on CPU tensors under the Triton interpreter, which only tests use.)"""
     if dtype != torch.bfloat16:
         return f"the fused decode layer's kernels are bf16's (the model runs in {dtype})"
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = config_head_dim(config)
     if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
         return f"the fused decode layer's attention takes head sizes 16, 32, … 256 (the model's is {head_dim})"
     if config.hidden_act != "silu":

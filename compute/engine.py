@@ -5,8 +5,7 @@
 * ``Engine(checkpoint, weights, device=..., max_context=N)`` builds the model (``compute.model.build_model``),
   loads the tokenizer from the model directory (``engine.tokenizer``, a transformers tokenizer; the engine
   itself only ever sees token ids), and allocates a static KV cache for exactly ``max_context`` tokens:
-  ``kv_cache_nbytes(config, max_context)`` = 2 × layers × kv_heads × head_dim × max_context × 2 bytes (bf16),
-  the number the loader's planner counts in the budget.
+  ``quantizer.model_spec.kv_cache_nbytes(config, max_context)`` bytes, the number the loader's planner counts.
 * ``generate(prompt_ids, params, on_token=None, should_stop=None) -> GenerationResult``: prefill in chunks of
   ``prefill_chunk`` tokens (logits only for the last position), then decode one token per forward until an EOS
   id (``engine.eos_token_ids``: generation_config.json and config.json together), ``params.max_new_tokens``,
@@ -16,7 +15,7 @@
   acquired and the loader's ring out of step. So Ctrl-C handling belongs in a signal handler that sets a
   flag ``should_stop`` reads, not in an exception. If an exception does stop a forward half-way (a second
   Ctrl-C), ``generate`` walks the rest of that pass's units before re-raising, so the engine stays usable.
-* Decode runs one token per forward through ``compute.graphs.Decoder`` on fixed input buffers. On CUDA, with
+* Decode runs one token per forward through ``compute.decoder.Decoder`` on fixed input buffers. On CUDA, with
   ``cuda_graphs=True`` (the default), the first decode step under a plan captures the decode step as CUDA graphs:
   ONE graph when every unit is resident (one launch per token instead of a thousand); when some units stream, one
   graph per run of resident layers, the streamed layers running eagerly in between (their weights arrive through
@@ -50,18 +49,19 @@ import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer, PretrainedConfig, StaticCache
 
-from compute.graphs import Decoder, DecodeStep, keyword_of
+from compute.decode_step import DecodeStep, keyword_of
+from compute.decoder import Decoder
 from compute.model import HostEmbedding, UnitWeights, build_model
 from compute.sampling import SamplingParams, sample_next
+from protocol.defaults import DEFAULT_PREFILL_CHUNK
 from quantizer.checkpoint import QuantizedCheckpoint
+from quantizer.model_spec import head_dim, kv_cache_nbytes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = 512
 # SDPA backends prefill may use: all but cuDNN. torch 2.11 tries cuDNN first for a masked SDPA on Hopper, and cuDNN
-# builds an execution plan for every shape it has not seen: measured on the H200 (2026-11-29, bench/decode.py
-# --profile), the first one-token prefill after 512-token chunks spent 0.86 s of CPU in _cudnn_attention_forward
-# for 16 layers. Prefill chunk lengths change with every prompt, so each new length would pay that again.
+# builds an execution plan, costing most of a second of CPU, for every shape it has not seen. Prefill chunk lengths
+# change with every prompt, so each new length would pay that again.
 PREFILL_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -99,16 +99,6 @@ class GenerationResult:
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-
-def head_dim(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def kv_cache_nbytes(config: PretrainedConfig, max_context: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of a static KV cache for ``max_context`` tokens: keys and values, every layer, every KV head."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * max_context * itemsize
 
 
 def eos_token_ids(checkpoint: QuantizedCheckpoint) -> frozenset[int]:
@@ -172,7 +162,7 @@ class Engine:
                 max_context,
                 self.config.max_position_embeddings,
             )
-        self.kv_cache_bytes = kv_cache_nbytes(self.config, max_context, dtype)
+        self.kv_cache_bytes = kv_cache_nbytes(self.config, max_context, dtype.itemsize)
         self.cache = StaticCache(config=self.config, max_cache_len=max_context)
         # Allocate now, not at the first forward: the budget is counted up front, and the addresses stay fixed
         # for the engine's lifetime (what a captured decode graph needs).
@@ -197,12 +187,6 @@ class Engine:
         self._decoder = Decoder(step, self.model.unit_binder, weights, self.device)
         self._cached_ids: list[int] = []  # the ids whose keys/values the cache holds, in position order
         log.info("KV cache: %d tokens, %.1f MiB", max_context, self.kv_cache_bytes / 2**20)
-
-    @property
-    def decodes_with_cuda_graph(self) -> bool:
-        """The decode step replays CUDA graphs, for the whole step or for its resident segments (decided at the
-        first decode step of a plan)."""
-        return self._decoder.graphs is not None
 
     @property
     def decode_mode(self) -> str:
@@ -404,7 +388,7 @@ class Engine:
     def _decode_step(self, token: int, position: int) -> torch.Tensor:
         """One token at ``position`` through the model, its keys/values into the cache; its logits ([vocab]).
 
-        ``compute.graphs.Decoder`` runs it: replayed from CUDA graphs where the plan in force allows, eagerly
+        ``compute.decoder.Decoder`` runs it: replayed from CUDA graphs where the plan in force allows, eagerly
         otherwise. The logits of a replay live in the graph's memory: they are valid until the next step.
         """
         return self._decoder(token, position, cuda_graphs=self.cuda_graphs)

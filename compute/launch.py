@@ -1,8 +1,8 @@
 """Starting, watching and stopping the loader process for ``spillover run`` (when no ``--connect`` is given).
 
-``LaunchedLoader.start(options)`` creates a private run directory (mode 0700, so only this user can reach
-the ``ipc://`` socket inside it), starts ``spillover loader`` as a child process with a ready file in that
-directory, and waits for the ready file while checking, every few milliseconds, that the loader is still
+``LaunchedLoader.start(command)`` creates a private run directory (mode 0700, so only this user can reach
+the ``ipc://`` socket inside it), starts the loader (``python -m loader.main``, the ``protocol.launch.LoaderCommand``
+given, with its socket and ready file in that directory) as a child process, and waits for the ready file while checking, every few milliseconds, that the loader is still
 alive: a loader that refuses its budget or crashes is reported at once with its exit code, never waited on.
 It is a context manager: leaving it, normally, on an error or on Ctrl-C, stops the loader (SIGTERM, then
 SIGKILL after a grace period) and removes the run directory.
@@ -11,13 +11,12 @@ The loader runs in its own session, so a Ctrl-C typed at the terminal reaches co
 the current reply) and not the loader; the loader in turn exits by itself if this process dies.
 Its standard output goes to our standard error: compute's stdout carries only the reply (or the JSON).
 
-This module starts the loader by its command line; it does not import ``loader``.
+This module starts the loader by its command line (``protocol.launch``); it does not import ``loader``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import subprocess
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from protocol.launch import LoaderCommand, ReadyFile
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +35,6 @@ STOP_GRACE_S = 10.0  # how long the loader gets to free its memory after SIGTERM
 
 class LoaderStartError(RuntimeError):
     """The loader exited before it was ready (its own message is on stderr above ours)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LoaderOptions:
-    """Everything the loader process is told on its command line, besides where to listen and report."""
-
-    model: Path  # a spillover-int4 directory (already resolved)
-    gpu_memory: str  # the budget for both processes, as the user wrote it, e.g. "12GiB" (the loader parses it)
-    policy: str  # a policy name the loader knows: resident, stream, hybrid
-    device: str  # "cuda" or "cpu"
-    max_context: int  # tokens of KV cache the budget must hold
-
-    def argv(self) -> list[str]:
-        """The loader's options, ``--model DIR`` first (``run.sh`` relies on that order)."""
-        return [
-            "--model", str(self.model),
-            "--gpu-memory", self.gpu_memory,
-            "--policy", self.policy,
-            "--device", self.device,
-            "--max-context", str(self.max_context),
-        ]  # fmt: skip
 
 
 class LaunchedLoader:
@@ -70,19 +50,18 @@ class LaunchedLoader:
         return self.process.pid
 
     @classmethod
-    def start(cls, options: LoaderOptions, *, verbose: int = 0) -> "LaunchedLoader":
-        """Start the loader and wait until it is ready (as long as it stays alive)."""
+    def start(cls, command: LoaderCommand) -> "LaunchedLoader":
+        """Start the loader ``command`` describes (its socket and ready file are chosen here) and wait until it is
+        ready (as long as it stays alive)."""
         run_dir = Path(tempfile.mkdtemp(prefix="spillover-"))  # mkdtemp makes it 0700
         address = f"ipc://{run_dir / 'loader.sock'}"
         ready_file = run_dir / "ready.json"
-        command = [
-            sys.executable, "-m", "compute.cli", *(["-" + "v" * verbose] if verbose else []),
-            "loader", *options.argv(), "--socket", address, "--ready-file", str(ready_file),
-        ]  # fmt: skip
-        log.info("starting the loader: %s", " ".join(command))
+        command = dataclasses.replace(command, socket=address, ready_file=ready_file)
+        argv = [sys.executable, "-m", "loader.main", *command.argv()]
+        log.info("starting the loader: %s", " ".join(argv))
         try:
             # The loader's stdout goes to our stderr (fd 2): compute's stdout is the reply's alone.
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=2, start_new_session=True)
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=2, start_new_session=True)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -102,7 +81,7 @@ class LaunchedLoader:
                 raise LoaderStartError(f"the loader (pid {self.pid}) exited with code {code} before it was ready")
             time.sleep(POLL_S)
         # The loader writes the file atomically, and its address is the one to connect to.
-        self.address = json.loads(ready_file.read_text())["address"]
+        self.address = ReadyFile.read(ready_file).address
         log.info("loader (pid %d) ready after %.1f s", self.pid, time.monotonic() - started)
 
     def exit_code(self) -> int | None:

@@ -35,23 +35,26 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, Qwen2ForCausalLM
+import transformers
+from transformers import AutoConfig, PretrainedConfig
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 from compute.int4_linear import Int4Linear
 from compute.kernels.activation import swiglu_mlp_forward
 from compute.kernels.norm import FusedRMSNorm
+from protocol.messages import Plan
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError
+from quantizer.model_spec import SUPPORTED_ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
-# architecture name in config.json / the manifest -> the transformers class that runs it
-SUPPORTED_ARCHITECTURES: dict[str, type[nn.Module]] = {"Qwen2ForCausalLM": Qwen2ForCausalLM}
 
 
 class UnitWeights(Protocol):
     """Where the quantized Linears' weights come from: the loader client, or a test double."""
+
+    plan: Plan | None  # the loader's plan in force (which units stream, its generation); None: nothing streams
 
     def acquire(self, unit: str, stream: torch.cuda.Stream | None = None) -> dict[str, torch.Tensor]: ...
 
@@ -95,7 +98,7 @@ def build_model(
     """
     device = torch.device(device)
     config = load_config(checkpoint)
-    model_class = SUPPORTED_ARCHITECTURES[checkpoint.manifest.architecture]
+    model_class = getattr(transformers, checkpoint.manifest.architecture)  # a SUPPORTED_ARCHITECTURES name
     with torch.device("meta"):
         model = model_class(config).to(dtype)  # on meta, the cast costs nothing
     unit_linears = _replace_linears(model, checkpoint)
@@ -192,7 +195,7 @@ class HostEmbedding(nn.Module):
 
     ``forward(input_ids)`` takes the ids on the host (the engine passes them so; ids on the device are fetched
     first, which waits for the device). The decode step does not call it: it copies the one row it needs into a
-    static device buffer itself (``compute.graphs.DecodeStep``), outside any captured graph. The rows are exact
+    static device buffer itself (``compute.decode_step.DecodeStep``), outside any captured graph. The rows are exact
     copies, so the model computes what it would with the embedding on the device.
     """
 

@@ -24,9 +24,12 @@ from pathlib import Path
 import click
 import torch
 
-from compute.launch import LaunchedLoader, LoaderOptions, LoaderStartError
+from compute.config import default_budget
+from compute.launch import LaunchedLoader, LoaderStartError
 from compute.resolve import ModelResolveError, default_cache_dir, resolve_model
-from compute.run import default_budget
+from protocol.defaults import DEFAULT_POLICY, POLICY_NAMES
+from protocol.launch import LoaderCommand
+from protocol.sizes import SIZE
 from quantizer.format import FormatError
 
 DEFAULT_CONTEXT = 512
@@ -100,8 +103,10 @@ class PerplexityError(click.ClickException):
 @click.option("--context", type=click.IntRange(min=2), default=DEFAULT_CONTEXT, show_default=True,
               help="Tokens per window; windows do not overlap.")
 @click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the text's first N tokens.")
-@click.option("--policy", default="hybrid", show_default=True, help="resident, stream or hybrid.")
-@click.option("--gpu-memory", metavar="SIZE", help="Device memory for both processes. Default: as `spillover run`.")
+@click.option("--policy", type=click.Choice(sorted(POLICY_NAMES)), default=DEFAULT_POLICY, show_default=True,
+              help="Which weights stay in device memory.")
+@click.option("--gpu-memory", type=SIZE, metavar="SIZE",
+              help="Device memory for both processes. Default: as `spillover run`.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when available.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the result, with every scored token's top-1 id, to this JSON file.")
@@ -134,7 +139,7 @@ def perplexity(model, text_path, context, max_tokens, policy, gpu_memory, device
     except ValueError as e:
         raise PerplexityError(f"{text_path}: {e}") from None
     max_context = context  # one window at a time: the KV cache holds one window
-    options = LoaderOptions(
+    options = LoaderCommand(
         model=resolved.path,
         gpu_memory=gpu_memory or default_budget(device, demo=False),
         policy=policy,

@@ -21,19 +21,18 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from quantizer.format import MANIFEST_NAME, FormatError, read_manifest
+from quantizer.quantize import REPO_ID
 
 DEMO_PRESET = "demo"
 DEMO_SEED = 0
 # Bump when the demo preset changes, so old cached demos are not reused.
 DEMO_VERSION = 1
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class ModelResolveError(Exception):

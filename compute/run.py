@@ -1,9 +1,9 @@
 """``spillover run``: chat with a model, one-shot or in a REPL, with the loader started here or already running.
 
-Every option is read once into ``RunConfig``; ``RunConfig.loader_options`` is the one place that says which
-options the loader process needs (``--model`` resolved, ``--gpu-memory``, ``--policy``, ``--device``,
-``--max-context``). ``--print-loader-args`` prints exactly those, one per line, so ``run.sh`` can start the
-loader itself and then run ``spillover run --connect ADDR`` with the same options.
+Every option is read once into ``compute.config.RunConfig``; ``RunConfig.loader_command`` is the one place that
+says which options the loader process gets (``--model`` resolved, ``--gpu-memory``, ``--policy``, ``--device``,
+``--max-context``). Without ``--connect`` the loader is started here (``compute.launch``), the one launcher both
+``spillover run`` and ``run.sh`` use.
 
 What goes where: the reply (or, with ``--output-format json``, exactly one JSON object) on stdout; the
 loader's output, progress, statistics and errors on stderr. Errors a person can fix end the command with one
@@ -13,7 +13,6 @@ line and a non-zero exit, never a traceback; a dead loader is named as such with
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
@@ -21,83 +20,15 @@ import sys
 from pathlib import Path
 
 import click
-import psutil
 import torch
 
-from compute.launch import LaunchedLoader, LoaderOptions, LoaderStartError
+from compute.config import DEMO_MAX_CONTEXT, KernelOptions, RunConfig, kernel_options
+from compute.launch import LaunchedLoader, LoaderStartError
 from compute.resolve import ModelResolveError, ResolvedModel, default_cache_dir, resolve_model
-from compute.sampling import SamplingParams
+from protocol.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_POLICY, POLICY_NAMES
+from protocol.launch import LoaderCommand
+from protocol.sizes import SIZE
 from quantizer.format import FormatError
-
-DEFAULT_MAX_CONTEXT = 4096
-# With no --model and no --gpu-memory, the demo runs under a budget that holds about half its layers,
-# so the placement shows streaming (values for the "demo" preset; cuda adds two CUDA contexts).
-DEMO_BUDGET = {"cpu": "287MiB", "cuda": "1567MiB"}  # cuda: + 2 × 640 MiB (loader.planner.CUDA_CONTEXT_BYTES)
-DEMO_MAX_CONTEXT = 1024
-# Without --gpu-memory on a real model: the free device memory (cuda), half the available host memory (cpu).
-CUDA_FREE_FRACTION = 0.95
-CPU_AVAILABLE_FRACTION = 0.5
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """The options of one ``spillover run``, checked."""
-
-    model: str | None  # --model as given: a directory or a Hugging Face repo id; None = the built-in demo
-    prompt: str | None  # -p: one reply, then exit; None = the interactive REPL
-    max_new_tokens: int  # -n: tokens per reply at most
-    temperature: float  # 0 = greedy
-    top_p: float  # 1.0 = off
-    top_k: int  # 0 = off
-    repetition_penalty: float  # 1.0 = off
-    seed: int | None  # None = a fresh random seed per reply
-    policy: str  # the loader's placement policy: resident, stream or hybrid
-    gpu_memory: str | None  # the budget of both processes, e.g. "12GiB"; None = chosen from what is free
-    device: str  # "cuda" or "cpu"
-    max_context: int | None  # KV cache tokens; None = the default (the demo uses a smaller one)
-    raw: bool  # no chat template: the prompt is tokenized as it is
-    output_format: str  # "text" or "json"
-    connect: str | None  # address of a running loader; None = start one here
-    cache_dir: Path  # where quantized checkpoints and the demo model are kept
-    print_loader_args: bool  # only print the loader's options (after resolving --model) and exit
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-            max_new_tokens=self.max_new_tokens,
-        )
-
-    def loader_options(self, model: ResolvedModel) -> LoaderOptions:
-        """The loader's share of the options: the one place that splits them between the two processes."""
-        return LoaderOptions(
-            model=model.path,
-            gpu_memory=self.gpu_memory or default_budget(self.device, demo=model.is_demo),
-            policy=self.policy,
-            device=self.device,
-            max_context=self.max_context or default_max_context(model),
-        )
-
-
-def default_max_context(model: ResolvedModel) -> int:
-    """``--max-context`` when none is given: DEFAULT_MAX_CONTEXT (the demo's), at most what the model was built for."""
-    config = json.loads((model.path / "config.json").read_text())
-    default = DEMO_MAX_CONTEXT if model.is_demo else DEFAULT_MAX_CONTEXT
-    return min(default, config.get("max_position_embeddings") or default)
-
-
-def default_budget(device: str, *, demo: bool) -> str:
-    """``--gpu-memory`` when none is given, in bytes (the loader parses sizes)."""
-    if demo:
-        return DEMO_BUDGET[device]
-    if device == "cuda":
-        free, _total = torch.cuda.mem_get_info()
-        return str(int(free * CUDA_FREE_FRACTION))
-    return str(int(psutil.virtual_memory().available * CPU_AVAILABLE_FRACTION))
-
 
 def _device(requested: str | None) -> str:
     """``--device``, checked; cuda when available if not given."""
@@ -130,9 +61,9 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off.")
 @click.option("--seed", type=click.IntRange(min=0), help="Makes a reply reproducible. Default: random.")
-@click.option("--policy", default="hybrid", show_default=True,
-              help="Which weights stay in device memory: resident, stream or hybrid.")
-@click.option("--gpu-memory", metavar="SIZE", help="Device memory for both processes together, e.g. 12GiB. "
+@click.option("--policy", type=click.Choice(sorted(POLICY_NAMES)), default=DEFAULT_POLICY, show_default=True,
+              help="Which weights stay in device memory.")
+@click.option("--gpu-memory", type=SIZE, metavar="SIZE", help="Device memory for both processes together, e.g. 12GiB. "
               "Default: the free device memory (the demo: less than its model, to show streaming).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when available.")
 @click.option("--max-context", type=click.IntRange(min=1),
@@ -146,25 +77,20 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
               "started with.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SPILLOVER_CACHE_DIR",
               help="Where quantized models and the demo are kept. [default: ~/.cache/spillover]")
-@click.option("--print-loader-args", is_flag=True,
-              help="Print the loader's options, one per line (--model DIR first), and exit. Used by run.sh.")
+@kernel_options
 @click.pass_context
 # fmt: on
 def run(ctx: click.Context, **options) -> None:
     """Chat with a model whose INT4 weights stream from a loader process."""
-    config = _build_config(options)
-    verbose = ctx.find_root().params.get("verbose", 0)
+    config = _build_config(options, verbose=ctx.find_root().params.get("verbose", 0))
     # SIGTERM ends the program through the normal exit path, so the loader is stopped and files are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         model = resolve_model(config.model, cache_dir=config.cache_dir, device=config.device)
-        loader_options = config.loader_options(model)
         if model.is_demo:
             click.echo(f"spillover: {model.label}; run with --model to use a real model", err=True)
-        if config.print_loader_args:
-            click.echo("\n".join(loader_options.argv()))
-            return
-        _serve(config, model, loader_options, verbose)
+        config.kernels.apply()
+        _serve(config, model, config.loader_command(model))
     except (ModelResolveError, LoaderStartError, FormatError) as e:
         raise RunError(str(e)) from None
     except KeyboardInterrupt:
@@ -172,11 +98,9 @@ def run(ctx: click.Context, **options) -> None:
         sys.exit(130)
 
 
-def _build_config(options: dict) -> RunConfig:
+def _build_config(options: dict, *, verbose: int) -> RunConfig:
     if options["output_format"] == "json" and options["prompt"] is None:
         raise click.UsageError("--output-format json needs a prompt (-p): the chat REPL writes text only")
-    if options["connect"] and options["print_loader_args"]:
-        raise click.UsageError("--print-loader-args and --connect do not go together")
     return RunConfig(
         model=options["model"],
         prompt=options["prompt"],
@@ -194,13 +118,14 @@ def _build_config(options: dict) -> RunConfig:
         output_format=options["output_format"],
         connect=options["connect"],
         cache_dir=options["cache_dir"] or default_cache_dir(),
-        print_loader_args=options["print_loader_args"],
+        kernels=KernelOptions(gemv_configs=options["gemv_configs"], early_launch=options["early_launch"]),
+        verbose=verbose,
     )
 
 
-def _serve(config: RunConfig, model: ResolvedModel, loader_options: LoaderOptions, verbose: int) -> None:
+def _serve(config: RunConfig, model: ResolvedModel, loader_command: LoaderCommand) -> None:
     """Connect to (or start) the loader, build the engine, and answer the prompt or run the REPL."""
-    # Imported here: transformers is slow to import, and --help or --print-loader-args do not need it.
+    # Imported here: transformers is slow to import, and --help does not need it.
     from compute.chat import ReplyRefused
     from compute.session import LoaderLost, Session
 
@@ -209,7 +134,7 @@ def _serve(config: RunConfig, model: ResolvedModel, loader_options: LoaderOption
         if config.connect:
             address = config.connect
         else:
-            launched = stack.enter_context(LaunchedLoader.start(loader_options, verbose=verbose))
+            launched = stack.enter_context(LaunchedLoader.start(loader_command))
             address = launched.address
         try:
             session = stack.enter_context(Session.open(address, model, config))

@@ -26,11 +26,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
 from compute.chat import Conversation, Reply, ReplyRefused, StopOnInterrupt, StreamingDetokenizer, reply_once, repl
+from compute.config import RunConfig
 from compute.engine import ContextLengthError, Engine, FinishReason, GenerationResult
 from compute.resolve import ResolvedModel
 from compute.usage import PeakMemorySampler
@@ -38,9 +38,6 @@ from protocol.client import LoaderClient, LoaderError
 from protocol.ring import pid_alive
 from protocol.sockets import AddressError
 from quantizer.checkpoint import QuantizedCheckpoint
-
-if TYPE_CHECKING:
-    from compute.run import RunConfig
 
 log = logging.getLogger(__name__)
 

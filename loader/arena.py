@@ -4,7 +4,7 @@ Layout: the units given to ``load``, back to back in that order, each laid out a
 unit is one contiguous range and moving it to the device is one copy). The arena is a single anonymous
 mmap (huge pages advised, so filling 16 GB does not take millions of page faults) and, with ``pin=True``, is
 page-locked once with ``cudaHostRegister``: PyTorch's pinned allocator would round each allocation up to a
-power of two, and pageable memory copies to the device at an eighth of the pinned rate (design.md).
+power of two, and pageable memory copies to the device at an eighth of the pinned rate (6.9 against 55 GB/s on the H200).
 
 Filling reads each shard once, front to back: the safetensors header (8-byte little-endian length, then
 JSON with every tensor's dtype, shape and data offsets), then each unit tensor's bytes ``readinto`` its
@@ -38,7 +38,7 @@ import torch
 
 from loader.layout import TensorSlot, UnitLayout, is_kernel_form
 from protocol.cpu_kernel_form import pack_for_cpu_kernel
-from quantizer.checkpoint import SAFETENSORS_DTYPES, QuantizedCheckpoint
+from quantizer.checkpoint import QuantizedCheckpoint, tensor_view
 from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError
 
 log = logging.getLogger(__name__)
@@ -141,13 +141,6 @@ class PinnedArena:
             raise KeyError(f"unit {name!r} is not in the arena; it holds {list(self.offsets)}") from None
         return self.data[offset : offset + self.units[name].nbytes]
 
-    def tensor(self, unit_name: str, tensor_name: str) -> torch.Tensor:
-        """Typed view of one tensor inside a unit (e.g. a ``qweight``, uint8 ``[out, in / 2]``)."""
-        unit = self.unit(unit_name)
-        slot = self.units[unit_name].slot(tensor_name)
-        raw = unit[slot.offset : slot.offset + slot.nbytes]
-        return raw.view(SAFETENSORS_DTYPES[slot.dtype]).view(slot.shape)
-
     def repacked_for_cpu_kernel(self, kernel_units: Sequence[UnitLayout]) -> "PinnedArena":
         """A new (unpinned) arena laid out as ``kernel_units`` (``layout_units(..., cpu_kernel_form=True)`` of the same
         manifest), every Linear with a kernel form packed into it, the others copied as they are; closes this one."""
@@ -158,13 +151,14 @@ class PinnedArena:
                 for slot in unit.tensors:
                     if is_kernel_form(slot):
                         linear = slot.name.removesuffix(SCALES_SUFFIX)
+                        source = self.units[unit.name]
                         packed, scales_and_zeros = pack_for_cpu_kernel(
-                            self.tensor(unit.name, linear + QWEIGHT_SUFFIX), self.tensor(unit.name, slot.name)
+                            self._tensor(source, linear + QWEIGHT_SUFFIX), self._tensor(source, slot.name)
                         )
-                        repacked.tensor(unit.name, linear + QWEIGHT_SUFFIX).copy_(packed)
-                        repacked.tensor(unit.name, slot.name).copy_(scales_and_zeros)
+                        repacked._tensor(unit, linear + QWEIGHT_SUFFIX).copy_(packed)
+                        repacked._tensor(unit, slot.name).copy_(scales_and_zeros)
                     elif not _packed_with_its_scales(slot, unit):
-                        repacked.tensor(unit.name, slot.name).copy_(self.tensor(unit.name, slot.name))
+                        repacked._tensor(unit, slot.name).copy_(self._tensor(self.units[unit.name], slot.name))
         except BaseException:
             repacked.close()
             raise
@@ -172,6 +166,9 @@ class PinnedArena:
         log.info("repacked %.2f GB for the CPU INT4 kernel in %.2f s", repacked.nbytes / 1e9, time.perf_counter() - start)
         return repacked
 
+    def _tensor(self, unit: UnitLayout, name: str) -> torch.Tensor:
+        slot = unit.slot(name)
+        return tensor_view(self.unit(unit.name), slot.offset, slot.nbytes, slot.dtype, slot.shape)
     def close(self) -> None:
         """Unpin and drop the memory (it is freed once no view of it remains); safe to call twice."""
         if self.pinned:

@@ -11,12 +11,12 @@ Exit status 0 after an orderly stop (Shutdown, a signal, the parent or compute g
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import click
 import torch
@@ -24,18 +24,16 @@ import zmq
 
 from loader.arena import PinnedArena
 from loader.layout import layout_units, pool_layouts
-from loader.planner import SIZE, choose_prefill_chunk, plan_placement
-from loader.policies import DEFAULT_POLICY, POLICIES, get_policy
+from loader.planner import choose_prefill_chunk, plan_placement
+from loader.policies import get_policy
 from loader.pool import DevicePool
-from loader.process import LoaderConfig, LoaderProcess, format_stats, pool_capacity
+from loader.process import LoaderProcess, format_stats, pool_capacity
+from protocol.launch import LoaderCommand, loader_command_options
 from protocol.sockets import AddressError, check_address, make_run_dir
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import FormatError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_CONTEXT = 4096
-
 
 def _cuda_available() -> bool:
     return torch.cuda.is_available()
@@ -46,33 +44,15 @@ def _default_device() -> str:
 
 
 @click.command("loader")
-@click.option("--model", "model", required=True, type=click.Path(file_okay=False, path_type=Path), help="spillover-int4 model directory.")
-@click.option("--gpu-memory", "budget", required=True, type=SIZE, help="Device memory of BOTH processes, e.g. 24GiB.")
-@click.option("--policy", default=DEFAULT_POLICY, show_default=True, type=click.Choice(sorted(POLICIES)), help="Residency policy.")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="Where the pool lives (default: cuda when available).")
-@click.option("--socket", "address", required=True, help="ipc:///DIR/NAME (DIR mode 0700) or tcp://127.0.0.1:PORT.")
-@click.option("--max-context", default=DEFAULT_MAX_CONTEXT, show_default=True, type=click.IntRange(min=1), help="Tokens the KV cache is counted for.")
-@click.option("--ring-slots", type=click.IntRange(min=1), default=None, help="Ring slots K (default: the policy's).")
-@click.option("--prefetch-depth", type=click.IntRange(min=1), default=None, help="Fill at most D units ahead (default: the policy's).")
-@click.option("--no-verify-checksums", is_flag=True, help="Skip the sha256 of every shard (sizes are still checked).")
-@click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Written (JSON: address, pid) when ready.")
-@click.option("--stats-on-exit", is_flag=True, help="Print copy and wait statistics when the loader exits.")
-def main(model, budget, policy, device, address, max_context, ring_slots, prefetch_depth, no_verify_checksums, ready_file, stats_on_exit):
+@loader_command_options
+def main(**options) -> None:
     """Hold a model's INT4 weights and stream them into a device pool shared with the compute process."""
-    config = LoaderConfig(
-        model=model,
-        budget_bytes=budget,
-        policy=policy,
-        device=device or _default_device(),
-        socket=address,
-        max_context=max_context,
-        ring_slots=ring_slots,
-        prefetch_depth=prefetch_depth,
-        verify_checksums=not no_verify_checksums,
-        ready_file=ready_file,
-        stats_on_exit=stats_on_exit,
+    command = LoaderCommand(**options)
+    logging.basicConfig(  # no-op under `spillover`, whose group configured logging already
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(command.verbose, 2)],
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    sys.exit(run(config))
+    sys.exit(run(dataclasses.replace(command, device=command.device or _default_device())))
 
 
 def _refuse(message: str) -> int:
@@ -80,8 +60,8 @@ def _refuse(message: str) -> int:
     return 2
 
 
-def run(config: LoaderConfig) -> int:
-    """The loader's whole life; returns the exit status."""
+def run(config: LoaderCommand) -> int:
+    """The loader's whole life (``config.device`` chosen); returns the exit status."""
     try:
         check_address(config.socket)
         checkpoint = QuantizedCheckpoint(config.model)
@@ -90,7 +70,7 @@ def run(config: LoaderConfig) -> int:
         units = pool_layouts(checkpoint.manifest, config.device)
         plan_for = functools.partial(
             plan_placement,
-            budget_bytes=config.budget_bytes,
+            budget_bytes=config.gpu_memory,
             device=config.device,
             units=units,
             config=checkpoint.config,
@@ -150,5 +130,6 @@ def run(config: LoaderConfig) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    main()
+    # ``python -m loader.main`` is how ``compute.launch`` starts the loader (with the launcher's interpreter,
+    # importing nothing of ``compute``); its messages still name the command people know.
+    main(prog_name="spillover loader")

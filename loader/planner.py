@@ -3,12 +3,12 @@
 ``--gpu-memory`` is the total device memory of BOTH processes. From the model's ``config.json`` and its
 units the planner counts everything that is not the loader's pool (``budget_lines``):
 
-* CUDA contexts: ``CUDA_CONTEXT_BYTES`` per process, two processes (not counted on ``device="cpu"``);
+* CUDA contexts: ``protocol.defaults.CUDA_CONTEXT_BYTES`` per process, two processes (not on ``device="cpu"``);
 * the compute process's dense weights: the final norm, the per-layer norms, the q/k/v biases, and the bf16
   embedding when it is on the device: a tied lm_head shares it, so it is; an untied model's embedding stays in
   the compute process's pinned host memory (``compute.model.HostEmbedding``: one row per token crosses the bus),
   except on ``device="cpu"``, where host memory is the device memory;
-* the KV cache for ``max_context`` tokens: 2 x layers x kv_heads x head_dim x max_context, bf16;
+* the KV cache for ``max_context`` tokens: ``quantizer.model_spec.kv_cache_nbytes`` (what compute allocates);
 * activations for one prefill chunk of ``prefill_chunk`` tokens: hidden states, q/k/v, MLP intermediates,
   the attention scores of one layer (chunk x max_context x heads, as SDPA's math path would hold them),
   and the last position's logits (float32, with room for sampling's sort);
@@ -31,74 +31,20 @@ import math
 import re
 from typing import Callable, Sequence
 
-import click
-
 from loader.layout import UnitLayout
 from loader.policies import MIN_RING_SLOTS, Policy, Residency
+from protocol.defaults import CUDA_CONTEXT_BYTES, CUDA_PROCESSES, DEFAULT_PREFILL_CHUNK
+from protocol.sizes import MiB, format_size
+from quantizer.model_spec import head_dim as config_head_dim
+from quantizer.model_spec import kv_cache_nbytes
+from quantizer.model_spec import kv_heads as config_kv_heads
 
-GiB = 1 << 30
-MiB = 1 << 20
-
-CUDA_CONTEXT_BYTES = 640 * MiB  # one process: CUDA context, cuBLAS workspace, loaded kernels (NVML on the H200, 2026-11-29: loader 589 MiB, a consumer 519 MiB)
 ALLOCATOR_MARGIN_BYTES = 256 * MiB  # caching-allocator rounding and fragmentation, both processes
-DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill forward pass
 BF16 = 2
 F32 = 4
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
-    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
-    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
-}  # fmt: skip
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
-
-
 class BudgetError(ValueError):
     """The budget cannot hold the chosen policy's minimum; the message lists what was counted."""
-
-
-def parse_size(text: str) -> int:
-    """``"24GiB"`` -> bytes. KiB/MiB/GiB/TiB and the bare K/M/G/T are binary (``8G`` = 8 GiB, as GPU memory is
-    quoted); KB/MB/GB/TB are decimal (``1.5GB`` = 1.5e9); a bare number is bytes. Case-insensitive; fractions
-    allowed; the result is rounded down to whole bytes and must be positive."""
-    match = _SIZE.fullmatch(text)
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS:
-        raise ValueError(
-            f"{text!r} is not a size: write a number and a unit, e.g. 24GiB, 512MiB, 1.5GB or 8G "
-            "(K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000)"
-        )
-    nbytes = int(float(match.group(1)) * _UNITS[unit])
-    if nbytes <= 0:
-        raise ValueError(f"{text!r} is not a usable size: it must be more than 0 bytes")
-    return nbytes
-
-
-class SizeType(click.ParamType):
-    """A click parameter type for sizes such as ``--gpu-memory 24GiB``."""
-
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = SizeType()
-
-
-def format_size(nbytes: int) -> str:
-    """Bytes for people: ``1.25 GiB``, ``300.0 MiB``, ``12.0 KiB``, ``17 B``."""
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
-    return f"{nbytes} B"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -181,8 +127,8 @@ def budget_lines(
     hidden = _config_int(config, "hidden_size")
     layers = _config_int(config, "num_hidden_layers")
     heads = _config_int(config, "num_attention_heads")
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config_kv_heads(config)
+    head_dim = config_head_dim(config)
     intermediate = _config_int(config, "intermediate_size")
     vocab = _config_int(config, "vocab_size")
     chunk = min(prefill_chunk, max_context)
@@ -194,7 +140,7 @@ def budget_lines(
     norms = (2 * layers + 1) * hidden * BF16
     qkv_bias = layers * (heads + 2 * kv_heads) * head_dim * BF16
 
-    kv_cache = 2 * layers * kv_heads * head_dim * max_context * BF16
+    kv_cache = kv_cache_nbytes(config, max_context, BF16)
 
     # one prefill chunk: residual + normed + attention output + a spare hidden state, q/k/v, gate/up/product,
     # the scores of one layer over the whole context (plus the mask), and the last position's logits
@@ -214,7 +160,8 @@ def budget_lines(
 
     lines = []
     if device.startswith("cuda"):
-        lines.append((f"CUDA contexts (2 × {format_size(CUDA_CONTEXT_BYTES)})", 2 * CUDA_CONTEXT_BYTES))
+        contexts = f"CUDA contexts ({CUDA_PROCESSES} × {format_size(CUDA_CONTEXT_BYTES)})"
+        lines.append((contexts, CUDA_PROCESSES * CUDA_CONTEXT_BYTES))
     lines += [
         (
             "embedding, norms, biases (bf16)" if embedding_on_device else "norms, biases (bf16; embedding in host memory)",
@@ -283,8 +230,7 @@ PREFILL_CHUNKS = (2048, 1024)  # longer prefill chunks tried, longest first, bef
 def choose_prefill_chunk(plan_for: Callable[..., Placement], **policy_options) -> int:
     """The longest prefill chunk that costs the placement nothing.
 
-    Every prefill forward pass pays the per-layer launch costs once, so longer chunks prefill faster (on the
-    H200 the 32B model's 2048-token prefill ran 3915 tok/s in 512-token chunks). But a chunk's activations
+    Every prefill forward pass pays the per-layer launch costs once, so longer chunks prefill faster. But a chunk's activations
     come out of the same budget as resident layers: a longer chunk is taken only when the placement keeps
     exactly the residency it has with ``DEFAULT_PREFILL_CHUNK`` — in practice, when everything is resident
     with room to spare. ``plan_for`` is ``plan_placement`` with everything but ``prefill_chunk`` bound;

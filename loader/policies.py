@@ -191,7 +191,6 @@ class HybridPolicy(Policy):
 
 
 POLICIES: dict[str, Policy] = {policy.name: policy for policy in (ResidentPolicy(), StreamPolicy(), HybridPolicy())}
-DEFAULT_POLICY = "hybrid"
 
 
 def get_policy(name: str) -> Policy:

@@ -28,7 +28,8 @@ import torch
 
 from loader.arena import PinnedArena
 from loader.layout import UnitLayout
-from loader.planner import Placement, format_size
+from loader.planner import Placement
+from protocol.sizes import format_size
 from protocol.messages import PolicyStats, RingSpec, SharedBuffer, TensorPlacement, UnitPlacement
 from protocol.ring import ACQUIRED, RELEASED, WAIT_NS, RingCounters, RingProducer
 from protocol.shared import create_host_buffer, create_ipc_events, export_cuda_buffer

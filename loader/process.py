@@ -17,20 +17,18 @@ when the compute process that said Hello dies; the caller then frees the pool.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Callable
 
 import zmq
 
-from loader.planner import BudgetError, Placement, format_size
+from loader.planner import BudgetError, Placement
 from loader.policies import POLICIES, get_policy
 from loader.pool import DevicePool
+from protocol.launch import LoaderCommand, ReadyFile
 from protocol.messages import (
     PROTOCOL_VERSION,
     BudgetLine,
@@ -45,6 +43,7 @@ from protocol.messages import (
     Stats,
 )
 from protocol.ring import pid_alive
+from protocol.sizes import format_size
 from protocol.sockets import LoaderSocket, Received
 
 log = logging.getLogger(__name__)
@@ -55,23 +54,6 @@ IDLE_SLEEP_MAX_S = 1e-3
 
 # policy -> its Placement under this loader's budget (ring settings: the policy's defaults unless given)
 PlanFor = Callable[..., Placement]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoaderConfig:
-    """Everything the loader process was asked to do; built from the command line in ``loader.main``."""
-
-    model: Path  # spillover-int4 model directory
-    budget_bytes: int  # --gpu-memory: device memory of both processes together, bytes
-    policy: str  # the policy in force at start
-    device: str  # "cuda" or "cpu"
-    socket: str  # address to bind: ipc:// in a private directory, or tcp://127.0.0.1:PORT
-    max_context: int  # tokens the KV cache is counted for
-    ring_slots: int | None  # K for the starting policy, None for its default
-    prefetch_depth: int | None  # D for the starting policy, None for its default
-    verify_checksums: bool  # sha256 of every shard while reading it
-    ready_file: Path | None  # written (JSON: address, pid) once the loader serves
-    stats_on_exit: bool  # print the Stats table when the loader exits
 
 
 def pool_capacity(placement: Placement, plan_for: PlanFor) -> int:
@@ -104,7 +86,7 @@ def format_stats(stats: Stats) -> str:
 class LoaderProcess:
     """Serves one compute process at a time from a placed ``DevicePool``."""
 
-    def __init__(self, config: LoaderConfig, pool: DevicePool, placement: Placement, plan_for: PlanFor):
+    def __init__(self, config: LoaderCommand, pool: DevicePool, placement: Placement, plan_for: PlanFor):
         self.config = config
         self.pool = pool
         self.placement = placement
@@ -267,9 +249,5 @@ class LoaderProcess:
         )
 
     def _write_ready_file(self) -> None:
-        path = self.config.ready_file
-        if path is None:
-            return
-        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({"address": self.config.socket, "pid": os.getpid()}))
-        os.replace(temporary, path)  # atomic: a reader sees no file or the whole file
+        if self.config.ready_file is not None:
+            ReadyFile(address=self.config.socket, pid=os.getpid()).write(self.config.ready_file)

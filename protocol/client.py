@@ -42,7 +42,7 @@ from protocol.messages import (
 from protocol.ring import RingConsumer, RingCounters, pid_alive
 from protocol.shared import attach_buffer, open_ipc_events
 from protocol.sockets import ComputeSocket
-from quantizer.checkpoint import SAFETENSORS_DTYPES
+from quantizer.checkpoint import tensor_view
 
 __all__ = ["LoaderClient", "LoaderError", "LoaderGone", "RingOrderError"]
 
@@ -223,8 +223,7 @@ class LoaderClient:
     def _views(self, unit: UnitPlacement, base: int) -> dict[str, torch.Tensor]:
         views = {}
         for t in unit.tensors:
-            start = base + t.offset
-            views[t.name] = self._pool[start : start + t.nbytes].view(SAFETENSORS_DTYPES[t.dtype]).view(t.shape)
+            views[t.name] = tensor_view(self._pool, base + t.offset, t.nbytes, t.dtype, t.shape)
         return views
 
     def _drop_views(self) -> None:

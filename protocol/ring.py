@@ -13,7 +13,8 @@ carry the schedule, each with exactly one writer:
 plus ``generation`` (loader), the plan they belong to. The loader fills access ``j`` only when the slot's
 previous user has released it (``released > j - K``) and it is at most D ahead (``j < acquired + D``).
 A counter is written only after the event record it announces is enqueued, so an event wait always waits
-on the record it means (design.md, pitfalls). On CPU the copy is done before ``filled`` moves and the
+on the record it means (a wait on an event waits for its most recent record at the time the wait is enqueued,
+so the consumer must know the record it means is enqueued). On CPU the copy is done before ``filled`` moves and the
 counters alone suffice. An aligned 8-byte store is atomic, and on x86-64 stores become visible to the
 other process in program order, so the bytes copied before ``filled`` moves are visible once it has; a
 weakly ordered CPU would need a fence between the copy and the counter on the CPU path.

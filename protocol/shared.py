@@ -4,7 +4,7 @@
   when it has room), mapped shared by both processes. This is the pool on CPU.
 * Device memory: the CUDA IPC fields of ONE allocation's storage (``_share_cuda_``), rebuilt in the other
   process with ``_new_shared_cuda``. An IPC handle names a whole cudaMalloc segment, so the loader shares
-  one big buffer and everything inside it is addressed by offset (design.md, pitfalls). The exporter must
+  one big buffer and everything inside it is addressed by offset. The exporter must
   keep its tensor alive while the importer uses it; torch's IPC reference counter keeps freed memory
   reserved until every importer has dropped its storage.
 * Interprocess CUDA events (timing disabled, as CUDA requires), created by the loader and opened by

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -35,6 +36,12 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64,
     "BOOL": torch.bool,
 }
+
+
+def tensor_view(unit_bytes: torch.Tensor, offset: int, nbytes: int, dtype: str, shape: Sequence[int]) -> torch.Tensor:
+    """The tensor stored at ``offset`` (``nbytes`` bytes, safetensors ``dtype``, ``shape``) of a unit's uint8 bytes,
+    as a typed view (no copy): how the arena, the pool's client and the tests read a unit's tensors."""
+    return unit_bytes[offset : offset + nbytes].view(SAFETENSORS_DTYPES[dtype]).view(tuple(shape))
 
 
 class QuantizedCheckpoint:
@@ -68,10 +75,6 @@ class QuantizedCheckpoint:
         entry = self.entry(name)
         with safe_open(self.path / entry.file, framework="pt") as f:
             return f.get_tensor(name)
-
-    def linear(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(qweight uint8 [out, in / 2], scales bf16 [out, in / 128]) of one quantized Linear."""
-        return self.tensor(module_name + QWEIGHT_SUFFIX), self.tensor(module_name + SCALES_SUFFIX)
 
     @cached_property
     def quantized_tensor_names(self) -> frozenset[str]:

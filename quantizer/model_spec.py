@@ -4,18 +4,46 @@ The model is built on the meta device (no memory, no weights), and its ``nn.Line
 never by matching names. Linears are grouped into units in execution order (docs/architecture.md, "Units"): one
 per decoder layer, then ``lm_head`` when it is not tied to the embedding. Quantizing and synthesizing both start
 from the ``ModelSpec`` built here, so the two always agree on which tensors a model has.
+
+The facts both processes derive from a config are defined here once: ``head_dim``, ``kv_heads`` and
+``kv_cache_nbytes`` (the loader's planner counts the KV cache with it, compute allocates it), and
+``SUPPORTED_ARCHITECTURES``. They take a ``config.json`` dict or a transformers config alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from quantizer.format import BLOCK_SIZE, UnitEntry
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)  # transformers class names the format and compute support
+BF16_BYTES = 2
+
+
+def _field(config: Mapping | object, name: str):
+    """``config[name]`` of a config.json dict, or the attribute of a transformers config; None when absent."""
+    return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+
+
+def head_dim(config: Mapping | object) -> int:
+    """Elements of one attention head: ``head_dim`` when the config names it, else hidden_size / heads."""
+    return _field(config, "head_dim") or _field(config, "hidden_size") // _field(config, "num_attention_heads")
+
+
+def kv_heads(config: Mapping | object) -> int:
+    """Key/value heads: ``num_key_value_heads``, else as many as query heads (no grouping)."""
+    return _field(config, "num_key_value_heads") or _field(config, "num_attention_heads")
+
+
+def kv_cache_nbytes(config: Mapping | object, max_context: int, itemsize: int = BF16_BYTES) -> int:
+    """Bytes of a static KV cache for ``max_context`` tokens: keys and values, every layer, every KV head
+    (2 x layers x kv_heads x head_dim x max_context x itemsize). The loader's planner counts this, and compute
+    allocates it."""
+    return 2 * _field(config, "num_hidden_layers") * kv_heads(config) * head_dim(config) * max_context * itemsize
 
 
 class UnsupportedModelError(ValueError):

@@ -57,7 +57,7 @@ COPIED_FILES = (
     "chat_template.json",
 )
 OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack")
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face repo id: Org/Name
 # Source bytes read, quantized and written as one piece: bounds the memory a tensor of any size needs (quantizing
 # a piece takes several times its bf16 size in float32 temporaries: ~20 MB here, measured by the peak-RSS test).
 CHUNK_BYTES = 2 << 20

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import psutil
 import pytest
 import torch
@@ -21,6 +22,9 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from compute.cli import main
+from compute import run as run_command
+from compute.config import KernelOptions, kernel_options
+from protocol.launch import LoaderCommand
 from compute.resolve import ModelResolveError, resolve_model
 from quantizer.format import MANIFEST_NAME
 
@@ -71,17 +75,25 @@ def test_json_output_is_one_object_with_the_fed_ids_and_stats(tiny_q, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_print_loader_args_is_the_loaders_share_of_the_options(tiny_q, tmp_path):
+def test_the_loader_gets_its_share_of_the_options(tiny_q, monkeypatch):
+    commands = []
+    monkeypatch.setattr(run_command, "_serve", lambda config, model, command: commands.append(command))
     args = ["--model", str(tiny_q), "--gpu-memory", "3GiB", "--policy", "stream", "--device", "cpu", "-p", "hi"]
-    result = CliRunner().invoke(main, ["run", "--print-loader-args", *args, "--max-context", "64", "-n", "3"])
+    result = CliRunner().invoke(main, ["-v", "run", *args, "--max-context", "64", "-n", "3"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == [
-        "--model", str(Path(tiny_q).resolve()), "--gpu-memory", "3GiB", "--policy", "stream",
-        "--device", "cpu", "--max-context", "64",
-    ]  # fmt: skip
+    assert commands == [LoaderCommand(
+        model=Path(tiny_q).resolve(), gpu_memory=3 << 30, policy="stream", device="cpu", max_context=64, verbose=1,
+    )]  # fmt: skip
     # without --max-context: the default, capped at what the tiny model was built for (1024 positions)
-    result = CliRunner().invoke(main, ["run", "--print-loader-args", *args])
-    assert result.stdout.splitlines()[-2:] == ["--max-context", "1024"]
+    result = CliRunner().invoke(main, ["run", *args])
+    assert result.exit_code == 0, result.output
+    assert commands[-1].max_context == 1024 and commands[-1].verbose == 0
+
+
+def test_an_unknown_policy_or_size_is_refused_before_anything_starts(tmp_path):
+    for args, message in [(["--policy", "hybird"], "'hybird' is not one of"), (["--gpu-memory", "lots"], "not a size")]:
+        result = CliRunner().invoke(main, ["run", "-p", "hi", "--device", "cpu", *args])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(
@@ -127,7 +139,7 @@ def test_killing_the_loader_mid_generation_stops_compute_naming_it(tiny_q, tmp_p
         ready, _, _ = select.select([compute.stdout], [], [], 120)
         assert ready, "no reply text within 120 s"
         compute.stdout.read1(1)
-        (loader,) = [p for p in psutil.Process(compute.pid).children() if "loader" in p.cmdline()]
+        (loader,) = [p for p in psutil.Process(compute.pid).children() if "loader.main" in p.cmdline()]
         loader.kill()
         killed = time.monotonic()
         _, stderr = compute.communicate(timeout=30)
@@ -189,6 +201,33 @@ def test_json_on_cuda_reports_both_processes_device_memory_within_the_budget(tin
 def test_a_bad_gemv_config_table_is_refused_in_one_line(tmp_path):
     table = tmp_path / "kernels.json"
     table.write_text('{"tuned": {"mma 7168": {}}}')
-    result = CliRunner().invoke(main, ["run", "--help"], env={"SPILLOVER_GEMV_CONFIGS": str(table)})
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert f"$SPILLOVER_GEMV_CONFIGS: {table}: not a GEMV config table" in result.output
+    for args, env in [(["--gemv-configs", str(table)], {}), ([], {"SPILLOVER_GEMV_CONFIGS": str(table)})]:
+        result = CliRunner().invoke(main, ["run", "-p", "Hi", "--device", "cpu", *args], env=env)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert "--gemv-configs" in result.output and f"{table}: not a GEMV config table" in result.output
+
+
+def test_kernel_options_come_from_the_command_line_or_the_environment_and_reach_the_kernels(tmp_path, monkeypatch):
+    from compute.kernels import gemv_configs, pdl
+
+    table = tmp_path / "kernels.json"
+    table.write_text(json.dumps({"tuned": {"mma 4096 1024": {"tiles": 1, "warps": 4, "groups": 1, "splits": 3}}}))
+    seen = []
+
+    @click.command()
+    @kernel_options
+    def show(**options):
+        seen.append(KernelOptions(**options))
+
+    runner = CliRunner()
+    assert runner.invoke(show, []).exit_code == 0
+    assert runner.invoke(show, ["--no-early-launch", "--gemv-configs", str(table)]).exit_code == 0
+    env = {"SPILLOVER_EARLY_LAUNCH": "0", "SPILLOVER_GEMV_CONFIGS": str(table)}
+    assert runner.invoke(show, [], env=env).exit_code == 0
+    tuned = KernelOptions(gemv_configs=table, early_launch=False)
+    assert seen == [KernelOptions(), tuned, tuned]
+    monkeypatch.setattr(gemv_configs, "TUNED_CONFIGS", dict(gemv_configs.TUNED_CONFIGS))
+    monkeypatch.setattr(pdl, "_EARLY_LAUNCH", True)
+    seen[1].apply()
+    assert gemv_configs.gemv_config("mma", 4096, 1024) == gemv_configs.MmaConfig(tiles=1, warps=4, groups=1, splits=3)
+    assert not pdl._EARLY_LAUNCH

@@ -12,7 +12,7 @@ from compute.kernels.cpu import cpu_int4_matmul
 from loader.arena import PinnedArena
 from loader.layout import is_kernel_form, layout_units
 from protocol.cpu_kernel_form import PACK_ROWS, pack_for_cpu_kernel
-from quantizer.checkpoint import QuantizedCheckpoint
+from quantizer.checkpoint import QuantizedCheckpoint, tensor_view
 from quantizer.format import BLOCK_SIZE, QWEIGHT_SUFFIX, SCALES_SUFFIX, dequantize, quantize
 
 
@@ -46,9 +46,10 @@ def test_cpu_kernel_matches_the_reference(n, k, rows, with_bias):
     if bias is not None:
         magnitude += bias.float().abs() * 2**-8
     assert ((got.float() - exact).abs() <= magnitude).all()
-    # and no farther from the exact value than the bf16 reference path is, give or take a rounding step
-    plain = reference_int4_matmul(x, qweight, scales, bias).float()
-    assert (got.float() - exact).abs().mean() <= (plain - exact).abs().mean() * 1.5 + 1e-6
+    if bias is None and rows * n >= 1024:  # enough outputs for a mean to be stable
+        # no farther from the exact value than the bf16 reference path (which also rounds each weight to bf16)
+        plain = reference_int4_matmul(x, qweight, scales, bias).float()
+        assert (got.float() - exact).abs().mean() <= (plain - exact).abs().mean() * 1.25 + 1e-6
 
 
 def test_cpu_kernel_keeps_leading_dimensions_and_dtypes():
@@ -102,9 +103,15 @@ def test_int4_linear_runs_either_form():
     linear.bind(*pack_for_cpu_kernel(qweight, scales))
     packed = linear(x)
     exact = reference_fp32(x, qweight, scales, linear.bias)
-    assert (packed.float() - exact).abs().max() <= (plain.float() - exact).abs().max() * 2 + 1e-2
+    bound = (x.float().abs() @ dequantize(qweight, scales, torch.float32).abs().t() + linear.bias.float().abs()) * 2**-7
+    assert ((packed.float() - exact).abs() <= bound).all() and ((plain.float() - exact).abs() <= bound).all()
     with pytest.raises(ValueError, match="scales"):
         linear.bind(qweight, torch.zeros(k // BLOCK_SIZE, n, 3, dtype=torch.bfloat16))
+
+
+def view(arena: PinnedArena, unit, name: str) -> torch.Tensor:
+    slot = unit.slot(name)
+    return tensor_view(arena.unit(unit.name), slot.offset, slot.nbytes, slot.dtype, slot.shape)
 
 
 def test_cpu_arena_holds_the_kernel_form(tiny_q):
@@ -114,7 +121,7 @@ def test_cpu_arena_holds_the_kernel_form(tiny_q):
     assert [u.name for u in file_units] == [u.name for u in kernel_units]
     file_arena = PinnedArena.load(checkpoint, file_units, pin=False, verify_checksums=True)
     expected = {
-        (u.name, s.name): file_arena.tensor(u.name, s.name).clone() for u in file_units for s in u.tensors
+        (u.name, s.name): view(file_arena, u, s.name).clone() for u in file_units for s in u.tensors
     }
     arena = file_arena.repacked_for_cpu_kernel(kernel_units)
     try:
@@ -125,8 +132,8 @@ def test_cpu_arena_holds_the_kernel_form(tiny_q):
                 linear = slot.name.removesuffix(SCALES_SUFFIX)
                 qweight, scales = expected[unit.name, linear + QWEIGHT_SUFFIX], expected[unit.name, slot.name]
                 want_q, want_s = pack_for_cpu_kernel(qweight, scales)
-                assert torch.equal(arena.tensor(unit.name, linear + QWEIGHT_SUFFIX), want_q)
-                assert torch.equal(arena.tensor(unit.name, slot.name), want_s)
+                assert torch.equal(view(arena, unit, linear + QWEIGHT_SUFFIX), want_q)
+                assert torch.equal(view(arena, unit, slot.name), want_s)
                 assert slot.nbytes == 2 * scales.numel() * 2
     finally:
         arena.close()

@@ -22,11 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # when run as the interpreter child process
 
 from compute.decode import fused_decode_unsupported, stacked  # noqa: E402
-from compute.engine import head_dim  # noqa: E402
-from compute.graphs import DecodeStep, eager_segment  # noqa: E402
+from quantizer.model_spec import head_dim  # noqa: E402
+from compute.decode_step import DecodeStep  # noqa: E402
+from compute.segments import eager_segment  # noqa: E402
 from compute.model import build_model  # noqa: E402
 from loader.layout import layout_units  # noqa: E402
-from quantizer.checkpoint import SAFETENSORS_DTYPES, QuantizedCheckpoint  # noqa: E402
+from quantizer.checkpoint import QuantizedCheckpoint, tensor_view  # noqa: E402
 from test_model import CheckpointWeights  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -46,8 +47,7 @@ class PooledWeights(CheckpointWeights):
             buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
             views = {}
             for slot in layout.tensors:
-                view = buffer[slot.offset : slot.offset + slot.nbytes].view(SAFETENSORS_DTYPES[slot.dtype])
-                views[slot.name] = view.view(slot.shape)
+                views[slot.name] = tensor_view(buffer, slot.offset, slot.nbytes, slot.dtype, slot.shape)
                 views[slot.name].copy_(self.units[layout.name][slot.name])
             self.units[layout.name] = views
 

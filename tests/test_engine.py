@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import compute.engine
-from compute.engine import ContextLengthError, Engine, FinishReason, eos_token_ids, kv_cache_nbytes
-from compute.launch import LaunchedLoader, LoaderOptions
+from compute.engine import ContextLengthError, Engine, FinishReason, eos_token_ids
+from quantizer.model_spec import kv_cache_nbytes
+from compute.launch import LaunchedLoader
+from protocol.launch import LoaderCommand
 from compute.sampling import SamplingParams, sample_next
 from conftest import make_tiny_qwen2
 from loader.layout import pool_layouts
@@ -292,8 +294,8 @@ def streamed_bytes(client: LoaderClient) -> dict[str, int]:
 
 
 def test_greedy_reply_through_a_real_resident_loader_follows_stock_transformers(deep_q, references):
-    options = LoaderOptions(
-        model=deep_q, gpu_memory=str(resident_budget(deep_q)), policy="resident", device="cpu",
+    options = LoaderCommand(
+        model=deep_q, gpu_memory=resident_budget(deep_q), policy="resident", device="cpu",
         max_context=PIPELINE_CONTEXT,
     )
     with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=30) as client:
@@ -308,8 +310,8 @@ def test_greedy_reply_through_a_real_resident_loader_follows_stock_transformers(
 def test_greedy_replies_through_a_real_loader_that_must_stream_follow_stock_transformers(deep_q, references):
     # one byte less than the whole model needs: hybrid and stream must put units through the ring
     budget = resident_budget(deep_q) - 1
-    options = LoaderOptions(
-        model=deep_q, gpu_memory=str(budget), policy="hybrid", device="cpu", max_context=PIPELINE_CONTEXT
+    options = LoaderCommand(
+        model=deep_q, gpu_memory=budget, policy="hybrid", device="cpu", max_context=PIPELINE_CONTEXT
     )
     with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=30) as client:
         streamed = [unit.name for unit in client.plan.units if unit.pool_offset is None]

@@ -1,4 +1,4 @@
-"""compute.graphs and the engine's CUDA-graph decode, on CPU: how the decode step is cut into segments for a plan,
+"""The decode step's segments, CUDA graphs and decoder (compute.segments, compute.cuda_graphs, compute.decoder) and the engine's CUDA-graph decode, on CPU: how the decode step is cut into segments for a plan,
 that a replay passes its resident units to the binder without touching the loader, that the decoder's capture,
 replay and eager segments follow stock transformers (with CUDA's streams and graphs stood in for). The same on the
 GPU, with real graphs and loaders: tests/test_graphs_gpu.py, which uses this module's fixtures and doubles.
@@ -17,17 +17,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import test_engine
 from compute.engine import Engine
-from compute.graphs import (
-    DECODE_ATTENTION,
-    Decoder,
-    DecodeGraphs,
-    SegmentGraph,
-    describe,
-    eager_segment,
-    grouped_decode_attention,
-    plan_segments,
-    streamed_units,
-)
+from compute.cuda_graphs import DecodeGraphs, SegmentGraph
+from compute.decoder import Decoder
+from compute.grouped_attention import GROUPED_ATTENTION, grouped_decode_attention, register_grouped_attention
+from compute.segments import describe, eager_segment, plan_segments, streamed_units
 from conftest import make_tiny_qwen2
 from quantizer.checkpoint import QuantizedCheckpoint
 from test_engine import GREEDY, generate_checked, random_prompt
@@ -168,9 +161,9 @@ def test_segments_refuse_units_that_are_not_the_decode_order():
 
 def test_streamed_units_come_from_the_plan():
     units = ["layers.0", "layers.1", "lm_head"]
-    assert streamed_units(SimpleNamespace()) == frozenset()  # an in-process source serves fixed tensors
-    assert streamed_units(SimpleNamespace(plan=fake_plan(1, set(), units))) == frozenset()
-    assert streamed_units(SimpleNamespace(plan=fake_plan(1, {"layers.1", "lm_head"}, units))) == {"layers.1", "lm_head"}
+    assert streamed_units(None) == frozenset()  # an in-process source serves fixed tensors
+    assert streamed_units(fake_plan(1, set(), units)) == frozenset()
+    assert streamed_units(fake_plan(1, {"layers.1", "lm_head"}, units)) == {"layers.1", "lm_head"}
 
 
 def test_grouped_decode_attention_equals_transformers_sdpa_with_repeated_kv_heads():
@@ -194,11 +187,11 @@ def test_decode_steps_use_the_grouped_attention_and_prefill_does_not(tiny_q):
     checkpoint = QuantizedCheckpoint(tiny_q)
     engine = Engine(checkpoint, CheckpointWeights(checkpoint), device="cpu", max_context=32, prefill_chunk=4)
     engine.eos_token_ids = frozenset()
-    AttentionInterface.register(DECODE_ATTENTION, spy)
+    AttentionInterface.register(GROUPED_ATTENTION, spy)
     try:
         result = engine.generate(random_prompt(6), GREEDY)
     finally:
-        AttentionInterface.register(DECODE_ATTENTION, grouped_decode_attention)
+        register_grouped_attention()
     assert calls == [1] * (result.decode_tokens * engine.config.num_hidden_layers)
     assert engine.config._attn_implementation == "sdpa"
 
@@ -208,7 +201,7 @@ def test_cpu_engine_decodes_eagerly_even_with_graphs_asked_for(tiny_q):
     engine = Engine(checkpoint, CheckpointWeights(checkpoint), device="cpu", max_context=32, cuda_graphs=True)
     assert engine.decode_mode.startswith("undecided")
     engine.generate(random_prompt(5), GREEDY)
-    assert not engine.decodes_with_cuda_graph
+    assert engine._decoder.graphs is None
     assert engine.decode_mode == "eager: CUDA graphs need a CUDA device (decode runs on cpu)"
     engine.cuda_graphs = False
     engine.generate(random_prompt(5), GREEDY)

@@ -1,4 +1,4 @@
-"""compute.graphs on the GPU: whole-step and piecewise replay follow stock transformers, over a real loader too,
+"""The decode step's segments, CUDA graphs and decoder (compute.segments, compute.cuda_graphs, compute.decoder) on the GPU: whole-step and piecewise replay follow stock transformers, over a real loader too,
 and decode does not capture when it must not (everything streamed, cuda_graphs off, a failed capture).
 
 The tests compare the engine against stock transformers by teacher forcing (``generate_checked``), and count
@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from compute.engine import Engine
-from compute.graphs import SegmentGraph, describe, plan_segments, streamed_units
-from compute.launch import LaunchedLoader, LoaderOptions
+from compute.cuda_graphs import SegmentGraph
+from compute.segments import describe, plan_segments, streamed_units
+from compute.launch import LaunchedLoader
+from protocol.launch import LoaderCommand
 from loader.layout import layout_units
 from loader.planner import BudgetError, plan_placement
 from loader.policies import get_policy
@@ -68,7 +70,7 @@ def test_graph_replay_follows_stock_transformers_across_turns_and_resets(qdir, t
                    prefill_chunk=4, cuda_graphs=False)  # fmt: skip
     eager.eos_token_ids = frozenset()
     generate_checked(eager, reference, prompt)
-    assert not eager.decodes_with_cuda_graph and eager.decode_mode == "eager: cuda_graphs is off"
+    assert eager._decoder.graphs is None and eager.decode_mode == "eager: cuda_graphs is off"
 
 
 @pytest.mark.gpu
@@ -92,7 +94,7 @@ def test_piecewise_replay_follows_stock_transformers_and_runs_only_streamed_laye
 
     prompt = random_prompt(9)
     first = generate_checked(engine, reference, prompt)
-    assert engine.decode_mode == mode and engine.decodes_with_cuda_graph
+    assert engine.decode_mode == mode and engine._decoder.graphs is not None
     graphs = engine._decoder.graphs
 
     # Once captured, a decode step runs the streamed units in Python, acquiring each, and replays the resident ones,
@@ -130,9 +132,9 @@ def test_a_new_plan_drops_the_graphs_and_a_plan_streaming_everything_decodes_eag
     piecewise = engine._decoder.graphs
 
     weights.switch(streamed={"layers.0", "layers.1", "lm_head"})
-    with caplog.at_level(logging.INFO, logger="compute.graphs"):
+    with caplog.at_level(logging.INFO, logger="compute.decoder"):
         generate_checked(engine, reference, prompt)
-    assert not engine.decodes_with_cuda_graph
+    assert engine._decoder.graphs is None
     assert engine.decode_mode == "eager: policy 'test' streams 3 of 3 units: nothing to capture"
     assert "decode runs eagerly: policy 'test' streams 3 of 3 units" in caplog.text
 
@@ -162,9 +164,9 @@ def test_a_failed_capture_falls_back_to_eager_decode_with_the_reason(tiny_q, tmp
     engine = Engine(checkpoint, weights, device="cuda", max_context=64, prefill_chunk=4)
     engine.eos_token_ids = frozenset()
     reference = reference_model(tiny_q, tmp_path).to("cuda")
-    with caplog.at_level(logging.WARNING, logger="compute.graphs"):
+    with caplog.at_level(logging.WARNING, logger="compute.decoder"):
         generate_checked(engine, reference, random_prompt(7))
-    assert not engine.decodes_with_cuda_graph and weights.held is None and not engine.model.unit_binder.in_pass
+    assert engine._decoder.graphs is None and weights.held is None and not engine.model.unit_binder.in_pass
     reason = "capturing the decode step as CUDA graphs failed: operation not permitted"
     assert engine.decode_mode == f"eager: {reason} when stream is capturing"
     assert "capturing the decode step as CUDA graphs failed" in caplog.text
@@ -203,7 +205,7 @@ def test_graph_over_a_real_resident_loader_and_eager_when_it_streams_everything(
     resident, _ = planned_budget(tiny_q, 64, "resident", lambda placement: True)
     # stream holds a ring of a few units besides: a MiB more is plenty for these tiny units
     for policy, budget, mode in [("resident", resident, "graph"), ("stream", resident + (1 << 20), "eager: policy")]:
-        options = LoaderOptions(model=tiny_q, gpu_memory=str(budget), policy=policy, device="cuda", max_context=64)
+        options = LoaderCommand(model=tiny_q, gpu_memory=budget, policy=policy, device="cuda", max_context=64)
         with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=60) as client:
             engine = Engine(checkpoint, client, device="cuda", max_context=64, prefill_chunk=4)
             engine.eos_token_ids = frozenset()
@@ -231,9 +233,9 @@ def test_piecewise_decode_over_a_real_hybrid_loader_across_generations_resets_an
     expected = plan_segments(units, set(placement.streamed), layers)
     expected_mode = describe(expected)
     assert expected_mode.startswith("piecewise"), expected_mode
-    options = LoaderOptions(model=deep_q, gpu_memory=str(budget), policy="hybrid", device="cuda", max_context=64)
+    options = LoaderCommand(model=deep_q, gpu_memory=budget, policy="hybrid", device="cuda", max_context=64)
     with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=60) as client:
-        assert set(placement.streamed) == streamed_units(client)
+        assert set(placement.streamed) == streamed_units(client.plan)
         engine = Engine(checkpoint, client, device="cuda", max_context=64, prefill_chunk=4)
         engine.eos_token_ids = frozenset()
         prompt = random_prompt(9)

@@ -20,6 +20,7 @@ import pytest
 
 from loader.layout import pool_layouts
 from loader.planner import budget_lines
+from protocol.launch import LoaderCommand, ReadyFile
 from quantizer.checkpoint import QuantizedCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +46,11 @@ class Loader:
 def loader_command(
     model: Path, run_dir: Path, budget: int, policy: str, *extra: str, device: str = "cpu", socket: str | None = None
 ) -> list[str]:
-    return [
-        sys.executable, "-m", "loader.main", "--model", str(model), "--gpu-memory", str(budget), "--policy", policy,
-        "--device", device, "--socket", socket or f"ipc://{run_dir}/loader.sock", "--max-context", str(MAX_CONTEXT),
-        "--ready-file", str(run_dir / "ready.json"), *extra,
-    ]  # fmt: skip
+    command = LoaderCommand(
+        model=model, gpu_memory=budget, policy=policy, device=device, socket=socket or f"ipc://{run_dir}/loader.sock",
+        max_context=MAX_CONTEXT, ready_file=run_dir / "ready.json", verbose=1,  # -v: the tests read its info lines
+    )  # fmt: skip
+    return [sys.executable, "-m", "loader.main", *command.argv(), *extra]
 
 
 def start_loader(model: Path, tmp_path: Path, budget: int, policy: str, *extra: str, device: str = "cpu") -> Loader:
@@ -69,9 +70,9 @@ def start_loader(model: Path, tmp_path: Path, budget: int, policy: str, *extra: 
             proc.kill()
             pytest.fail(f"the loader was not ready within {READY_TIMEOUT_S} s")
         time.sleep(0.05)
-    info = json.loads(ready.read_text())
-    assert info["pid"] == proc.pid
-    return Loader(proc=proc, address=info["address"], run_dir=run_dir)
+    info = ReadyFile.read(ready)
+    assert info.pid == proc.pid
+    return Loader(proc=proc, address=info.address, run_dir=run_dir)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -257,7 +258,7 @@ def test_loader_exits_when_its_parent_dies(deep_q, tmp_path):
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not ready.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        loader_pid = json.loads(ready.read_text())["pid"]
+        loader_pid = ReadyFile.read(ready).pid
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + EXIT_TIMEOUT_S

@@ -27,6 +27,8 @@ class CheckpointWeights:
     or releasing one that is not held.
     """
 
+    plan = None  # an in-process source: nothing streams
+
     def __init__(self, checkpoint: QuantizedCheckpoint, device: str = "cpu"):
         self.units = {
             unit.name: {
@@ -57,7 +59,9 @@ def reference_model(qdir: Path, workdir: Path) -> Qwen2ForCausalLM:
     checkpoint = QuantizedCheckpoint(qdir)
     state = {name: checkpoint.tensor(name) for name in checkpoint.dense_tensor_names()}
     for linear in checkpoint.manifest.linears:
-        state[linear + ".weight"] = dequantize(*checkpoint.linear(linear), dtype=torch.bfloat16)
+        state[linear + ".weight"] = dequantize(
+            checkpoint.tensor(linear + QWEIGHT_SUFFIX), checkpoint.tensor(linear + SCALES_SUFFIX), dtype=torch.bfloat16
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(qdir / "config.json", workdir / "config.json")
     save_file(state, workdir / "model.safetensors", metadata={"format": "pt"})

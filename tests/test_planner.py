@@ -14,14 +14,13 @@ from quantizer.checkpoint import QuantizedCheckpoint
 from loader.planner import (
     choose_prefill_chunk,
     ALLOCATOR_MARGIN_BYTES,
-    CUDA_CONTEXT_BYTES,
-    SIZE,
     BudgetError,
     budget_lines,
-    parse_size,
     plan_placement,
 )
 from loader.policies import get_policy
+from protocol.defaults import CUDA_CONTEXT_BYTES
+from protocol.sizes import SIZE, parse_size
 from quantizer.format import Manifest, TensorEntry, UnitEntry
 
 GiB = 1 << 30
@@ -77,7 +76,7 @@ def plan(budget: str, policy: str = "hybrid", *, device: str = "cuda", max_conte
 def test_the_32b_unit_sizes():
     assert len(UNITS) == 65 and UNITS[-1].name == "lm_head"
     assert 250e6 < LAYER_BYTES < 252e6 and 400e6 < UNITS[-1].nbytes < 402e6
-    assert 16.4e9 < sum(u.nbytes for u in UNITS) < 16.5e9  # design.md: about 16.5 GB with an INT4 lm_head
+    assert 16.4e9 < sum(u.nbytes for u in UNITS) < 16.5e9  # the 32B model: about 16.5 GB with an INT4 lm_head
 
 
 def test_lines_counted_for_the_32b_model():

@@ -195,7 +195,7 @@ def test_repl_on_a_terminal_reset_ctrl_c_and_exit(tiny_q, tmp_path):
     terminal = Terminal(argv, env)
     try:
         terminal.expect(">>> ", timeout=120)
-        loaders = [p for p in psutil.Process(terminal.pid).children() if "loader" in p.cmdline()]
+        loaders = [p for p in psutil.Process(terminal.pid).children() if "loader.main" in p.cmdline()]
         assert len(loaders) == 1
         for prompt in ("Hello", "/reset", "Hello again"):
             terminal.send(prompt + "\r")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from compute.cli import main as spillover
 from conftest import bf16_bits_to_f32, numpy_dequantize, read_directory
 from quantizer.checkpoint import QuantizedCheckpoint
-from quantizer.format import read_manifest
+from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, read_manifest
 from quantizer.model_spec import describe_model
 from quantizer.synth import PRESETS, preset_config, synthesize
 from quantizer.writer import linear_group, plan_shards, planned_file_bytes
@@ -63,7 +63,7 @@ def test_synthetic_model_runs_in_stock_transformers_with_finite_logits(tmp_path)
     for name in checkpoint.dense_tensor_names():
         state[name] = checkpoint.tensor(name).float()
     for module in checkpoint.manifest.linears:
-        packed, scales = checkpoint.linear(module)
+        packed, scales = checkpoint.tensor(module + QWEIGHT_SUFFIX), checkpoint.tensor(module + SCALES_SUFFIX)
         state[module + ".weight"] = torch.from_numpy(numpy_dequantize(packed.numpy(), scales.float().numpy()))
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and not missing
@@ -105,7 +105,7 @@ def test_the_32b_preset_has_the_r1_distill_shapes_and_size():
         if p.linear
     ]
     linear_bytes = planned_file_bytes(plan_shards(groups, 2 * 10**9))
-    assert 16.3e9 < linear_bytes < 16.7e9  # design.md: ~16.5 GB with an INT4 lm_head
+    assert 16.3e9 < linear_bytes < 16.7e9  # the 32B model: ~16.5 GB with an INT4 lm_head
 
 
 @pytest.mark.gpu

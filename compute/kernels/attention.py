@@ -45,9 +45,8 @@ Why this design:
   split ``s`` takes blocks ``s, s + splits, s + 2 splits, ...``. The config depends only on C (``split_config``:
   64-key blocks, at most ``MAX_SPLITS`` splits), so the grid and the workspaces are shapes, not data; dealing the
   blocks out round-robin spreads the live ones, ``0 .. position``, evenly over the splits whatever the position,
-  so a short context runs one block per program and a long one keeps every program busy. (Contiguous pieces of
-  the cache, one per split, took 14 us at position 1000 of a 32768-position cache on the H200, as only two pieces
-  held live keys.) A program with no live block returns at once, blocks past ``position`` are skipped, and the
+  so a short context runs one block per program and a long one keeps every program busy (contiguous pieces, one
+  per split, would leave most programs without live keys at short positions). A program with no live block returns at once, blocks past ``position`` are skipped, and the
   combine reads only splits that hold a live block; positions past ``position`` inside the last live block are
   masked loads, never read, so whatever the cache holds there (stale keys, NaN) cannot reach the output.
 * Each program serves all G query heads of its KV head: q is a ``[BLOCK_G, D]`` tile (G padded to a power of two,
@@ -58,13 +57,7 @@ Why this design:
 * Positions are a device tensor read by the kernels; nothing synchronises with the host and every allocation's
   size depends on shapes only, so a call can be captured in a CUDA graph and replayed for any position.
 
-Measured on the H200 (2026-12-01, torch 2.11, Triton 3.6; each call alone in a CUDA graph, ``do_bench_cudagraph``),
-the 32B model's shapes: ``rotary_cache_write`` with eight partials 1.7 us; ``decode_attention`` on a 4096-position
-cache 5.6 / 7.6 / 8.8 us at positions 100 / 2000 / 4095 (the ops of ``compute.graphs.grouped_decode_attention``:
-26.8 us at any position), on a 32768-position cache 7.0 / 24.1 / 39.5 us at positions 1000 / 16000 / 32767 (the
-last reads 128 MB of K and V: 3.3 TB/s). Of 32- to 128-key blocks, at most 32 or 64 splits and 4 or 8 warps,
-``split_config``'s choice (64, 64, 4 warps) was the fastest at the two longest contexts and within 10% of the
-fastest at each of these points.
+Its speed on the H200 is in docs/performance.md ("Measurements behind the code").
 
 What it promises, and what it does not: for ``0 <= position < C`` the results above; for any position value, no
 read or write outside the cache (outside ``[0, C)`` nothing is written; a position past the cache attends over all

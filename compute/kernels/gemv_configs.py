@@ -1,7 +1,8 @@
 """Launch configs of the INT4 GEMV kernels (``compute.kernels.gemv``): the ones measured on the H200 per shape, a
 heuristic for other shapes, and the tables a sweep on another GPU writes (``python -m bench.kernels --sweep``).
 
-``$SPILLOVER_GEMV_CONFIGS`` names such a table to merge in at import. Nothing is autotuned at run time.
+A process merges such a table in once, at its start (``compute.config.KernelOptions``). Nothing is autotuned at run
+time.
 """
 
 from __future__ import annotations
@@ -48,18 +49,16 @@ class MmaConfig:
         return 16 * self.tiles * self.warps
 
 
-# Measured on the H200 with `python -m bench.kernels --sweep` (docs/kernels.md): the best config per
-# (kernel, N, K) for the 32B model's shapes. Other shapes get the heuristic in `gemv_config`.
+# The best config per (kernel, N, K) for the 32B model's shapes, measured on the H200 with
+# `python -m bench.kernels --sweep` (docs/performance.md). Other shapes get the heuristic in `gemv_config`.
 TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig | MmaConfig] = {
     ("dot", 1024, 5120): GemvConfig(block_n=32, groups=1, split_k=8, num_warps=4, num_stages=3),
     ("dot", 5120, 5120): GemvConfig(block_n=64, groups=1, split_k=8, num_warps=4, num_stages=2),
     ("dot", 5120, 27648): GemvConfig(block_n=64, groups=1, split_k=8, num_warps=4, num_stages=3),
     ("dot", 27648, 5120): GemvConfig(block_n=64, groups=2, split_k=8, num_warps=4, num_stages=2),
     ("dot", 152064, 5120): GemvConfig(block_n=64, groups=2, split_k=1, num_warps=4, num_stages=3),
-    # The decode step's GEMVs (compute.decode), swept on 2026-12-02 (bench/results/2026-12-02-h200-kernels-mma-
-    # sweep.json; down again at 03:28, …-kernels-sweep-down-splits12.json: 12 splits of its 216 groups are 1920
-    # warps, one wave at 16 warps an SM, where 16 splits were 1.2 waves, 28.8 -> 24.3 us). q|k|v, o and down leave
-    # their partial sums to the kernel that consumes them.
+    # The decode step's GEMVs (compute.decode): q|k|v, o, gate|up, down, lm_head. q|k|v, o and down leave their
+    # partial sums to the kernel that consumes them; down's 12 splits of its 216 groups make one full wave.
     ("mma", 7168, 5120): MmaConfig(tiles=1, warps=2, groups=1, splits=8),
     ("mma", 5120, 5120): MmaConfig(tiles=1, warps=4, groups=1, splits=8),
     ("mma", 55296, 5120): MmaConfig(tiles=2, warps=2, groups=2, splits=1),
@@ -69,10 +68,9 @@ TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig | MmaConfig] = {
 _CONFIG_TYPES = {"dot": GemvConfig, "mma": MmaConfig}
 
 
-def load_tuned_configs(path: str | os.PathLike) -> int:
-    """Merge the configs a ``python -m bench.kernels --sweep`` run wrote (its ``--json``'s "tuned" table, keys
-    "kernel N K") into ``TUNED_CONFIGS``, for a GPU other than the one the table was measured on. Returns how many.
-    Read at import from the file ``$SPILLOVER_GEMV_CONFIGS`` names, when it is set."""
+def read_tuned_configs(path: str | os.PathLike) -> dict[tuple[str, int, int], GemvConfig | MmaConfig]:
+    """The configs a ``python -m bench.kernels --sweep`` run wrote (its ``--json``'s "tuned" table, keys
+    "kernel N K"); ValueError, naming the file, for anything else."""
     try:
         tuned = json.loads(Path(path).read_text())["tuned"]
         configs = {}
@@ -81,12 +79,15 @@ def load_tuned_configs(path: str | os.PathLike) -> int:
             configs[(kernel, int(n), int(k))] = _CONFIG_TYPES[kernel](**fields)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a GEMV config table written by bench.kernels --sweep ({e})") from None
+    return configs
+
+
+def load_tuned_configs(path: str | os.PathLike) -> int:
+    """Merge the table at ``path`` (``read_tuned_configs``) into ``TUNED_CONFIGS``, for a GPU other than the one the
+    built-in table was measured on. Returns how many configs it holds."""
+    configs = read_tuned_configs(path)
     TUNED_CONFIGS.update(configs)
     return len(configs)
-
-
-if os.environ.get("SPILLOVER_GEMV_CONFIGS"):
-    load_tuned_configs(os.environ["SPILLOVER_GEMV_CONFIGS"])
 
 _TARGET_PROGRAMS = 1024  # enough resident programs to keep every SM's loads in flight (132 SMs on an H200)
 H200_SMS = 132
@@ -115,11 +116,8 @@ def gemv_config(kernel: str, n: int, k: int, sms: int = H200_SMS) -> GemvConfig 
 @functools.cache  # gemv_config runs at every launch; this loops over K's groups
 def _one_wave_splits(n: int, n_groups: int, sms: int) -> int:
     """K splits (of at least two groups each) for the one-row heuristic config: the most whose programs still fit in
-    one wave, or one when the row blocks alone fill a wave. The H200 sweeps of 2026-12-02 (bench/results/2026-12-02-
-    h200-kernels-mma-sweep.json, …-sweep-down-splits12.json) favour this config for the large shapes and a full
-    wave over a wave and a bit: down in 16 splits (1.2 waves) 28.5 us, in 12 (0.9) 24.4, in 13 (0.98) 25.8. On
-    those shapes it picks a config within 6% of the best measured for gate|up, down and the lm_head, 17% for q|k|v
-    (8 splits) and, for o, 10 splits, which were not measured (8 splits: 13% over the best, 16: 25%)."""
+    one wave, or one when the row blocks alone fill a wave: the H200 sweeps favour this config for the large shapes,
+    and a full wave over a wave and a bit (docs/performance.md, "Measurements behind the code")."""
     blocks = triton.cdiv(n, _MMA_HEURISTIC.rows)
     wave = sms * _MMA_HEURISTIC_WARPS_PER_SM // _MMA_HEURISTIC.warps  # programs that fit at once: 1056 on an H200
     splits = 1

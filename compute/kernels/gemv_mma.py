@@ -28,9 +28,9 @@ Per 128-element group and 16-row tile (one warp; a program has ``TILES`` tiles a
   overlaps it; with ``EARLY`` (launched early, ``compute.kernels.pdl``) the first ones are issued before the
   program waits for the kernel that writes x, and the kernel after it may launch as soon as it starts.
 
-Why tensor cores: the FMA loop this replaced spent 6.1-6.8 SASS instructions per weight byte (a multiply-add and a
-LOP3 per nibble); this one spends 3.3-3.7 in the configs in force (an ``HMMA`` does 256 multiply-adds), and its
-larger tiles keep 128 bytes of weights in flight a thread (docs/kernels.md, ``python -m bench.sass``).
+Why tensor cores: an FMA loop spends a multiply-add and a LOP3 per nibble, about twice the instructions per weight
+byte of this one (an ``HMMA`` does 256 multiply-adds), and the larger tiles keep 128 bytes of weights in flight a
+thread (``python -m bench.sass`` counts them; docs/performance.md has the numbers).
 """
 
 from __future__ import annotations

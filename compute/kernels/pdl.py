@@ -14,7 +14,8 @@ What keeps such a chain correct:
 * nothing is read that a kernel before writes, and nothing is written at all, before the wait: a buffer the
   allocator hands a kernel may still be read by one before it.
 
-``early_launch(device)`` says whether a device's kernels launch this way; ``SPILLOVER_EARLY_LAUNCH=0`` turns it off.
+``early_launch(device)`` says whether a device's kernels launch this way; a process turns it off once, at its start
+(``compute.config.KernelOptions``).
 A Triton kernel takes an ``EARLY`` constexpr, calls ``signal_dependents(EARLY)`` first and ``wait_for_producers(
 EARLY)`` before its first such read or write, and is launched with ``**pdl(EARLY)``. The one-row GEMV, written in
 Gluon, does the same with its own inline assembly (``gemv_mma``). A kernel launched early after one that does not
@@ -24,21 +25,26 @@ signal (a torch kernel) simply starts when it ends.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["early_launch", "pdl", "signal_dependents", "wait_for_producers"]
+__all__ = ["early_launch", "pdl", "set_early_launch", "signal_dependents", "wait_for_producers"]
 
-_EARLY_LAUNCH = os.environ.get("SPILLOVER_EARLY_LAUNCH", "1") != "0"
+_EARLY_LAUNCH = True  # this process's choice (set_early_launch)
+
+
+def set_early_launch(on: bool) -> None:
+    """Whether this process's decode kernels may launch early at all (on by default)."""
+    global _EARLY_LAUNCH
+    _EARLY_LAUNCH = on
 
 
 def early_launch(device: torch.device) -> bool:
     """Whether the decode step's kernels on ``device`` launch early (module docstring): CUDA devices of compute
-    capability 9 and later, unless ``$SPILLOVER_EARLY_LAUNCH`` is 0."""
+    capability 9 and later, unless this process switched it off (``set_early_launch``)."""
     return _EARLY_LAUNCH and device.type == "cuda" and _hopper_or_later(device.index)
 
 
