@@ -54,8 +54,8 @@ def cpu_compute_threads(cores: int | None = None) -> int:
 
     PyTorch splits an op's work evenly over its threads and waits for the last: a thread that loses its core (to
     the loader copying a streamed unit, to any other process) stalls the whole op. On the 2-core development
-    machine, busy with other work, the real 0.5B decoded 31 tok/s with one thread and 1.9 with two in the same
-    hour (docs/performance.md); an idle machine gains from the last core (up to 2x in the INT4 kernel alone):
+    machine, busy with other work, the real 0.5B decoded 31 tok/s with one thread and under 2 with two within ten
+    minutes (docs/performance.md); an idle machine gains from the last core (up to 2x in the INT4 kernel alone):
     ``OMP_NUM_THREADS``, when set, rules."""
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
