@@ -4,6 +4,9 @@
 * a Hugging Face checkpoint directory (``config.json`` and safetensors): quantized once into the cache, as
   ``<cache>/<name>-<key>``, where the key hashes the source's path, file names, sizes and modification
   times, so an edited checkpoint is quantized again and an unchanged one never is;
+* a Qwen2 GGUF file (``*.gguf``, llama.cpp's format): imported once into the cache the same way (weights,
+  config, tokenizer and chat template from the file; ``quantizer.gguf_import``), keyed by its path, size and
+  modification time;
 * a Hugging Face repo id (``Org/Name``): downloaded with huggingface_hub (into its own cache), then the same;
 * nothing: the built-in demo, a small model with **random weights** synthesized into the cache
   (``quantizer.synth.synthesize(preset="demo")``); its output is gibberish by construction.
@@ -66,8 +69,15 @@ def resolve_model(spec: str | None, *, cache_dir: Path, device: str) -> Resolved
         except FormatError as e:
             raise ModelResolveError(f"--model {spec}: not a valid spillover-int4 model: {e}") from None
         return ResolvedModel(path=path.resolve(), label=str(path), is_demo=False)
-    if path.exists() and not path.is_dir():
-        raise ModelResolveError(f"--model {spec} is a file: name a model directory or a Hugging Face repo id")
+    if path.is_file():
+        from quantizer.gguf_import import is_gguf_file
+
+        if not is_gguf_file(path):
+            raise ModelResolveError(
+                f"--model {spec} is a file but not a GGUF file: name a model directory, a .gguf file or a Hugging "
+                "Face repo id"
+            )
+        return _quantized(path, name=path.stem, label=spec, cache_dir=cache_dir, device=device)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelResolveError(
@@ -91,7 +101,7 @@ def _download(repo_id: str) -> Path:
 
 
 def _quantized(source: Path, *, name: str, label: str, cache_dir: Path, device: str) -> ResolvedModel:
-    """The cached quantization of the HF checkpoint ``source``, made now if it is missing."""
+    """The cached quantization of ``source`` (an HF checkpoint directory or a GGUF file), made now if missing."""
     from quantizer.quantize import QuantizeError, quantize_checkpoint
 
     dst = cache_dir / f"{name}-{_source_key(source)}"
@@ -122,10 +132,13 @@ def _demo(cache_dir: Path, device: str) -> ResolvedModel:
 
 
 def _source_key(source: Path) -> str:
-    """12 hex digits that change when any file of the checkpoint is added, removed, resized or rewritten."""
-    files = sorted(p for p in source.rglob("*") if p.is_file())
+    """12 hex digits that change when any file of the checkpoint (or the one GGUF file) is added, removed, resized
+    or rewritten."""
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
     listing = [
-        (str(p.relative_to(source)), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),)
+        (p.name if p == source else str(p.relative_to(source)), st.st_size, st.st_mtime_ns)
+        for p in files
+        for st in (p.stat(),)
     ]
     text = json.dumps({"source": str(source.resolve()), "files": listing})
     return hashlib.sha256(text.encode()).hexdigest()[:12]

