@@ -4,11 +4,13 @@
 #   ./run.sh                                   the built-in demo: a small random-weight model, streamed
 #   ./run.sh --model Org/Name -p "Hello"       a Hugging Face model, quantized once into ~/.cache/spillover
 #   ./run.sh --help                            every option (they are `spillover run`'s)
+#   ./run.sh serve --model Org/Name            an OpenAI-compatible HTTP server on 127.0.0.1:8000 (`spillover serve`)
 #
 # This script only finds Python: the one on PATH if spillover is installed there, else a local .venv, made on
 # first use (CPU torch when there is no NVIDIA driver). It then becomes `spillover run "$@"`, which starts the
 # loader in its own session, waits for it to be ready, runs compute in the foreground and stops the loader on
 # exit, error, Ctrl-C or SIGTERM (compute/launch.py: the one launcher). The exit code is compute's.
+# `./run.sh serve …` becomes `spillover serve …` the same way (the server starts and stops its loader alike).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,5 +37,9 @@ if ! has_spillover "$python"; then
         fi
         "$python" -m pip install -e "$here[dev]" >&2  # [dev]: pytest, for the test command
     fi
+fi
+if [[ ${1:-} == serve ]]; then
+    shift
+    exec "$python" -m compute.cli serve "$@"
 fi
 exec "$python" -m compute.cli run "$@"

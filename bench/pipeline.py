@@ -16,7 +16,10 @@ Each decode figure is reported against its roofline, ``resident_bytes / device_b
 per token, where resident bytes are the resident units plus the bf16 tied lm_head when there is one.
 
 The model has random weights, so the text is noise; EOS is ignored so that every run decodes the same number of
-tokens. Results go to a table on stdout and to ``--json``.
+tokens. Results go to a table on stdout and to ``--json``. With ``--concurrency 1,4,16,64`` each budget also
+serves that many requests at once through the scheduler and the multi-sequence engine (``bench.concurrency``),
+in a fresh process of its own, or with ``--http`` through an HTTP client against ``spillover serve``
+(``bench.http_concurrency``); ``--no-baseline`` skips the one-conversation run.
 """
 
 from __future__ import annotations
@@ -230,15 +233,41 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
 @click.option("--prefill-tokens", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=64), default=128, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@click.option("--concurrency", default=None,
+              help="Also serve this many requests at once, e.g. 1,4,16,64 (bench.concurrency).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sequences per pass (--concurrency).")
+@click.option("--kv-tokens", type=click.IntRange(min=1), default=None,
+              help="Paged KV pool (--concurrency; default: a full batch of requests).")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Prompt per request (--concurrency).")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Reply per request (--concurrency).")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="With --concurrency, also run the one-conversation engine.")
+@click.option("--http", is_flag=True,
+              help="With --concurrency, measure with an HTTP client against `spillover serve` (bench.http_concurrency).")
 @kernel_options
 def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy: str, max_context: int,
-          prefill_tokens: int, decode_tokens: int, json_path: Path | None, gemv_configs: Path | None,
-          early_launch: bool) -> None:  # fmt: skip
+          prefill_tokens: int, decode_tokens: int, json_path: Path | None, concurrency: str | None, max_batch: int,
+          kv_tokens: int | None, prompt_tokens: int, new_tokens: int, baseline: bool, http: bool,
+          gemv_configs: Path | None, early_launch: bool) -> None:  # fmt: skip
     """Benchmark the two-process pipeline on a synthetic 32B-shaped model under each budget."""
+    from bench.concurrency import format_concurrency_table, parse_levels, run_concurrency_in_a_fresh_process
+    from bench.http_concurrency import run_http_concurrency
+
+    try:
+        levels = parse_levels(concurrency) if concurrency is not None else []
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--concurrency") from None
     if not torch.cuda.is_available():
         raise click.ClickException("spillover bench measures the GPU pipeline and needs a CUDA device")
     if prefill_tokens + 1 > max_context:
         raise click.ClickException(f"--prefill-tokens {prefill_tokens} does not fit in --max-context {max_context}")
+    if prompt_tokens + new_tokens > max_context:
+        raise click.ClickException(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} do not fit in --max-context {max_context}"
+        )
     for budget in budgets:
         try:
             parse_size(budget)
@@ -253,24 +282,37 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
 
     ceilings = measure_ceilings()
     click.echo(f"ceilings: H2D {ceilings.h2d_gbps:.1f} GB/s, D2D {ceilings.d2d_gbps:.0f} GB/s", err=True)
-    results = []
+    results, served = [], []
     for budget in budgets:
         click.echo(f"--gpu-memory {budget} ...", err=True)
         try:
-            results.append(run_budget_in_a_fresh_process(
-                checkpoint, budget, policy=policy, max_context=max_context, prefill_tokens=prefill_tokens,
-                decode_tokens=decode_tokens, ceilings=ceilings,
-                kernels=KernelOptions(gemv_configs=gemv_configs, early_launch=early_launch),
-            ))  # fmt: skip
+            kernels = KernelOptions(gemv_configs=gemv_configs, early_launch=early_launch)
+            if baseline or not levels:
+                results.append(run_budget_in_a_fresh_process(
+                    checkpoint, budget, policy=policy, max_context=max_context, prefill_tokens=prefill_tokens,
+                    decode_tokens=decode_tokens, ceilings=ceilings, kernels=kernels,
+                ))  # fmt: skip
+                click.echo(format_table(ceilings, results[-1:]).splitlines()[-1], err=True)
+            if levels:
+                options = {"levels": levels, "policy": policy, "max_batch": max_batch, "kv_tokens": kv_tokens,
+                           "max_context": max_context, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+                if http:  # the server is its own process: its kernels take their defaults
+                    served.append(run_http_concurrency(checkpoint, budget, **options))
+                else:
+                    served.append(run_concurrency_in_a_fresh_process(checkpoint, budget, kernels=kernels, **options))
+                click.echo("\n".join(format_concurrency_table(served[-1:]).splitlines()[2:]), err=True)
         except LoaderStartError as e:  # a budget too small, say: the loader's own message is on stderr above
             raise click.ClickException(f"--gpu-memory {budget}: {e}") from None
-        click.echo(format_table(ceilings, results[-1:]).splitlines()[-1], err=True)
         if json_path is not None:  # after every budget, so a run cut short keeps what it measured
-            _write_json(json_path, checkpoint, ceilings, results)
-    click.echo(format_table(ceilings, results))
+            _write_json(json_path, checkpoint, ceilings, results, served)
+    if results:
+        click.echo(format_table(ceilings, results))
+    if served:
+        one_request = {r.budget: r.decode_tokens_per_s for r in results}
+        click.echo(format_concurrency_table(served, one_request))
 
 
-def _write_json(path: Path, checkpoint: Path, ceilings: Ceilings, results: list[BudgetResult]) -> None:
+def _write_json(path: Path, checkpoint: Path, ceilings: Ceilings, results: list[BudgetResult], served=()) -> None:
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "gpu": torch.cuda.get_device_name(),
@@ -279,5 +321,6 @@ def _write_json(path: Path, checkpoint: Path, ceilings: Ceilings, results: list[
         "checkpoint": str(checkpoint),
         "ceilings": dataclasses.asdict(ceilings),
         "results": [dataclasses.asdict(r) for r in results],
+        "concurrency": [dataclasses.asdict(r) for r in served],
     }
     path.write_text(json.dumps(record, indent=1) + "\n")

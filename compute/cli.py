@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "loader": "loader.main:main",
     "run": "compute.run:run",
     "perplexity": "compute.perplexity:perplexity",
+    "serve": "compute.serve.main:serve",
     "bench": "bench.pipeline:bench",
 }
 

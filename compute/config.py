@@ -99,6 +99,8 @@ class RunConfig:
     cache_dir: Path  # where quantized checkpoints and the demo model are kept
     kernels: KernelOptions  # --gemv-configs, --early-launch
     verbose: int  # the spillover group's -v count: the loader logs at the same level
+    max_batch: int = 1  # sequences per forward pass (`spillover serve --max-batch`); 1 for the chat
+    kv_tokens: int | None = None  # positions of the paged KV pool when max_batch > 1; None = the planner's default
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -119,6 +121,8 @@ class RunConfig:
             policy=self.policy,
             device=self.device,
             max_context=self.max_context or default_max_context(model),
+            max_batch=self.max_batch,
+            kv_tokens=self.kv_tokens,
             verbose=self.verbose,
         )
 

@@ -27,6 +27,7 @@ import torch
 from compute.config import default_budget
 from compute.launch import LaunchedLoader, LoaderStartError
 from compute.resolve import ModelResolveError, default_cache_dir, resolve_model
+from compute.run import share_cores_with_loader
 from protocol.defaults import DEFAULT_POLICY, POLICY_NAMES
 from protocol.launch import LoaderCommand
 from protocol.sizes import SIZE
@@ -116,7 +117,6 @@ class PerplexityError(click.ClickException):
 def perplexity(model, text_path, context, max_tokens, policy, gpu_memory, device, json_path, cache_dir) -> None:
     """Perplexity of a text under a model, through the loader and compute processes."""
     from compute.engine import Engine
-    from compute.session import cpu_compute_threads
     from protocol.client import LoaderClient, LoaderError
     from quantizer.checkpoint import QuantizedCheckpoint
     from transformers import AutoTokenizer
@@ -139,6 +139,7 @@ def perplexity(model, text_path, context, max_tokens, policy, gpu_memory, device
     except ValueError as e:
         raise PerplexityError(f"{text_path}: {e}") from None
     max_context = context  # one window at a time: the KV cache holds one window
+    share_cores_with_loader(device)
     options = LoaderCommand(
         model=resolved.path,
         gpu_memory=gpu_memory or default_budget(device, demo=False),
@@ -148,8 +149,6 @@ def perplexity(model, text_path, context, max_tokens, policy, gpu_memory, device
     )
     try:
         with LaunchedLoader.start(options) as launched, LoaderClient.connect(launched.address, timeout_s=60) as client:
-            if device == "cpu":
-                torch.set_num_threads(cpu_compute_threads())
             engine = Engine(
                 checkpoint, client, device=device, max_context=max_context, prefill_chunk=client.plan.prefill_chunk
             )

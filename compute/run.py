@@ -3,7 +3,9 @@
 Every option is read once into ``compute.config.RunConfig``; ``RunConfig.loader_command`` is the one place that
 says which options the loader process gets (``--model`` resolved, ``--gpu-memory``, ``--policy``, ``--device``,
 ``--max-context``). Without ``--connect`` the loader is started here (``compute.launch``), the one launcher both
-``spillover run`` and ``run.sh`` use.
+``spillover run`` and ``run.sh`` use. ``MODEL_OPTIONS``, ``build_config``, ``drive``, ``loader_address`` and
+``share_cores_with_loader`` are shared with ``spillover serve`` (``compute.serve.main``), which takes the same
+model, budget and sampling options.
 
 What goes where: the reply (or, with ``--output-format json``, exactly one JSON object) on stdout; the
 loader's output, progress, statistics and errors on stderr. Errors a person can fix end the command with one
@@ -17,6 +19,7 @@ import json
 import math
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -49,41 +52,64 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
     return value
 
 
+# The options every command that runs a model takes (`spillover run` and `spillover serve`): the model, the
+# sampling defaults, the budget, where the loader is and how the kernels launch. A command adds its own and builds
+# its RunConfig with ``build_config``.
 # fmt: off
+MODEL_OPTIONS = [
+    click.option("--model", metavar="PATH|REPO_ID", help="A spillover-int4 directory, a Hugging Face checkpoint "
+                 "directory or repo id, or a Qwen2 .gguf file (quantized once into the cache). Default: the built-in "
+                 "demo (random weights)."),
+    click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+                 help="Tokens per reply at most."),
+    click.option("--temperature", type=float, default=0.6, show_default=True, help="0 = greedy."),
+    click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus sampling; 1 = off."),
+    click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
+    click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
+    click.option("--policy", type=click.Choice(sorted(POLICY_NAMES)), default=DEFAULT_POLICY, show_default=True,
+                 help="Which weights stay in device memory."),
+    click.option("--gpu-memory", type=SIZE, metavar="SIZE", help="Device memory for both processes together, e.g. "
+                 "12GiB. Default: the free device memory (the demo: less than its model, to show streaming)."),
+    click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when available."),
+    click.option("--max-context", type=click.IntRange(min=1),
+                 help="Tokens of context (prompt, history and reply); the KV cache is sized for it. "
+                      f"[default: {DEFAULT_MAX_CONTEXT} or the model's maximum if smaller; the demo: {DEMO_MAX_CONTEXT}]"),
+    click.option("--connect", metavar="ADDR", help="Use the loader already listening at ADDR (an ipc:// or "
+                 "tcp://127.0.0.1 address) instead of starting one; it keeps the budget, policy and context it was "
+                 "started with."),
+    click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SPILLOVER_CACHE_DIR",
+                 help="Where quantized models and the demo are kept. [default: ~/.cache/spillover]"),
+]
+# fmt: on
+
+
+def model_options(command):
+    """Decorate a click command with MODEL_OPTIONS and the kernel options."""
+    for option in reversed(MODEL_OPTIONS):
+        command = option(command)
+    return kernel_options(command)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", metavar="PATH|REPO_ID", help="A spillover-int4 directory, a Hugging Face checkpoint directory "
-              "or repo id, or a Qwen2 .gguf file (quantized once into the cache). Default: the built-in demo "
-              "(random weights).")
+@model_options
 @click.option("-p", "--prompt", help="Reply to this prompt and exit. Default: an interactive chat.")
-@click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Tokens per reply at most.")
-@click.option("--temperature", type=float, default=0.6, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus sampling; 1 = off.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
-@click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off.")
 @click.option("--seed", type=click.IntRange(min=0), help="Makes a reply reproducible. Default: random.")
-@click.option("--policy", type=click.Choice(sorted(POLICY_NAMES)), default=DEFAULT_POLICY, show_default=True,
-              help="Which weights stay in device memory.")
-@click.option("--gpu-memory", type=SIZE, metavar="SIZE", help="Device memory for both processes together, e.g. 12GiB. "
-              "Default: the free device memory (the demo: less than its model, to show streaming).")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when available.")
-@click.option("--max-context", type=click.IntRange(min=1),
-              help="Tokens of context (prompt, history and reply); the KV cache is sized for it. "
-                   f"[default: {DEFAULT_MAX_CONTEXT} or the model's maximum if smaller; the demo: {DEMO_MAX_CONTEXT}]")
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is tokenized as it is.")
 @click.option("--output-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one JSON object on stdout (needs -p).")
-@click.option("--connect", metavar="ADDR", help="Use the loader already listening at ADDR (an ipc:// or "
-              "tcp://127.0.0.1 address) instead of starting one; it keeps the budget, policy and context it was "
-              "started with.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SPILLOVER_CACHE_DIR",
-              help="Where quantized models and the demo are kept. [default: ~/.cache/spillover]")
-@kernel_options
 @click.pass_context
-# fmt: on
 def run(ctx: click.Context, **options) -> None:
     """Chat with a model whose INT4 weights stream from a loader process."""
-    config = _build_config(options, verbose=ctx.find_root().params.get("verbose", 0))
+    drive(ctx, build_config(options, verbose=ctx.find_root().params.get("verbose", 0)), _chat)
+
+
+# a model command's own work, once the model is resolved: (config, model, the loader's command line)
+ModelCommand = Callable[[RunConfig, ResolvedModel, LoaderCommand], None]
+
+
+def drive(ctx: click.Context, config: RunConfig, serve: ModelCommand) -> None:
+    """What every model command does around its own work: SIGTERM as a normal exit, ``--model`` resolved, the
+    kernel options applied, and the errors a person can fix as one line."""
     # SIGTERM ends the program through the normal exit path, so the loader is stopped and files are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
@@ -91,7 +117,7 @@ def run(ctx: click.Context, **options) -> None:
         if model.is_demo:
             click.echo(f"spillover: {model.label}; run with --model to use a real model", err=True)
         config.kernels.apply()
-        _serve(config, model, config.loader_command(model))
+        serve(config, model, config.loader_command(model))
     except (ModelResolveError, LoaderStartError, FormatError) as e:
         raise RunError(str(e)) from None
     except KeyboardInterrupt:
@@ -99,44 +125,62 @@ def run(ctx: click.Context, **options) -> None:
         sys.exit(130)
 
 
-def _build_config(options: dict, *, verbose: int) -> RunConfig:
-    if options["output_format"] == "json" and options["prompt"] is None:
+def build_config(options: dict, *, verbose: int) -> RunConfig:
+    """The RunConfig of a model command's options; those only ``spillover run`` has may be absent."""
+    if options.get("output_format") == "json" and options.get("prompt") is None:
         raise click.UsageError("--output-format json needs a prompt (-p): the chat REPL writes text only")
     return RunConfig(
         model=options["model"],
-        prompt=options["prompt"],
+        prompt=options.get("prompt"),
         max_new_tokens=options["max_new_tokens"],
         temperature=_finite(options["temperature"], "--temperature", 0, low_inclusive=True),
         top_p=_finite(options["top_p"], "--top-p", 0, low_inclusive=False, high=1),
         top_k=options["top_k"],
         repetition_penalty=_finite(options["repetition_penalty"], "--repetition-penalty", 0, low_inclusive=False),
-        seed=options["seed"],
+        seed=options.get("seed"),
         policy=options["policy"],
         gpu_memory=options["gpu_memory"],
         device=_device(options["device"]),
         max_context=options["max_context"],
-        raw=options["raw"],
-        output_format=options["output_format"],
+        raw=options.get("raw", False),
+        output_format=options.get("output_format", "text"),
         connect=options["connect"],
         cache_dir=options["cache_dir"] or default_cache_dir(),
         kernels=KernelOptions(gemv_configs=options["gemv_configs"], early_launch=options["early_launch"]),
         verbose=verbose,
+        max_batch=options.get("max_batch", 1),
+        kv_tokens=options.get("kv_tokens"),
     )
 
 
-def _serve(config: RunConfig, model: ResolvedModel, loader_command: LoaderCommand) -> None:
+def share_cores_with_loader(device: str) -> None:
+    """On CPU, compute's intra-op threads: ``compute.session.cpu_compute_threads`` (one core fewer than the machine;
+    ``OMP_NUM_THREADS`` rules when set)."""
+    if device == "cpu":
+        from compute.session import cpu_compute_threads
+
+        torch.set_num_threads(cpu_compute_threads())
+
+
+def loader_address(
+    stack: contextlib.ExitStack, config: RunConfig, loader_command: LoaderCommand
+) -> tuple[str, LaunchedLoader | None]:
+    """The address of the loader: ``--connect``'s, or that of one started here (stopped when ``stack`` closes)."""
+    if config.connect:
+        return config.connect, None
+    launched = stack.enter_context(LaunchedLoader.start(loader_command))
+    return launched.address, launched
+
+
+def _chat(config: RunConfig, model: ResolvedModel, loader_command: LoaderCommand) -> None:
     """Connect to (or start) the loader, build the engine, and answer the prompt or run the REPL."""
     # Imported here: transformers is slow to import, and --help does not need it.
     from compute.chat import ReplyRefused
     from compute.session import LoaderLost, Session
 
+    share_cores_with_loader(config.device)
     with contextlib.ExitStack() as stack:
-        launched = None
-        if config.connect:
-            address = config.connect
-        else:
-            launched = stack.enter_context(LaunchedLoader.start(loader_command))
-            address = launched.address
+        address, launched = loader_address(stack, config, loader_command)
         try:
             session = stack.enter_context(Session.open(address, model, config))
             if config.prompt is None:

@@ -111,8 +111,6 @@ class Session:
             raise LoaderLost(f"could not connect to the loader at {address}: {e}") from None
         plan = client.plan
         log.info("loader pid %d, policy %s, max_context %d", plan.loader_pid, plan.policy, plan.max_context)
-        if config.device == "cpu":
-            torch.set_num_threads(cpu_compute_threads())
         with client, LoaderWatchdog(plan.loader_pid), cls._loader_errors(plan.loader_pid):
             engine = Engine(
                 QuantizedCheckpoint(model.path),

@@ -75,6 +75,8 @@ def run(config: LoaderCommand) -> int:
             units=units,
             config=checkpoint.config,
             max_context=config.max_context,
+            max_batch=config.max_batch,
+            kv_tokens=config.kv_tokens,
         )
         policy_options = {
             "policy": get_policy(config.policy),

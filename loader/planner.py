@@ -8,10 +8,16 @@ units the planner counts everything that is not the loader's pool (``budget_line
   embedding when it is on the device: a tied lm_head shares it, so it is; an untied model's embedding stays in
   the compute process's pinned host memory (``compute.model.HostEmbedding``: one row per token crosses the bus),
   except on ``device="cpu"``, where host memory is the device memory;
-* the KV cache for ``max_context`` tokens: ``quantizer.model_spec.kv_cache_nbytes`` (what compute allocates);
-* activations for one prefill chunk of ``prefill_chunk`` tokens: hidden states, q/k/v, MLP intermediates,
-  the attention scores of one layer (chunk x max_context x heads, as SDPA's math path would hold them),
-  and the last position's logits (float32, with room for sampling's sort);
+* the KV cache (``quantizer.model_spec.kv_cache_nbytes``, what compute allocates): for one conversation
+  (``kv_tokens`` None) a static cache of ``max_context`` tokens; for many sequences at once (``max_batch`` > 1,
+  compute's paged pool) ``kv_tokens`` positions (at least ``max_context``, rounded up to whole pages of
+  ``protocol.defaults.KV_PAGE_TOKENS``, plus one padding page no sequence holds) shared by all of them;
+* activations for one forward pass of ``prefill_chunk`` tokens (a prefill chunk, or decode rows and prefill
+  chunks of several sequences together): hidden states, q/k/v, MLP intermediates, the attention scores of one
+  layer (chunk x max_context x heads, as SDPA's math path would hold them), with a paged pool one sequence's
+  keys/values gathered from its pages and repeated for every query head, and one row's sampling (float32
+  logits, with room for the sort), with a paged pool also the logits of ``max_batch`` rows (bf16, and float32
+  for the batched argmax);
 * a dequantization workspace: the largest decoder-layer Linear as a bf16 weight, for a prefill path that
   dequantizes one weight at a time (the lm_head is excluded: it only ever sees the last position, a GEMV);
 * ``ALLOCATOR_MARGIN_BYTES`` for the caching allocator's rounding and fragmentation.
@@ -33,7 +39,7 @@ from typing import Callable, Sequence
 
 from loader.layout import UnitLayout
 from loader.policies import MIN_RING_SLOTS, Policy, Residency
-from protocol.defaults import CUDA_CONTEXT_BYTES, CUDA_PROCESSES, DEFAULT_PREFILL_CHUNK
+from protocol.defaults import CUDA_CONTEXT_BYTES, CUDA_PROCESSES, DEFAULT_PREFILL_CHUNK, KV_PAGE_TOKENS
 from protocol.sizes import MiB, format_size
 from quantizer.model_spec import head_dim as config_head_dim
 from quantizer.model_spec import kv_cache_nbytes
@@ -60,6 +66,8 @@ class Placement:
     pool_bytes: int  # resident units + K x slot_bytes: the loader's device pool
     max_context: int  # tokens; the KV cache was counted for this many and compute must not exceed it
     prefill_chunk: int  # tokens per prefill forward pass the activations were counted for
+    max_batch: int  # sequences per forward pass the logits were counted for (1: one conversation)
+    kv_tokens: int  # positions of the paged KV pool (whole pages); 0: one static cache of max_context
     lines: tuple[tuple[str, int], ...]  # (what, bytes) for everything counted, the pool's lines last
     budget_bytes: int  # --gpu-memory
 
@@ -72,8 +80,10 @@ class Placement:
         rows = [(what, format_size(nbytes)) for what, nbytes in self.lines]
         rows.append(("total", f"{format_size(self.total_bytes)} of {format_size(self.budget_bytes)} budget"))
         width = max(len(what) for what, _ in rows)
+        batch = f", batch {self.max_batch}, KV pool {self.kv_tokens} tokens" if self.kv_tokens else ""
         out = [
-            f"placement (policy {self.policy!r}, max context {self.max_context}, prefill chunk {self.prefill_chunk}):"
+            f"placement (policy {self.policy!r}, max context {self.max_context}, prefill chunk {self.prefill_chunk}"
+            f"{batch}):"
         ]
         out += [f"  {what:<{width}}  {size}" for what, size in rows]
         out.append(f"  resident: {_name_ranges(self.resident)}")
@@ -118,10 +128,14 @@ def budget_lines(
     config: dict,
     max_context: int,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    max_batch: int = 1,
+    kv_tokens: int | None = None,
 ) -> list[tuple[str, int]]:
     """Everything the budget must hold besides the loader's pool, as (what, bytes) lines."""
-    if max_context <= 0 or prefill_chunk <= 0:
-        raise ValueError(f"max_context ({max_context}) and prefill_chunk ({prefill_chunk}) must be positive")
+    if max_context <= 0 or prefill_chunk <= 0 or max_batch <= 0:
+        raise ValueError(
+            f"max_context ({max_context}), prefill_chunk ({prefill_chunk}) and max_batch ({max_batch}) must be positive"
+        )
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"device {device!r} is neither 'cpu' nor 'cuda'")
     hidden = _config_int(config, "hidden_size")
@@ -140,7 +154,9 @@ def budget_lines(
     norms = (2 * layers + 1) * hidden * BF16
     qkv_bias = layers * (heads + 2 * kv_heads) * head_dim * BF16
 
-    kv_cache = kv_cache_nbytes(config, max_context, BF16)
+    pool_tokens = paged_kv_tokens(max_context, kv_tokens)
+    # a paged pool has one page more, never given to a sequence: rows that pad a captured batch write there
+    kv_cache = kv_cache_nbytes(config, pool_tokens + KV_PAGE_TOKENS if pool_tokens else max_context, BF16)
 
     # one prefill chunk: residual + normed + attention output + a spare hidden state, q/k/v, gate/up/product,
     # the scores of one layer over the whole context (plus the mask), and the last position's logits
@@ -149,8 +165,9 @@ def budget_lines(
     qkv = chunk * (heads + 2 * kv_heads) * head_dim * BF16
     mlp = 3 * chunk * intermediate * BF16
     attention = chunk * max_context * (heads + 1) * BF16
-    logits = vocab * (3 * F32 + 8)
-    activations = hidden_states + qkv + mlp + attention + logits
+    gathered = 2 * max_context * heads * head_dim * BF16 if pool_tokens else 0
+    logits = vocab * (3 * F32 + 8) + (max_batch * vocab * (BF16 + F32) if pool_tokens else 0)
+    activations = hidden_states + qkv + mlp + attention + gathered + logits
 
     # a qweight [out, in / 2] dequantizes to a bf16 [out, in]; the lm_head only ever multiplies one position
     layer_units = [u for u in units if _layer_number(u.name) is not None] or list(units)
@@ -167,12 +184,24 @@ def budget_lines(
             "embedding, norms, biases (bf16)" if embedding_on_device else "norms, biases (bf16; embedding in host memory)",
             embedding + norms + qkv_bias,
         ),
-        (f"KV cache ({max_context} tokens)", kv_cache),
-        (f"activations (prefill chunk {chunk})", activations),
+        (f"KV pool ({pool_tokens} tokens, paged)" if pool_tokens else f"KV cache ({max_context} tokens)", kv_cache),
+        (f"activations (pass of {chunk} tokens, {max_batch} logit rows)" if pool_tokens else
+         f"activations (prefill chunk {chunk})", activations),
         ("dequantization workspace", largest_linear),
         ("allocator margin", ALLOCATOR_MARGIN_BYTES),
     ]
     return lines
+
+
+def paged_kv_tokens(max_context: int, kv_tokens: int | None) -> int:
+    """Positions of the paged KV pool for ``kv_tokens`` asked (whole pages), or 0 for a static cache (None)."""
+    if kv_tokens is None:
+        return 0
+    if kv_tokens < max_context:
+        raise ValueError(
+            f"--kv-tokens {kv_tokens} is less than --max-context {max_context}: the pool must hold one whole context"
+        )
+    return -(-kv_tokens // KV_PAGE_TOKENS) * KV_PAGE_TOKENS
 
 
 def plan_placement(
@@ -186,23 +215,33 @@ def plan_placement(
     ring_slots: int | None = None,
     prefetch_depth: int | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    max_batch: int = 1,
+    kv_tokens: int | None = None,
 ) -> Placement:
-    """Count the budget, let ``policy`` place the units in what is left; ``BudgetError`` if its minimum does not fit."""
+    """Count the budget, let ``policy`` place the units in what is left; ``BudgetError`` if its minimum does not fit.
+
+    ``max_batch`` > 1 serves many sequences per pass from a paged KV pool of ``kv_tokens`` positions (None:
+    ``max_context``, the memory one conversation's cache takes); ``max_batch`` 1 with ``kv_tokens`` None is the
+    one-conversation static cache."""
     if not units:
         raise ValueError("the model has no units to place (its manifest lists no quantized Linears)")
+    if max_batch > 1 and kv_tokens is None:
+        kv_tokens = max_context
     fixed = budget_lines(
-        device=device, units=units, config=config, max_context=max_context, prefill_chunk=prefill_chunk
-    )
+        device=device, units=units, config=config, max_context=max_context, prefill_chunk=prefill_chunk,
+        max_batch=max_batch, kv_tokens=kv_tokens,
+    )  # fmt: skip
     pool_budget = budget_bytes - sum(nbytes for _, nbytes in fixed)
     minimum = policy.minimum(units, ring_slots=ring_slots, prefetch_depth=prefetch_depth)
     if minimum.pool_bytes > pool_budget:
         needed = sorted(fixed + _pool_lines(minimum), key=lambda line: -line[1])
+        kv = " or --kv-tokens" if kv_tokens is not None else ""
         if not minimum.streamed:
             advice = "use --policy hybrid or stream, or raise --gpu-memory"
         elif minimum.ring_slots > MIN_RING_SLOTS:
-            advice = f"lower --max-context, use --ring-slots {MIN_RING_SLOTS}, or raise --gpu-memory"
+            advice = f"lower --max-context{kv}, use --ring-slots {MIN_RING_SLOTS}, or raise --gpu-memory"
         else:
-            advice = "lower --max-context or raise --gpu-memory"
+            advice = f"lower --max-context{kv} or raise --gpu-memory"
         raise BudgetError(
             f"--gpu-memory {format_size(budget_bytes)} is too small: "
             + " + ".join(f"{what} {format_size(nbytes)}" for what, nbytes in needed)
@@ -219,6 +258,8 @@ def plan_placement(
         pool_bytes=residency.pool_bytes,
         max_context=max_context,
         prefill_chunk=prefill_chunk,
+        max_batch=max_batch,
+        kv_tokens=paged_kv_tokens(max_context, kv_tokens),
         lines=tuple(fixed + _pool_lines(residency)),
         budget_bytes=budget_bytes,
     )

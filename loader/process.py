@@ -244,6 +244,8 @@ class LoaderProcess:
             ring=pool.ring,
             max_context=placement.max_context,
             prefill_chunk=placement.prefill_chunk,
+            max_batch=placement.max_batch,
+            kv_tokens=placement.kv_tokens,
             budget_bytes=placement.budget_bytes,
             lines=tuple(BudgetLine(what=what, nbytes=nbytes) for what, nbytes in placement.lines),
         )

@@ -15,6 +15,8 @@ DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill forward pass; the planner may 
 # 589 MiB for the loader and 519 MiB for compute on the H200).
 CUDA_CONTEXT_BYTES = 640 * MiB
 CUDA_PROCESSES = 2  # processes holding a CUDA context under one budget: the loader and compute
+# Positions per page of compute's paged KV cache (``compute.kv_pages``): the planner counts the pool in whole pages.
+KV_PAGE_TOKENS = 32
 
 # The residency policies a loader can be asked for by name (on its command line and in SetPolicy); the loader's
 # registry (``loader.policies.POLICIES``) implements exactly these.

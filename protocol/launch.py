@@ -40,6 +40,8 @@ class LoaderCommand:
     device: str | None = None  # "cuda" or "cpu"; None: cuda when available
     socket: str | None = None  # the address to bind: ipc:///DIR/NAME (DIR mode 0700) or tcp://127.0.0.1:PORT
     max_context: int = DEFAULT_MAX_CONTEXT  # tokens the KV cache is counted for
+    max_batch: int = 1  # sequences per forward pass compute may run (more than 1: its paged KV pool)
+    kv_tokens: int | None = None  # positions of the paged KV pool; None: max_context (a static cache at batch 1)
     ring_slots: int | None = None  # K for the starting policy; None: the policy's
     prefetch_depth: int | None = None  # D for the starting policy; None: the policy's
     verify_checksums: bool = True  # sha256 of every shard while reading it
@@ -55,6 +57,10 @@ class LoaderCommand:
         if self.device is not None:
             args += ["--device", self.device]
         args += ["--socket", self.socket, "--max-context", str(self.max_context)]
+        if self.max_batch != 1:
+            args += ["--max-batch", str(self.max_batch)]
+        if self.kv_tokens is not None:
+            args += ["--kv-tokens", str(self.kv_tokens)]
         if self.ring_slots is not None:
             args += ["--ring-slots", str(self.ring_slots)]
         if self.prefetch_depth is not None:
@@ -92,6 +98,10 @@ _OPTIONS = (
     click.option("--socket", required=True, help="ipc:///DIR/NAME (DIR mode 0700) or tcp://127.0.0.1:PORT."),
     click.option("--max-context", default=DEFAULT_MAX_CONTEXT, show_default=True, type=click.IntRange(min=1),
                  help="Tokens the KV cache is counted for."),
+    click.option("--max-batch", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="Sequences per forward pass compute may run (more than 1: a paged KV pool)."),
+    click.option("--kv-tokens", type=click.IntRange(min=1), default=None,
+                 help="Positions of the paged KV pool all sequences share (default: --max-context)."),
     click.option("--ring-slots", type=click.IntRange(min=1), default=None,
                  help="Ring slots K (default: the policy's)."),
     click.option("--prefetch-depth", type=click.IntRange(min=1), default=None,

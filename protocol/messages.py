@@ -15,7 +15,7 @@ import dataclasses
 from typing import ClassVar
 
 # Bumped on any change to a message's fields or meaning; the loader refuses a Hello of another version.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # type tag -> message class; filled by ``register``
 MESSAGE_TYPES: dict[str, type] = {}
@@ -156,6 +156,8 @@ class Plan(Message):
     ring: RingSpec  # the streamed units' ring
     max_context: int  # tokens; the KV cache was counted for this many: compute must not exceed it
     prefill_chunk: int  # tokens per prefill forward pass the activations were counted for
+    max_batch: int  # sequences per forward pass the planner counted (1: one conversation)
+    kv_tokens: int  # positions of compute's paged KV pool (whole pages); 0: a static cache of max_context
     budget_bytes: int  # --gpu-memory, bytes: the device memory of both processes together
     lines: tuple[BudgetLine, ...]  # everything the planner counted, the pool's lines last
 

@@ -67,3 +67,48 @@ def test_decode_timeline_averages_the_trailing_repeated_steps():
     assert step_us == 2.0 + 3.0 + 5.0 - 1.0 + 4.0 + 2.0 + 9.0
     assert "3 steps of 4 kernels" in format_timeline((steps, step_us, rows))
     assert decode_timeline([("a", 0.0, 1.0), ("b", 2.0, 3.0)]) == (0, 0.0, [])
+
+
+def test_the_concurrency_benchmark_serves_every_level_through_a_real_loader(tiny_q):
+    from bench.concurrency import format_concurrency_table, run_concurrency
+
+    result = run_concurrency(
+        tiny_q, "1GiB", levels=[1, 3, 5], policy="stream", max_batch=3, max_context=64, prompt_tokens=6,
+        new_tokens=4, device="cpu",
+    )  # fmt: skip
+    assert (result.max_batch, result.kv_tokens, result.streamed_units) == (3, 64, 3)
+    assert [lv.concurrency for lv in result.levels] == [1, 3, 5]
+    one, three, five = result.levels
+    # one request: a prefill pass and three decode passes; requests submitted together share passes (the engine
+    # thread may start the first before the others arrive), five at a batch of three need more
+    assert one.passes == 4 and three.passes < 3 * 4 and 4 < five.passes < 5 * 4
+    assert three.tokens_per_pass == (3 * 4 + 3 * 6 - 3) / three.passes
+    for lv in result.levels:
+        assert 0 < lv.ttft_p50_s <= lv.ttft_p99_s <= lv.wall_s and 0 < lv.itl_p50_s <= lv.itl_p99_s
+        assert lv.decode_tokens_per_s > 0 and lv.total_tokens_per_s > 0
+    rows = format_concurrency_table([result], {"1GiB": one.decode_tokens_per_s}).splitlines()[2:]
+    assert len(rows) == 3 and rows[0].startswith("| 1GiB | stream | 0/3 | 3 | 64 | 1 |") and "| 1.0 |" in rows[0]
+
+
+def test_concurrency_levels_are_checked_before_anything_runs(tmp_path):
+    from bench.concurrency import parse_levels, percentile
+
+    assert parse_levels("1, 4,16,64") == [1, 4, 16, 64]
+    result = CliRunner().invoke(bench, ["--checkpoint", str(tmp_path / "ckpt"), "--concurrency", "1,x"])
+    assert result.exit_code == 2 and "'x' is not a whole number of requests" in result.output
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5 and percentile([5.0], 99) == 5.0
+
+
+def test_the_http_concurrency_benchmark_streams_every_level_from_a_live_server(tiny_q):
+    from bench.http_concurrency import run_http_concurrency
+
+    result = run_http_concurrency(
+        tiny_q, "300MiB", levels=[1, 4], policy="resident", max_batch=4, max_context=64, prompt_tokens=6,
+        new_tokens=5, device="cpu",
+    )  # fmt: skip
+    assert [lv.concurrency for lv in result.levels] == [1, 4] and result.kv_tokens == 64
+    one, four = result.levels
+    assert 0 < one.passes <= 5 and 0 < four.passes < 4 * 5  # requests that arrive together share passes
+    for lv in result.levels:
+        assert 0 < lv.ttft_p50_s <= lv.ttft_p99_s <= lv.wall_s and lv.itl_p50_s <= lv.itl_p99_s
+        assert lv.decode_tokens_per_s > 0

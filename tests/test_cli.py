@@ -77,7 +77,7 @@ def test_json_output_is_one_object_with_the_fed_ids_and_stats(tiny_q, tmp_path):
 
 def test_the_loader_gets_its_share_of_the_options(tiny_q, monkeypatch):
     commands = []
-    monkeypatch.setattr(run_command, "_serve", lambda config, model, command: commands.append(command))
+    monkeypatch.setattr(run_command, "_chat", lambda config, model, command: commands.append(command))
     args = ["--model", str(tiny_q), "--gpu-memory", "3GiB", "--policy", "stream", "--device", "cpu", "-p", "hi"]
     result = CliRunner().invoke(main, ["-v", "run", *args, "--max-context", "64", "-n", "3"])
     assert result.exit_code == 0, result.output

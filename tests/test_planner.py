@@ -230,3 +230,35 @@ def test_a_longer_prefill_chunk_only_when_it_costs_no_residency():
     # what the default cannot fit is refused as before
     with pytest.raises(BudgetError, match="is too small"):
         choose_prefill_chunk(plan_for("3GiB"))
+
+
+KV_BYTES_PER_TOKEN_32B = 2 * 64 * 8 * 128 * 2  # keys and values, 64 layers, 8 KV heads of 128, bf16
+
+
+def test_many_sequences_share_a_paged_kv_pool_counted_in_whole_pages():
+    one = plan("12GiB")
+    batched = plan("12GiB", max_batch=16, kv_tokens=5000)  # 5000 -> 157 pages of 32 = 5024 positions
+    assert (batched.max_batch, batched.kv_tokens, one.max_batch, one.kv_tokens) == (16, 5024, 1, 0)
+    lines, one_lines = dict(batched.lines), dict(one.lines)
+    assert lines["KV pool (5024 tokens, paged)"] == (5024 + 32) * KV_BYTES_PER_TOKEN_32B  # and the padding page
+    assert one_lines["KV cache (4096 tokens)"] == 4096 * KV_BYTES_PER_TOKEN_32B
+    activations = next(n for what, n in batched.lines if what.startswith("activations"))
+    one_activations = next(n for what, n in one.lines if what.startswith("activations"))
+    # 16 logit rows (bf16 + float32) and one sequence's gathered keys/values for 40 heads
+    assert activations - one_activations == 16 * 152064 * 6 + 2 * 4096 * 40 * 128 * 2
+    assert "batch 16, KV pool 5024 tokens" in batched.table()
+    assert batched.total_bytes <= parse_size("12GiB") and len(batched.resident) < len(one.resident)
+
+
+def test_a_batch_without_kv_tokens_gets_the_memory_of_one_context_and_keeps_the_residency():
+    one = plan("8GiB")
+    batched = plan("8GiB", max_batch=16)
+    assert batched.kv_tokens == 4096 and dict(batched.lines)["KV pool (4096 tokens, paged)"] == 4128 * KV_BYTES_PER_TOKEN_32B
+    assert batched.resident == one.resident and batched.streamed == one.streamed
+
+
+def test_a_kv_pool_smaller_than_one_context_is_refused():
+    with pytest.raises(ValueError, match="--kv-tokens 1000 is less than --max-context 4096"):
+        plan("24GiB", max_batch=4, kv_tokens=1000)
+    with pytest.raises(BudgetError, match="or --kv-tokens"):
+        plan("8GiB", "stream", max_batch=4, kv_tokens=200_000)

@@ -1,0 +1,299 @@
+"""The multi-sequence engine: one forward pass over rows of many sequences, their keys/values in a paged pool.
+
+``BatchEngine(checkpoint, weights, device=..., max_context=N, kv_tokens=M, max_batch=B)`` builds the model as
+``compute.engine.Engine`` does (``compute.model.build_model``: INT4 Linears bound unit by unit through
+``weights``), with a ``compute.kv_pages.KVPagePool`` of ``kv_tokens`` positions (at least ``max_context``: one
+sequence can always reach the full context) instead of one static cache.
+
+``forward(chunks)`` runs one pass. Each ``Chunk`` is consecutive tokens of one sequence at positions
+``start .. start + n - 1`` (its pages for them reserved in ``kv_pool`` beforehand): a decode row is a chunk of
+one token, a prefill chunk has many. All chunks' tokens are the rows of one pass, so every unit is acquired
+once and each weight read once for the whole batch (streamed units cross the bus once per pass, as for one
+sequence). The pass writes every chunk's keys/values into its pages, attends each chunk's queries over its own
+sequence's positions ``0 .. start + i`` only (causal, nothing of another sequence), and returns the logits of the
+last token of each chunk that asks for them, ``[chunks asking, vocab]`` in the model's dtype, in chunk order.
+
+What a row computes does not depend on the other rows: the norms, rotary embedding, activation and attention
+are per row or per sequence. Only the INT4 matmuls see every row at once, and the result of a row is the same
+function of that row whatever the batch, up to the reduction order a kernel picks for its row count (the CPU's
+GEMM; on CUDA the GEMV up to ``GEMV_MAX_ROWS`` rows, dequantize + cuBLAS above). So a request's greedy reply is
+the one it gets alone, except where such rounding tips a near-tie between two tokens (the rule the tests state).
+
+Attention: on CUDA the decode rows (chunks of one token) of a pass go through one launch of
+``compute.kernels.paged_attention`` per layer; prefill chunks, and everything on CPU, gather their sequence's
+keys/values from the pages and run torch's SDPA (HF's arithmetic: bf16, ``repeat_kv``'s head grouping).
+
+A pass interrupted by an exception walks the rest of its units (``UnitBinder.abandon_pass``) before re-raising,
+so the loader's ring stays in step; the keys/values the pass wrote are then not to be trusted (the caller
+drops those sequences). A ``protocol.client.LoaderError`` means the engine cannot go on.
+
+The engine knows nothing about requests, sampling or tokenizing (it loads the tokenizer for its callers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+from transformers import AutoTokenizer, PretrainedConfig
+from transformers.models.qwen2.modeling_qwen2 import rotate_half
+
+from compute.engine import PREFILL_ATTENTION_BACKENDS, eos_token_ids, head_dim
+from compute.segments import LM_HEAD_UNIT
+from compute.batch_decode import BatchDecoder
+from compute.kernels.paged_attention import (
+    paged_attention_supported,
+    paged_decode_attention,
+    reference_paged_decode_attention,
+)
+from compute.kv_pages import KVPagePool
+from compute.model import HostEmbedding, UnitWeights, build_model
+from quantizer.checkpoint import QuantizedCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Consecutive tokens of one sequence, fed in one pass."""
+
+    seq: Hashable  # the sequence: its pages in the engine's kv_pool
+    token_ids: tuple[int, ...]  # the tokens, at positions start .. start + len - 1
+    start: int  # position of the first token (the sequence's earlier positions are in its pages)
+    logits: bool  # return the logits of the last token
+
+
+class BatchEngine:
+    """Model, tokenizer and paged KV pool for many sequences; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        checkpoint: QuantizedCheckpoint,
+        weights: UnitWeights,
+        *,
+        device: torch.device | str,
+        max_context: int,
+        kv_tokens: int | None = None,
+        max_batch: int = 16,
+        prefill_chunk: int = 512,
+        dtype: torch.dtype = torch.bfloat16,
+        host_embedding: bool | None = None,
+        cuda_graphs: bool = True,
+    ):
+        kv_tokens = max_context if kv_tokens is None else kv_tokens
+        if max_context < 1 or max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(
+                f"max_context ({max_context}), max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) "
+                "must be positive"
+            )
+        if kv_tokens < max_context:
+            raise ValueError(f"kv_tokens ({kv_tokens}) must be at least max_context ({max_context})")
+        self.device = torch.device(device)
+        self.max_context = max_context
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk  # tokens one pass feeds at most (decode rows and prefill chunks)
+        self.weights = weights
+        self.model = build_model(checkpoint, weights, self.device, dtype, host_embedding=host_embedding)
+        self.config: PretrainedConfig = self.model.config
+        self.vocab_size: int = self.config.vocab_size
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+        self.eos_token_ids = eos_token_ids(checkpoint)
+        if not self.eos_token_ids and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids = frozenset({self.tokenizer.eos_token_id})
+        inner = self.model.model
+        self.layers = inner.layers[: self.config.num_hidden_layers]
+        self.num_heads = self.config.num_attention_heads
+        self.num_kv_heads = self.config.num_key_value_heads
+        self.head_dim = head_dim(self.config)
+        self.kv_pool = KVPagePool(
+            num_layers=len(self.layers),
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            capacity_tokens=kv_tokens,
+            device=self.device,
+            dtype=dtype,
+        )
+        self.max_pages = self.kv_pool.pages_for(max_context)  # the page table's width: a shape, never data
+        self._ids_device = torch.device("cpu") if isinstance(inner.embed_tokens, HostEmbedding) else self.device
+        binder = self.model.unit_binder
+        self._binder = binder
+        self._head_unit = next((i for i, (name, _) in enumerate(binder.units) if name == LM_HEAD_UNIT), None)
+        self._paged_kernel = paged_attention_supported(self.device, dtype, self.head_dim)
+        self.decoder = BatchDecoder(self, cuda_graphs=cuda_graphs)
+        log.info(
+            "paged KV pool: %d tokens in %d pages of %d, %.1f MiB; attention for decode rows: %s",
+            self.kv_pool.total_tokens,
+            self.kv_pool.num_pages,
+            self.kv_pool.page_tokens,
+            self.kv_pool.nbytes / 2**20,
+            "paged Triton kernel" if self._paged_kernel else "torch SDPA per sequence",
+        )
+
+    @classmethod
+    def for_plan(cls, checkpoint: QuantizedCheckpoint, client, *, device: torch.device | str, **options) -> BatchEngine:
+        """The engine the loader's plan counted: its max_context, prefill chunk, max_batch and KV pool."""
+        plan = client.plan
+        return cls(
+            checkpoint, client, device=device, max_context=plan.max_context,
+            kv_tokens=plan.kv_tokens or plan.max_context, max_batch=plan.max_batch, prefill_chunk=plan.prefill_chunk,
+            **options,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """One pass over every chunk's tokens; the logits of the chunks that ask, [asking, vocab]."""
+        if not chunks:
+            raise ValueError("a forward pass needs at least one chunk")
+        try:
+            return self._forward(chunks)
+        except BaseException:
+            if self._binder.in_pass:
+                try:
+                    self._binder.abandon_pass()
+                except Exception as e:  # the loader is gone, most likely: the original error says more
+                    log.warning("could not finish the interrupted forward pass with the loader: %s", e)
+            raise
+
+    def _forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        if all(len(chunk.token_ids) == 1 and chunk.logits for chunk in chunks):
+            return self.decoder.run(chunks)  # decode rows only: static buffers, CUDA graphs where the plan allows
+        batch = _Batch.build(chunks, self.kv_pool, self.device, self.max_pages)
+        ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self._ids_device).unsqueeze(0)  # (1, T)
+        hidden = self.model.model.embed_tokens(ids)  # (1, T, hidden)
+        return self.run_pass(hidden, batch.positions, batch.slots, batch, batch.logit_rows)
+
+    def run_pass(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        attention,
+        logit_rows: list[int] | None,
+    ) -> torch.Tensor:
+        """The pass over embedded rows ``hidden`` (1, T, hidden) at ``positions`` [T], their keys/values stored at
+        ``slots`` [T]; ``attention.attend(layer, q, scale)`` attends each row over its own sequence. The logits of
+        ``logit_rows`` ([len, vocab]; None: of every row). Every unit is visited once, in order; nothing here reads
+        a value back from the device, so with static inputs it can be captured in a CUDA graph."""
+        inner = self.model.model
+        cos, sin = inner.rotary_emb(hidden, positions.unsqueeze(0))  # (1, T, D) each
+        rotary = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # (T, 1, D): one row per token, every head
+        for index, layer in enumerate(self.layers):
+            with self._binder.bound(index):  # layer i is unit i: the binder checks the order
+                hidden = self._layer(index, layer, hidden, rotary, slots, attention)
+        if logit_rows is not None and not logit_rows:
+            if self._head_unit is not None:
+                with self._binder.bound(self._head_unit):  # the ring expects the head every pass
+                    pass
+            return hidden.new_empty((0, self.vocab_size))
+        rows = hidden if logit_rows is None else hidden[:, logit_rows]  # (1, asking, hidden)
+        return self.model.lm_head(inner.norm(rows))[0]  # (asking, vocab); an untied head's hooks bind its unit
+
+    def _layer(self, index: int, layer, hidden: torch.Tensor, rotary, slots: torch.Tensor, attention) -> torch.Tensor:
+        attn = layer.self_attn
+        tokens = hidden.shape[1]
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(tokens, self.num_heads, self.head_dim)  # (T, H, D)
+        k = attn.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)  # (T, KVH, D)
+        v = attn.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        cos, sin = rotary
+        q = (q * cos) + (rotate_half(q) * sin)  # HF's apply_rotary_pos_emb, row by row
+        k = (k * cos) + (rotate_half(k) * sin)
+        self.kv_pool.write(index, slots, k, v)
+        out = attention.attend(self, index, q, attn.scaling)  # (T, H, D)
+        hidden = hidden + attn.o_proj(out.reshape(1, tokens, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def paged_attention(
+        self, index: int, q: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """One decode row per sequence over its pages (``compute.kernels.paged_attention``; its torch reference
+        where the kernel does not run): [rows, H, D]."""
+        attend = paged_decode_attention if self._paged_kernel else reference_paged_decode_attention
+        return attend(q, self.kv_pool.keys[index], self.kv_pool.values[index], page_table, lengths, scale=scale)
+
+    def _attend(self, index: int, q: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
+        """Causal attention of ``q`` [n, H, D], the last n positions of a sequence whose positions' slots are
+        ``slots``, over that sequence's keys/values: [n, H, D]. HF's SDPA path, its repeat_kv included."""
+        n, length = q.shape[0], slots.shape[0]
+        keys, values = self.kv_pool.gather(index, slots)  # (length, KVH, D)
+        groups = self.num_heads // self.num_kv_heads
+        keys = keys.transpose(0, 1).repeat_interleave(groups, dim=0).unsqueeze(0)  # (1, H, length, D)
+        values = values.transpose(0, 1).repeat_interleave(groups, dim=0).unsqueeze(0)
+        mask = None
+        if n > 1:  # query i sits at position length - n + i and sees keys up to there
+            mask = torch.ones((n, length), dtype=torch.bool, device=q.device).tril(diagonal=length - n)
+        with sdpa_kernel(PREFILL_ATTENTION_BACKENDS):  # not cuDNN: it plans anew for every shape it has not seen
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask, scale=scale
+            )
+        return out[0].transpose(0, 1)  # (n, H, D)
+
+
+@dataclasses.dataclass
+class _Batch:
+    """A pass's chunks laid out as rows: token ids, positions, KV slots, and where each chunk's rows are."""
+
+    token_ids: list[int]
+    positions: torch.Tensor  # int64 [T], on the device
+    slots: torch.Tensor  # int64 [T]: where each row's keys/values go
+    logit_rows: list[int]  # the rows whose logits are returned, in chunk order
+    all_chunks: list[tuple[int, int, torch.Tensor]]  # (first row, rows, slots of positions 0 .. last) per chunk
+    prefill_chunks: list[tuple[int, int, torch.Tensor]]  # the same for chunks of more than one token
+    decode_index: torch.Tensor | None  # rows of one-token chunks, int64 on the device
+    page_table: torch.Tensor | None  # int32 [decode rows, max pages]: each one's sequence's pages
+    decode_lengths: torch.Tensor | None  # int32 [decode rows]: positions each attends over (its own included)
+
+    def attend(self, engine: BatchEngine, index: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Each chunk's rows over its own sequence: decode rows in one paged launch on CUDA, the rest by SDPA."""
+        out = torch.empty_like(q)  # (T, H, D)
+        chunks = self.all_chunks
+        if engine._paged_kernel and self.decode_index is not None:
+            rows = self.decode_index
+            out[rows] = engine.paged_attention(index, q[rows], self.page_table, self.decode_lengths, scale)
+            chunks = self.prefill_chunks
+        for offset, n, slots in chunks:
+            out[offset : offset + n] = engine._attend(index, q[offset : offset + n], slots, scale)
+        return out
+
+    @classmethod
+    def build(cls, chunks: Sequence[Chunk], pool: KVPagePool, device: torch.device, width: int) -> _Batch:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[torch.Tensor] = []
+        logit_rows: list[int] = []
+        all_chunks, prefill_chunks, decode_rows, decode_seqs, decode_lengths = [], [], [], [], []
+        for chunk in chunks:
+            n = len(chunk.token_ids)
+            if n == 0:
+                raise ValueError(f"a chunk of sequence {chunk.seq!r} has no tokens")
+            offset = len(token_ids)
+            stop = chunk.start + n
+            token_ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start, stop))
+            history = pool.slots(chunk.seq, 0, stop)  # raises when the positions are not reserved
+            slots.append(history[chunk.start :])
+            all_chunks.append((offset, n, history))
+            if n == 1:
+                decode_rows.append(offset)
+                decode_seqs.append(chunk.seq)
+                decode_lengths.append(stop)
+            else:
+                prefill_chunks.append((offset, n, history))
+            if chunk.logits:
+                logit_rows.append(offset + n - 1)
+        decode = bool(decode_rows)
+        return cls(
+            token_ids=token_ids,
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slots=torch.cat(slots),
+            logit_rows=logit_rows,
+            all_chunks=all_chunks,
+            prefill_chunks=prefill_chunks,
+            decode_index=torch.tensor(decode_rows, dtype=torch.long, device=device) if decode else None,
+            page_table=pool.page_table(decode_seqs, width) if decode else None,
+            decode_lengths=torch.tensor(decode_lengths, dtype=torch.int32, device=device) if decode else None,
+        )

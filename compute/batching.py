@@ -1,0 +1,252 @@
+"""The scheduler's engine loops: how queued requests become forward passes.
+
+``BatchRunner`` drives a ``compute.batch_engine.BatchEngine``: continuous batching, many requests per pass
+(its docstring has the rules). ``SerialRunner`` drives a ``compute.engine.Engine`` (one conversation at a time):
+each request in turn through ``Engine.generate``, its tokens forwarded as they come, ``should_stop`` polled
+between passes for a cancel.
+
+Both runners talk to the ``compute.scheduler.Scheduler`` only through its engine-thread methods
+(``next_requests``, ``token``, ``finish``, ``error``, ``should_stop``, ``count_pass``) and let out of ``run``
+only the exceptions that are fatal (``protocol.client.LoaderError``, or anything that is not an ``Exception``);
+any other exception fails the requests it touched and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from compute.batch_engine import Chunk
+from compute.engine import FinishReason
+from compute.sampling import sample_next
+from protocol.errors import LoaderError
+
+if TYPE_CHECKING:
+    from compute.batch_engine import BatchEngine
+    from compute.engine import Engine
+    from compute.scheduler import Request, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def failure_message(error: Exception) -> str:
+    """One line for the requests a failed pass touched."""
+    return f"generation failed: {type(error).__name__}: {error}"
+
+
+class SerialRunner:
+    """One request at a time through ``Engine.generate``."""
+
+    max_batch = 1
+
+    def __init__(self, scheduler: Scheduler, engine: Engine):
+        self.scheduler = scheduler
+        self.engine = engine
+        self.vocab_size: int = engine.vocab_size
+        self._current: Request | None = None
+
+    def kv_tokens(self) -> tuple[int, int]:
+        """(free, total) KV positions: the one conversation's cache, less what the running request holds."""
+        current = self._current
+        used = 0 if current is None else current.prompt_tokens + len(current.generated)
+        return max(self.engine.max_context - used, 0), self.engine.max_context
+
+    def run(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            taken = scheduler.next_requests(1, block=True)
+            if not taken:
+                if scheduler.closing:
+                    return
+                continue
+            entry = taken[0]
+            self._current = entry
+            try:
+                result = self.engine.generate(
+                    entry.prompt_ids,
+                    entry.params,
+                    on_token=lambda token: scheduler.token(entry, token),
+                    should_stop=lambda: scheduler.should_stop(entry),
+                )
+            except LoaderError:
+                raise
+            except Exception as e:
+                log.exception("request %d failed", entry.id)
+                scheduler.error(entry, failure_message(e), fatal=False)
+                continue
+            finally:
+                self._current = None
+            scheduler.count_pass(result.forward_passes)
+            scheduler.finish(entry, result.finish_reason)
+
+
+@dataclasses.dataclass(eq=False)
+class Running:
+    """A request in the batch: every id it has (prompt, then reply), and how many of them the KV pool holds."""
+
+    entry: Request
+    ids: list[int]  # prompt + generated; the last one is fed next (its logits choose the following token)
+    generator: torch.Generator  # the reply's own, seeded once: a sampled reply depends on its seed alone
+    fed: int = 0  # positions 0 .. fed - 1 are in the sequence's pages
+
+    @property
+    def key(self) -> int:
+        return self.entry.id
+
+
+class BatchRunner:
+    """Many requests per forward pass through a ``compute.batch_engine.BatchEngine``.
+
+    Each pass: every running sequence whose prompt is fed gets one decode row (its last token); the rest of the
+    pass's token budget (the engine's ``prefill_chunk``) goes to prompts being prefilled, oldest first, in chunks;
+    a sequence's last prompt chunk asks for logits, so its first token comes from the same pass. Requests join
+    between passes, up to ``max_batch`` running, in submission order, when the KV pool can hold their prompt
+    and one more token. When a growing sequence finds the pool full, the sequence admitted last is preempted:
+    its pages are released and it is fed again from its first token once there is room (its tokens already
+    sent stand; its reply goes on where it was, computed anew). Sampling is per sequence
+    (``compute.sampling.sample_next``, the reply's own generator); greedy rows are one batched argmax.
+    """
+
+    def __init__(self, scheduler: Scheduler, engine: BatchEngine, max_batch: int):
+        self.scheduler = scheduler
+        self.engine = engine
+        self.pool = engine.kv_pool
+        self.max_batch = min(max_batch, engine.max_batch)
+        self.vocab_size: int = engine.vocab_size
+        self.running: list[Running] = []  # in admission order
+        self.preempted: list[Running] = []  # to be fed again, before any new request
+
+    def kv_tokens(self) -> tuple[int, int]:
+        return self.pool.free_tokens, self.pool.total_tokens
+
+    def run(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            self._stop_requested()
+            self._admit()
+            if not self.running:
+                if not scheduler.wait_for_work():
+                    return
+                continue
+            chunks, fed = self._plan_pass()
+            try:
+                logits = self.engine.forward(chunks)
+            except LoaderError:
+                raise
+            except Exception as e:
+                log.exception("a forward pass of %d sequences failed", len(fed))
+                for seq in fed:
+                    self._end(seq, error=failure_message(e))
+                continue
+            scheduler.count_pass()
+            self._advance(fed, chunks, logits)
+
+    def _stop_requested(self) -> None:
+        self.scheduler.end_stopped_waiting()
+        for seq in [*self.running, *self.preempted]:
+            if self.scheduler.should_stop(seq.entry):
+                self._end(seq, FinishReason.STOPPED)
+
+    def _admit(self) -> None:
+        """Preempted sequences first, then queued requests, while there is a batch row and room in the pool."""
+        while self.preempted and len(self.running) < self.max_batch:
+            seq = self.preempted[0]
+            if not self.pool.reserve(seq.key, len(seq.ids)):
+                return
+            self.running.append(self.preempted.pop(0))
+        while not self.preempted and len(self.running) < self.max_batch:
+            head = self.scheduler.peek_waiting()
+            if head is None or not self.pool.can_reserve(head.id, head.prompt_tokens + 1):
+                return
+            for entry in self.scheduler.next_requests(1, block=False):
+                generator = torch.Generator(device=self.engine.device)
+                if entry.params.seed is None:
+                    generator.seed()
+                else:
+                    generator.manual_seed(entry.params.seed)
+                seq = Running(entry=entry, ids=list(entry.prompt_ids), generator=generator)
+                if not self.pool.reserve(seq.key, len(seq.ids)):  # the head was checked; a later one may not fit
+                    self.preempted.insert(0, seq)
+                    return
+                self.running.append(seq)
+
+    def _plan_pass(self) -> tuple[list[Chunk], list[Running]]:
+        """The pass's chunks (decode rows first, then prefill chunks within the token budget) and their sequences."""
+        budget = self.engine.prefill_chunk
+        decoding = [seq for seq in self.running if seq.fed == len(seq.ids) - 1]
+        for seq in decoding:
+            while seq in self.running and not self.pool.reserve(seq.key, seq.fed + 1):
+                self._preempt_last(but=seq)
+        decoding = [seq for seq in decoding if seq in self.running]
+        chunks = [Chunk(seq.key, (seq.ids[-1],), seq.fed, logits=True) for seq in decoding]
+        fed = list(decoding)
+        budget -= len(chunks)
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.fed < len(seq.ids) - 1:
+                n = min(budget, len(seq.ids) - seq.fed)
+                last = seq.fed + n == len(seq.ids)  # the prompt's last chunk: its logits give the first token
+                chunks.append(Chunk(seq.key, tuple(seq.ids[seq.fed : seq.fed + n]), seq.fed, logits=last))
+                fed.append(seq)
+                budget -= n
+        return chunks, fed
+
+    def _preempt_last(self, *, but: Running) -> None:
+        """Free the pages of the sequence admitted last (``but`` itself only when it is the only one)."""
+        victim = next((seq for seq in reversed(self.running) if seq is not but), but)
+        log.info("KV pool full: request %d is preempted (fed again later)", victim.key)
+        self.pool.release(victim.key)
+        victim.fed = 0
+        self.running.remove(victim)
+        self.preempted.insert(0, victim)
+
+    def _advance(self, fed: list[Running], chunks: list[Chunk], logits: torch.Tensor) -> None:
+        asking = [seq for seq, chunk in zip(fed, chunks) if chunk.logits]
+        for seq, chunk in zip(fed, chunks):
+            seq.fed += len(chunk.token_ids)
+        tokens = self._sample(asking, logits)
+        for seq, token in zip(asking, tokens):
+            seq.ids.append(token)
+            self.scheduler.token(seq.entry, token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self._end(seq, reason)
+
+    def _sample(self, seqs: list[Running], logits: torch.Tensor) -> list[int]:
+        """Each sequence's next token from its row of ``logits``: plain greedy rows in one argmax, others alone."""
+        tokens: list[int | None] = [None] * len(seqs)
+        plain = [i for i, seq in enumerate(seqs) if seq.entry.params.greedy and seq.entry.params.repetition_penalty == 1]
+        if plain:
+            best = logits[plain].float().argmax(dim=-1).tolist()
+            for i, token in zip(plain, best):
+                tokens[i] = token
+        for i, seq in enumerate(seqs):
+            if tokens[i] is None:
+                history = torch.tensor(seq.ids, dtype=torch.long, device=logits.device)
+                tokens[i] = sample_next(logits[i], seq.entry.params, seq.generator, history)
+        return tokens
+
+    def _finish_reason(self, seq: Running, token: int) -> FinishReason | None:
+        produced = len(seq.ids) - seq.entry.prompt_tokens
+        if token in self.engine.eos_token_ids:
+            return FinishReason.EOS
+        if produced >= seq.entry.params.max_new_tokens:
+            return FinishReason.LENGTH
+        if len(seq.ids) > self.engine.max_context:  # no position left to feed ``token`` at
+            return FinishReason.CONTEXT
+        return None
+
+    def _end(self, seq: Running, reason: FinishReason | None = None, *, error: str | None = None) -> None:
+        self.pool.release(seq.key)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.preempted:
+            self.preempted.remove(seq)
+        if error is not None:
+            self.scheduler.error(seq.entry, error, fatal=False)
+        else:
+            self.scheduler.finish(seq.entry, reason)

@@ -1,0 +1,334 @@
+"""compute.kv_pages and compute.batch_engine, and the scheduler batching requests on them through a real loader.
+
+The rule for "a request's reply does not depend on the batch" (numerical noise): a greedy reply produced in a
+batch equals the reply the request gets alone, token for token, except that at the first step where they differ
+the two tokens must be a near-tie in the stock transformers reference's logits for the alone reply's prefix
+(within ``2 * LOGIT_TOLERANCE``): only there can the rounding of a different row count or chunking tip the argmax.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from compute.batch_engine import BatchEngine, Chunk
+from compute.engine import FinishReason
+from compute.kv_pages import KVPagePool
+from compute.launch import LaunchedLoader
+from compute.sampling import SamplingParams
+from compute.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
+from loader.layout import layout_units
+from loader.planner import plan_placement
+from loader.policies import get_policy
+from protocol.client import LoaderClient
+from protocol.launch import LoaderCommand
+from quantizer.checkpoint import QuantizedCheckpoint
+from test_engine import LOGIT_TOLERANCE, PIPELINE_CONTEXT, deep_q, random_prompt  # noqa: F401
+from test_model import CheckpointWeights, reference_model
+
+WAIT_S = 120.0
+
+
+def test_pages_are_reserved_all_or_nothing_and_counted():
+    pool = KVPagePool(num_layers=2, num_kv_heads=2, head_dim=4, capacity_tokens=100, device="cpu", page_tokens=32)
+    assert (pool.num_pages, pool.total_tokens, pool.free_tokens) == (4, 128, 128)
+    assert pool.reserve("a", 40) and pool.pages("a") == (0, 1) and pool.free_tokens == 64
+    assert not pool.reserve("b", 90) and pool.pages("b") == () and pool.free_tokens == 64
+    assert pool.reserve("b", 33) and pool.reserve("a", 64) and pool.free_tokens == 0
+    assert pool.pages("a") == (0, 1) and not pool.can_reserve("a", 65)
+    pool.release("a")
+    assert pool.free_tokens == 64 and pool.can_reserve("c", 64) and not pool.can_reserve("c", 65)
+    assert pool.reserve("b", 64) and pool.pages("b") == (2, 3)
+    with pytest.raises(IndexError, match="not reserved"):
+        pool.slots("b", 0, 65)
+
+
+def test_pages_store_and_return_each_sequences_positions_in_order():
+    pool = KVPagePool(num_layers=2, num_kv_heads=2, head_dim=4, capacity_tokens=64, device="cpu", page_tokens=16)
+    pool.reserve("x", 5)
+    pool.reserve("y", 20)
+    pool.reserve("x", 21)  # x's pages: 0, then 3 (y took 1 and 2 in between)
+    assert pool.pages("x") == (0, 3) and pool.pages("y") == (1, 2)
+    k = {s: torch.randn((21 if s == "x" else 20, 2, 4)) for s in ("x", "y")}
+    v = {s: torch.randn_like(k[s]) for s in k}
+    for seq in ("y", "x"):
+        pool.write(1, pool.slots(seq, 0, len(k[seq])), k[seq], v[seq])
+    for seq in ("x", "y"):
+        keys, values = pool.gather(1, pool.slots(seq, 0, len(k[seq])))
+        torch.testing.assert_close(keys, k[seq].to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(values, v[seq].to(torch.bfloat16), rtol=0, atol=0)
+    assert float(pool.keys[0].abs().sum()) == 0  # layer 0 untouched
+    assert pool.page_table(["y", "x", "z"]).tolist() == [[1, 2], [0, 3], [4, 4]]  # 4: the padding page
+    assert pool.slots("x", 15, 18).tolist() == [15, 48, 49]
+
+
+@pytest.fixture(params=["untied", "tied"])
+def qdir(request) -> Path:
+    return request.getfixturevalue("tiny_q" if request.param == "untied" else "tiny_q_tied")
+
+
+def test_one_pass_of_mixed_prefill_and_decode_rows_follows_stock_transformers(qdir, tmp_path):
+    checkpoint = QuantizedCheckpoint(qdir)
+    weights = CheckpointWeights(checkpoint)
+    engine = BatchEngine(checkpoint, weights, device="cpu", max_context=64, kv_tokens=200, max_batch=4)
+    reference = reference_model(qdir, tmp_path)
+    texts = {name: random_prompt(n) for name, n in (("a", 25), ("b", 11), ("c", 40), ("d", 3))}
+    fed = dict.fromkeys(texts, 0)
+    # passes: (sequence, tokens fed) in each; a chunk asks for logits, compared at its last position
+    passes = [
+        [("a", 10), ("b", 9), ("d", 1)],
+        [("b", 1), ("a", 13), ("c", 5), ("d", 1)],
+        [("a", 1), ("b", 1), ("c", 30), ("d", 1) ],
+        [("a", 1), ("c", 5)],
+    ]  # fmt: skip
+    with torch.inference_mode():
+        expected = {name: reference(input_ids=torch.tensor([ids])).logits[0].float() for name, ids in texts.items()}
+    for chunks in passes:
+        batch = []
+        for name, n in chunks:
+            assert engine.kv_pool.reserve(name, fed[name] + n)
+            batch.append(Chunk(name, tuple(texts[name][fed[name] : fed[name] + n]), fed[name], logits=True))
+            fed[name] += n
+        logits = engine.forward(batch)
+        assert logits.shape == (len(batch), 320)
+        for row, (name, _) in zip(logits, chunks):
+            torch.testing.assert_close(row.float(), expected[name][fed[name] - 1], atol=LOGIT_TOLERANCE, rtol=0)
+    assert weights.held is None
+    units = [unit.name for unit in checkpoint.manifest.units]
+    assert [name for kind, name in weights.calls if kind == "acquire"] == units * len(passes)  # once per pass
+
+    # A pass where no chunk asks for logits still visits every unit (the loader's ring expects the head).
+    engine.kv_pool.reserve("d", fed["d"] + 1)
+    assert engine.forward([Chunk("d", (5,), fed["d"], logits=False)]).shape == (0, 320)
+    assert [name for kind, name in weights.calls if kind == "acquire"][-len(units) :] == units
+
+
+class Replies:
+    """Each request's events, collected from the engine thread."""
+
+    def __init__(self):
+        self.events: dict[int, list] = {}
+        self._changed = threading.Condition()
+
+    def submit(self, scheduler: Scheduler, prompt, params) -> int:
+        slot: list = []
+
+        def on_event(event):
+            with self._changed:
+                slot.append(event)
+                self._changed.notify_all()
+
+        request_id = scheduler.submit(GenerationRequest(prompt_ids=tuple(prompt), params=params), on_event)
+        self.events[request_id] = slot
+        return request_id
+
+    def wait(self, request_id: int) -> list:
+        slot = self.events[request_id]
+        with self._changed:
+            assert self._changed.wait_for(lambda: slot and not isinstance(slot[-1], TokenEvent), timeout=WAIT_S), slot
+        return list(slot)
+
+
+def tokens_of(events) -> tuple[int, ...]:
+    return tuple(e.token_id for e in events if isinstance(e, TokenEvent))
+
+
+def assert_same_or_near_tie(batched, alone, prompt, reference) -> None:
+    """The module docstring's rule: equal, or different first at a near-tie of the reference's logits."""
+    if batched == alone:
+        return
+    step = next(i for i, (a, b) in enumerate(zip(batched, alone)) if a != b)
+    with torch.inference_mode():
+        ids = torch.tensor([list(prompt) + list(alone[:step])], device=reference.device)
+        row = reference(input_ids=ids).logits[0, -1].float()
+    gap = float(row[alone[step]] - row[batched[step]]).__abs__()
+    assert gap <= 2 * LOGIT_TOLERANCE, f"step {step}: batched {batched[step]}, alone {alone[step]}, logit gap {gap:.4f}"
+
+
+@pytest.mark.parametrize("policy", ["hybrid"])
+def test_concurrent_requests_through_a_streaming_loader_match_their_replies_alone(deep_q, policy, tmp_path):
+    # one byte less than the whole model: hybrid streams some units, so the ring must see one pass per forward
+    checkpoint = QuantizedCheckpoint(deep_q)
+    batch = {"max_batch": 6, "kv_tokens": 4 * PIPELINE_CONTEXT - 5}
+    everything = plan_placement(
+        budget_bytes=1 << 40, device="cpu", units=layout_units(checkpoint.manifest), config=checkpoint.config,
+        max_context=PIPELINE_CONTEXT, policy=get_policy("resident"), **batch,
+    )  # fmt: skip
+    options = LoaderCommand(
+        model=deep_q, gpu_memory=everything.total_bytes - 1, policy=policy, device="cpu",
+        max_context=PIPELINE_CONTEXT, **batch,
+    )  # fmt: skip
+    greedy = SamplingParams(temperature=0, max_new_tokens=7)
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, seed=5, max_new_tokens=6)
+    work = [(random_prompt(n), greedy) for n in (5, 17, 2, 30, 9, 12)] + [(random_prompt(8), sampled)] * 2
+    with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=30) as client:
+        assert any(unit.pool_offset is None for unit in client.plan.units), "hybrid should stream some units"
+        plan = client.plan
+        assert (plan.max_batch, plan.kv_tokens) == (6, 4 * PIPELINE_CONTEXT)  # rounded up to whole pages
+        engine = BatchEngine.for_plan(checkpoint, client, device="cpu")
+        engine.prefill_chunk = 16  # passes that mix prefill chunks and decode rows, with these short prompts
+        engine.eos_token_ids = frozenset()
+        replies = Replies()
+
+        alone_scheduler = Scheduler(engine, max_batch=1)
+        alone_scheduler.start()
+        alone = [tokens_of(replies.wait(replies.submit(alone_scheduler, p, params))) for p, params in work]
+        alone_scheduler.close(drain=True)
+        assert engine.kv_pool.free_tokens == engine.kv_pool.total_tokens
+
+        scheduler = Scheduler(engine, max_batch=6)
+        ids = [replies.submit(scheduler, p, params) for p, params in work]  # all queued before the thread starts
+        scheduler.start()
+        batched = [replies.wait(i) for i in ids]
+        stats = scheduler.stats()
+        scheduler.close(drain=True)
+    reference = reference_model(deep_q, tmp_path)
+    for (prompt, params), events, single in zip(work, batched, alone):
+        assert events[-1] == FinishEvent(events[-1].request_id, FinishReason.LENGTH, len(prompt), params.max_new_tokens)
+        if params.greedy:
+            assert_same_or_near_tie(tokens_of(events), single, prompt, reference)
+        else:
+            assert tokens_of(events) == single
+    assert tokens_of(batched[-1]) == tokens_of(batched[-2])  # one seed, one prompt: one reply
+    # 8 requests of 6-7 tokens, at most 6 at a time: far fewer passes than running them one by one
+    assert stats.passes < sum(params.max_new_tokens for _, params in work)
+    assert stats.kv_free_tokens == stats.kv_total_tokens == 4 * PIPELINE_CONTEXT and stats.max_batch == 6
+
+
+def test_a_full_kv_pool_preempts_the_latest_sequence_and_its_reply_goes_on(tiny_q, tmp_path, caplog):
+    checkpoint = QuantizedCheckpoint(tiny_q)
+    # room for 64 positions: three 15-token prompts fit, then their growth does not
+    engine = BatchEngine(
+        checkpoint, CheckpointWeights(checkpoint), device="cpu", max_context=64, kv_tokens=64, max_batch=4,
+        prefill_chunk=64,
+    )  # fmt: skip
+    engine.kv_pool = KVPagePool(
+        num_layers=engine.config.num_hidden_layers, num_kv_heads=engine.num_kv_heads, head_dim=engine.head_dim,
+        capacity_tokens=64, device="cpu", page_tokens=16,
+    )  # fmt: skip
+    engine.eos_token_ids = frozenset()
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    prompts = [random_prompt(15) for _ in range(3)]
+    scheduler = Scheduler(engine, max_batch=4)
+    replies = Replies()
+    ids = [replies.submit(scheduler, p, params) for p in prompts]
+    scheduler.start()
+    with caplog.at_level("INFO", logger="compute.batching"):
+        results = [tokens_of(replies.wait(i)) for i in ids]
+        scheduler.close(drain=True)
+    assert "is preempted" in caplog.text
+    reference = reference_model(tiny_q, tmp_path)
+    for prompt, reply in zip(prompts, results):
+        assert len(reply) == 12
+        with torch.inference_mode():
+            logits = reference(input_ids=torch.tensor([prompt + list(reply[:-1])])).logits[0, len(prompt) - 1 :]
+        for step, token in enumerate(reply):
+            row = logits[step].float()
+            assert row.max() - row[token] <= 2 * LOGIT_TOLERANCE, f"step {step} chose {token}"
+    assert engine.kv_pool.free_tokens == 64
+
+
+def test_decode_rows_padded_to_a_bucket_give_each_rows_own_logits(tiny_q):
+    from compute.batch_decode import DecodeInputs
+
+    checkpoint = QuantizedCheckpoint(tiny_q)
+    engine = BatchEngine(checkpoint, CheckpointWeights(checkpoint), device="cpu", max_context=64, kv_tokens=256,
+                         max_batch=8)  # fmt: skip
+    prompts = {name: random_prompt(n) for name, n in (("a", 7), ("b", 33), ("c", 1))}
+    for name, prompt in prompts.items():  # prefill all but the last token
+        assert engine.kv_pool.reserve(name, len(prompt))
+        if len(prompt) > 1:
+            engine.forward([Chunk(name, tuple(prompt[:-1]), 0, logits=False)])
+    rows = [Chunk(name, (prompt[-1],), len(prompt) - 1, logits=True) for name, prompt in prompts.items()]
+    padded = DecodeInputs(engine, 8)
+    padded.set(engine, rows)
+    with torch.inference_mode():
+        logits = padded.run(engine)
+        padding_keys = engine.kv_pool.keys[:, engine.kv_pool.padding_page].clone()
+        exact = engine.forward(rows)  # the same rows, unpadded (their keys/values written again, the same)
+    assert logits.shape == (8, 320)
+    torch.testing.assert_close(logits[:3], exact, rtol=0, atol=0)
+    assert float(padding_keys.abs().sum()) > 0  # the padding rows wrote only there
+    assert engine.decoder.mode == "eager: CUDA graphs need a CUDA device (decode runs on cpu)"
+
+    # The same pass cut into segments as a plan streaming layers.1 cuts it (what CUDA captures piecewise), run one
+    # segment after another through the buffers between them: the same logits.
+    from compute.segments import plan_segments
+
+    units = [name for name, _ in engine.model.unit_binder.units]
+    segments = plan_segments(units, {"layers.1"}, len(engine.layers))
+    assert [s.captured for s in segments] == [True, False] + ([True] if "lm_head" in units else [])
+    with torch.inference_mode():
+        pieces = [padded.run_segment(engine, segment) for segment in segments]
+    assert all(piece is None for piece in pieces[:-1])
+    torch.testing.assert_close(pieces[-1][:3], exact, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_decode_on_cuda_replays_graphs_and_each_reply_is_its_reply_alone(qdir, tmp_path):
+    checkpoint = QuantizedCheckpoint(qdir)
+    engine = BatchEngine(
+        checkpoint, CheckpointWeights(checkpoint, device="cuda"), device="cuda", max_context=64, max_batch=8,
+        prefill_chunk=16,
+    )  # fmt: skip
+    engine.eos_token_ids = frozenset()
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    prompts = [random_prompt(n) for n in (3, 9, 20, 5, 14)]
+    replies = Replies()
+    alone_scheduler = Scheduler(engine, max_batch=1)
+    alone_scheduler.start()
+    alone = [tokens_of(replies.wait(replies.submit(alone_scheduler, p, params))) for p in prompts]
+    alone_scheduler.close(drain=True)
+    scheduler = Scheduler(engine, max_batch=8)
+    ids = [replies.submit(scheduler, p, params) for p in prompts]
+    scheduler.start()
+    batched = [tokens_of(replies.wait(i)) for i in ids]
+    scheduler.close(drain=True)
+    assert engine.decoder.mode.startswith("graph (buckets 1, 2, 4, 8"), engine.decoder.mode
+    reference = reference_model(qdir, tmp_path).to("cuda")
+    for prompt, together, single in zip(prompts, batched, alone):
+        assert_same_or_near_tie(together, single, prompt, reference)
+        with torch.inference_mode():
+            logits = reference(input_ids=torch.tensor([prompt + list(single[:-1])], device="cuda")).logits[0]
+        for step, token in enumerate(single):
+            row = logits[len(prompt) - 1 + step].float()
+            assert row.max() - row[token] <= 2 * LOGIT_TOLERANCE, f"step {step} chose {token}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_decode_through_a_streaming_loader_on_cuda_replays_its_resident_segments(deep_q, tmp_path):
+    checkpoint = QuantizedCheckpoint(deep_q)
+    batch = {"max_batch": 4, "kv_tokens": 4 * PIPELINE_CONTEXT}
+    everything = plan_placement(
+        budget_bytes=1 << 40, device="cuda", units=layout_units(checkpoint.manifest), config=checkpoint.config,
+        max_context=PIPELINE_CONTEXT, policy=get_policy("resident"), **batch,
+    )  # fmt: skip
+    options = LoaderCommand(
+        model=deep_q, gpu_memory=everything.total_bytes - 1, policy="hybrid", device="cuda",
+        max_context=PIPELINE_CONTEXT, **batch,
+    )  # fmt: skip
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    prompts = [random_prompt(n) for n in (4, 11, 7)]
+    with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=30) as client:
+        assert any(unit.pool_offset is None for unit in client.plan.units)
+        engine = BatchEngine.for_plan(checkpoint, client, device="cuda")
+        engine.eos_token_ids = frozenset()
+        replies = Replies()
+        alone_scheduler = Scheduler(engine, max_batch=1)
+        alone_scheduler.start()
+        alone = [tokens_of(replies.wait(replies.submit(alone_scheduler, p, params))) for p in prompts]
+        alone_scheduler.close(drain=True)
+        scheduler = Scheduler(engine, max_batch=4)
+        ids = [replies.submit(scheduler, p, params) for p in prompts]
+        scheduler.start()
+        batched = [tokens_of(replies.wait(i)) for i in ids]
+        scheduler.close(drain=True)
+        assert engine.decoder.mode.startswith("piecewise ("), engine.decoder.mode
+    reference = reference_model(deep_q, tmp_path).to("cuda")
+    for prompt, together, single in zip(prompts, batched, alone):
+        assert_same_or_near_tie(together, single, prompt, reference)

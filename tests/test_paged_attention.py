@@ -1,0 +1,137 @@
+"""compute/kernels/paged_attention.py: decode attention over pages against an independent float64 attention.
+
+* The Triton kernel on CPU through the Triton interpreter, in a child process (``TRITON_INTERPRET=1`` must be set
+  before ``@triton.jit`` runs): this file, executed as a script. On CUDA (``gpu``-marked): the same cases and the
+  32B model's shapes.
+* Each case: pages shuffled in the pool, rows of different lengths (one position, a partial last page, whole
+  pages), several rows on one sequence's pages; every pool slot no row may read holds 1e30 or NaN, and the value
+  at each row's last position is scaled up, so a page, mask or length off by one breaks the bound by far.
+* Bound per element: ``|out - exact| <= 2**-6 * (|exact| + sum_i p_i |v_i|)``: the kernel's errors are the bf16
+  probabilities in the second product (2**-8 of ``sum_i p_i |v_i|``) and the output's rounding (2**-8 of
+  ``|exact|``, 2**-7 truncating in the interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compute.kernels.paged_attention import paged_decode_attention, reference_paged_decode_attention
+
+REPO = Path(__file__).resolve().parent.parent
+# (H, KVH, D, P, lengths of the rows)
+SHAPES = [
+    (4, 2, 16, 16, [1, 17, 32, 5]),
+    (5, 1, 32, 16, [40, 3]),
+    (8, 8, 16, 32, [33, 64, 2]),
+    (40, 8, 128, 32, [300, 1, 4096, 77] * 4),
+    (28, 4, 128, 32, [1000] * 16),
+]
+INTERPRETED = SHAPES[:3]
+
+
+def exact_attention(q, keys, values, scale):
+    """float64 attention of one row: q [H, D], keys/values [L, KVH, D] -> ([H, D], sum_i p_i |v_i| [H, D])."""
+    heads, kv_heads = q.shape[0], keys.shape[1]
+    k = keys.double().repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)  # (H, L, D)
+    v = values.double().repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+    p = torch.softmax(torch.einsum("hd,hld->hl", q.double(), k) * scale, dim=-1)
+    return torch.einsum("hl,hld->hd", p, v), torch.einsum("hl,hld->hd", p, v.abs())
+
+
+def check_paged(shape, device: str) -> None:
+    heads, kv_heads, dim, page, lengths = shape
+    width = max(-(-n // page) for n in lengths)
+    pool_pages = width * len(lengths) + 3
+    keys = torch.full((pool_pages, page, kv_heads, dim), 1e30, dtype=torch.bfloat16)
+    values = torch.full_like(keys, float("nan"))
+    order = torch.randperm(pool_pages).tolist()
+    table = torch.zeros((len(lengths), width), dtype=torch.int32)
+    for row, length in enumerate(lengths):
+        pages = [order.pop() for _ in range(-(-length // page))]
+        table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        for i, p in enumerate(pages):
+            n = min(page, length - i * page)
+            keys[p, :n] = torch.randn((n, kv_heads, dim)).to(torch.bfloat16)
+            values[p, :n] = torch.randn((n, kv_heads, dim)).to(torch.bfloat16)
+        last = pages[(length - 1) // page], (length - 1) % page
+        values[last] *= 4 * length  # the last position must count, with its weight
+    q = torch.randn((len(lengths), heads, dim)).to(torch.bfloat16)
+    lengths_t = torch.tensor(lengths, dtype=torch.int32)
+    scale = dim**-0.5
+    out = paged_decode_attention(
+        q.to(device), keys.to(device), values.to(device), table.to(device), lengths_t.to(device), scale=scale
+    ).cpu()
+    reference = reference_paged_decode_attention(q, keys, values, table, lengths_t, scale=scale)
+    for row, length in enumerate(lengths):
+        positions = torch.arange(length)
+        pages = table[row].long()[positions // page]
+        offsets = positions % page
+        exact, magnitude = exact_attention(q[row], keys[pages, offsets], values[pages, offsets], scale)
+        bound = 2**-6 * (exact.abs() + magnitude)
+        for name, got in (("kernel", out[row]), ("reference", reference[row])):
+            error = (got.double() - exact).abs()
+            assert bool((error <= bound).all()), (
+                f"{name}, {shape} row {row}: error {float(error.max()):.3g} over the bound {float(bound.min()):.3g}"
+            )
+
+
+def test_the_reference_matches_float64_attention():
+    for heads, kv_heads, dim, page, lengths in INTERPRETED:
+        table = torch.arange(len(lengths) * 3, dtype=torch.int32).view(len(lengths), 3)
+        keys = torch.randn((len(lengths) * 3, page, kv_heads, dim)).to(torch.bfloat16)
+        values = torch.randn_like(keys)
+        q = torch.randn((len(lengths), heads, dim)).to(torch.bfloat16)
+        lengths_t = torch.tensor([min(n, 3 * page) for n in lengths], dtype=torch.int32)
+        out = reference_paged_decode_attention(q, keys, values, table, lengths_t)
+        for row in range(len(lengths)):
+            n = int(lengths_t[row])
+            pages = table[row].long()[torch.arange(n) // page]
+            k, v = keys[pages, torch.arange(n) % page], values[pages, torch.arange(n) % page]
+            exact, magnitude = exact_attention(q[row], k, v, dim**-0.5)
+            assert bool(((out[row].double() - exact).abs() <= 2**-7 * (exact.abs() + magnitude)).all())
+
+
+def test_bad_operands_are_refused():
+    q = torch.zeros((2, 4, 16), dtype=torch.bfloat16)
+    pages = torch.zeros((3, 16, 2, 16), dtype=torch.bfloat16)
+    table = torch.zeros((2, 1), dtype=torch.int32)
+    lengths = torch.ones(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q has 4 heads of 16; the pages 3 KV heads"):
+        paged_decode_attention(q, torch.zeros((3, 16, 3, 16), dtype=torch.bfloat16),
+                               torch.zeros((3, 16, 3, 16), dtype=torch.bfloat16), table, lengths)  # fmt: skip
+    with pytest.raises(ValueError, match="page_table must be int32"):
+        paged_decode_attention(q, pages, pages, table.long(), lengths)
+    with pytest.raises(ValueError, match="pages of 12 positions"):
+        odd = torch.zeros((3, 12, 2, 16), dtype=torch.bfloat16)
+        paged_decode_attention(q, odd, odd, table, lengths)
+
+
+def test_the_kernel_in_the_interpreter():
+    """Runs ``interpreter_cases`` below in a child process with TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"interpreter cases failed:\n{done.stdout}\n{done.stderr}"
+    assert done.stdout.count("ok ") == len(INTERPRETED), done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_kernel_on_cuda(shape):
+    check_paged(shape, "cuda")
+
+
+def interpreter_cases() -> None:
+    for shape in INTERPRETED:
+        check_paged(shape, "cpu")
+        print("ok paged_decode_attention", shape[:4])
+
+
+if __name__ == "__main__":
+    interpreter_cases()
