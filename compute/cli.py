@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "synth": "quantizer.cli:synth",
     "loader": "loader.main:main",
     "run": "compute.run:run",
+    "perplexity": "compute.perplexity:perplexity",
     "serve": "compute.serve.main:serve",
     "bench": "bench.pipeline:bench",
 }

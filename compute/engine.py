@@ -35,6 +35,8 @@
 * ``prompt_ids`` is the whole conversation so far. The KV cache is kept between calls, and the longest prefix
   the new prompt shares with what the cache holds is not computed again (a multi-turn chat prefills only the
   new turn). ``reset()`` empties the cache; it is never required for correctness.
+* ``logits_of(ids, chunk)`` runs ``ids`` from an empty cache and yields the logits of every position, ``chunk``
+  positions at a time (what a perplexity needs); the cache then holds ``ids``.
 * A prompt longer than ``max_context`` raises ``ContextLengthError`` before anything runs; ids outside the
   model's vocabulary raise ``ValueError``. Any exception from ``generate`` empties the KV cache; one from the
   loader (``protocol.client.LoaderGone`` …) means the engine cannot go on.
@@ -50,7 +52,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import transformers
@@ -252,6 +254,27 @@ class Engine:
             self._abandon_forward()
             if self.drafter is not None:
                 self.drafter.reset()
+            raise
+
+    @torch.inference_mode()
+    def logits_of(self, ids: Sequence[int], chunk: int) -> Iterator[torch.Tensor]:
+        """The logits of every position of ``ids`` run from an empty cache: float32 ``[rows, vocab]`` pieces of at
+        most ``chunk`` rows, in order. A smaller ``chunk`` than the prefill's bounds the logits' memory."""
+        ids = self._check_prompt(ids)
+        self.reset()
+        try:
+            for begin in range(0, len(ids), chunk):
+                piece = torch.tensor([ids[begin : begin + chunk]], dtype=torch.long, device=self._ids_device)  # (B, T)
+                positions = torch.arange(begin, begin + piece.shape[1], device=self.device).unsqueeze(0)  # (B, T)
+                with sdpa_kernel(PREFILL_ATTENTION_BACKENDS):
+                    out = self.model(
+                        input_ids=piece, position_ids=positions, use_cache=True, **{self._cache_keyword: self.cache}
+                    )
+                self._cached_ids.extend(ids[begin : begin + chunk])
+                yield out.logits[0].float()  # (T, vocab)
+        except BaseException:
+            self.reset()
+            self._abandon_forward()
             raise
 
     def _abandon_forward(self) -> None:

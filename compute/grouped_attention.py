@@ -42,7 +42,16 @@ def grouped_decode_attention(
     The arithmetic is transformers' eager attention (bf16 scores, softmax in fp32) without its ``repeat_kv``.
     Plain batched matmuls rather than SDPA: cuDNN's SDPA runs this shape as one program per KV head, slower than
     reading the layer's weights; matmuls spread the cache over the GPU like any other product.
+
+    On the CPU (never captured in a graph, so shapes may change per step) only the cache positions the mask opens
+    are read: the static cache is ``max_context`` long, and scoring its empty tail took 14% of a decode step's CPU
+    time at a 2048-token cache (docs/performance.md).
     """
+    if not query.is_cuda and query.shape[2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool:
+        open_positions = attention_mask[0, 0, 0].nonzero()
+        if len(open_positions):
+            visible = int(open_positions[-1]) + 1  # past the last open position, all is masked
+            key, value, attention_mask = key[:, :, :visible], value[:, :, :visible], attention_mask[..., :visible]
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     if q_len != 1 or dropout or attention_mask is None or attention_mask.dtype != torch.bool:

@@ -2,7 +2,8 @@
 
 The module owns only what the compute process holds itself: its shape and, where the source Linear had one,
 its bf16 bias (a real parameter, loaded from the checkpoint like any other dense tensor). The quantized weight
-(``qweight`` uint8 ``[out, in / 2]``, ``scales`` bf16 ``[out, in / 128]``) is *bound* for the duration of one
+(``qweight`` uint8 ``[out, in / 2]``, ``scales`` bf16 ``[out, in / 128]``; or, from a CPU pool, the same weight in
+the CPU kernel's form, ``protocol.cpu_kernel_form``: scales ``[in / 128, out, 2]``) is *bound* for the duration of one
 forward by the unit hooks in ``compute.model``: they are views into the shared pool, never copied, and they are
 valid only between the unit's ``acquire`` and ``release``. Using the module while unbound is a bug in the
 hooks, not a user error, and raises ``UnboundWeightError`` naming the module.
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from compute.kernels import int4_matmul
+from compute.kernels.cpu import cpu_int4_matmul
+from protocol.cpu_kernel_form import scales_and_zeros_shape
 from quantizer.format import BLOCK_SIZE
 
 
@@ -50,7 +53,7 @@ class Int4Linear(nn.Module):
             nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         )
         self.qweight: torch.Tensor | None = None  # uint8 [out, in / 2], a view into the pool while bound
-        self.scales: torch.Tensor | None = None  # bf16 [out, in / 128], a view into the pool while bound
+        self.scales: torch.Tensor | None = None  # bf16 [out, in / 128] (or [in / 128, out, 2]), a pool view while bound
 
     @classmethod
     def like(cls, linear: nn.Linear, *, name: str) -> "Int4Linear":
@@ -68,6 +71,8 @@ class Int4Linear(nn.Module):
         """Point the module at its quantized weight for the coming forward; the tensors are used as they are."""
         expected_q = (self.out_features, self.in_features // 2)
         expected_s = (self.out_features, self.in_features // BLOCK_SIZE)
+        if scales.dim() == 3 and qweight.device.type == "cpu":  # the CPU kernel's form
+            expected_s = scales_and_zeros_shape(self.out_features, self.in_features)
         if tuple(qweight.shape) != expected_q or qweight.dtype != torch.uint8:
             raise ValueError(
                 f"{self.name}: qweight is {qweight.dtype} {tuple(qweight.shape)}, expected torch.uint8 {expected_q}"
@@ -94,6 +99,8 @@ class Int4Linear(nn.Module):
                 f"{self.name} ran while no weight was bound to it: its unit was not acquired from the loader "
                 "(the unit hooks of compute.model bind the weights; call the model as a whole, not this module alone)"
             )
+        if self.scales.dim() == 3:
+            return cpu_int4_matmul(x, self.qweight, self.scales, self.bias)
         return int4_matmul(x, self.qweight, self.scales, self.bias)
 
     def extra_repr(self) -> str:

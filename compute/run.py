@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -171,10 +170,12 @@ def build_config(options: dict, *, verbose: int) -> RunConfig:
 
 
 def share_cores_with_loader(device: str) -> None:
-    """On CPU the loader runs beside us on the same cores: a thread pool as wide as the machine spins against it
-    (on 2 cores the demo decoded 4.7 tok/s with 2 threads, 17.5 with 1). Leave it a core."""
-    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    """On CPU, compute's intra-op threads: ``compute.session.cpu_compute_threads`` (one core fewer than the machine;
+    ``OMP_NUM_THREADS`` rules when set)."""
+    if device == "cpu":
+        from compute.session import cpu_compute_threads
+
+        torch.set_num_threads(cpu_compute_threads())
 
 
 def loader_address(

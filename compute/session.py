@@ -30,6 +30,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import torch
+
 from compute.chat import Conversation, Reply, ReplyRefused, StopOnInterrupt, StreamingDetokenizer, reply_once, repl
 from compute.config import RunConfig
 from compute.draft_model import DraftModel, DraftModelError, ResidentWeights, check_same_tokenizer
@@ -51,6 +53,19 @@ WATCH_S = 0.2  # how often the watchdog checks that the loader process lives
 
 class LoaderLost(RuntimeError):
     """The loader died or failed while this session needed it; the message names it."""
+
+
+def cpu_compute_threads(cores: int | None = None) -> int:
+    """Compute's intra-op threads on a CPU device: one core fewer than the machine has (at least one).
+
+    PyTorch splits an op's work evenly over its threads and waits for the last: a thread that loses its core (to
+    the loader copying a streamed unit, to any other process) stalls the whole op. On the 2-core development
+    machine, busy with other work, the real 0.5B decoded 31 tok/s with one thread and under 2 with two within ten
+    minutes (docs/performance.md); an idle machine gains from the last core (up to 2x in the INT4 kernel alone):
+    ``OMP_NUM_THREADS``, when set, rules."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    return max(1, (cores or os.cpu_count() or 1) - 1)
 
 
 class LoaderWatchdog:

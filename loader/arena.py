@@ -14,6 +14,10 @@ byte count are checked against the layout, each shard's size against the manifes
 ``verify_checksums=False``, each shard's sha256, computed while reading (no second pass). Shards are read
 in parallel threads (file reads and hashing release the GIL). Every error names the file.
 
+A CPU loader's arena holds the Linears in the CPU INT4 kernel's form (``protocol.cpu_kernel_form``):
+``repacked_for_cpu_kernel`` builds it from the file-form arena once, at load time, unit by unit (for a moment both
+are in memory), so that every later copy into the pool or a ring slot is a plain copy.
+
 The arena never touches device memory beyond registering its own pages; the device pool copies from it.
 """
 
@@ -32,9 +36,10 @@ from typing import Sequence
 
 import torch
 
-from loader.layout import TensorSlot, UnitLayout
-from quantizer.checkpoint import QuantizedCheckpoint
-from quantizer.format import FormatError
+from loader.layout import TensorSlot, UnitLayout, is_kernel_form
+from protocol.cpu_kernel_form import pack_for_cpu_kernel
+from quantizer.checkpoint import QuantizedCheckpoint, tensor_view
+from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +141,34 @@ class PinnedArena:
             raise KeyError(f"unit {name!r} is not in the arena; it holds {list(self.offsets)}") from None
         return self.data[offset : offset + self.units[name].nbytes]
 
+    def repacked_for_cpu_kernel(self, kernel_units: Sequence[UnitLayout]) -> "PinnedArena":
+        """A new (unpinned) arena laid out as ``kernel_units`` (``layout_units(..., cpu_kernel_form=True)`` of the same
+        manifest), every Linear with a kernel form packed into it, the others copied as they are; closes this one."""
+        start = time.perf_counter()
+        repacked = PinnedArena(kernel_units, pin=False)
+        try:
+            for unit in kernel_units:
+                for slot in unit.tensors:
+                    if is_kernel_form(slot):
+                        linear = slot.name.removesuffix(SCALES_SUFFIX)
+                        source = self.units[unit.name]
+                        packed, scales_and_zeros = pack_for_cpu_kernel(
+                            self._tensor(source, linear + QWEIGHT_SUFFIX), self._tensor(source, slot.name)
+                        )
+                        repacked._tensor(unit, linear + QWEIGHT_SUFFIX).copy_(packed)
+                        repacked._tensor(unit, slot.name).copy_(scales_and_zeros)
+                    elif not _packed_with_its_scales(slot, unit):
+                        repacked._tensor(unit, slot.name).copy_(self._tensor(self.units[unit.name], slot.name))
+        except BaseException:
+            repacked.close()
+            raise
+        self.close()
+        log.info("repacked %.2f GB for the CPU INT4 kernel in %.2f s", repacked.nbytes / 1e9, time.perf_counter() - start)
+        return repacked
+
+    def _tensor(self, unit: UnitLayout, name: str) -> torch.Tensor:
+        slot = unit.slot(name)
+        return tensor_view(self.unit(unit.name), slot.offset, slot.nbytes, slot.dtype, slot.shape)
     def close(self) -> None:
         """Unpin and drop the memory (it is freed once no view of it remains); safe to call twice."""
         if self.pinned:
@@ -228,6 +261,13 @@ class PinnedArena:
                 raise FormatError(
                     f"{path}: tensor {name!r} has data_offsets {begin}..{end} outside the file's {data_bytes} data bytes"
                 )
+
+
+def _packed_with_its_scales(slot: TensorSlot, unit: UnitLayout) -> bool:
+    """A ``qweight`` whose Linear's scales are in the kernel form: packed together with them."""
+    if not slot.name.endswith(QWEIGHT_SUFFIX):
+        return False
+    return is_kernel_form(unit.slot(slot.name.removesuffix(QWEIGHT_SUFFIX) + SCALES_SUFFIX))
 
 
 def _tensors_by_shard(checkpoint: QuantizedCheckpoint, units: Sequence[UnitLayout]) -> dict[str, Wanted]:

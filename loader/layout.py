@@ -12,6 +12,10 @@ need; a ``scales`` tensor starts at a multiple of 2 bytes. The pinned arena (hos
 layout, which is what makes moving a unit a single contiguous copy, and lets the compute process view a
 tensor at ``unit base + slot.offset`` without any per-tensor bookkeeping on the wire.
 
+``layout_units(manifest, cpu_kernel_form=True)`` is the layout of a CPU loader's arena and pool: the same order
+and alignment, but every Linear that has a CPU kernel form (``protocol.cpu_kernel_form``) holds its weight in that
+form: ``qweight`` the same size, ``scales`` as bf16 ``[K / 128, N, 2]`` scale-and-zero pairs, twice the bytes.
+
 This module is pure arithmetic on the manifest: it reads no file and allocates nothing.
 """
 
@@ -20,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError, Manifest
+from protocol.cpu_kernel_form import has_kernel_form, scales_and_zeros_shape
+from quantizer.format import BLOCK_SIZE, QWEIGHT_SUFFIX, SCALES_SUFFIX, FormatError, Manifest
 
 # 256 bytes keeps every tensor aligned for any dtype and for vectorized 128-byte GPU loads.
 ALIGNMENT = 256
@@ -60,8 +65,8 @@ class UnitLayout:
         raise KeyError(f"unit {self.name!r} has no tensor {tensor_name!r}; it holds {[s.name for s in self.tensors]}")
 
 
-def layout_units(manifest: Manifest) -> list[UnitLayout]:
-    """The layout of every unit of ``manifest``, in its execution order."""
+def layout_units(manifest: Manifest, *, cpu_kernel_form: bool = False) -> list[UnitLayout]:
+    """The layout of every unit of ``manifest``, in its execution order; with ``cpu_kernel_form``, a CPU pool's."""
     entries = {t.name: t for t in manifest.tensors}
     layouts = []
     for index, unit in enumerate(manifest.units):
@@ -76,9 +81,21 @@ def layout_units(manifest: Manifest) -> list[UnitLayout]:
                     raise FormatError(f"unit {unit.name!r}: tensor {name!r} is not in the manifest's tensor list")
                 if entry.dtype not in DTYPE_BYTES:
                     raise FormatError(f"tensor {name!r} has dtype {entry.dtype!r}; units hold only {sorted(DTYPE_BYTES)}")
-                nbytes = math.prod(entry.shape) * DTYPE_BYTES[entry.dtype]
                 shape = tuple(entry.shape)
+                if cpu_kernel_form and suffix == SCALES_SUFFIX and has_kernel_form(shape[0], shape[1] * BLOCK_SIZE):
+                    shape = scales_and_zeros_shape(shape[0], shape[1] * BLOCK_SIZE)
+                nbytes = math.prod(shape) * DTYPE_BYTES[entry.dtype]
                 slots.append(TensorSlot(name=name, offset=offset, nbytes=nbytes, dtype=entry.dtype, shape=shape))
                 offset += nbytes
         layouts.append(UnitLayout(name=unit.name, index=index, nbytes=align_up(offset), tensors=tuple(slots)))
     return layouts
+
+
+def pool_layouts(manifest: Manifest, device: str) -> list[UnitLayout]:
+    """The layout of the arena and pool of a loader on ``device``: the CPU kernel form on ``"cpu"``."""
+    return layout_units(manifest, cpu_kernel_form=device == "cpu")
+
+
+def is_kernel_form(slot: TensorSlot) -> bool:
+    """Whether ``slot`` holds scales in the CPU kernel's form (``[K / 128, N, 2]``), not the file's."""
+    return slot.name.endswith(SCALES_SUFFIX) and len(slot.shape) == 3

@@ -23,7 +23,7 @@ import torch
 import zmq
 
 from loader.arena import PinnedArena
-from loader.layout import layout_units
+from loader.layout import layout_units, pool_layouts
 from loader.planner import choose_prefill_chunk, draft_lines, plan_placement
 from loader.policies import get_policy
 from loader.pool import DevicePool
@@ -65,7 +65,9 @@ def run(config: LoaderCommand) -> int:
     try:
         check_address(config.socket)
         checkpoint = QuantizedCheckpoint(config.model)
-        units = layout_units(checkpoint.manifest)
+        file_units = layout_units(checkpoint.manifest)
+        # a CPU pool holds the weights in the CPU kernel's form (loader.layout): the planner counts that form's bytes
+        units = pool_layouts(checkpoint.manifest, config.device)
         reserved = []
         if config.draft_model is not None:
             draft = QuantizedCheckpoint(config.draft_model)
@@ -108,7 +110,11 @@ def run(config: LoaderCommand) -> int:
     capacity = pool_capacity(placement, plan_for)
 
     try:
-        arena = PinnedArena.load(checkpoint, units, pin=config.device == "cuda", verify_checksums=config.verify_checksums)
+        arena = PinnedArena.load(
+            checkpoint, file_units, pin=config.device == "cuda", verify_checksums=config.verify_checksums
+        )
+        if config.device == "cpu":
+            arena = arena.repacked_for_cpu_kernel(units)
     except (FormatError, OSError, RuntimeError) as e:  # a bad shard, an unreadable file, pinning refused
         return _refuse(str(e))
     if config.device == "cpu":

@@ -21,7 +21,9 @@ import time
 import torch
 
 from protocol.client import LoaderClient, LoaderGone
+from protocol.cpu_kernel_form import has_kernel_form, pack_for_cpu_kernel
 from quantizer.checkpoint import QuantizedCheckpoint
+from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -37,8 +39,16 @@ class Checker:
         self.acquires = {"resident": 0, "streamed": 0}
 
     def expect(self, name: str, device: torch.device) -> torch.Tensor:
+        """The bytes the pool must hold for tensor ``name``: the checkpoint's, in the CPU kernel form on CPU."""
         if name not in self.expected:
-            self.expected[name] = _bytes(self.checkpoint.tensor(name)).to(device)
+            tensor = self.checkpoint.tensor(name)
+            if device.type == "cpu":
+                linear = name.removesuffix(QWEIGHT_SUFFIX).removesuffix(SCALES_SUFFIX)
+                qweight = self.checkpoint.tensor(linear + QWEIGHT_SUFFIX)
+                if has_kernel_form(qweight.shape[0], qweight.shape[1] * 2):
+                    packed = pack_for_cpu_kernel(qweight, self.checkpoint.tensor(linear + SCALES_SUFFIX))
+                    tensor = packed[0] if name.endswith(QWEIGHT_SUFFIX) else packed[1]
+            self.expected[name] = _bytes(tensor).to(device)
         return self.expected[name]
 
     def check(self, unit: str, views: dict[str, torch.Tensor], when: str) -> None:

@@ -20,7 +20,7 @@ from compute.kv_pages import KVPagePool
 from compute.launch import LaunchedLoader
 from compute.sampling import SamplingParams
 from compute.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
-from loader.layout import layout_units
+from loader.layout import layout_units, pool_layouts
 from loader.planner import plan_placement
 from loader.policies import get_policy
 from protocol.client import LoaderClient
@@ -154,7 +154,7 @@ def test_concurrent_requests_through_a_streaming_loader_match_their_replies_alon
     checkpoint = QuantizedCheckpoint(deep_q)
     batch = {"max_batch": 6, "kv_tokens": 4 * PIPELINE_CONTEXT - 5}
     everything = plan_placement(
-        budget_bytes=1 << 40, device="cpu", units=layout_units(checkpoint.manifest), config=checkpoint.config,
+        budget_bytes=1 << 40, device="cpu", units=pool_layouts(checkpoint.manifest, "cpu"), config=checkpoint.config,
         max_context=PIPELINE_CONTEXT, policy=get_policy("resident"), **batch,
     )  # fmt: skip
     options = LoaderCommand(

@@ -132,10 +132,11 @@ def test_too_small_budget_is_refused_once_by_the_loader(tiny_q, tmp_path):
 
 
 def test_killing_the_loader_mid_generation_stops_compute_naming_it(tiny_q, tmp_path):
-    # Greedy on the tiny random model runs the full 1000 tokens without an EOS, so the reply is still going.
+    # Greedy on the tiny random model runs the full 8000 tokens without an EOS (seconds with the CPU INT4 kernel),
+    # so the reply is still going; the budget holds the 8192-token context's activations.
     compute = subprocess.Popen(
-        spillover("run", "--model", str(tiny_q), "--device", "cpu", "--gpu-memory", BUDGET, "--policy", "hybrid",
-                  "--temperature", "0", "-p", "Hello", "-n", "1000", "--max-context", "1024"),
+        spillover("run", "--model", str(tiny_q), "--device", "cpu", "--gpu-memory", "400MiB", "--policy", "hybrid",
+                  "--temperature", "0", "-p", "Hello", "-n", "8000", "--max-context", "8192"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=spillover_env(tmp_path),
     )  # fmt: skip
     try:

@@ -22,7 +22,7 @@ from compute.launch import LaunchedLoader
 from protocol.launch import LoaderCommand
 from compute.sampling import SamplingParams, sample_next
 from conftest import make_tiny_qwen2
-from loader.layout import layout_units
+from loader.layout import pool_layouts
 from loader.planner import plan_placement
 from loader.policies import get_policy
 from protocol.client import LoaderClient, LoaderError
@@ -33,8 +33,9 @@ from test_model import CheckpointWeights, reference_model
 # The tiny models' bf16 logits are O(1) (an ulp in [2, 4) is 0.0156); chunked prefill and a static cache change
 # the rounding a little (0.008 seen), a wrong position or mask by far more (0.1-0.2 for a position off by one).
 # On CUDA the decode step's fused layer (compute.decode) keeps attention scores and probabilities in fp32 where
-# HF rounds them to bf16: two ulps in [2, 4) were seen (0.03125), so the bound is a hair above that.
-LOGIT_TOLERANCE = 0.035
+# HF rounds them to bf16: two ulps in [2, 4) were seen (0.03125). On CPU the INT4 kernel multiplies the exact
+# weights (q * scale in fp32) where the reference holds them rounded to bf16: 0.0352 seen. Three ulps in [2, 4).
+LOGIT_TOLERANCE = 0.047
 GREEDY = SamplingParams(temperature=0, max_new_tokens=6)
 
 
@@ -278,7 +279,7 @@ def resident_budget(qdir: Path) -> int:
     placement = plan_placement(
         budget_bytes=1 << 40,
         device="cpu",
-        units=layout_units(checkpoint.manifest),
+        units=pool_layouts(checkpoint.manifest, "cpu"),
         config=checkpoint.config,
         max_context=PIPELINE_CONTEXT,
         policy=get_policy("resident"),

@@ -33,7 +33,7 @@ def run_consumer(loader, model, *args: str, timeout: float = 300) -> tuple[dict,
 
 
 def test_every_byte_through_cuda_ipc(tiny_q, tmp_path, capsys):
-    sizes = unit_sizes(tiny_q)
+    sizes = unit_sizes(tiny_q, "cuda")
     budget = budget_for(tiny_q, max(sum(sizes.values()), 3 * max(sizes.values())), device="cuda")
     loader = start_loader(tiny_q, tmp_path, budget, "stream", "--ring-slots", "2", device="cuda")
     try:
@@ -95,7 +95,7 @@ def big_q(tmp_path_factory):
 
 
 def test_stream_rate_and_device_memory(big_q, tmp_path, capsys):
-    sizes = unit_sizes(big_q)
+    sizes = unit_sizes(big_q, "cuda")
     budget = budget_for(big_q, 3 * max(sizes.values()), device="cuda")
     watch = DeviceMemoryWatch()
     loader = start_loader(big_q, tmp_path, budget, "stream", "--ring-slots", "3", "--stats-on-exit", device="cuda")

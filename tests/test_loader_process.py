@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from loader.layout import layout_units
+from loader.layout import pool_layouts
 from loader.planner import budget_lines
 from protocol.launch import LoaderCommand, ReadyFile
 from quantizer.checkpoint import QuantizedCheckpoint
@@ -101,13 +101,13 @@ def deep_q(tmp_path_factory) -> Path:
 def budget_for(model: Path, pool_bytes: int, device: str = "cpu") -> int:
     """The --gpu-memory whose pool share (what the planner leaves after its other lines) is ``pool_bytes``."""
     checkpoint = QuantizedCheckpoint(model)
-    units = layout_units(checkpoint.manifest)
+    units = pool_layouts(checkpoint.manifest, device)
     fixed = budget_lines(device=device, units=units, config=checkpoint.config, max_context=MAX_CONTEXT)
     return sum(nbytes for _, nbytes in fixed) + pool_bytes
 
 
-def unit_sizes(model: Path) -> dict[str, int]:
-    return {u.name: u.nbytes for u in layout_units(QuantizedCheckpoint(model).manifest)}
+def unit_sizes(model: Path, device: str = "cpu") -> dict[str, int]:
+    return {u.name: u.nbytes for u in pool_layouts(QuantizedCheckpoint(model).manifest, device)}
 
 
 def case_budget(model: Path, case: str) -> tuple[str, int, tuple[str, ...]]:

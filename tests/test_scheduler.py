@@ -28,7 +28,7 @@ from compute.scheduler import (
     SchedulerClosedError,
     TokenEvent,
 )
-from loader.layout import layout_units
+from loader.layout import pool_layouts
 from loader.planner import plan_placement
 from loader.policies import get_policy
 from protocol.client import LoaderClient, LoaderGone
@@ -43,7 +43,7 @@ WAIT_S = 60.0  # the longest a test waits for a request to end
 def resident_budget(qdir: Path) -> int:
     checkpoint = QuantizedCheckpoint(qdir)
     placement = plan_placement(
-        budget_bytes=1 << 40, device="cpu", units=layout_units(checkpoint.manifest), config=checkpoint.config,
+        budget_bytes=1 << 40, device="cpu", units=pool_layouts(checkpoint.manifest, "cpu"), config=checkpoint.config,
         max_context=CONTEXT, policy=get_policy("resident"),
     )  # fmt: skip
     return placement.total_bytes
