@@ -27,6 +27,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 WAIT_S = 1800.0  # the longest a level may take before the benchmark gives up on it
@@ -46,6 +47,36 @@ class LevelResult:
     itl_p99_s: float
     passes: int  # forward passes the level took
     tokens_per_pass: float  # completion and prompt tokens fed per pass, on average
+
+    @classmethod
+    def measure(
+        cls, requests: Sequence[tuple[float, Sequence[float], int]], *, prompt_tokens: int, new_tokens: int,
+        started: float, passes: int,
+    ) -> LevelResult:  # fmt: skip
+        """A level's figures from each request's (sent at, arrival time of each token, completion tokens), the
+        level's start and the forward passes it took (every time from ``time.perf_counter``)."""
+        concurrency = len(requests)
+        timed = [(sent, arrivals) for sent, arrivals, _ in requests if arrivals]
+        firsts = [arrivals[0] for _, arrivals in timed]
+        last = max((arrivals[-1] for _, arrivals in timed), default=started)
+        gaps = [b - a for _, arrivals in timed for a, b in zip(arrivals, arrivals[1:])]
+        ttfts = [arrivals[0] - sent for sent, arrivals in timed]
+        completion = sum(tokens for _, _, tokens in requests)
+        steady = last - min(firsts) if firsts else 0.0
+        return cls(
+            concurrency=concurrency,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            wall_s=last - started,
+            decode_tokens_per_s=(completion - concurrency) / steady if steady > 0 else float("nan"),
+            total_tokens_per_s=completion / (last - started) if last > started else float("nan"),
+            ttft_p50_s=percentile(ttfts, 50),
+            ttft_p99_s=percentile(ttfts, 99),
+            itl_p50_s=percentile(gaps, 50),
+            itl_p99_s=percentile(gaps, 99),
+            passes=passes,
+            tokens_per_pass=(completion + concurrency * prompt_tokens - concurrency) / max(passes, 1),
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,25 +138,8 @@ def measure_level(
     if failed:
         raise RuntimeError(f"{len(failed)} of {concurrency} requests failed: {failed[0]}")
     passes = scheduler.stats().passes - passes_before
-    firsts = [arrivals[i][0] for i in ids]
-    last = max(arrivals[i][-1] for i in ids)
-    gaps = [b - a for i in ids for a, b in zip(arrivals[i], arrivals[i][1:])]
-    completion = sum(len(arrivals[i]) for i in ids)
-    steady = last - min(firsts)
-    return LevelResult(
-        concurrency=concurrency,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        wall_s=last - started,
-        decode_tokens_per_s=(completion - concurrency) / steady if steady > 0 else float("nan"),
-        total_tokens_per_s=completion / (last - started),
-        ttft_p50_s=percentile([f - started for f in firsts], 50),
-        ttft_p99_s=percentile([f - started for f in firsts], 99),
-        itl_p50_s=percentile(gaps, 50),
-        itl_p99_s=percentile(gaps, 99),
-        passes=passes,
-        tokens_per_pass=(completion + concurrency * prompt_tokens - concurrency) / max(passes, 1),
-    )
+    timed = [(started, arrivals.get(i, []), len(arrivals.get(i, []))) for i in ids]
+    return LevelResult.measure(timed, prompt_tokens=prompt_tokens, new_tokens=new_tokens, started=started, passes=passes)
 
 
 def run_concurrency(

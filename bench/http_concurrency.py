@@ -24,69 +24,13 @@ import asyncio
 import json
 import os
 import random
-import re
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.concurrency import ConcurrencyResult, LevelResult, percentile
+from bench.concurrency import ConcurrencyResult, LevelResult
+from bench.serve_process import ServeProcess
 
-READY_LINE = re.compile(r"spillover: serving '.*' at (http://\S+)/v1 ")
-READY_TIMEOUT_S = 600.0
 MODEL_NAME = "bench"
-
-
-class ServeProcess:
-    """``spillover serve`` as a subprocess (stderr to a file); a context manager that stops it with SIGTERM."""
-
-    def __init__(self, args: list[str]):
-        self.log = Path(tempfile.mkstemp(prefix="spillover-serve-", suffix=".log")[1])
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "compute.cli", "serve", *args, "--port", "0", "--served-model-name", MODEL_NAME],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out,
-            )  # fmt: skip
-        self.url = self._wait_ready()
-
-    def _wait_ready(self) -> str:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            found = READY_LINE.search(self.log.read_text(errors="replace"))
-            if found:
-                return found.group(1)
-            if self.process.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"spillover serve exited with {self.process.returncode} before listening:\n{tail}")
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"spillover serve did not listen within {READY_TIMEOUT_S:.0f} s")
-
-    def loader_pid(self) -> int | None:
-        import psutil
-
-        for child in psutil.Process(self.process.pid).children():
-            if "loader.main" in child.cmdline():  # started as python -m loader.main
-                return child.pid
-        return None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> ServeProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        self.log.unlink(missing_ok=True)
 
 
 async def _stream(client, url: str, prompt: list[int], new_tokens: int) -> tuple[float, list[float], int]:
@@ -122,26 +66,8 @@ async def _level(url: str, vocab: list[int], concurrency: int, prompt_tokens: in
         started = time.perf_counter()
         streams = await asyncio.gather(*(_stream(client, url, p, new_tokens) for p in prompts))
         passes = (await client.get(url + "/health")).json()["passes"] - passes_before
-    firsts = [arrivals[0] for _, arrivals, _ in streams if arrivals]
-    last = max((arrivals[-1] for _, arrivals, _ in streams if arrivals), default=started)
-    gaps = [b - a for _, arrivals, _ in streams for a, b in zip(arrivals, arrivals[1:])]
-    completion = sum(tokens for _, _, tokens in streams)
-    ttfts = [arrivals[0] - sent for sent, arrivals, _ in streams if arrivals]
-    steady = last - min(firsts) if firsts else 0.0
-    return LevelResult(
-        concurrency=concurrency,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        wall_s=last - started,
-        decode_tokens_per_s=(completion - concurrency) / steady if steady > 0 else float("nan"),
-        total_tokens_per_s=completion / (last - started) if last > started else float("nan"),
-        ttft_p50_s=percentile(ttfts, 50),
-        ttft_p99_s=percentile(ttfts, 99),
-        itl_p50_s=percentile(gaps, 50),
-        itl_p99_s=percentile(gaps, 99),
-        passes=passes,  # the scheduler's count, from GET /health before and after
-        tokens_per_pass=(completion + concurrency * prompt_tokens - concurrency) / max(passes, 1),
-    )
+    # passes: the scheduler's count, from GET /health before and after
+    return LevelResult.measure(streams, prompt_tokens=prompt_tokens, new_tokens=new_tokens, started=started, passes=passes)
 
 
 def run_http_concurrency(
@@ -164,7 +90,7 @@ def run_http_concurrency(
         *(["--kv-tokens", str(kv_tokens)] if kv_tokens is not None else []),  # else the server's default pool
     ]  # fmt: skip
     rng = random.Random(seed)
-    with ServeProcess(args) as server:
+    with ServeProcess([*args, "--served-model-name", MODEL_NAME]) as server:
         for n in sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch} | {max_batch}):
             asyncio.run(_level(server.url, vocab, n, prompt_tokens, 3, rng))  # warm-up: every bucket once
         pids = {"compute": server.process.pid, "loader": server.loader_pid() or os.getpid()}

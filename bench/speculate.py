@@ -23,7 +23,6 @@ Both write one JSON object (``--json``) and a table on stdout.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import random

@@ -42,9 +42,8 @@ from torch.nn.attention import sdpa_kernel
 from transformers import AutoTokenizer, PretrainedConfig
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
-from compute.engine import PREFILL_ATTENTION_BACKENDS, eos_token_ids, head_dim
-from compute.segments import LM_HEAD_UNIT
 from compute.batch_decode import BatchDecoder
+from compute.engine import PREFILL_ATTENTION_BACKENDS, reply_end_ids
 from compute.kernels.paged_attention import (
     paged_attention_supported,
     paged_decode_attention,
@@ -52,7 +51,10 @@ from compute.kernels.paged_attention import (
 )
 from compute.kv_pages import KVPagePool
 from compute.model import HostEmbedding, UnitWeights, build_model
+from compute.segments import LM_HEAD_UNIT
+from protocol.defaults import DEFAULT_PREFILL_CHUNK
 from quantizer.checkpoint import QuantizedCheckpoint
+from quantizer.model_spec import head_dim
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ class BatchEngine:
         max_context: int,
         kv_tokens: int | None = None,
         max_batch: int = 16,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         dtype: torch.dtype = torch.bfloat16,
         host_embedding: bool | None = None,
         cuda_graphs: bool = True,
@@ -101,9 +103,7 @@ class BatchEngine:
         self.config: PretrainedConfig = self.model.config
         self.vocab_size: int = self.config.vocab_size
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-        self.eos_token_ids = eos_token_ids(checkpoint)
-        if not self.eos_token_ids and self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids = frozenset({self.tokenizer.eos_token_id})
+        self.eos_token_ids = reply_end_ids(checkpoint, self.tokenizer)  # a frozenset; a caller may replace it
         inner = self.model.model
         self.layers = inner.layers[: self.config.num_hidden_layers]
         self.num_heads = self.config.num_attention_heads

@@ -131,6 +131,17 @@ def eos_token_ids(checkpoint: QuantizedCheckpoint) -> frozenset[int]:
     return frozenset(ids)
 
 
+def reply_end_ids(checkpoint: QuantizedCheckpoint, tokenizer) -> frozenset[int]:
+    """The ids an engine ends replies at: ``eos_token_ids(checkpoint)``, else the tokenizer's EOS; a warning when
+    neither names one (replies then end only at max_new_tokens or a full context)."""
+    ids = eos_token_ids(checkpoint)
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = frozenset({tokenizer.eos_token_id})
+    if not ids:
+        log.warning("%s names no EOS token: replies end only at max_new_tokens or a full context", checkpoint.path)
+    return ids
+
+
 def cache_keyword(model: torch.nn.Module) -> str:
     """The keyword the model's forward takes its KV cache by: ``cache`` in recent transformers 5.x,
     ``past_key_values`` in earlier ones (5.17, on the GPU machine, knows only that)."""
@@ -172,11 +183,7 @@ class Engine:
         self.config: PretrainedConfig = self.model.config
         self.vocab_size: int = self.config.vocab_size
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-        self.eos_token_ids = eos_token_ids(checkpoint)  # a frozenset; a caller may replace it
-        if not self.eos_token_ids and self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids = frozenset({self.tokenizer.eos_token_id})
-        if not self.eos_token_ids:
-            log.warning("%s names no EOS token: replies end only at max_new_tokens or a full context", checkpoint.path)
+        self.eos_token_ids = reply_end_ids(checkpoint, self.tokenizer)  # a frozenset; a caller may replace it
         if max_context > self.config.max_position_embeddings:
             log.warning(
                 "max_context %d exceeds the model's max_position_embeddings %d: output past that length may degrade",

@@ -13,18 +13,14 @@ checkpoint once per test run.
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import struct
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from bench.serve_process import ServeProcess
 
 TINY_HIDDEN = 128
 TINY_INTERMEDIATE = 256
@@ -202,67 +198,19 @@ def tiny_q_tied(tiny_hf_tied, tmp_path_factory) -> Path:
 
 
 SERVE_BUDGET = "300MiB"  # the tiny model's planner lines on CPU are ~257 MiB: everything resident
-READY_LINE = re.compile(r"spillover: serving '.*' at (http://\S+)/v1 ")
 
 
-class ServerProcess:
-    """``spillover serve ARGS --port 0`` as a subprocess, its stderr in ``log_path``; a context manager that stops
-    it (SIGTERM, then SIGKILL) and its loader on the way out."""
+class ServerProcess(ServeProcess):
+    """``spillover serve ARGS --port 0`` for the tests (``bench.serve_process.ServeProcess``), one OpenMP thread per
+    process (the loader and the server on a 2-core CI machine otherwise spin), with an OpenAI client."""
 
     def __init__(self, args: list[str], *, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 180):
-        self.log_path = Path(log_path)
-        # One OpenMP thread per process: the loader and the server on a 2-core CI machine otherwise spin.
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "compute.cli", "serve", *args, "--port", "0"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env,
-            )  # fmt: skip
-        self.url = self._wait_ready(timeout_s)
-        self.base_url = self.url + "/v1"
-
-    def _wait_ready(self, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = READY_LINE.search(self.log())
-            if found:
-                return found.group(1)
-            if self.process.poll() is not None:
-                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            time.sleep(0.1)
-        self.process.kill()
-        raise AssertionError(f"the server did not listen within {timeout_s} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def loader_pid(self) -> int:
-        import psutil
-
-        children = psutil.Process(self.process.pid).children()
-        (loader,) = [p for p in children if {"loader", "loader.main"} & set(p.cmdline()[1:3])]
-        return loader.pid
+        super().__init__(args, log_path=log_path, env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout_s=timeout_s)
 
     def client(self, api_key: str = "none", **kwargs):
         import openai
 
         return openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=120, **kwargs)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # Real models (tests marked ``real``): assembled from their PyPI packages once per cache (tests/real_models.py).

@@ -23,7 +23,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from compute.chat import ANSWER, ReasoningSplitter
-from conftest import READY_LINE, SERVE_BUDGET, ServerProcess
+from compute.serve.main import READY_PATTERN
+from conftest import SERVE_BUDGET, ServerProcess
 
 MODEL = "tiny"
 API_KEY = "sk-test-" + "".join(random.choices(string.ascii_letters, k=16))
@@ -460,7 +461,7 @@ def test_run_sh_serve_launches_both_processes_and_stops_on_sigterm(tiny_q, tmp_p
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
-        while not (found := READY_LINE.search(log_path.read_text(errors="replace"))):
+        while not (found := READY_PATTERN.search(log_path.read_text(errors="replace"))):
             assert run_sh.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.1)
         client = openai.OpenAI(base_url=found.group(1) + "/v1", api_key="none", max_retries=0)

@@ -12,34 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from bench.batch_equality import PROMPTS  # the same eight prompts the engine-level check uses
 from conftest import ServerProcess
 
 pytestmark = pytest.mark.real
 
 MAX_TOKENS = 6  # the 0.5B decodes about 1 token/s on a 2-core CPU: 16 replies of 6 tokens take minutes
-PROMPTS = [
-    "Write a Python function that reverses a string.",
-    "What does HTTP status 404 mean?",
-    "Name three sorting algorithms.",
-    "How do I open a file in C?",
-    "Explain a Python list comprehension.",
-    "What is a mutex?",
-    "Write SQL that counts the rows of a table.",
-    "What is the capital of France?",
-]
-
-
-def real_fixture(request, name: str):
-    """A real-model fixture of tests/conftest.py, or a skip where this checkout has none."""
-    try:
-        return request.getfixturevalue(name)
-    except pytest.FixtureLookupError:
-        pytest.skip(f"no {name} fixture: the real-model fixtures (tests/real_models.py) are not in this checkout")
 
 
 @pytest.fixture(scope="module")
-def qwen05b_server(request, tmp_path_factory):
-    _cache, model_dir = real_fixture(request, "qwen_05b_cache")  # the GGUF imported into spillover-int4 once
+def qwen05b_server(qwen_05b_cache, tmp_path_factory):
+    _cache, model_dir = qwen_05b_cache  # the GGUF imported into spillover-int4 once
     args = ["--model", str(model_dir), "--device", "cpu", "--max-context", "512", "--max-batch", "8",
             "--served-model-name", "qwen"]  # fmt: skip
     log = tmp_path_factory.mktemp("serve_real") / "server.log"
@@ -85,12 +68,12 @@ def test_8_concurrent_greedy_streams_equal_the_same_requests_one_at_a_time(qwen0
     print(f"8 replies of {MAX_TOKENS} tokens: one at a time {alone_s:.1f} s, concurrently {together_s:.1f} s")
 
 
-def test_deepseek_r1_reasoning_goes_to_reasoning_content(request):
+def test_deepseek_r1_reasoning_goes_to_reasoning_content(deepseek_r1_tokenizer):
     from transformers import AutoTokenizer
 
     from compute.serve.text import ReplyText, prompt_opens_reasoning, thinks
 
-    tokenizer = AutoTokenizer.from_pretrained(real_fixture(request, "deepseek_r1_tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(deepseek_r1_tokenizer)
     assert thinks(tokenizer)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True,
                                            tokenize=True, return_dict=True)["input_ids"]  # fmt: skip

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import re
 import socket
 from collections.abc import Callable
 
@@ -201,6 +202,10 @@ async def _http(config: ServeConfig, run: RunConfig, scheduler, listener: socket
     with LoaderWatch(bridge, loader_pid):
         await server.serve(sockets=[listener])
     return bridge.failure
+
+
+# What the line below promises a process that started the server: once it is printed, the server answers at URL.
+READY_PATTERN = re.compile(r"spillover: serving '.*' at (http://\S+)/v1 ")
 
 
 def _ready_line(config: ServeConfig, listener: socket.socket, scheduler) -> str:
