@@ -48,8 +48,9 @@ def _engine(qdir: Path, device: str, max_context: int, drafter=None, draft_token
     from quantizer.checkpoint import QuantizedCheckpoint
 
     checkpoint = QuantizedCheckpoint(qdir)
-    return Engine(checkpoint, ResidentWeights(checkpoint, device), device=device, max_context=max_context,
-                  drafter=drafter, draft_tokens=draft_tokens)  # fmt: skip
+    weights = ResidentWeights(checkpoint, device, cpu_kernel_form=device == "cpu")
+    return Engine(checkpoint, weights, device=device, max_context=max_context, drafter=drafter,
+                  draft_tokens=draft_tokens)  # fmt: skip
 
 
 def _decode_record(label: str, result, text: str, baseline_text: str | None) -> dict:

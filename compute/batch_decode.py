@@ -6,7 +6,8 @@ returns their logits ``[rows, vocab]``. It promises:
 * The rows' inputs go into static buffers (``DecodeInputs``: token ids, or their embedding rows when the
   embedding is in host memory; positions; KV slots; the page table, ``max_pages`` wide; lengths), filled from
   the host by one copy each, and ``BatchEngine.run_pass`` computes from them with attention by
-  ``compute.kernels.paged_attention``. Nothing in the pass reads a value back from the device.
+  ``compute.kernels.paged_attention`` (where it does not run: each row's own SDPA over its sequence's positions,
+  as a mixed pass computes it). Nothing in the pass reads a value back from the device.
 * On CUDA with ``cuda_graphs``, the pass is cut as the one-conversation decode step is
   (``compute.segments.plan_segments``: every run of resident pieces that holds a unit is one captured segment, the
   streamed units eager between them; with nothing streamed, one segment: the whole pass) and captured once per
@@ -17,7 +18,7 @@ returns their logits ``[rows, vocab]``. It promises:
   units the graph read (``UnitBinder.skip``); a streamed unit's weights arrive through the loader's ring behind
   host-side waits a graph cannot hold, so its layer runs eagerly every pass. A new plan drops the graphs; a
   capture that fails is logged and the plan decodes eagerly.
-* Otherwise (CPU, graphs off, a plan that streams every unit) the whole pass runs eagerly on buffers of exactly
+* Otherwise (CPU, graphs off, no paged kernel, a plan that streams every unit) the whole pass runs eagerly on buffers of exactly
   n rows.
 
 ``mode`` says how the last pass ran. This module knows nothing about requests or sampling.
@@ -33,8 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from compute.cuda_graphs import WARMUP_STEPS
-from compute.segments import Segment, describe, plan_generation, plan_segments, streamed_units
 from compute.model import HostEmbedding
+from compute.segments import Segment, describe, plan_generation, plan_segments, streamed_units
 
 if TYPE_CHECKING:
     from compute.batch_engine import BatchEngine, Chunk
@@ -55,6 +56,7 @@ class DecodeInputs:
         self.slots = torch.full((rows,), pool.padding_page * pool.page_tokens, dtype=torch.long, device=device)
         self.page_table = torch.full((rows, engine.max_pages), pool.padding_page, dtype=torch.int32, device=device)
         self.lengths = torch.ones(rows, dtype=torch.int32, device=device)  # [rows]: positions attended over
+        self.row_slots: list[torch.Tensor] = []  # each real row's KV slots, positions 0 .. its own (no paged kernel)
         config = engine.config
         dtype = engine.kv_pool.keys.dtype
         # What crosses a segment boundary (compute.segments.plan_segments): the hidden state and the rotary tables.
@@ -87,6 +89,8 @@ class DecodeInputs:
         self.slots.copy_(host[2], non_blocking=True)
         self.page_table.copy_(table, non_blocking=True)
         self.lengths.copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32), non_blocking=True)
+        # without the paged kernel each row attends over its positions' slots, found here once, not in every layer
+        self.row_slots = [] if engine.paged_kernel else [pool.slots(chunk.seq, 0, chunk.start + 1) for chunk in chunks]
         if self.host_embedding is not None:
             torch.index_select(self.host_embedding.weight, 0, host[0], out=self._staging)
             self.embedded[0].copy_(self._staging, non_blocking=True)
@@ -98,7 +102,15 @@ class DecodeInputs:
         return engine.model.model.embed_tokens(self.ids.unsqueeze(0))
 
     def attend(self, engine: BatchEngine, index: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        return engine.paged_attention(index, q, self.page_table, self.lengths, scale)
+        """Every row over its sequence's positions: the paged kernel in one launch, else the same per-sequence
+        attention a mixed pass uses (``BatchEngine.sequence_attention``), so a row's result does not depend on the
+        pass it lands in; padding rows give zeros there."""
+        if engine.paged_kernel:
+            return engine.paged_attention(index, q, self.page_table, self.lengths, scale)
+        out = torch.zeros_like(q)  # (rows, H, D)
+        for row, slots in enumerate(self.row_slots):
+            out[row : row + 1] = engine.sequence_attention(index, q[row : row + 1], slots, scale)
+        return out
 
     def run(self, engine: BatchEngine) -> torch.Tensor:
         """The pass over these buffers: logits of every row [rows, vocab]."""
@@ -194,6 +206,9 @@ class BatchDecoder:
             return
         if self.engine.device.type != "cuda":
             self._reason = f"CUDA graphs need a CUDA device (decode runs on {self.engine.device})"
+            return
+        if not self.engine.paged_kernel:  # the per-sequence attention indexes with slots found on the host per pass
+            self._reason = "the paged attention kernel does not run for this model (bf16, power-of-two head size)"
             return
         streamed = streamed_units(self.engine.weights.plan)
         segments = plan_segments(self._units, streamed, len(self.engine.layers))

@@ -47,7 +47,6 @@ from compute.engine import PREFILL_ATTENTION_BACKENDS, reply_end_ids
 from compute.kernels.paged_attention import (
     paged_attention_supported,
     paged_decode_attention,
-    reference_paged_decode_attention,
 )
 from compute.kv_pages import KVPagePool
 from compute.model import HostEmbedding, UnitWeights, build_model
@@ -122,7 +121,7 @@ class BatchEngine:
         binder = self.model.unit_binder
         self._binder = binder
         self._head_unit = next((i for i, (name, _) in enumerate(binder.units) if name == LM_HEAD_UNIT), None)
-        self._paged_kernel = paged_attention_supported(self.device, dtype, self.head_dim)
+        self.paged_kernel = paged_attention_supported(self.device, dtype, self.head_dim)
         self.decoder = BatchDecoder(self, cuda_graphs=cuda_graphs)
         log.info(
             "paged KV pool: %d tokens in %d pages of %d, %.1f MiB; attention for decode rows: %s",
@@ -130,7 +129,7 @@ class BatchEngine:
             self.kv_pool.num_pages,
             self.kv_pool.page_tokens,
             self.kv_pool.nbytes / 2**20,
-            "paged Triton kernel" if self._paged_kernel else "torch SDPA per sequence",
+            "paged Triton kernel" if self.paged_kernel else "torch SDPA per sequence",
         )
 
     @classmethod
@@ -210,12 +209,13 @@ class BatchEngine:
     def paged_attention(
         self, index: int, q: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """One decode row per sequence over its pages (``compute.kernels.paged_attention``; its torch reference
-        where the kernel does not run): [rows, H, D]."""
-        attend = paged_decode_attention if self._paged_kernel else reference_paged_decode_attention
-        return attend(q, self.kv_pool.keys[index], self.kv_pool.values[index], page_table, lengths, scale=scale)
+        """One decode row per sequence over its pages in one launch (``compute.kernels.paged_attention``; only where
+        ``paged_kernel`` holds): [rows, H, D]."""
+        return paged_decode_attention(
+            q, self.kv_pool.keys[index], self.kv_pool.values[index], page_table, lengths, scale=scale
+        )
 
-    def _attend(self, index: int, q: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
+    def sequence_attention(self, index: int, q: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal attention of ``q`` [n, H, D], the last n positions of a sequence whose positions' slots are
         ``slots``, over that sequence's keys/values: [n, H, D]. HF's SDPA path, its repeat_kv included."""
         n, length = q.shape[0], slots.shape[0]
@@ -251,12 +251,12 @@ class _Batch:
         """Each chunk's rows over its own sequence: decode rows in one paged launch on CUDA, the rest by SDPA."""
         out = torch.empty_like(q)  # (T, H, D)
         chunks = self.all_chunks
-        if engine._paged_kernel and self.decode_index is not None:
+        if engine.paged_kernel and self.decode_index is not None:
             rows = self.decode_index
             out[rows] = engine.paged_attention(index, q[rows], self.page_table, self.decode_lengths, scale)
             chunks = self.prefill_chunks
         for offset, n, slots in chunks:
-            out[offset : offset + n] = engine._attend(index, q[offset : offset + n], slots, scale)
+            out[offset : offset + n] = engine.sequence_attention(index, q[offset : offset + n], slots, scale)
         return out
 
     @classmethod

@@ -226,7 +226,9 @@ class BatchRunner:
                 tokens[i] = token
         for i, seq in enumerate(seqs):
             if tokens[i] is None:
-                history = torch.tensor(seq.ids, dtype=torch.long, device=logits.device)
+                # only the repetition penalty reads the ids seen so far: no O(length) copy per token without it
+                seen = seq.ids if seq.entry.params.repetition_penalty != 1 else []
+                history = torch.tensor(seen, dtype=torch.long, device=logits.device)
                 tokens[i] = sample_next(logits[i], seq.entry.params, seq.generator, history)
         return tokens
 

@@ -7,7 +7,9 @@ there, and the loader's planner reserves their bytes (``loader.planner.draft_lin
 * ``ResidentWeights(checkpoint, device)``: every unit in one device buffer, its Linears' ``qweight``s back to back
   in manifest order, then their ``scales`` (the order the loader lays a unit out, so the decode step's fused GEMVs
   see q/k/v and gate/up as one matrix); ``acquire`` returns fixed views, ``release`` does nothing, ``plan`` is None
-  (``compute.model.UnitWeights``).
+  (``compute.model.UnitWeights``). With ``cpu_kernel_form`` (on CPU, where the loader's planner counts that form:
+  ``loader.layout.pool_layouts``) every Linear that has one is held in the CPU INT4 kernel's form instead
+  (``protocol.cpu_kernel_form``), so a draft forward dequantizes nothing.
 * ``check_same_tokenizer(target, draft, label)``: ``DraftModelError`` (one line) unless both tokenizers map every
   token, special ones included, to the same id.
 * ``DraftModel(engine, vocab_size=..., ...)``: a ``compute.speculation.Drafter`` over an ``Engine`` of the draft.
@@ -29,6 +31,7 @@ import torch
 
 from compute.engine import Engine
 from compute.speculate.tree import DraftTree, grow_tree
+from protocol.cpu_kernel_form import has_kernel_form, pack_for_cpu_kernel
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX
 
@@ -45,12 +48,24 @@ class DraftModelError(ValueError):
     """The draft model cannot serve this target; the message says why in one line."""
 
 
+def _cpu_kernel_form(views: dict[str, torch.Tensor], linears: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The Linears of ``linears`` that have a CPU kernel form, packed into it (``protocol.cpu_kernel_form``): what
+    ``Int4Linear`` multiplies with the CPU INT4 kernel instead of dequantizing its weight at every forward."""
+    packed: dict[str, torch.Tensor] = {}
+    for linear in linears:
+        qweight = views[linear + QWEIGHT_SUFFIX]
+        if has_kernel_form(qweight.shape[0], 2 * qweight.shape[1]):
+            form = pack_for_cpu_kernel(qweight, views[linear + SCALES_SUFFIX])
+            packed[linear + QWEIGHT_SUFFIX], packed[linear + SCALES_SUFFIX] = form
+    return packed
+
+
 class ResidentWeights:
     """Every unit of ``checkpoint`` resident on ``device``, laid out as the loader lays out a unit."""
 
     plan = None  # no loader: nothing streams
 
-    def __init__(self, checkpoint: QuantizedCheckpoint, device: torch.device | str):
+    def __init__(self, checkpoint: QuantizedCheckpoint, device: torch.device | str, *, cpu_kernel_form: bool = False):
         self.units: dict[str, dict[str, torch.Tensor]] = {}
         self.nbytes = 0
         for unit in checkpoint.manifest.units:
@@ -69,8 +84,12 @@ class ResidentWeights:
                 view = raw.view(tensor.dtype).view(tensor.shape)
                 view.copy_(tensor)
                 views[name] = view
+            if cpu_kernel_form:  # the CPU INT4 kernel's form, as a loader's CPU pool holds its units
+                packed = _cpu_kernel_form(views, unit.linears)
+                # the rest copied out of the unit's buffer, so that the file form is freed
+                views = {name: packed[name] if name in packed else view.clone() for name, view in views.items()}
             self.units[unit.name] = views
-            self.nbytes += offset
+            self.nbytes += sum(t.numel() * t.element_size() for t in views.values())
 
     def acquire(self, unit: str, stream: torch.cuda.Stream | None = None) -> dict[str, torch.Tensor]:
         return self.units[unit]

@@ -229,7 +229,7 @@ class Scheduler:
             raise ValueError("the prompt is empty: give at least one token")
         if len(prompt) >= self.max_context:
             raise ContextLengthError(
-                f"the prompt has {len(prompt)} tokens but the context holds {self.max_context} "
+                f"the prompt has {len(prompt)} tokens but the context holds {self.max_context} tokens "
                 f"(prompt and reply together): shorten the prompt to at most {self.max_context - 1} tokens"
             )
         vocab = self._runner.vocab_size

@@ -259,7 +259,7 @@ def _drafter(
     checkpoint = QuantizedCheckpoint(draft.path)
     engine = Engine(
         checkpoint,
-        ResidentWeights(checkpoint, config.device),
+        ResidentWeights(checkpoint, config.device, cpu_kernel_form=config.device == "cpu"),
         device=config.device,
         max_context=plan.max_context,
         prefill_chunk=min(plan.prefill_chunk, DEFAULT_PREFILL_CHUNK),  # what the planner counted for the draft

@@ -73,7 +73,7 @@ def run(config: LoaderCommand) -> int:
             draft = QuantizedCheckpoint(config.draft_model)
             reserved = draft_lines(
                 device=config.device,
-                units=layout_units(draft.manifest),
+                units=pool_layouts(draft.manifest, config.device),  # on CPU, the kernel form compute packs it in
                 config=draft.config,
                 max_context=config.max_context,
             )

@@ -88,7 +88,6 @@ class Service:
     bridge: SchedulerBridge
     tokenizer: Tokenizer
     model_id: str  # the name clients use in "model"
-    max_context: int  # prompt and reply together, in tokens
     defaults: SamplingDefaults
     api_key: str | None  # None: no key needed
     shutdown_grace_s: float  # how long running requests may go on after a shutdown began
@@ -182,16 +181,6 @@ def _check_model(service: Service, model: str) -> None:
         raise model_not_found(model, service.model_id)
 
 
-def _check_context(service: Service, prompt_tokens: int, param: str) -> None:
-    if prompt_tokens >= service.max_context:
-        raise invalid_request(
-            f"This model's maximum context length is {service.max_context} tokens, and the prompt has "
-            f"{prompt_tokens} tokens, which leaves no room for a reply: shorten the {param}",
-            param=param,
-            code="context_length_exceeded",
-        )
-
-
 def _render_chat(service: Service, request: ChatRequest) -> list[int]:
     # "developer" is OpenAI's newer name for the system role; templates know "system".
     messages = [
@@ -213,12 +202,11 @@ async def _chat(service: Service, request: Request) -> Response:
     chat = parse_chat(await _read_body(request))
     _check_model(service, chat.model)
     prompt_ids = _render_chat(service, chat)
-    _check_context(service, len(prompt_ids), "messages")
     max_tokens = chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
     params = sampling_params(chat, service.defaults, max_tokens=max_tokens)
     reasoning = prompt_opens_reasoning(service.tokenizer, prompt_ids) if thinks(service.tokenizer) else None
     text = ReplyText(service.tokenizer, stop=stop_strings(chat), reasoning=reasoning)
-    generation = service.bridge.submit(prompt_ids, params)
+    generation = service.bridge.submit(prompt_ids, params, param="messages")
     ids = ResponseIds("chatcmpl", service.model_id)
     if chat.stream:
         include_usage = chat.stream_options is not None and chat.stream_options.include_usage
@@ -252,10 +240,9 @@ async def _completion(service: Service, request: Request) -> Response:
     completion = parse_completion(await _read_body(request))
     _check_model(service, completion.model)
     prompt_ids = _completion_prompt(service, completion.prompt_value())
-    _check_context(service, len(prompt_ids), "prompt")
     params = sampling_params(completion, service.defaults, max_tokens=completion.max_tokens)
     text = ReplyText(service.tokenizer, stop=stop_strings(completion))
-    generation = service.bridge.submit(prompt_ids, params)
+    generation = service.bridge.submit(prompt_ids, params, param="prompt")
     ids = ResponseIds("cmpl", service.model_id)
     if completion.stream:
         include_usage = completion.stream_options is not None and completion.stream_options.include_usage

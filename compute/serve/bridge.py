@@ -90,7 +90,9 @@ class SchedulerBridge:
         self.closing = False  # shut_down was called
         self._live: dict[int, Generation] = {}
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, param: str) -> Generation:
+        """Hand a request to the scheduler; a refusal is raised as its HTTP error, naming the request field
+        ``param`` the prompt came from (the scheduler's checks of the prompt are the only ones)."""
         if self.failure is not None:
             raise unavailable(f"the engine has stopped: {self.failure}")
         if self.closing:
@@ -109,9 +111,9 @@ class SchedulerBridge:
         except QueueFullError as e:
             raise over_capacity(f"the server is at capacity ({e}); retry later") from None
         except ContextLengthError as e:
-            raise invalid_request(str(e), code="context_length_exceeded") from None
+            raise invalid_request(str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:  # an empty prompt, ids outside the vocabulary
-            raise invalid_request(str(e)) from None
+            raise invalid_request(str(e), param=param) from None
         except SchedulerClosedError as e:
             raise unavailable(str(e)) from None
         self._live[generation.request_id] = generation

@@ -175,7 +175,6 @@ async def _http(config: ServeConfig, run: RunConfig, scheduler, listener: socket
         bridge=bridge,
         tokenizer=scheduler.tokenizer,
         model_id=config.model_id,
-        max_context=scheduler.max_context,
         defaults=SamplingDefaults(
             temperature=run.temperature,
             top_p=run.top_p,
