@@ -216,19 +216,23 @@ def bench_prefill() -> list[dict]:
     return rows
 
 
-def bench_crossover(rows_list: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[dict]:
-    """GEMV against the prefill path for growing M, on the shapes that dominate a layer."""
+def bench_crossover(rows_list: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 32, 64)) -> list[dict]:
+    """GEMV against the prefill path for growing M, on the shapes that dominate a layer: ``gemv_us`` is what
+    ``int4_gemv`` picks (the tensor-core kernel up to 16 rows, making the rows' operand in each call past one row),
+    ``dot_us`` the dot kernel at the same rows (2 rows on)."""
     out = []
     for name, n, k, _ in SHAPES_32B[:4]:
         weights = make_weights(n, k)
         for m in rows_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             gemv_s = time_in_graph(gemv_calls(weights, x, None), replays=10)
+            dot_s = time_in_graph(gemv_calls(weights, x, gemv_config("dot", n, k)), replays=10) if m > 1 else None
             gemm_s = time_in_graph(
                 [(lambda q=q, s=s: int4_gemm(x, q, s)) for q, s in zip(weights.qweights[:8], weights.scales[:8])],
                 replays=10,
             )
-            out.append(dict(shape=name, n=n, k=k, m=m, gemv_us=gemv_s * 1e6, gemm_us=gemm_s * 1e6))
+            out.append(dict(shape=name, n=n, k=k, m=m, gemv_us=gemv_s * 1e6, gemm_us=gemm_s * 1e6,
+                            dot_us=None if dot_s is None else dot_s * 1e6))  # fmt: skip
         del weights
     return out
 
@@ -313,7 +317,7 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]
     click.echo(f"\n{title}")
     click.echo("  ".join(f"{header:>22}" for header, _, _ in columns))
     for row in rows:
-        click.echo("  ".join(f"{format(row[key], spec):>22}" for _, key, spec in columns))
+        click.echo("  ".join(f"{'' if row[key] is None else format(row[key], spec):>22}" for _, key, spec in columns))
 
 
 @click.command()
@@ -374,7 +378,8 @@ def main(json_path: Path, sweep: bool, sweep_seconds: float, sweep_kernels: str,
     if crossover:
         report["crossover"] = bench_crossover()
         print_table("GEMV against the prefill path, in a CUDA graph", report["crossover"], [
-            ("shape", "shape", ""), ("M", "m", "d"), ("GEMV us", "gemv_us", ".1f"), ("prefill us", "gemm_us", ".1f"),
+            ("shape", "shape", ""), ("M", "m", "d"), ("GEMV us", "gemv_us", ".1f"), ("dot kernel us", "dot_us", ".1f"),
+            ("prefill us", "gemm_us", ".1f"),
         ])
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     click.echo(f"\nwrote {json_path}")

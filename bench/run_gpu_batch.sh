@@ -5,6 +5,7 @@
 #      (BASELINE=no-baseline skips that one).
 # Run from the repository root on a machine with a CUDA GPU:
 #   bench/run_gpu_batch.sh OUTDIR
+# Environment: LEVELS (default 1,4,16,64), BUDGETS (e.g. "24GiB 8GiB"; default: the bench's), MAX_BATCH, BASELINE.
 # Each step has its own time limit; every log and result lands in OUTDIR (bench.json after every budget).
 set -u
 out=${1:?usage: bench/run_gpu_batch.sh OUTDIR}
@@ -22,7 +23,9 @@ echo "exit $?" >>"$out/gpu_tests.log"
 tail -n 15 "$out/gpu_tests.log" >&2
 
 echo "== spillover bench --concurrency ${LEVELS:-1,4,16,64}" >&2
-timeout "${BENCH_TIMEOUT:-330}" "$python" -m compute.cli bench --checkpoint "$checkpoint" \
+budgets=()
+for budget in ${BUDGETS:-}; do budgets+=(--gpu-memory "$budget"); done
+timeout "${BENCH_TIMEOUT:-330}" "$python" -m compute.cli bench --checkpoint "$checkpoint" "${budgets[@]}" \
     --concurrency "${LEVELS:-1,4,16,64}" --max-batch "${MAX_BATCH:-16}" --prompt-tokens "${PROMPT_TOKENS:-128}" \
     --new-tokens "${NEW_TOKENS:-32}" --decode-tokens 64 --prefill-tokens 512 "--${BASELINE:-baseline}" \
     --json "$out/bench.json" \

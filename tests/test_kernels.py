@@ -233,6 +233,40 @@ def test_gemv_explicit_configs_on_cuda(m):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("m", [2, 3, 7, 8, 9, 13, 16])
+def test_tensor_core_gemv_of_several_rows_on_cuda(m):
+    """2 … 16 rows through ``gemv_mma`` (one n-tile of columns up to 8 rows, two past it): every row against the
+    exact product, with and without split-K, N not a multiple of the row block, bias, fp16; and each row equal to
+    that row alone through the same kernel, to the fp32 summation order (columns are independent in the mma)."""
+    from compute.kernels.gemv import int4_gemv, row_operand
+    from compute.kernels.gemv_configs import MmaConfig
+    from compute.kernels.gemv_mma import mma_supported
+
+    if not mma_supported(None):
+        pytest.skip("gemv_mma needs compute capability 8.0")
+    qweight, scales, w64, bias = random_linear(300, 1408, "cuda", bias=True)  # 11 groups along K
+    x = torch.randn(m, 1408, dtype=torch.bfloat16, device="cuda")
+    assert row_operand(x).rows == m
+    for cfg in (None, MmaConfig(1, 1, 1, 1), MmaConfig(2, 2, 2, 3), MmaConfig(1, 4, 1, 11), MmaConfig(4, 1, 2, 1)):
+        y = int4_gemv(x, qweight, scales, bias, cfg)
+        assert y.shape == (m, 300)
+        assert_close_to_exact(y, x, w64, bias)
+        alone = torch.cat([int4_gemv(x[r : r + 1], qweight, scales, bias, cfg) for r in range(m)])
+        assert (y.float() - alone.float()).abs().max() <= 2.0**-7 * alone.float().abs().max(), cfg
+    half = x.to(torch.float16)
+    y = int4_gemv(half, qweight, scales, bias.to(torch.float16))
+    assert y.dtype == torch.float16
+    assert_close_to_exact(y, half, w64, bias.to(torch.float16))
+    partials = int4_gemv(x, qweight, scales, None, MmaConfig(1, 1, 2, 4), partials=True)
+    assert partials.shape == (4, m, 300)
+    assert_close_to_exact(partials.sum(0).to(torch.bfloat16), x, w64, None)
+    qweight, scales, w64, _ = random_linear(5120, 5120, "cuda")  # a 32B shape, default config
+    x = torch.randn(m, 5120, dtype=torch.bfloat16, device="cuda")
+    assert_close_to_exact(int4_matmul(x, qweight, scales), x, w64, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("k", [384, 1408, 5120])
 def test_row_operand_on_cuda(k):
     """The row operand of a bf16 row, and a GEMV on it equal to the GEMV on the row (which makes the same operand)."""
@@ -337,7 +371,7 @@ def test_gemm_chunks_large_weights_on_cuda(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("m,n,k", [(1, 256, 1024), (1, 128, 4096), (4, 384, 512)])
+@pytest.mark.parametrize("m,n,k", [(1, 256, 1024), (1, 128, 4096), (4, 384, 512), (12, 384, 512)])
 def test_int4_matmul_replays_in_a_cuda_graph(m, n, k):
     qweight, scales, w64, bias = random_linear(n, k, "cuda", bias=True)
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
@@ -357,7 +391,7 @@ def test_triton_kernels_in_the_interpreter():
         [sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, f"interpreter cases failed:\n{done.stdout}\n{done.stderr}"
-    assert done.stdout.count("ok ") == len(INTERPRETER_CASES) + 4, done.stdout
+    assert done.stdout.count("ok ") == len(INTERPRETER_CASES) + 5, done.stdout
 
 
 # (M, N, K, bias, MmaConfig (M = 1) or GemvConfig fields, or None for the heuristic): the one-row kernel and the
@@ -378,7 +412,7 @@ INTERPRETER_CASES = [
 def interpreter_cases() -> None:
     """The Triton kernels on CPU tensors; this process must have TRITON_INTERPRET=1 set at start."""
     from compute.kernels import gemm
-    from compute.kernels.gemv import int4_gemv, row_operand
+    from compute.kernels.gemv import RowOperand, int4_gemv, row_operand
     from compute.kernels.gemv_configs import GemvConfig, MmaConfig
 
     for k in (384, 1408, 9216):  # one partial program of the operand kernel, two, and a full one and a partial one
@@ -401,6 +435,20 @@ def interpreter_cases() -> None:
     assert partials.dtype == torch.float32 and partials.shape == (4, 1, 40), (partials.dtype, partials.shape)
     assert_close_to_exact(partials.sum(0).to(torch.bfloat16), x, w64, None, truncated=True)
     print("ok gemv partials")
+
+    # several rows through the tensor-core kernel's operand (the row kernel here, a program per row): the operand
+    # of each row is the one-row operand, and split sums land in [splits, M, N]
+    x = torch.randn(5, 1408, dtype=torch.bfloat16) * 3
+    operand = row_operand(x)
+    assert operand.rows == 5 and operand.values.shape == (5, 1408) and operand.sums.shape == (5, 11)
+    for row in range(5):
+        assert_operand(RowOperand(operand.values[row], operand.sums[row]), x[row])
+    qweight, scales, w64, bias = random_linear(72, 1408, bias=True)
+    assert_close_to_exact(int4_gemv(x, qweight, scales, bias, MmaConfig(1, 2, 2, 3)), x, w64, bias, truncated=True)
+    partials = int4_gemv(x, qweight, scales, None, MmaConfig(1, 1, 2, 4), partials=True)
+    assert partials.shape == (4, 5, 72), partials.shape
+    assert_close_to_exact(partials.sum(0).to(torch.bfloat16), x, w64, None, truncated=True)
+    print("ok rows operand")
 
     # The interpreter rounds fp32 -> bf16 toward zero (CUDA rounds to nearest, and the GPU test checks
     # bit-exactness), so here each weight may be off by one bf16 unit in the last place.

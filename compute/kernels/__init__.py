@@ -6,7 +6,7 @@ The weight tensors may be views into a shared pool at any 256-byte-aligned offse
 
 ``int4_matmul`` picks the path:
 
-* CUDA, bf16/fp16, at most ``GEMV_MAX_ROWS`` rows: the fused GEMV (``gemv.py``; one row on tensor cores,
+* CUDA, bf16/fp16, at most ``GEMV_MAX_ROWS`` rows: the fused GEMV (``gemv.py``; up to 16 rows on tensor cores,
   ``gemv_mma.py``), which reads the packed weight once and never writes a bf16 copy; capturable in a CUDA graph.
 * CUDA, more rows: dequantize into a bounded scratch, then cuBLAS (``gemm.py``).
 * anything else (CPU, fp32): ``reference_int4_matmul``, plain torch.

@@ -2,17 +2,18 @@
 
 The weight is read once, packed, and never written back as bf16. One wrapper, ``int4_gemv``, and three kernels:
 
-* one row of ``x`` (batch-1 decode), on CUDA devices of compute capability 8.0 on: the tensor-core kernel of
-  ``gemv_mma`` (Gluon), on ``x`` in the form its loop consumes, the row *operand* (below);
+* one row of ``x`` (batch-1 decode) or a few (up to ``gemv_mma.MAX_ROWS``: batched decode, a small draft tree), on
+  CUDA devices of compute capability 8.0 on: the tensor-core kernel of ``gemv_mma`` (Gluon), on ``x`` in the form
+  its loop consumes, the row *operand* (below), which reads every weight once for all the rows;
 * one row elsewhere (the Triton interpreter, which runs the tests on CPU; older GPUs): ``_gemv_row_kernel``, plain
-  Triton on the same operand;
-* a few rows (2 ... ``GEMV_MAX_ROWS`` in the dispatcher): ``_gemv_dot_kernel``, tensor-core dots on 16-row blocks
-  of ``x``, fp32 accumulation.
+  Triton on the same operand (a program per row);
+* a few rows where ``gemv_mma`` does not run: ``_gemv_dot_kernel``, tensor-core dots on 16-row blocks of ``x``,
+  fp32 accumulation.
 
 Operands, as the kernels see them:
 
     x        [M, K]       bf16 or fp16, unit stride along K, row stride ``stride_xm`` (the dot kernel)
-    operand  ``RowOperand``: the one row of x, its words' elements permuted, and its groups' sums (one-row kernels)
+    operand  ``RowOperand``: the row(s) of x, their words' elements permuted, and their groups' sums
     words    [N, K / 8]   int32: the uint8 ``qweight [N, K / 2]`` viewed as little-endian int32, contiguous
     scales   [N, K / 128] bf16, contiguous: one scale per 128-element group
     bias     [N] or absent
@@ -51,7 +52,7 @@ import triton
 import triton.language as tl
 
 from compute.kernels.gemv_configs import H200_SMS, GemvConfig, MmaConfig, gemv_config
-from compute.kernels.gemv_mma import gemv_mma, mma_supported
+from compute.kernels.gemv_mma import MAX_ROWS, gemv_mma, mma_supported
 from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 from quantizer.format import BLOCK_SIZE
 
@@ -114,13 +115,15 @@ def store_operand(values_ptr, sums_ptr, x, group0, KG, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _operand_kernel(x_ptr, values_ptr, sums_ptr, KG, GROUPS: tl.constexpr, EARLY: tl.constexpr):
+def _operand_kernel(x_ptr, values_ptr, sums_ptr, KG, stride_xm, GROUPS: tl.constexpr, EARLY: tl.constexpr):
+    """Groups ``program_id(0) * GROUPS …`` of row ``program_id(1)`` of x into the operand's row."""
     signal_dependents(EARLY)
     wait_for_producers(EARLY)
     group0 = tl.program_id(0) * GROUPS
+    row = tl.program_id(1).to(tl.int64)
     cols = group0 * 128 + tl.arange(0, GROUPS * 128)
-    x = tl.load(x_ptr + cols, mask=cols < KG * 128, other=0.0).to(tl.float32)
-    store_operand(values_ptr, sums_ptr, x, group0, KG, GROUPS)
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < KG * 128, other=0.0).to(tl.float32)
+    store_operand(values_ptr + row * KG * 128, sums_ptr + row * KG, x, group0, KG, GROUPS)
 
 
 @triton.jit
@@ -128,11 +131,14 @@ def _gemv_row_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, KG, groups_per_split, stride_os,
     KW: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """The row operand times BLOCK_N weight rows over the groups of split ``program_id(1)``, plainly: every nibble
-    unpacked to an integer and multiplied by its x. What ``gemv_mma`` computes, where it cannot run (the Triton
-    interpreter); with SPLIT, fp32 partial sums into slice ``program_id(1)`` of ``out``."""
+    """Row ``program_id(2)`` of the operand times BLOCK_N weight rows over the groups of split ``program_id(1)``,
+    plainly: every nibble unpacked to an integer and multiplied by its x. What ``gemv_mma`` computes, where it
+    cannot run (the Triton interpreter); with SPLIT, fp32 partial sums into slice ``program_id(1)`` of ``out``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    x_ptr += pid_m * KW * 8
+    out_ptr += pid_m * N
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_in = tl.minimum(rows, N - 1)
     w = tl.arange(0, 16)
@@ -246,11 +252,12 @@ _SUM_BLOCK = 1024  # output elements per program of _split_sum_kernel
 
 @dataclasses.dataclass(frozen=True)
 class RowOperand:
-    """One row of ``x`` in the form the one-row GEMV's loop consumes (module docstring), made by ``row_operand`` or
-    by the kernel that produces the row (``store_operand``); its dtype is the row's, and the product's."""
+    """One row of ``x`` (or a few, up to ``gemv_mma.MAX_ROWS``) in the form the tensor-core GEMV's loop consumes
+    (module docstring), made by ``row_operand`` or by the kernel that produces the row (``store_operand``); its
+    dtype is the rows', and the product's."""
 
-    values: torch.Tensor  # [K] in the row's dtype, each 8-element word's elements permuted
-    sums: torch.Tensor  # fp32 [K / 128]: each group's sum of the values
+    values: torch.Tensor  # [K] (one row) or [M, K], in the rows' dtype, each 8-element word's elements permuted
+    sums: torch.Tensor  # fp32 [K / 128] or [M, K / 128]: each group's sum of the values
 
     @property
     def dtype(self) -> torch.dtype:
@@ -258,29 +265,38 @@ class RowOperand:
 
     @property
     def in_features(self) -> int:
-        return self.values.shape[0]
+        return self.values.shape[-1]
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.values.dim() == 1 else self.values.shape[0]
 
     @staticmethod
-    def empty(in_features: int, dtype: torch.dtype, device: torch.device | str) -> RowOperand:
-        """An unwritten operand for a row of ``in_features`` (a multiple of 128), for a producer kernel to fill."""
+    def empty(in_features: int, dtype: torch.dtype, device: torch.device | str, rows: int | None = None) -> RowOperand:
+        """An unwritten operand for a row of ``in_features`` (a multiple of 128), or for ``rows`` rows, for a
+        producer kernel to fill."""
         if in_features % BLOCK_SIZE:
             raise ValueError(f"a row operand holds whole {BLOCK_SIZE}-element groups, not {in_features} elements")
-        values = torch.empty(in_features, dtype=dtype, device=device)
-        return RowOperand(values, torch.empty(in_features // BLOCK_SIZE, dtype=torch.float32, device=device))
+        lead = () if rows is None else (rows,)
+        values = torch.empty((*lead, in_features), dtype=dtype, device=device)
+        sums = torch.empty((*lead, in_features // BLOCK_SIZE), dtype=torch.float32, device=device)
+        return RowOperand(values, sums)
 
 
 _OPERAND_GROUPS = 8  # groups (1024 elements) of the row per program of _operand_kernel
 
 
 def row_operand(x: torch.Tensor) -> RowOperand:
-    """The one-row GEMV's operand for ``x`` ([1, K] or [K], bf16 or fp16, unit stride, K a multiple of 128), in one
-    launch."""
-    operand = RowOperand.empty(x.shape[-1], x.dtype, x.device)
-    n_groups = operand.sums.shape[0]
+    """The tensor-core GEMV's operand for ``x`` ([K] or [1, K]: one row; [M, K]: M rows; bf16 or fp16, unit stride
+    along K, a multiple of 128), in one launch."""
+    rows = 1 if x.dim() == 1 else x.shape[0]
+    operand = RowOperand.empty(x.shape[-1], x.dtype, x.device, rows=None if rows == 1 else rows)
+    n_groups = operand.sums.shape[-1]
     early = early_launch(x.device)
-    _operand_kernel[(triton.cdiv(n_groups, _OPERAND_GROUPS),)](
-        x, operand.values, operand.sums, n_groups, GROUPS=_OPERAND_GROUPS, EARLY=early, num_warps=4, **pdl(early)
-    )
+    _operand_kernel[(triton.cdiv(n_groups, _OPERAND_GROUPS), rows)](
+        x, operand.values, operand.sums, n_groups, x.stride(0) if x.dim() == 2 else 0,
+        GROUPS=_OPERAND_GROUPS, EARLY=early, num_warps=4, **pdl(early),
+    )  # fmt: skip
     return operand
 
 
@@ -306,6 +322,18 @@ def row_split(n_groups: int, cfg: MmaConfig) -> tuple[int, int]:
     return per_split, triton.cdiv(n_groups, per_split)
 
 
+def _takes_operand(x: torch.Tensor, config: GemvConfig | MmaConfig | None) -> bool:
+    """Whether the rows ``x`` [M, K] go to the tensor-core kernel (through a ``RowOperand``): one row always (the
+    portable row kernel where ``gemv_mma`` cannot run); up to ``MAX_ROWS`` on a GPU it runs on, or when a
+    ``MmaConfig`` asks for it (the interpreter's tests). Others take the dot kernel."""
+    m = x.shape[0]
+    if m == 1 or isinstance(config, MmaConfig):
+        return True
+    if isinstance(config, GemvConfig) or m > MAX_ROWS:
+        return False
+    return x.is_cuda and mma_supported(x.device.index)
+
+
 def int4_gemv(
     x: torch.Tensor | RowOperand,
     qweight: torch.Tensor,
@@ -318,8 +346,9 @@ def int4_gemv(
     """``x [M, K] @ dequantize(qweight [N, K/2], scales [N, K/128]).T + bias [N]`` -> ``[M, N]`` in x's dtype.
 
     The caller (``compute.kernels.int4_matmul``) has checked shapes, dtypes and alignment; ``x`` must have
-    unit stride along K. One row (M == 1, or a ``RowOperand``) runs a one-row kernel on the row's operand (made
-    here, in one more launch, unless ``x`` is one already); more rows run the dot kernel.
+    unit stride along K. One row, a ``RowOperand``, or up to ``MAX_ROWS`` rows where ``gemv_mma`` runs
+    (``_takes_operand``) go to the tensor-core kernel (its portable twin in the interpreter) on the rows' operand
+    (made here, in one more launch, unless ``x`` is one already); other rows run the dot kernel.
 
     With ``partials`` the split-K sums are not added up here: the result is the fp32 ``[S, M, N]`` partial sums
     (S >= 1 splits; no bias, which must be None), for a consumer kernel that adds them itself, in fp32, with
@@ -327,10 +356,10 @@ def int4_gemv(
     """
     if partials and bias is not None:
         raise ValueError("int4_gemv(partials=True) leaves the bias to the consumer of the partial sums")
-    if isinstance(x, torch.Tensor) and x.shape[0] == 1:
+    if isinstance(x, torch.Tensor) and _takes_operand(x, config):
         x = row_operand(x)
     if isinstance(x, RowOperand):
-        m, k, dtype, device, kernel = 1, x.in_features, x.dtype, x.values.device, "mma"
+        m, k, dtype, device, kernel = x.rows, x.in_features, x.dtype, x.values.device, "mma"
     else:
         (m, k), dtype, device, kernel = x.shape, x.dtype, x.device, "dot"
     n = qweight.shape[0]
@@ -353,7 +382,7 @@ def int4_gemv(
     if kernel == "mma" and device.type == "cuda" and mma_supported(device.index):
         gemv_mma(x.values, x.sums, words, scales, own_bias, out, cfg, per_split, split_k, early=early_launch(device))
     elif kernel == "mma":
-        _gemv_row_kernel[(triton.cdiv(n, cfg.rows), split_k)](
+        _gemv_row_kernel[(triton.cdiv(n, cfg.rows), split_k, m)](
             x.values, words, scales, own_bias if own_bias is not None else scales, out,
             n, n_groups, per_split, stride_os,
             KW=k // 8, BLOCK_N=cfg.rows, SPLIT=split, HAS_BIAS=own_bias is not None, num_warps=4,
