@@ -23,6 +23,13 @@ Attention: on CUDA the decode rows (chunks of one token) of a pass go through on
 ``compute.kernels.paged_attention`` per layer; prefill chunks, and everything on CPU, gather their sequence's
 keys/values from the pages and run torch's SDPA (HF's arithmetic: bf16, ``repeat_kv``'s head grouping).
 
+A layer on CUDA bf16 (where ``compute.decode.fused_decode_unsupported`` finds nothing against the model) runs in
+about twelve launches instead of HF modules' forty: the fused RMSNorm writing the GEMV's operand (up to 16 rows),
+q|k|v as one GEMV with its bias, rotary and the pool's writes in one kernel
+(``compute.kernels.paged_attention.rotary_pool_write``), gate|up as one GEMV and the fused SiLU·up writing the
+down projection's operand. The arithmetic, rounding for rounding, is the modules' (the GEMVs' sums aside, which
+are the kernels' for a stacked weight); elsewhere the layer runs HF's modules.
+
 A pass interrupted by an exception walks the rest of its units (``UnitBinder.abandon_pass``) before re-raising,
 so the loader's ring stays in step; the keys/values the pass wrote are then not to be trusted (the caller
 drops those sequences). A ``protocol.client.LoaderError`` means the engine cannot go on.
@@ -43,10 +50,17 @@ from transformers import AutoTokenizer, PretrainedConfig
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from compute.batch_decode import BatchDecoder
+from compute.decode import fused_decode_unsupported, stacked
 from compute.engine import PREFILL_ATTENTION_BACKENDS, reply_end_ids
+from compute.kernels import int4_matmul
+from compute.kernels.activation import silu_mul
+from compute.kernels.gemv import int4_gemv
+from compute.kernels.gemv_mma import MAX_ROWS
+from compute.kernels.norm import rms_norm
 from compute.kernels.paged_attention import (
     paged_attention_supported,
     paged_decode_attention,
+    rotary_pool_write,
 )
 from compute.kv_pages import KVPagePool
 from compute.model import HostEmbedding, UnitWeights, build_model
@@ -122,6 +136,8 @@ class BatchEngine:
         self._binder = binder
         self._head_unit = next((i for i, (name, _) in enumerate(binder.units) if name == LM_HEAD_UNIT), None)
         self.paged_kernel = paged_attention_supported(self.device, dtype, self.head_dim)
+        self.fused = self.paged_kernel and self.device.type == "cuda" and fused_decode_unsupported(self.config, dtype) is None
+        self._qkv_bias = [_stacked_bias(layer.self_attn) for layer in self.layers] if self.fused else []
         self.decoder = BatchDecoder(self, cuda_graphs=cuda_graphs)
         log.info(
             "paged KV pool: %d tokens in %d pages of %d, %.1f MiB; attention for decode rows: %s",
@@ -192,6 +208,8 @@ class BatchEngine:
         return self.model.lm_head(inner.norm(rows))[0]  # (asking, vocab); an untied head's hooks bind its unit
 
     def _layer(self, index: int, layer, hidden: torch.Tensor, rotary, slots: torch.Tensor, attention) -> torch.Tensor:
+        if self.fused:
+            return self._fused_layer(index, layer, hidden, rotary, slots, attention)
         attn = layer.self_attn
         tokens = hidden.shape[1]
         x = layer.input_layernorm(hidden)
@@ -205,6 +223,33 @@ class BatchEngine:
         out = attention.attend(self, index, q, attn.scaling)  # (T, H, D)
         hidden = hidden + attn.o_proj(out.reshape(1, tokens, -1))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _fused_layer(self, index: int, layer, hidden: torch.Tensor, rotary, slots: torch.Tensor, attention):
+        """``_layer`` in the fused kernels (module docstring); ``hidden`` (1, T, hidden) bf16 on CUDA."""
+        attn, mlp = layer.self_attn, layer.mlp
+        tokens, size = hidden.shape[1], hidden.shape[2]
+        few = tokens <= MAX_ROWS  # the norms and the activation write the next GEMV's operand
+
+        def linear(x, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            return int4_gemv(x, weight, scales, bias) if few else int4_matmul(x, weight, scales, bias)
+
+        norm = layer.input_layernorm
+        x = rms_norm(hidden.view(tokens, size), norm.weight, norm.variance_epsilon, operand=few)
+        qkv = linear(x, *stacked((attn.q_proj, attn.k_proj, attn.v_proj)), self._qkv_bias[index])
+        cos, sin = rotary
+        q = rotary_pool_write(
+            qkv, cos, sin, slots, self.kv_pool.flat_keys(index), self.kv_pool.flat_values(index),
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+        )  # fmt: skip
+        out = attention.attend(self, index, q, attn.scaling)  # (T, H, D)
+        hidden = hidden + attn.o_proj(out.reshape(1, tokens, -1))
+        norm = layer.post_attention_layernorm
+        x = rms_norm(hidden.view(tokens, size), norm.weight, norm.variance_epsilon, operand=few)
+        gate_up = linear(x, *stacked((mlp.gate_proj, mlp.up_proj)))  # [T, 2 I]
+        intermediate = mlp.gate_proj.out_features
+        act = silu_mul(gate_up[:, :intermediate], gate_up[:, intermediate:], operand=few)
+        down = mlp.down_proj
+        return hidden + linear(act, down.qweight, down.scales, down.bias).view(1, tokens, size)
 
     def paged_attention(
         self, index: int, q: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor, scale: float
@@ -231,6 +276,18 @@ class BatchEngine:
                 q.transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask, scale=scale
             )
         return out[0].transpose(0, 1)  # (n, H, D)
+
+
+def _stacked_bias(attention) -> torch.Tensor | None:
+    """The q|k|v projections' biases as one (zeros for one without), None when none has one."""
+    linears = (attention.q_proj, attention.k_proj, attention.v_proj)
+    if all(linear.bias is None for linear in linears):
+        return None
+    device = next(linear.bias.device for linear in linears if linear.bias is not None)
+    return torch.cat([
+        linear.bias if linear.bias is not None else torch.zeros(linear.out_features, dtype=torch.bfloat16, device=device)
+        for linear in linears
+    ])  # fmt: skip
 
 
 @dataclasses.dataclass

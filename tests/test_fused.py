@@ -28,6 +28,7 @@ from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 from compute.kernels.activation import reference_silu_mul, silu_mul, swiglu_mlp_forward
+from compute.kernels.gemv import RowOperand
 from compute.kernels.norm import FusedRMSNorm, add_partials, add_partials_workspace, rms_norm
 from compute.model import build_model
 from conftest import capture_graph
@@ -109,10 +110,13 @@ def test_the_wrappers_refuse_bad_operands():
     with pytest.raises(ValueError, match="one shape"):
         silu_mul(torch.randn(4, dtype=torch.bfloat16), torch.randn(5, dtype=torch.bfloat16))
     two_rows = torch.randn(2, 8, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"operand=True\) takes one row"):
+    with pytest.raises(ValueError, match=r"operand=True\) takes 1 to 16 rows of a multiple of 128"):
         rms_norm(two_rows, torch.ones(8, dtype=torch.bfloat16), 1e-6, operand=True)
-    with pytest.raises(ValueError, match=r"operand=True\) takes one row"):
+    with pytest.raises(ValueError, match=r"operand=True\) takes 1 to 16 rows of a multiple of 128"):
         silu_mul(two_rows, two_rows, operand=True)
+    many_rows = torch.randn(17, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"operand=True\) takes 1 to 16 rows"):
+        rms_norm(many_rows, torch.ones(128, dtype=torch.bfloat16), 1e-6, operand=True)
     with pytest.raises(ValueError, match="needs the norm's weight"):
         add_partials(row, torch.zeros(2, 1, 8), operand=True)
     with pytest.raises(ValueError, match="multiple of 128"):  # the operand holds whole 128-element groups
@@ -201,6 +205,22 @@ def check_operands(device: str) -> None:
         gate = torch.randn(1, width, dtype=torch.bfloat16, device=device) * 4
         up = torch.randn(1, width, dtype=torch.bfloat16, device=device)
         same(silu_mul(gate, up, operand=True), silu_mul(gate, up))
+    # several rows (batched decode): each row of the operand is that row's operand; the activation reads the two
+    # strided halves of one gate|up product, as the batched layer passes them
+    for rows, hidden in ((3, 640), (16, 128)):
+        norm = hf_norm(hidden, device)
+        x = torch.randn(rows, hidden, dtype=torch.bfloat16, device=device) * 3
+        operand, plain = rms_norm(x, norm.weight, 1e-6, operand=True), rms_norm(x, norm.weight, 1e-6)
+        assert operand.rows == rows
+        for r in range(rows):
+            same(RowOperand(operand.values[r], operand.sums[r]), plain[r])
+        gate_up = torch.randn(rows, 2 * hidden, dtype=torch.bfloat16, device=device) * 4
+        gate, up = gate_up[:, :hidden], gate_up[:, hidden:]
+        dense = silu_mul(gate, up)
+        assert dense.is_contiguous() and torch.equal(dense, silu_mul(gate.contiguous(), up.contiguous()))
+        operand = silu_mul(gate, up, operand=True)
+        for r in range(rows):
+            same(RowOperand(operand.values[r], operand.sums[r]), dense[r])
 
 
 def check_add_partials(splits: int, hidden: int, has_bias: bool, has_norm: bool, device: str, rounded) -> None:

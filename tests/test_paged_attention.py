@@ -21,7 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from compute.kernels.paged_attention import paged_decode_attention, reference_paged_decode_attention
+from compute.kernels.paged_attention import (
+    paged_decode_attention,
+    reference_paged_decode_attention,
+    reference_rotary_pool_write,
+    rotary_pool_write,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # (H, KVH, D, P, lengths of the rows)
@@ -117,7 +122,44 @@ def test_the_kernel_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"interpreter cases failed:\n{done.stdout}\n{done.stderr}"
-    assert done.stdout.count("ok ") == len(INTERPRETED), done.stdout
+    assert done.stdout.count("ok ") == len(INTERPRETED) + len(ROTARY_SHAPES), done.stdout
+
+
+# (rows, heads, KV heads, head size): a decode batch of the 32B model's heads, a tiny model's, one row
+ROTARY_SHAPES = [(16, 40, 8, 128), (5, 4, 2, 16), (1, 14, 2, 64)]
+
+
+def check_rotary_pool_write(shape, device: str) -> None:
+    """``rotary_pool_write`` against HF's rotary and ``index_copy_`` on the same inputs: bit for bit on CUDA; in the
+    interpreter, which rounds fp32 -> bf16 toward zero, within a bf16 ulp of each rounding (three of them)."""
+    rows, heads, kv_heads, dim = shape
+    gen = torch.Generator().manual_seed(rows * 1000 + heads)
+    qkv = (torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen) * 3).to(torch.bfloat16).to(device)
+    angles = torch.rand(rows, dim // 2, generator=gen) * 100
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(torch.bfloat16).to(device)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(torch.bfloat16).to(device)
+    slots = torch.randperm(3 * rows, generator=gen)[:rows].to(device)
+    pools = [torch.full((3 * rows, kv_heads, dim), float("nan"), dtype=torch.bfloat16, device=device) for _ in "kvKV"]
+    q = rotary_pool_write(qkv, cos, sin, slots, pools[0], pools[1], num_heads=heads, num_kv_heads=kv_heads)
+    expected = reference_rotary_pool_write(qkv, cos, sin, slots, pools[2], pools[3], num_heads=heads,
+                                           num_kv_heads=kv_heads)  # fmt: skip
+    assert q.shape == (rows, heads, dim)
+    if device == "cuda":
+        assert torch.equal(q, expected)
+        assert torch.equal(pools[0].nan_to_num(7), pools[2].nan_to_num(7))  # untouched slots stay NaN in both
+        assert torch.equal(pools[1].nan_to_num(7), pools[3].nan_to_num(7))
+        return
+    assert torch.equal(pools[1].nan_to_num(7), pools[3].nan_to_num(7))  # values: copied as they are
+    for got, want in ((q, expected), (pools[0][slots], pools[2][slots])):
+        bound = 3 * 2.0**-7 * (qkv.float().abs().max())  # an ulp of each of three roundings, at most
+        assert ((got.float() - want.float()).abs() <= bound).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", ROTARY_SHAPES)
+def test_rotary_pool_write_on_cuda(shape):
+    check_rotary_pool_write(shape, "cuda")
 
 
 @pytest.mark.gpu
@@ -131,6 +173,9 @@ def interpreter_cases() -> None:
     for shape in INTERPRETED:
         check_paged(shape, "cpu")
         print("ok paged_decode_attention", shape[:4])
+    for shape in ROTARY_SHAPES:
+        check_rotary_pool_write(shape, "cpu")
+        print("ok rotary_pool_write", shape)
 
 
 if __name__ == "__main__":

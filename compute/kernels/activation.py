@@ -7,11 +7,12 @@ each of the two ops computes in fp32 and rounds to bf16, so ``silu_mul`` does th
     out = (act.float() * up.float()).to(bf16)
 
 It may differ from HF only where ``exp``'s last fp32 bit tips the first bf16 rounding (rare: an ulp or two of
-the output). Operands, as the kernel sees them (the Int4Linears' outputs are fresh contiguous tensors):
+the output). Operands, as the kernel sees them:
 
-    gate     [E]   bf16, contiguous (E = every element of the [..., I] gate_proj output)
-    up       [E]   bf16, contiguous, the same shape as gate
-    out      [E]   bf16, contiguous (freshly allocated)
+    gate     [R, n]  bf16, unit stride along n, rows ``stride_in`` apart (R = 1, n = every element, for
+                     contiguous tensors of any shape; the two halves of a [R, 2 I] gate|up product are R rows of I)
+    up       [R, n]  bf16, like gate
+    out      [R, n]  bf16, contiguous (freshly allocated), or the down_proj GEMV's row operand
 
 The kernel allocates nothing and never synchronises with the host, so a call can be captured in a CUDA graph.
 
@@ -28,6 +29,7 @@ import triton.language as tl
 from torch import nn
 
 from compute.kernels.gemv import RowOperand, store_operand
+from compute.kernels.gemv_mma import MAX_ROWS
 from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 
 __all__ = ["reference_silu_mul", "silu_mul", "swiglu_mlp_forward"]
@@ -37,21 +39,26 @@ _BLOCK = 1024  # elements per program: the 32B model's 27648-wide decode row is 
 
 @triton.jit
 def _silu_mul_kernel(
-    gate_ptr, up_ptr, out_ptr, sums_ptr, n, BLOCK: tl.constexpr, OPERAND: tl.constexpr, EARLY: tl.constexpr
-):
-    """BLOCK elements; with OPERAND (one row of n, a multiple of 128) into the down_proj GEMV's row operand."""
+    gate_ptr, up_ptr, out_ptr, sums_ptr, n, stride_in,
+    BLOCK: tl.constexpr, OPERAND: tl.constexpr, EARLY: tl.constexpr,
+):  # fmt: skip
+    """BLOCK elements of row ``program_id(1)`` (rows ``stride_in`` apart in gate and up, n long, written densely);
+    with OPERAND (rows of a multiple of 128) into the down_proj GEMV's row operand."""
     signal_dependents(EARLY)  # launched early: compute.kernels.pdl
     wait_for_producers(EARLY)
+    row = tl.program_id(1).to(tl.int64)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: long prefills pass 2**31
     mask = offsets < n
-    gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + row * stride_in + offsets, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * stride_in + offsets, mask=mask, other=0.0).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16)  # F.silu's result is rounded to bf16 before the product
     out = (act.to(tl.float32) * up).to(tl.bfloat16)
     if OPERAND:
-        store_operand(out_ptr, sums_ptr, out.to(tl.float32), tl.program_id(0) * (BLOCK // 128), n // 128, BLOCK // 128)
+        group0 = tl.program_id(0) * (BLOCK // 128)
+        store_operand(out_ptr + row * n, sums_ptr + row * (n // 128), out.to(tl.float32), group0, n // 128,
+                      BLOCK // 128)  # fmt: skip
     else:
-        tl.store(out_ptr + offsets, out, mask=mask)
+        tl.store(out_ptr + row * n + offsets, out, mask=mask)
 
 
 def reference_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -61,23 +68,32 @@ def reference_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, operand: bool = False) -> torch.Tensor | RowOperand:
     """``silu(gate) * up`` for bf16 tensors of one shape, by the fused kernel (CUDA tensors, or CPU ones under the
-    Triton interpreter). With ``operand`` (one row) the result is the next GEMV's ``RowOperand``."""
+    Triton interpreter). Rows of 2-D ``gate`` and ``up`` may be strided alike (the halves of one gate|up product);
+    the result is dense. With ``operand`` (one row, or up to ``gemv_mma.MAX_ROWS`` of a 2-D pair) the result is
+    the next GEMV's ``RowOperand``."""
     if not (gate.dtype == torch.bfloat16 and up.dtype == torch.bfloat16):
         raise ValueError(f"silu_mul needs bf16 tensors, got gate {gate.dtype} and up {up.dtype}")
     if gate.shape != up.shape or gate.device != up.device:
         raise ValueError(f"gate and up must have one shape on one device, got {tuple(gate.shape)} on {gate.device} "
                          f"and {tuple(up.shape)} on {up.device}")  # fmt: skip
-    gate, up = gate.contiguous(), up.contiguous()
-    n = gate.numel()
-    if operand and (n != gate.shape[-1] or n % 128):
-        raise ValueError(f"silu_mul(operand=True) takes one row of a multiple of 128 elements, got {tuple(gate.shape)}")
-    out = RowOperand.empty(n, gate.dtype, gate.device) if operand else torch.empty_like(gate)
-    if n:
-        early = early_launch(gate.device)
-        _silu_mul_kernel[(triton.cdiv(n, _BLOCK),)](
-            gate, up, out.values if operand else out, out.sums if operand else out, n, BLOCK=_BLOCK, OPERAND=operand,
-            EARLY=early, num_warps=4, **pdl(early),
+    strided = gate.dim() == 2 and gate.stride(1) == 1 and up.stride(1) == 1 and gate.stride(0) == up.stride(0)
+    if not strided:
+        gate, up = gate.contiguous(), up.contiguous()
+    rows, n = (gate.shape[0], gate.shape[1]) if strided else (1, gate.numel())
+    if operand and not (n == gate.shape[-1] and n % 128 == 0 and 1 <= rows <= MAX_ROWS):
+        raise ValueError(
+            f"silu_mul(operand=True) takes 1 to {MAX_ROWS} rows of a multiple of 128 elements, got {tuple(gate.shape)}"
         )
+    if operand:
+        out = RowOperand.empty(n, gate.dtype, gate.device, rows=None if rows == 1 else rows)
+    else:
+        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if n and rows:
+        early = early_launch(gate.device)
+        _silu_mul_kernel[(triton.cdiv(n, _BLOCK), rows)](
+            gate, up, out.values if operand else out, out.sums if operand else out, n,
+            gate.stride(0) if strided else 0, BLOCK=_BLOCK, OPERAND=operand, EARLY=early, num_warps=4, **pdl(early),
+        )  # fmt: skip
     return out
 
 

@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import nn
 
 from compute.kernels.gemv import RowOperand, store_operand, sum_partials
+from compute.kernels.gemv_mma import MAX_ROWS
 from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 
 __all__ = ["FusedRMSNorm", "add_partials", "add_partials_workspace", "reference_rms_norm", "rms_norm"]
@@ -58,7 +59,7 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     variance = tl.sum(x * x, axis=0) / H  # masked lanes are 0 and add nothing
     normed = (x * tl.rsqrt(variance + eps)).to(tl.bfloat16)  # HF rounds to the input dtype before the weight
-    _store_normed(out_ptr + row * H, sums_ptr, normed, weight_ptr, cols, mask, H, OPERAND, BLOCK_H)
+    _store_normed(out_ptr + row * H, sums_ptr + row * (H // 128), normed, weight_ptr, cols, mask, H, OPERAND, BLOCK_H)
 
 
 _ADD_BLOCK = 256  # columns per program of add_partials: 20 programs for the 32B model's 5120
@@ -194,7 +195,8 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, operand: bool = False) -> torch.Tensor | RowOperand:
     """``x [..., H]`` bf16, ``weight [H]`` bf16 -> ``[..., H]`` bf16, by the fused kernel (CUDA tensors, or CPU
-    ones under the Triton interpreter); with ``operand`` (one row) the next GEMV's ``RowOperand`` instead."""
+    ones under the Triton interpreter); with ``operand`` the next GEMV's ``RowOperand`` instead (of one row, or of
+    up to ``gemv_mma.MAX_ROWS``: ``[rows, H]``)."""
     hidden = x.shape[-1]
     if not (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16):
         raise ValueError(f"rms_norm needs bf16 tensors, got x {x.dtype} and weight {weight.dtype}")
@@ -203,10 +205,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, operand: bool
     x2d = x.reshape(-1, hidden)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    if operand and (x2d.shape[0] != 1 or hidden % 128):
-        raise ValueError(f"rms_norm(operand=True) takes one row of a multiple of 128 elements, got {tuple(x.shape)}")
+    rows = x2d.shape[0]
+    if operand and not (1 <= rows <= MAX_ROWS and hidden % 128 == 0):
+        raise ValueError(
+            f"rms_norm(operand=True) takes 1 to {MAX_ROWS} rows of a multiple of 128 elements, got {tuple(x.shape)}"
+        )
     if operand:
-        out = RowOperand.empty(hidden, x.dtype, x.device)
+        out = RowOperand.empty(hidden, x.dtype, x.device, rows=None if rows == 1 else rows)
     else:
         out = torch.empty((x2d.shape[0], hidden), dtype=x.dtype, device=x.device)
     if x2d.shape[0]:

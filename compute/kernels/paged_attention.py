@@ -20,6 +20,12 @@ page holds there cannot reach the output. Probabilities enter the second product
 attention; scores, maxima and sums are fp32. Sizes are shapes only and lengths are read on the device, so a
 call can be captured in a CUDA graph and replayed for other lengths.
 
+``rotary_pool_write(qkv, cos, sin, slots, key_pool, value_pool, num_heads=H, num_kv_heads=KVH)`` is the step
+before it in a pass of T rows (``compute.batch_engine``): from the q|k|v product ``[T, (H + 2 KVH) D]`` (bias
+included) it returns the rotated queries ``[T, H, D]`` and writes the rotated keys and the values at each row's slot
+of a layer's pool (``[slots, KVH, D]``, the pages flattened), in one launch where HF's rotary takes about a dozen
+and the pool's writes two. Its rounding is HF's: ``bf16(bf16(x cos) + bf16(rotate_half(x) sin))``.
+
 ``reference_paged_decode_attention`` is the plain torch definition the kernel is tested against. The Triton
 interpreter (CPU tensors) runs the same kernel with its dots in fp32 (its bf16 ``tl.dot`` is wrong, as
 ``compute.kernels.attention`` notes).
@@ -31,7 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["paged_attention_supported", "paged_decode_attention", "reference_paged_decode_attention"]
+__all__ = [
+    "paged_attention_supported",
+    "paged_decode_attention",
+    "reference_paged_decode_attention",
+    "reference_rotary_pool_write",
+    "rotary_pool_write",
+]
 
 _MIN_DOT_ROWS = 16
 _LOG2_E = 1.4426950408889634
@@ -167,3 +179,78 @@ def reference_paged_decode_attention(
         out[b] = torch.einsum("hl,hld->hd", torch.softmax(scores, dim=-1), values)
     return out.to(q.dtype)
 
+
+
+@triton.jit
+def _rotary_pool_write_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_ptr, v_ptr, stride_qkv,
+    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    """Row ``program_id(0)``, head ``program_id(1)`` (q heads, then k heads, then v heads) of the q|k|v product:
+    rotated into ``q``, rotated into the key pool at the row's slot, or as it is into the value pool."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    d = tl.arange(0, D)
+    source = qkv_ptr + row * stride_qkv + head * D
+    x = tl.load(source + d).to(tl.float32)
+    partner = tl.load(source + (d + D // 2) % D).to(tl.float32)  # rotate_half: -x[d + D/2], then x[d - D/2]
+    rotated_half = tl.where(d < D // 2, -partner, partner)
+    cos = tl.load(cos_ptr + row * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + row * D + d).to(tl.float32)
+    # HF's three bf16 ops, each rounded (the launch turns FP fusion off so that no FMA merges them)
+    rotated = ((x * cos).to(tl.bfloat16).to(tl.float32) + (rotated_half * sin).to(tl.bfloat16).to(tl.float32)).to(
+        tl.bfloat16
+    )
+    if head < H:
+        tl.store(q_ptr + (row * H + head) * D + d, rotated)
+    else:
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        if head < H + KVH:
+            tl.store(k_ptr + (slot * KVH + head - H) * D + d, rotated)
+        else:
+            tl.store(v_ptr + (slot * KVH + head - H - KVH) * D + d, x.to(tl.bfloat16))
+
+
+def reference_rotary_pool_write(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, key_pool: torch.Tensor,
+    value_pool: torch.Tensor, *, num_heads: int, num_kv_heads: int,
+) -> torch.Tensor:  # fmt: skip
+    """``rotary_pool_write`` in plain torch: HF's ``apply_rotary_pos_emb`` row by row, ``index_copy_`` into the pool."""
+    rows, head_dim = qkv.shape[0], cos.shape[-1]
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    cos, sin = cos.reshape(rows, 1, head_dim), sin.reshape(rows, 1, head_dim)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(rows, -1, head_dim)
+        half = torch.cat((-x[..., head_dim // 2 :], x[..., : head_dim // 2]), dim=-1)
+        return (x * cos) + (half * sin)
+
+    key_pool.index_copy_(0, slots, rotate(k))
+    value_pool.index_copy_(0, slots, v.reshape(rows, num_kv_heads, head_dim))
+    return rotate(q)
+
+
+def rotary_pool_write(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, key_pool: torch.Tensor,
+    value_pool: torch.Tensor, *, num_heads: int, num_kv_heads: int,
+) -> torch.Tensor:  # fmt: skip
+    """The rotated queries ``[T, H, D]`` of ``qkv`` ``[T, (H + 2 KVH) D]`` bf16 (unit stride along features),
+    ``cos``/``sin`` ``[T, D]`` bf16 (any shape of T * D contiguous elements), after writing the rotated keys and the
+    values to ``key_pool``/``value_pool`` ``[slots, KVH, D]`` bf16 at ``slots`` [T] int64 (module docstring)."""
+    rows, head_dim = qkv.shape[0], cos.shape[-1]
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be [T, (H + 2 KVH) D] with unit stride, got {tuple(qkv.shape)}")
+    if cos.numel() != rows * head_dim or sin.numel() != rows * head_dim:
+        raise ValueError(f"cos and sin must hold {rows} rows of {head_dim}, got {tuple(cos.shape)}")
+    if tuple(key_pool.shape[1:]) != (num_kv_heads, head_dim) or not key_pool.is_contiguous():
+        raise ValueError(f"the pool must be [slots, {num_kv_heads}, {head_dim}] contiguous, got {tuple(key_pool.shape)}")
+    if head_dim & (head_dim - 1) or slots.shape != (rows,):
+        raise ValueError(f"head_dim {head_dim} must be a power of two and slots [{rows}], got {tuple(slots.shape)}")
+    q = torch.empty((rows, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if rows:
+        _rotary_pool_write_kernel[(rows, num_heads + 2 * num_kv_heads)](
+            qkv, cos.contiguous(), sin.contiguous(), slots, q, key_pool, value_pool, qkv.stride(0),
+            H=num_heads, KVH=num_kv_heads, D=head_dim, num_warps=1,
+            enable_fp_fusion=False,  # keep HF's two roundings before the sum
+        )  # fmt: skip
+    return q
