@@ -10,8 +10,9 @@ process (``compute.launch``), connects that process as the compute side (``proto
 * decode tokens/s over ``--decode-tokens`` (>= 64) tokens after a warm-up, context <= 1024;
 * bytes streamed host -> device per decoded token (the loader's counters);
 * peak device memory of each process and their sum (NVML per process, allocator caches and contexts included);
-* with ``--draft-model``, the same decode again with speculation (the draft held resident, reserved in the budget):
-  tokens per target pass, the draft's share of the time, tok/s (random weights: acceptance means nothing here;
+* with ``--draft-model`` (the draft held resident, reserved in the budget) or ``--speculate ngram`` (prompt
+  lookup), the same decode again with speculation: its ``compute.speculation.SpeculationStats`` (tokens per
+  target pass, the draft's share of the time) and tok/s (random weights: acceptance means nothing here;
   ``bench.speculate`` measures it on a real pair);
 
 and the ceilings, measured by this run on this machine: pinned host -> device GB/s and device -> device GB/s.
@@ -42,6 +43,7 @@ import click
 import torch
 
 from compute.config import KernelOptions, kernel_options
+from compute.run import SPECULATE_OPTION, check_speculation
 from protocol.defaults import DEFAULT_POLICY, POLICY_NAMES
 from protocol.sizes import parse_size
 
@@ -79,7 +81,7 @@ class BudgetResult:
     compute_wait_s_per_token: float  # host time compute waited for the loader to enqueue a fill, per token (a device-side wait on a copy in flight is not seen)
     peak_device_bytes: dict  # role -> bytes (NVML), and "total"
     compute_reserved_peak_bytes: int  # the compute process's CUDA caching allocator at its peak (part of its NVML)
-    speculative: dict | None = None  # with --draft-model: decode_tokens_per_s and the SpeculationStats of that decode
+    speculative: dict | None = None  # with --draft-model or --speculate: decode tok/s and its SpeculationStats
 
 
 def measure_ceilings(nbytes: int = 1 << 30, repeats: int = 5) -> Ceilings:
@@ -109,7 +111,7 @@ def measure_ceilings(nbytes: int = 1 << 30, repeats: int = 5) -> Ceilings:
 
 def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, prefill_tokens: int,
                decode_tokens: int, ceilings: Ceilings, kernels: KernelOptions,
-               draft_model: Path | None = None) -> BudgetResult:  # fmt: skip
+               draft_model: Path | None = None, speculate: str | None = None) -> BudgetResult:  # fmt: skip
     from compute.engine import Engine
     from compute.launch import LaunchedLoader
     from protocol.launch import LoaderCommand
@@ -152,7 +154,7 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
                 after = _totals(client)
                 decode_mode = engine.decode_mode
                 speculative = None
-                if draft_model is not None:
+                if draft_model is not None or speculate is not None:
                     speculative = _speculative_decode(engine, draft_model, prompt, greedy, decode_tokens)
         finally:
             client.close()
@@ -194,16 +196,20 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
     )
 
 
-def _speculative_decode(engine, draft_model: Path, prompt: list[int], greedy, decode_tokens: int) -> dict:
-    """The decode run again, drafted by ``draft_model`` held resident in this process."""
+def _speculative_decode(engine, draft_model: Path | None, prompt: list[int], greedy, decode_tokens: int) -> dict:
+    """The decode run again, drafted by ``draft_model`` held resident in this process, or by prompt lookup (None)."""
     from compute.draft_model import DraftModel, ResidentWeights
     from compute.engine import Engine
+    from compute.speculation import NgramDrafter
     from quantizer.checkpoint import QuantizedCheckpoint
 
-    checkpoint = QuantizedCheckpoint(draft_model)
-    draft = Engine(checkpoint, ResidentWeights(checkpoint, "cuda"), device="cuda", max_context=engine.max_context,
-                   cuda_graphs=False)  # fmt: skip
-    engine.drafter = DraftModel(draft, vocab_size=engine.vocab_size)
+    if draft_model is None:
+        engine.drafter = NgramDrafter()
+    else:
+        checkpoint = QuantizedCheckpoint(draft_model)
+        draft = Engine(checkpoint, ResidentWeights(checkpoint, "cuda"), device="cuda", max_context=engine.max_context,
+                       cuda_graphs=False)  # fmt: skip
+        engine.drafter = DraftModel(draft, vocab_size=engine.vocab_size)
     engine.reset()
     engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=16))  # warm-up
     engine.reset()
@@ -250,7 +256,7 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
         if r.speculative is not None:
             spec = r.speculative
             lines.append(
-                f"{r.budget} with the draft (random weights: acceptance means nothing): "
+                f"{r.budget} with {spec['drafter']} drafts (random weights: acceptance means nothing): "
                 f"{spec['decode_tokens_per_s']:.1f} tok/s, {spec['tokens_per_pass']:.2f} tok/pass, "
                 f"draft {100 * spec['draft_time_share']:.0f}% of the time"
             )
@@ -270,6 +276,7 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
 @click.option("--draft-model", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also decode speculatively with this spillover-int4 draft (e.g. `spillover synth --preset qwen2-0.5b`).")
+@SPECULATE_OPTION
 @click.option("--concurrency", default=None,
               help="Also serve this many requests at once, e.g. 1,4,16,64 (bench.concurrency).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
@@ -288,7 +295,7 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
 def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy: str, max_context: int,
           prefill_tokens: int, decode_tokens: int, json_path: Path | None, concurrency: str | None, max_batch: int,
           kv_tokens: int | None, prompt_tokens: int, new_tokens: int, baseline: bool, http: bool,
-          draft_model: Path | None,
+          draft_model: Path | None, speculate: str | None,
           gemv_configs: Path | None, early_launch: bool) -> None:  # fmt: skip
     """Benchmark the two-process pipeline on a synthetic 32B-shaped model under each budget."""
     from bench.concurrency import format_concurrency_table, parse_levels, run_concurrency_in_a_fresh_process
@@ -298,6 +305,7 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
         levels = parse_levels(concurrency) if concurrency is not None else []
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--concurrency") from None
+    check_speculation(speculate, draft_model)
     if not torch.cuda.is_available():
         raise click.ClickException("spillover bench measures the GPU pipeline and needs a CUDA device")
     if prefill_tokens + 1 > max_context:
@@ -329,6 +337,7 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
                 results.append(run_budget_in_a_fresh_process(
                     checkpoint, budget, policy=policy, max_context=max_context, prefill_tokens=prefill_tokens,
                     decode_tokens=decode_tokens, ceilings=ceilings, kernels=kernels, draft_model=draft_model,
+                    speculate=speculate,
                 ))  # fmt: skip
                 click.echo(format_table(ceilings, results[-1:]).splitlines()[-1], err=True)
             if levels:

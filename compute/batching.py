@@ -3,7 +3,8 @@
 ``BatchRunner`` drives a ``compute.batch_engine.BatchEngine``: continuous batching, many requests per pass
 (its docstring has the rules). ``SerialRunner`` drives a ``compute.engine.Engine`` (one conversation at a time):
 each request in turn through ``Engine.generate``, its tokens forwarded as they come, ``should_stop`` polled
-between passes for a cancel.
+between passes for a cancel; with the engine's drafter it decodes speculatively, and its ``speculation`` sums
+the replies' ``compute.speculation.SpeculationStats`` (``BatchRunner.speculation`` is None: it never speculates).
 
 Both runners talk to the ``compute.scheduler.Scheduler`` only through its engine-thread methods
 (``next_requests``, ``token``, ``finish``, ``error``, ``should_stop``, ``count_pass``) and let out of ``run``
@@ -22,6 +23,7 @@ import torch
 from compute.batch_engine import Chunk
 from compute.engine import FinishReason
 from compute.sampling import sample_next
+from compute.speculation import SpeculationStats
 from protocol.errors import LoaderError
 
 if TYPE_CHECKING:
@@ -47,6 +49,11 @@ class SerialRunner:
         self.engine = engine
         self.vocab_size: int = engine.vocab_size
         self._current: Request | None = None
+        # with a drafter: what speculation did over every reply that ended (replaced whole, so a reader in
+        # another thread sees one consistent record); None without
+        self.speculation: SpeculationStats | None = (
+            SpeculationStats(drafter=engine.drafter.name) if engine.drafter is not None else None
+        )
 
     def kv_tokens(self) -> tuple[int, int]:
         """(free, total) KV positions: the one conversation's cache, less what the running request holds."""
@@ -80,6 +87,8 @@ class SerialRunner:
             finally:
                 self._current = None
             scheduler.count_pass(result.forward_passes)
+            if result.speculation is not None and self.speculation is not None:
+                self.speculation = self.speculation + result.speculation
             scheduler.finish(entry, result.finish_reason)
 
 
@@ -109,6 +118,8 @@ class BatchRunner:
     sent stand; its reply goes on where it was, computed anew). Sampling is per sequence
     (``compute.sampling.sample_next``, the reply's own generator); greedy rows are one batched argmax.
     """
+
+    speculation: SpeculationStats | None = None  # batched passes do not speculate
 
     def __init__(self, scheduler: Scheduler, engine: BatchEngine, max_batch: int):
         self.scheduler = scheduler

@@ -3,9 +3,10 @@
 Every option is read once into ``compute.config.RunConfig``; ``RunConfig.loader_command`` is the one place that
 says which options the loader process gets (``--model`` resolved, ``--gpu-memory``, ``--policy``, ``--device``,
 ``--max-context``). Without ``--connect`` the loader is started here (``compute.launch``), the one launcher both
-``spillover run`` and ``run.sh`` use. ``MODEL_OPTIONS``, ``build_config``, ``drive``, ``loader_address`` and
-``share_cores_with_loader`` are shared with ``spillover serve`` (``compute.serve.main``), which takes the same
-model, budget and sampling options.
+``spillover run`` and ``run.sh`` use. ``MODEL_OPTIONS``, ``build_config``, ``drive``, ``loader_address``,
+``resolved_draft`` and ``share_cores_with_loader`` are shared with ``spillover serve`` (``compute.serve.main``),
+which takes the same model, budget, sampling and speculation options (``check_speculation`` checks the last, for
+``spillover bench`` too).
 
 What goes where: the reply (or, with ``--output-format json``, exactly one JSON object) on stdout; the
 loader's output, progress, statistics and errors on stderr. Errors a person can fix end the command with one
@@ -52,10 +53,14 @@ def _finite(value: float, name: str, low: float, *, low_inclusive: bool, high: f
     return value
 
 
-# The options every command that runs a model takes (`spillover run` and `spillover serve`): the model, the
-# sampling defaults, the budget, where the loader is and how the kernels launch. A command adds its own and builds
-# its RunConfig with ``build_config``.
 # fmt: off
+# --speculate, also `spillover bench`'s
+SPECULATE_OPTION = click.option(
+    "--speculate", type=click.Choice(["ngram"]), help="Speculative decoding by prompt lookup: drafts copied from "
+    "earlier text (the prompt and the reply so far), checked by the model several at a pass.")
+# The options every command that runs a model takes (`spillover run` and `spillover serve`): the model, the
+# sampling defaults, the budget, where the loader is, speculative decoding and how the kernels launch. A command
+# adds its own and builds its RunConfig with ``build_config``.
 MODEL_OPTIONS = [
     click.option("--model", metavar="PATH|REPO_ID", help="A spillover-int4 directory, a Hugging Face checkpoint "
                  "directory or repo id, or a Qwen2 .gguf file (quantized once into the cache). Default: the built-in "
@@ -79,6 +84,11 @@ MODEL_OPTIONS = [
                  "started with."),
     click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SPILLOVER_CACHE_DIR",
                  help="Where quantized models and the demo are kept. [default: ~/.cache/spillover]"),
+    SPECULATE_OPTION,
+    click.option("--draft-model", metavar="PATH|REPO_ID", help="Speculative decoding with this smaller model (same "
+                 "tokenizer; quantized like --model), held resident in device memory within --gpu-memory."),
+    click.option("--draft-tokens", type=click.IntRange(min=1), help="Drafted tokens each pass checks. "
+                 "[default: as many as pay for themselves at the measured cost of a pass, at most 128]"),
 ]
 # fmt: on
 
@@ -97,12 +107,6 @@ def model_options(command):
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is tokenized as it is.")
 @click.option("--output-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one JSON object on stdout (needs -p).")
-@click.option("--speculate", type=click.Choice(["ngram"]), help="Speculative decoding by prompt lookup: drafts "
-              "copied from earlier text (the prompt and the reply so far), checked by the model several at a pass.")
-@click.option("--draft-model", metavar="PATH|REPO_ID", help="Speculative decoding with this smaller model (same "
-              "tokenizer; quantized like --model), held resident in device memory within --gpu-memory.")
-@click.option("--draft-tokens", type=click.IntRange(min=1), help="Drafted tokens each pass checks. "
-              "[default: as many as pay for themselves at the measured cost of a pass, at most 128]")
 @click.pass_context
 def run(ctx: click.Context, **options) -> None:
     """Chat with a model whose INT4 weights stream from a loader process."""
@@ -134,14 +138,19 @@ def drive(ctx: click.Context, config: RunConfig, serve: ModelCommand) -> None:
         sys.exit(130)
 
 
+def check_speculation(speculate: str | None, draft_model: str | Path | None, draft_tokens: int | None = None) -> None:
+    """``--speculate``, ``--draft-model`` and ``--draft-tokens`` together make sense, else ``click.UsageError``."""
+    if speculate and draft_model:
+        raise click.UsageError("--speculate ngram and --draft-model are two ways of drafting: choose one")
+    if draft_tokens and not (speculate or draft_model):
+        raise click.UsageError("--draft-tokens needs --speculate ngram or --draft-model")
+
+
 def build_config(options: dict, *, verbose: int) -> RunConfig:
     """The RunConfig of a model command's options; those only ``spillover run`` has may be absent."""
     if options.get("output_format") == "json" and options.get("prompt") is None:
         raise click.UsageError("--output-format json needs a prompt (-p): the chat REPL writes text only")
-    if options.get("speculate") and options.get("draft_model"):
-        raise click.UsageError("--speculate ngram and --draft-model are two ways of drafting: choose one")
-    if options.get("draft_tokens") and not (options.get("speculate") or options.get("draft_model")):
-        raise click.UsageError("--draft-tokens needs --speculate ngram or --draft-model")
+    check_speculation(options.get("speculate"), options.get("draft_model"), options.get("draft_tokens"))
     return RunConfig(
         model=options["model"],
         prompt=options.get("prompt"),
@@ -178,6 +187,13 @@ def share_cores_with_loader(device: str) -> None:
         torch.set_num_threads(cpu_compute_threads())
 
 
+def resolved_draft(config: RunConfig, loader_command: LoaderCommand) -> ResolvedModel | None:
+    """The draft model ``drive`` resolved (the one the loader's budget reserves), or None without ``--draft-model``."""
+    if loader_command.draft_model is None:
+        return None
+    return ResolvedModel(path=loader_command.draft_model, label=config.draft_model, is_demo=False)
+
+
 def loader_address(
     stack: contextlib.ExitStack, config: RunConfig, loader_command: LoaderCommand
 ) -> tuple[str, LaunchedLoader | None]:
@@ -196,9 +212,7 @@ def _chat(config: RunConfig, model: ResolvedModel, loader_command: LoaderCommand
     from compute.session import LoaderLost, Session
 
     share_cores_with_loader(config.device)
-    draft = None  # the draft model drive resolved, which the loader's budget reserves
-    if loader_command.draft_model is not None:
-        draft = ResolvedModel(path=loader_command.draft_model, label=config.draft_model, is_demo=False)
+    draft = resolved_draft(config, loader_command)
     with contextlib.ExitStack() as stack:
         address, launched = loader_address(stack, config, loader_command)
         try:

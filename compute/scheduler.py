@@ -19,7 +19,8 @@ It promises:
 * Requests start in submission order. With a ``compute.batch_engine.BatchEngine`` up to ``max_batch`` run in
   the same forward passes (``compute.batching``: decode rows of the running ones, prefill chunks of new ones, a
   request admitted only when the KV pool can hold its prompt and a first token); with a
-  ``compute.engine.Engine`` (one conversation at a time) they run one after another.
+  ``compute.engine.Engine`` (one conversation at a time) they run one after another, speculatively when the
+  engine has a drafter (``stats().speculation`` then sums what speculation did over the replies that ended).
 * ``cancel`` stops a request at the next pass boundary, queued or running: it ends with
   ``FinishEvent(STOPPED)``. Cancelling an unknown or finished request does nothing.
 * A request ends with ``FinishReason.EOS`` (its last token is an EOS id), ``LENGTH`` (``max_new_tokens``),
@@ -45,6 +46,7 @@ from collections.abc import Callable
 
 from compute.engine import ContextLengthError, FinishReason
 from compute.sampling import SamplingParams
+from compute.speculation import SpeculationStats
 from protocol.errors import LoaderError
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,8 @@ class SchedulerStats:
     max_batch: int  # sequences one forward pass can serve
     passes: int  # forward passes run since start
     tokens_generated: int  # tokens sent as TokenEvents since start
+    # what speculative decoding did over the replies that ended since start; None when the engine has no drafter
+    speculation: SpeculationStats | None = None
 
 
 class QueueFullError(RuntimeError):
@@ -194,6 +198,7 @@ class Scheduler:
             max_batch=self.max_batch,
             passes=self.passes,
             tokens_generated=self.tokens_generated,
+            speculation=self._runner.speculation,
         )
 
     def close(self, *, drain: bool) -> None:

@@ -10,7 +10,8 @@ chunks: what the budget counted), and closes the connection when left. It then s
 
 With ``config.speculate`` ("ngram") or a draft model (``draft``, resolved from ``--draft-model``) the engine
 decodes speculatively (``compute.speculation``); the draft model is held here, resident, and must be the one the
-loader's plan reserved room for (``Plan.draft_model``), else ``DraftModelError``.
+loader's plan reserved room for (``Plan.draft_model``) and have the target's tokenizer, else ``DraftModelError``.
+``build_engine`` builds that engine; ``spillover serve`` builds its one-conversation engine with it too.
 
 Any failure of the loader connection becomes ``LoaderLost``, whose message names the loader and its pid. A
 watchdog thread also checks, every ``WATCH_S``, that the loader process lives: resident weights need no
@@ -120,18 +121,7 @@ class Session:
         plan = client.plan
         log.info("loader pid %d, policy %s, max_context %d", plan.loader_pid, plan.policy, plan.max_context)
         with client, LoaderWatchdog(plan.loader_pid), cls._loader_errors(plan.loader_pid):
-            checkpoint = QuantizedCheckpoint(model.path)
-            engine = Engine(
-                checkpoint,
-                client,
-                device=config.device,
-                max_context=plan.max_context,
-                prefill_chunk=plan.prefill_chunk,
-                drafter=_drafter(config, draft, plan, checkpoint, address),
-                draft_tokens=config.draft_tokens,
-            )
-            if isinstance(engine.drafter, DraftModel):
-                check_same_tokenizer(engine.tokenizer, engine.drafter.engine.tokenizer, config.draft_model)
+            engine = build_engine(client, model, config, draft=draft, address=address)
             yield cls(client, engine, model, config)
 
     @staticmethod
@@ -241,6 +231,30 @@ class Session:
         styled = sys.stdout.isatty()
         repl(conversation, self._reply, read_line=input, out=sys.stdout, err=sys.stderr, styled=styled)
 
+
+
+def build_engine(
+    client: LoaderClient, model: ResolvedModel, config: RunConfig, *, draft: ResolvedModel | None, address: str
+) -> Engine:
+    """The one-conversation engine on the loader's plan (its ``max_context`` and prefill chunk), with the drafter
+    the options ask for (``config.speculate``, or ``draft``: the resolved ``--draft-model``, held resident here).
+
+    Raises ``DraftModelError`` (one line) when the loader at ``address`` reserved no room for ``draft`` or the
+    draft's tokenizer differs from the target's; ``protocol.client.LoaderError`` when the loader fails."""
+    plan = client.plan
+    checkpoint = QuantizedCheckpoint(model.path)
+    engine = Engine(
+        checkpoint,
+        client,
+        device=config.device,
+        max_context=plan.max_context,
+        prefill_chunk=plan.prefill_chunk,
+        drafter=_drafter(config, draft, plan, checkpoint, address),
+        draft_tokens=config.draft_tokens,
+    )
+    if isinstance(engine.drafter, DraftModel):
+        check_same_tokenizer(engine.tokenizer, engine.drafter.engine.tokenizer, config.draft_model)
+    return engine
 
 
 def _drafter(

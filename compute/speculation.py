@@ -18,6 +18,7 @@ This module promises:
   ``compute.speculate.sizing`` unless ``engine.draft_tokens`` fixes it, ``verify``, the walk, ``Engine.keep_rows``).
 * ``SpeculationStats``: per reply, target passes (decode only), drafted and accepted tokens, the seconds the draft
   took and the seconds the target's passes took; ``tokens_per_pass`` counts every token a decode pass emitted.
+  ``a + b`` sums two records (a server's totals over its replies).
 
 It knows nothing about the loader or about terminals.
 """
@@ -111,6 +112,12 @@ class SpeculationStats:
     def draft_time_share(self) -> float:
         total = self.draft_seconds + self.target_seconds
         return self.draft_seconds / total if total > 0 else 0.0
+
+    def __add__(self, other: SpeculationStats) -> SpeculationStats:
+        """Both records summed: the totals of several replies (the drafter is this record's)."""
+        counts = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)
+                  if f.name != "drafter"}  # fmt: skip
+        return SpeculationStats(drafter=self.drafter, **counts)
 
     def as_dict(self) -> dict:
         return {

@@ -1,5 +1,7 @@
 """The benchmark's CPU-side behaviour: a clear refusal without a GPU, and its table from measured records."""
 
+import dataclasses
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,6 +15,27 @@ def test_bench_refuses_without_a_gpu(tmp_path):
     assert result.exit_code == 1
     assert "needs a CUDA device" in result.output
     assert not (tmp_path / "ckpt").exists()  # nothing synthesized before the refusal
+
+
+def test_speculation_options_are_checked_before_anything_runs(tmp_path):
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--speculate", "ngram", "--draft-model", str(tmp_path)]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 2 and "choose one" in result.output
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_speculative_decode_run_reports_prompt_lookups_statistics(tiny_q):
+    from test_engine import make_engine
+
+    from bench.pipeline import _speculative_decode
+    from compute.sampling import SamplingParams
+
+    engine = make_engine(tiny_q)
+    engine.eos_token_ids = frozenset()
+    prompt = [5, 9, 12, 40, 7] * 3  # repeats, so prompt lookup finds something to propose
+    report = _speculative_decode(engine, None, prompt, SamplingParams(temperature=0.0, max_new_tokens=1), 16)
+    assert report["drafter"] == "ngram" and report["emitted_tokens"] == 16 and report["decode_tokens_per_s"] > 0
+    assert report["target_passes"] <= 16 and engine.drafter is None  # the engine is left as it was
 
 
 def test_table_sets_each_figure_beside_its_ceiling():
@@ -30,6 +53,9 @@ def test_table_sets_each_figure_beside_its_ceiling():
     row = table.splitlines()[-1]
     for cell in ("12GiB", "30/35 (K=2)", "14.2", "5123", "6.1", "6.4", "95%", "8.40", "120.0", "8.00 + 3.00 = 11.00"):
         assert cell in row, (cell, row)
+    spec = {"drafter": "ngram", "decode_tokens_per_s": 7.5, "tokens_per_pass": 1.25, "draft_time_share": 0.01}
+    table = format_table(Ceilings(h2d_gbps=53.1, d2d_gbps=4263.0), [dataclasses.replace(result, speculative=spec)])
+    assert table.splitlines()[-1].startswith("12GiB with ngram drafts") and "7.5 tok/s, 1.25 tok/pass" in table
 
 
 def test_sass_counts_the_one_row_gemv_loop_without_a_gpu():

@@ -1,7 +1,8 @@
 """``spillover serve`` through real processes on CPU, driven by the official ``openai`` client: chat and completions,
 streamed and not, against ``spillover run``'s greedy reply; usage; stop strings; every error status; 1000 malformed
-requests; a full queue; a client that disconnects; SIGTERM with streams open; the loader killed mid-stream;
-``./run.sh serve``."""
+requests; a full queue; a client that disconnects; speculative decoding (prompt lookup, a draft model) against
+the plain server, its statistics in /health, and a batch asked with it refused; SIGTERM with streams open; the
+loader killed mid-stream; ``./run.sh serve``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from conftest import SERVE_BUDGET, ServerProcess
 
 MODEL = "tiny"
 API_KEY = "sk-test-" + "".join(random.choices(string.ascii_letters, k=16))
+SPECULATE_BUDGET = "600MiB"  # the tiny model and itself as its draft, on CPU
 CONTEXT = 1024  # greedy replies of the tiny model run to 1000 tokens without an EOS: long streams for the tests
 RUN_SH = Path(__file__).resolve().parent.parent / "run.sh"
 
@@ -115,6 +117,7 @@ def test_models_auth_and_health(server, client):
     assert state["status"] == "ok" and state["model"] == MODEL
     assert state["running"] == state["waiting"] == 0
     assert state["kv_free_tokens"] == state["kv_total_tokens"] == CONTEXT
+    assert state["speculation"] is None  # no drafter
 
 
 def test_chat_equals_spillover_run_streamed_or_not(server, client, tiny_q, tmp_path):
@@ -373,6 +376,58 @@ def test_a_client_that_gives_up_on_a_whole_reply_frees_its_sequence(server):
     time.sleep(0.5)
     assert health(server)["tokens_generated"] == generated
     assert generated - before < 1000  # cut short: the reply would have run to max_tokens
+
+
+@pytest.mark.parametrize(
+    "extra, drafter",
+    [(["--speculate", "ngram"], "ngram"), (["--draft-model", "TINY", "--draft-tokens", "6"], "draft-model")],
+)
+def test_speculative_servers_answer_as_the_plain_one_and_report_it_in_health(client, tiny_q, tmp_path, extra, drafter):
+    """The tiny model drafts for itself (same tokenizer); the budget holds it twice."""
+    extra = [str(tiny_q) if arg == "TINY" else arg for arg in extra]
+    messages = [{"role": "user", "content": "write a poem about the sea, the sea, the sea"}]
+    fresh(client)
+    expected = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
+    args = serve_args(tiny_q, *extra, "--gpu-memory", SPECULATE_BUDGET)  # no --max-batch: 1 with a drafter
+    with ServerProcess(args, log_path=tmp_path / "log") as server:
+        assert f"max batch 1, context {CONTEXT} tokens, speculative decoding ({drafter})" in server.log()
+        state = health(server)
+        assert state["max_batch"] == 1 and state["speculation"]["drafter"] == drafter
+        assert state["speculation"]["target_passes"] == 0
+        speculating = server.client()
+        reply = speculating.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
+        assert reply.choices[0].message == expected.choices[0].message
+        assert reply.usage == expected.usage
+        stats = health(server)["speculation"]
+        assert stats["emitted_tokens"] == reply.usage.completion_tokens - 1  # the first token comes from the prefill
+        assert stats["target_passes"] >= 1
+        assert stats["tokens_per_pass"] == stats["emitted_tokens"] / stats["target_passes"]
+        if drafter == "draft-model":
+            assert stats["tokens_per_pass"] > 1  # the target drafting for itself: its drafts are accepted
+        assert 0 < stats["draft_time_share"] < 1 and stats["drafted_tokens"] >= stats["accepted_tokens"]
+        again = speculating.completions.create(model=MODEL, prompt="the sea", temperature=0, max_tokens=5)
+        total = health(server)["speculation"]  # summed over the replies
+        assert total["emitted_tokens"] == stats["emitted_tokens"] + again.usage.completion_tokens - 1
+    assert "Traceback" not in server.log()
+
+
+def test_a_batch_with_speculative_decoding_is_refused_in_one_line(tiny_q):
+    for extra, named in [(["--draft-model", str(tiny_q)], "--draft-model"), (["--speculate", "ngram"], "--speculate")]:
+        result = subprocess.run(
+            [sys.executable, "-m", "compute.cli", "serve", *serve_args(tiny_q, "--max-batch", "4", *extra)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"Error: speculative decoding ({named}{' ngram' if named == '--speculate' else ''}) serves one "
+            "conversation at a time: drop --max-batch or pass --max-batch 1"
+        )
+    both = subprocess.run(
+        [sys.executable, "-m", "compute.cli", "serve", *serve_args(tiny_q, "--speculate", "ngram", "--draft-model",
+                                                                  str(tiny_q))],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert both.returncode == 2 and "choose one" in both.stderr and "Traceback" not in both.stderr
 
 
 def test_a_port_in_use_is_one_line_before_anything_starts(server, tiny_q):

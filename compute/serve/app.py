@@ -5,8 +5,10 @@
 * ``GET /v1/models`` (and ``/v1/models/{id}``): the one model served, under ``service.model_id``;
 * ``POST /v1/chat/completions``: messages rendered with the model's chat template (generation prompt added);
 * ``POST /v1/completions``: a prompt string or token ids, no template;
-* ``GET /health``: 200 with the scheduler's statistics (running, waiting, KV tokens free, …) while the server
-  serves; 503 once the engine failed or while shutting down. It needs no API key.
+* ``GET /health``: 200 with the scheduler's statistics (running, waiting, KV tokens free, …; ``speculation``:
+  with speculative decoding, ``compute.speculation.SpeculationStats.as_dict`` summed over the replies that ended,
+  tokens per target pass and the draft's share of the time included; else null) while the server serves; 503
+  once the engine failed or while shutting down. It needs no API key.
 
 Both generation endpoints answer with one JSON object, or with ``"stream": true`` as server-sent events:
 ``chat.completion.chunk`` / ``text_completion`` objects, then ``data: [DONE]``; with
@@ -130,9 +132,11 @@ async def _health(service: Service, request: Request) -> Response:
     bridge = service.bridge
     if bridge.failure is not None:
         return JSONResponse({"status": "failed", "error": bridge.failure}, status_code=503)
-    stats = dataclasses.asdict(bridge.scheduler.stats())
+    stats = bridge.scheduler.stats()
+    speculation = stats.speculation.as_dict() if stats.speculation is not None else None
     status, code = ("shutting_down", 503) if bridge.closing else ("ok", 200)
-    return JSONResponse({"status": status, "model": service.model_id, **stats}, status_code=code)
+    body = {"status": status, "model": service.model_id, **dataclasses.asdict(stats), "speculation": speculation}
+    return JSONResponse(body, status_code=code)
 
 
 def _authorize(service: Service, request: Request) -> None:

@@ -9,6 +9,12 @@ loader (or uses ``--connect``'s), builds the engine on the loader's plan (``comp
 when the plan's batch is more than one sequence, else the one-conversation ``compute.engine.Engine``) and puts a
 ``compute.scheduler.Scheduler`` over it.
 
+Speculative decoding (``--draft-model`` or ``--speculate ngram``, with ``--draft-tokens``: ``spillover run``'s
+options, checked as it checks them) serves one conversation at a time: the one-conversation engine with its
+drafter (``compute.session.build_engine``, which also holds the draft model resident and checks its tokenizer),
+``--max-batch`` 1 by default, and a larger ``--max-batch`` refused (``click.UsageError``). The loader is started
+with the draft model, so its planner counts it. ``GET /health`` then reports what speculation did.
+
 The listening socket is bound before the loader starts (a port in use is one line, at once). When the server
 listens it prints ``spillover: serving MODEL at http://HOST:PORT/v1 …`` on stderr. The first SIGINT or
 SIGTERM stops accepting connections, lets running requests go on for ``--shutdown-grace`` seconds, then
@@ -32,7 +38,16 @@ import click
 import uvicorn
 
 from compute.resolve import ResolvedModel
-from compute.run import RunConfig, RunError, build_config, drive, loader_address, model_options, share_cores_with_loader
+from compute.run import (
+    RunConfig,
+    RunError,
+    build_config,
+    drive,
+    loader_address,
+    model_options,
+    resolved_draft,
+    share_cores_with_loader,
+)
 from protocol.launch import LoaderCommand
 
 log = logging.getLogger(__name__)
@@ -41,6 +56,7 @@ CONNECT_TIMEOUT_S = 15.0  # the loader is ready before anyone connects, so the h
 # uvicorn's own limit on a graceful shutdown, beyond --shutdown-grace: the streams' last events and [DONE]
 SHUTDOWN_MARGIN_S = 15.0
 LISTEN_BACKLOG = 2048  # uvicorn's default
+DEFAULT_MAX_BATCH = 16  # --max-batch without speculative decoding
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,8 +81,10 @@ class ServeConfig:
               help="Port to listen on; 0 = any free port (printed when listening).")
 @click.option("--api-key", envvar="SPILLOVER_API_KEY", metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on every /v1 request. [env: SPILLOVER_API_KEY]")
-@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Sequences one forward pass serves at most; 1 = the one-conversation engine (its own CUDA graphs).")
+@click.option("--max-batch", type=click.IntRange(min=1),
+              help="Sequences one forward pass serves at most; 1 = the one-conversation engine (its own CUDA "
+                   f"graphs). [default: {DEFAULT_MAX_BATCH}; with --draft-model or --speculate: 1, the only value "
+                   "they take]")
 @click.option("--kv-tokens", type=click.IntRange(min=1),
               help="Positions of the paged KV pool all sequences share (the budget counts it). [default: the "
                    "planner's: one context's memory, at least --max-context]")
@@ -78,7 +96,12 @@ class ServeConfig:
 @click.pass_context
 # fmt: on
 def serve(ctx: click.Context, **options) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
+
+    Speculative decoding (--draft-model or --speculate ngram) serves one conversation at a time: --max-batch is 1
+    then (requests queue and run in turn), and GET /health reports tokens per target pass and the draft's share of
+    the time."""
+    options["max_batch"] = _max_batch(options)
     run = build_config(options, verbose=ctx.find_root().params.get("verbose", 0))
     if options["api_key"] is not None and not options["api_key"].strip():
         raise click.BadParameter("the key is empty", param_hint="--api-key")
@@ -92,6 +115,20 @@ def serve(ctx: click.Context, **options) -> None:
         shutdown_grace_s=options["shutdown_grace"],
     )
     drive(ctx, run, functools.partial(_serve, config))
+
+
+def _max_batch(options: dict) -> int:
+    """``--max-batch``, or its default: ``DEFAULT_MAX_BATCH``, or 1 with speculative decoding, which serves one
+    conversation at a time (``click.UsageError`` for a larger one asked for with it)."""
+    drafting = "--draft-model" if options["draft_model"] else "--speculate ngram" if options["speculate"] else None
+    if options["max_batch"] is None:
+        return 1 if drafting else DEFAULT_MAX_BATCH
+    if drafting and options["max_batch"] > 1:
+        raise click.UsageError(
+            f"speculative decoding ({drafting}) serves one conversation at a time: drop --max-batch or pass "
+            "--max-batch 1"
+        )
+    return options["max_batch"]
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -116,8 +153,9 @@ def _listen(host: str, port: int) -> socket.socket:
 def _serve(config: ServeConfig, run: RunConfig, model: ResolvedModel, loader_command: LoaderCommand) -> None:
     # Imported here: transformers is slow to import, and --help does not need it.
     from compute.batch_engine import BatchEngine
-    from compute.engine import Engine
+    from compute.draft_model import DraftModelError
     from compute.scheduler import Scheduler
+    from compute.session import build_engine
     from protocol.client import LoaderClient, LoaderError
     from protocol.sockets import AddressError
     from quantizer.checkpoint import QuantizedCheckpoint
@@ -136,20 +174,16 @@ def _serve(config: ServeConfig, run: RunConfig, model: ResolvedModel, loader_com
         except (LoaderError, AddressError) as e:
             raise loader_failed(f"could not connect to the loader at {address}: {e}") from None
         plan = client.plan  # with --connect, the loader's max_batch, KV pool and context are the ones in force
-        checkpoint = QuantizedCheckpoint(model.path)
         try:
-            if plan.max_batch > 1:
-                engine = BatchEngine.for_plan(checkpoint, client, device=run.device)
-            else:
-                engine = Engine(
-                    checkpoint,
-                    client,
-                    device=run.device,
-                    max_context=plan.max_context,
-                    prefill_chunk=plan.prefill_chunk,
-                )
+            if plan.max_batch > 1 and not (run.speculate or run.draft_model):
+                engine = BatchEngine.for_plan(QuantizedCheckpoint(model.path), client, device=run.device)
+            else:  # speculation is one conversation's, even on a batch loader's plan (its pool holds a context)
+                draft = resolved_draft(run, loader_command)
+                engine = build_engine(client, model, run, draft=draft, address=address)
         except LoaderError as e:
             raise loader_failed(f"the loader (pid {plan.loader_pid}) failed: {e}") from None
+        except DraftModelError as e:
+            raise RunError(str(e)) from None
         scheduler = Scheduler(engine, max_batch=plan.max_batch, max_waiting=config.max_waiting)
         scheduler.start()
         stack.callback(scheduler.close, drain=False)
@@ -210,9 +244,11 @@ READY_PATTERN = re.compile(r"spillover: serving '.*' at (http://\S+)/v1 ")
 def _ready_line(config: ServeConfig, listener: socket.socket, scheduler) -> str:
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    drafter = getattr(scheduler.engine, "drafter", None)  # a BatchEngine has none
     return (
         f"spillover: serving '{config.model_id}' at http://{shown}:{port}/v1 "
         f"(max batch {scheduler.max_batch}, context {scheduler.max_context} tokens"
+        f"{f', speculative decoding ({drafter.name})' if drafter is not None else ''}"
         f"{', API key required' if config.api_key else ''}); Ctrl-C stops"
     )
 
