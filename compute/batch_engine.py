@@ -24,11 +24,15 @@ Attention: on CUDA the decode rows (chunks of one token) of a pass go through on
 keys/values from the pages and run torch's SDPA (HF's arithmetic: bf16, ``repeat_kv``'s head grouping).
 
 A layer on CUDA bf16 (where ``compute.decode.fused_decode_unsupported`` finds nothing against the model) runs in
-about twelve launches instead of HF modules' forty: the fused RMSNorm writing the GEMV's operand (up to 16 rows),
-q|k|v as one GEMV with its bias, rotary and the pool's writes in one kernel
-(``compute.kernels.paged_attention.rotary_pool_write``), gate|up as one GEMV and the fused SiLU·up writing the
-down projection's operand. The arithmetic, rounding for rounding, is the modules' (the GEMVs' sums aside, which
-are the kernels' for a stacked weight); elsewhere the layer runs HF's modules.
+about eleven launches for a decode pass of up to 16 rows, where HF's modules take forty, much as the one-row decode
+step (``compute.decode``) does: the fused RMSNorm writing the GEMV's operand, q|k|v as one GEMV whose split-K
+partial sums the rotary kernel adds up (with the bias) before it writes the keys and values into their pages
+(``compute.kernels.paged_attention.rotary_pool_write``), the o projection's partial sums added by the residual add
+that also applies the post-attention norm (``compute.kernels.norm.add_partials``), gate|up as one GEMV, the fused
+SiLU·up writing the down projection's operand, and its partial sums added by the last residual add. The arithmetic,
+rounding for rounding, is the modules' (the GEMVs' sums aside, which are the kernels' for a stacked weight); a
+longer pass (prefill) takes the same kernels where they apply, dequantize-then-cuBLAS for its products; elsewhere
+(CPU) the layer runs HF's modules.
 
 A pass interrupted by an exception walks the rest of its units (``UnitBinder.abandon_pass``) before re-raising,
 so the loader's ring stays in step; the keys/values the pass wrote are then not to be trusted (the caller
@@ -56,7 +60,7 @@ from compute.kernels import int4_matmul
 from compute.kernels.activation import silu_mul
 from compute.kernels.gemv import int4_gemv
 from compute.kernels.gemv_mma import MAX_ROWS
-from compute.kernels.norm import rms_norm
+from compute.kernels.norm import add_partials, add_partials_workspace, rms_norm
 from compute.kernels.paged_attention import (
     paged_attention_supported,
     paged_decode_attention,
@@ -98,6 +102,7 @@ class BatchEngine:
         dtype: torch.dtype = torch.bfloat16,
         host_embedding: bool | None = None,
         cuda_graphs: bool = True,
+        fused: bool | None = None,
     ):
         kv_tokens = max_context if kv_tokens is None else kv_tokens
         if max_context < 1 or max_batch < 1 or prefill_chunk < 1:
@@ -136,8 +141,15 @@ class BatchEngine:
         self._binder = binder
         self._head_unit = next((i for i, (name, _) in enumerate(binder.units) if name == LM_HEAD_UNIT), None)
         self.paged_kernel = paged_attention_supported(self.device, dtype, self.head_dim)
-        self.fused = self.paged_kernel and self.device.type == "cuda" and fused_decode_unsupported(self.config, dtype) is None
+        # the fused layer (module docstring): on CUDA where the model allows; True forces it (on CPU, the Triton
+        # interpreter runs its kernels: tests)
+        reason = fused_decode_unsupported(self.config, dtype)
+        if fused and reason is not None:
+            raise ValueError(f"fused=True, but {reason}")
+        self.fused = (self.device.type == "cuda" and reason is None) if fused is None else fused
         self._qkv_bias = [_stacked_bias(layer.self_attn) for layer in self.layers] if self.fused else []
+        # one-row residual adds with the norm meet here (one call at a time); made before any graph captures them
+        self._norm_workspace = add_partials_workspace(self.device) if self.fused else None
         self.decoder = BatchDecoder(self, cuda_graphs=cuda_graphs)
         log.info(
             "paged KV pool: %d tokens in %d pages of %d, %.1f MiB; attention for decode rows: %s",
@@ -225,31 +237,42 @@ class BatchEngine:
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def _fused_layer(self, index: int, layer, hidden: torch.Tensor, rotary, slots: torch.Tensor, attention):
-        """``_layer`` in the fused kernels (module docstring); ``hidden`` (1, T, hidden) bf16 on CUDA."""
+        """``_layer`` in the fused kernels (module docstring); ``hidden`` (1, T, hidden) bf16 on CUDA. Up to
+        ``MAX_ROWS`` rows, the q|k|v, o and down GEMVs leave their split-K partial sums to the kernel after them
+        (rotary, and the residual adds, the first with the post-attention norm), as the one-row decode step does."""
         attn, mlp = layer.self_attn, layer.mlp
         tokens, size = hidden.shape[1], hidden.shape[2]
-        few = tokens <= MAX_ROWS  # the norms and the activation write the next GEMV's operand
-
-        def linear(x, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-            return int4_gemv(x, weight, scales, bias) if few else int4_matmul(x, weight, scales, bias)
-
-        norm = layer.input_layernorm
-        x = rms_norm(hidden.view(tokens, size), norm.weight, norm.variance_epsilon, operand=few)
-        qkv = linear(x, *stacked((attn.q_proj, attn.k_proj, attn.v_proj)), self._qkv_bias[index])
         cos, sin = rotary
-        q = rotary_pool_write(
-            qkv, cos, sin, slots, self.kv_pool.flat_keys(index), self.kv_pool.flat_values(index),
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-        )  # fmt: skip
-        out = attention.attend(self, index, q, attn.scaling)  # (T, H, D)
-        hidden = hidden + attn.o_proj(out.reshape(1, tokens, -1))
-        norm = layer.post_attention_layernorm
-        x = rms_norm(hidden.view(tokens, size), norm.weight, norm.variance_epsilon, operand=few)
-        gate_up = linear(x, *stacked((mlp.gate_proj, mlp.up_proj)))  # [T, 2 I]
+        pool = self.kv_pool
         intermediate = mlp.gate_proj.out_features
-        act = silu_mul(gate_up[:, :intermediate], gate_up[:, intermediate:], operand=few)
-        down = mlp.down_proj
-        return hidden + linear(act, down.qweight, down.scales, down.bias).view(1, tokens, size)
+        o_proj, down = attn.o_proj, mlp.down_proj
+        norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        qkv_weight, qkv_scales = stacked((attn.q_proj, attn.k_proj, attn.v_proj))
+        gate_up_weight, gate_up_scales = stacked((mlp.gate_proj, mlp.up_proj))
+        if tokens > MAX_ROWS:  # a prefill pass: the product by dequantize-then-cuBLAS, the bias inside it
+            x = rms_norm(hidden.view(tokens, size), norm.weight, norm.variance_epsilon)
+            qkv = int4_matmul(x, qkv_weight, qkv_scales, self._qkv_bias[index])
+            q = rotary_pool_write(qkv, cos, sin, slots, pool.flat_keys(index), pool.flat_values(index),
+                                  num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)  # fmt: skip
+            out = attention.attend(self, index, q, attn.scaling)  # (T, H, D)
+            hidden = hidden + o_proj(out.reshape(1, tokens, -1))
+            x = rms_norm(hidden.view(tokens, size), post_norm.weight, post_norm.variance_epsilon)
+            gate_up = int4_matmul(x, gate_up_weight, gate_up_scales)
+            act = silu_mul(gate_up[:, :intermediate], gate_up[:, intermediate:])
+            return hidden + down(act.view(1, tokens, intermediate))
+        x = rms_norm(hidden.view(tokens, size), norm.weight, norm.variance_epsilon, operand=True)
+        qkv = int4_gemv(x, qkv_weight, qkv_scales, partials=True)
+        q = rotary_pool_write(qkv, cos, sin, slots, pool.flat_keys(index), pool.flat_values(index),
+                              num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                              bias=self._qkv_bias[index])  # fmt: skip
+        out = attention.attend(self, index, q, attn.scaling)  # (T, H, D)
+        partials = int4_gemv(out.view(tokens, -1), o_proj.qweight, o_proj.scales, partials=True)
+        hidden, x = add_partials(hidden, partials, o_proj.bias, post_norm.weight, post_norm.variance_epsilon,
+                                 operand=True, workspace=self._norm_workspace)  # fmt: skip
+        gate_up = int4_gemv(x, gate_up_weight, gate_up_scales)  # [T, 2 I] bf16
+        act = silu_mul(gate_up[:, :intermediate], gate_up[:, intermediate:], operand=True)
+        partials = int4_gemv(act, down.qweight, down.scales, partials=True)
+        return add_partials(hidden, partials, down.bias)[0]
 
     def paged_attention(
         self, index: int, q: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor, scale: float

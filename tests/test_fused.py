@@ -43,8 +43,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # (the 32B model's 5120, the tiny models' 128), one wider than a warp's worth of registers per lane.
 NORM_SHAPES = [((1, 1), 5120), ((7,), 128), ((2, 3), 896), ((33,), 3584), ((1,), 1000)]
 # (splits, hidden, bias, norm) for add_partials: the 32B model's o_proj and down_proj rows, tiny ones
+# (splits, H, bias, norm[, rows]): the last three several rows (batched decode), one program a row
 ADD_CASES = [(4, 5120, False, True), (16, 5120, False, True), (16, 5120, False, False), (1, 128, True, True),
-             (3, 1000, True, False), (3, 1000, True, True)]
+             (3, 1000, True, False), (3, 1000, True, True), (8, 5120, False, True, 16), (3, 1024, True, True, 5),
+             (1, 640, False, False, 2)]
 # gate/up shapes: the 32B decode row (27648), a chunk of the tiny model's (256), sizes not a multiple of a block
 ACT_SHAPES = [(1, 1, 27648), (5, 256), (3, 1000), (1, 17)]
 
@@ -99,8 +101,10 @@ def test_the_wrappers_refuse_bad_operands():
     row = torch.zeros(1, 1, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"partials must be fp32 \[S, 1, 8\]"):
         add_partials(row, torch.zeros(2, 1, 4))
-    with pytest.raises(ValueError, match="one contiguous bf16 row"):
+    with pytest.raises(ValueError, match=r"partials must be fp32 \[S, 2, 8\]"):
         add_partials(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(2, 1, 8))
+    with pytest.raises(ValueError, match="contiguous bf16 rows"):
+        add_partials(torch.zeros(8, 2, dtype=torch.bfloat16).t(), torch.zeros(2, 2, 8))
     with pytest.raises(ValueError, match="needs bf16"):
         rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match=r"weight must be \[H\] = \[8\]"):
@@ -223,11 +227,14 @@ def check_operands(device: str) -> None:
             same(RowOperand(operand.values[r], operand.sums[r]), dense[r])
 
 
-def check_add_partials(splits: int, hidden: int, has_bias: bool, has_norm: bool, device: str, rounded) -> None:
-    """``add_partials`` against HF's steps: the Linear's bf16 output, the bf16 residual add, the RMSNorm;
-    ``rounded`` is fp32 -> bf16 as the kernels round (to nearest on CUDA, toward zero in the interpreter)."""
-    residual = torch.randn(1, 1, hidden, dtype=torch.bfloat16, device=device) * 8
-    partials = torch.randn(splits, 1, hidden, dtype=torch.float32, device=device)
+def check_add_partials(splits: int, hidden: int, has_bias: bool, has_norm: bool, *rest) -> None:
+    """``add_partials`` against HF's steps: the Linear's bf16 output, the bf16 residual add, the RMSNorm, for one row
+    or ``rows`` (a fifth case field); ``rest`` ends with the device and ``rounded``, fp32 -> bf16 as the kernels
+    round (to nearest on CUDA, toward zero in the interpreter)."""
+    *rows, device, rounded = rest
+    rows = rows[0] if rows else 1
+    residual = torch.randn(1, rows, hidden, dtype=torch.bfloat16, device=device) * 8
+    partials = torch.randn(splits, rows, hidden, dtype=torch.float32, device=device)
     bias = torch.randn(hidden, dtype=torch.bfloat16, device=device) if has_bias else None
     norm = hf_norm(hidden, device) if has_norm else None
     delta = partials.sum(0) + (bias.float() if has_bias else 0)
@@ -244,6 +251,11 @@ def check_add_partials(splits: int, hidden: int, has_bias: bool, has_norm: bool,
             again = add_partials(residual, partials, bias, norm.weight, 1e-6, workspace=workspace)
             assert torch.equal(again[0], hidden_out) and torch.equal(again[1], normed)
             assert int(workspace[0]) == 0
+        if hidden % 128 == 0:  # as the next GEMV's operand: each row's is that row's
+            _, operand = add_partials(residual, partials, bias, norm.weight, 1e-6, operand=True)
+            values, sums = operand.values.reshape(rows, hidden), operand.sums.reshape(rows, hidden // 128)
+            for r in range(rows):
+                assert_operand(RowOperand(values[r], sums[r]), normed[0, r])
     else:
         assert normed is None
 

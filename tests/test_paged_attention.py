@@ -130,29 +130,33 @@ ROTARY_SHAPES = [(16, 40, 8, 128), (5, 4, 2, 16), (1, 14, 2, 64)]
 
 
 def check_rotary_pool_write(shape, device: str) -> None:
-    """``rotary_pool_write`` against HF's rotary and ``index_copy_`` on the same inputs: bit for bit on CUDA; in the
-    interpreter, which rounds fp32 -> bf16 toward zero, within a bf16 ulp of each rounding (three of them)."""
+    """``rotary_pool_write`` against HF's rotary and ``index_copy_`` on the same inputs, from a bf16 projection and
+    from split-K partial sums with a bias: bit for bit on CUDA; in the interpreter, which rounds fp32 -> bf16 toward
+    zero, within a bf16 ulp of each rounding (four of them)."""
     rows, heads, kv_heads, dim = shape
+    width = (heads + 2 * kv_heads) * dim
     gen = torch.Generator().manual_seed(rows * 1000 + heads)
-    qkv = (torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen) * 3).to(torch.bfloat16).to(device)
     angles = torch.rand(rows, dim // 2, generator=gen) * 100
     cos = torch.cat([angles.cos(), angles.cos()], -1).to(torch.bfloat16).to(device)
     sin = torch.cat([angles.sin(), angles.sin()], -1).to(torch.bfloat16).to(device)
     slots = torch.randperm(3 * rows, generator=gen)[:rows].to(device)
-    pools = [torch.full((3 * rows, kv_heads, dim), float("nan"), dtype=torch.bfloat16, device=device) for _ in "kvKV"]
-    q = rotary_pool_write(qkv, cos, sin, slots, pools[0], pools[1], num_heads=heads, num_kv_heads=kv_heads)
-    expected = reference_rotary_pool_write(qkv, cos, sin, slots, pools[2], pools[3], num_heads=heads,
-                                           num_kv_heads=kv_heads)  # fmt: skip
-    assert q.shape == (rows, heads, dim)
-    if device == "cuda":
-        assert torch.equal(q, expected)
-        assert torch.equal(pools[0].nan_to_num(7), pools[2].nan_to_num(7))  # untouched slots stay NaN in both
-        assert torch.equal(pools[1].nan_to_num(7), pools[3].nan_to_num(7))
-        return
-    assert torch.equal(pools[1].nan_to_num(7), pools[3].nan_to_num(7))  # values: copied as they are
-    for got, want in ((q, expected), (pools[0][slots], pools[2][slots])):
-        bound = 3 * 2.0**-7 * (qkv.float().abs().max())  # an ulp of each of three roundings, at most
-        assert ((got.float() - want.float()).abs() <= bound).all()
+    bf16_qkv = (torch.randn(rows, width, generator=gen) * 3).to(torch.bfloat16).to(device)
+    partials = (torch.randn(3, rows, width, generator=gen) * 2).to(device)
+    bias = torch.randn(width, generator=gen).to(torch.bfloat16).to(device)
+    for qkv, b in ((bf16_qkv, None), (partials, bias)):
+        pools = [torch.full((3 * rows, kv_heads, dim), float("nan"), dtype=torch.bfloat16, device=device) for _ in "kvKV"]
+        q = rotary_pool_write(qkv, cos, sin, slots, pools[0], pools[1], num_heads=heads, num_kv_heads=kv_heads, bias=b)
+        expected = reference_rotary_pool_write(qkv, cos, sin, slots, pools[2], pools[3], num_heads=heads,
+                                               num_kv_heads=kv_heads, bias=b)  # fmt: skip
+        assert q.shape == (rows, heads, dim)
+        if device == "cuda":
+            assert torch.equal(q, expected)
+            assert torch.equal(pools[0].nan_to_num(7), pools[2].nan_to_num(7))  # untouched slots stay NaN in both
+            assert torch.equal(pools[1].nan_to_num(7), pools[3].nan_to_num(7))
+            continue
+        bound = 4 * 2.0**-7 * (qkv.float().abs().sum(0) if qkv.dim() == 3 else qkv.float().abs()).max() + 0.1
+        for got, want in ((q, expected), (pools[0][slots], pools[2][slots]), (pools[1][slots], pools[3][slots])):
+            assert ((got.float() - want.float()).abs() <= bound).all()
 
 
 @pytest.mark.gpu

@@ -113,6 +113,31 @@ def _add_partials_kernel(
             _store_normed(normed_ptr, sums_ptr, normed, weight_ptr, row, in_row, H, OPERAND, BLOCK_H)
 
 
+@triton.jit
+def _add_rows_kernel(
+    residual_ptr, part_ptr, bias_ptr, weight_ptr, hidden_ptr, normed_ptr, sums_ptr, stride_split, H, eps,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr, OPERAND: tl.constexpr,
+    EARLY: tl.constexpr,
+):  # fmt: skip
+    """Row ``program_id(0)`` of several, whole: what ``_add_partials_kernel`` computes for one row (the same
+    arithmetic), with the norm in the same program."""
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    wait_for_producers(EARLY)
+    delta = sum_partials(part_ptr + row * H, stride_split, cols, mask, bias_ptr, cols, SPLIT, HAS_BIAS)
+    delta = delta.to(tl.bfloat16).to(tl.float32)  # the Linear's bf16 output, as HF has it
+    residual = tl.load(residual_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    hidden = (residual + delta).to(tl.bfloat16)  # HF's residual add: bf16 + bf16, rounded once
+    tl.store(hidden_ptr + row * H + cols, hidden, mask=mask)
+    if NORM:
+        x = hidden.to(tl.float32)  # masked lanes are 0 and add nothing
+        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)).to(tl.bfloat16)
+        _store_normed(normed_ptr + row * H, sums_ptr + row * (H // 128), normed, weight_ptr, cols, mask, H, OPERAND,
+                      BLOCK_H)  # fmt: skip
+
+
 def add_partials_workspace(device: torch.device | str) -> torch.Tensor:
     """Zeroed scratch for ``add_partials`` with a norm, kept zeroed by it between calls: one per caller that runs
     one call at a time (a decode layer), allocated before any CUDA graph captures the calls."""
@@ -130,7 +155,7 @@ def add_partials(
     workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | RowOperand | None]:
     """The residual add after a Linear whose split-K partial sums were left unsummed (``int4_gemv(partials=True)``),
-    with the next RMSNorm fused when ``weight`` is given, for one row (the decode step):
+    with the next RMSNorm fused when ``weight`` is given, for one row (the decode step) or a few (batched decode):
 
         delta  = bf16(partials.sum(0) + bias)       # the Linear's output, as F.linear in bf16 rounds it
         hidden = residual + delta                   # bf16, as HF's residual add
@@ -143,19 +168,28 @@ def add_partials(
     the 32B model's down_proj), too many for one program to read fast. With the norm the programs meet in
     ``workspace`` (``add_partials_workspace``; a fresh one per call when None), which must not be shared by calls
     that may run at the same time.
+
+    Several rows: ``residual`` contiguous ``[..., T, H]`` (T = its elements / H, at most ``gemv_mma.MAX_ROWS`` with
+    ``operand``) and ``partials`` ``[S, T, H]``; one program a row, whole, norm included (no workspace).
     """
     hidden_size = residual.shape[-1]
-    if residual.dtype != torch.bfloat16 or residual.numel() != hidden_size or not residual.is_contiguous():
-        raise ValueError(f"residual must be one contiguous bf16 row, got {residual.dtype} {tuple(residual.shape)}")
-    if partials.dtype != torch.float32 or partials.dim() != 3 or partials.shape[1:] != (1, hidden_size):
-        raise ValueError(f"partials must be fp32 [S, 1, {hidden_size}], got {partials.dtype} {tuple(partials.shape)}")
+    rows = residual.numel() // max(hidden_size, 1)
+    if residual.dtype != torch.bfloat16 or not residual.is_contiguous():
+        raise ValueError(f"residual must be contiguous bf16 rows, got {residual.dtype} {tuple(residual.shape)}")
+    if partials.dtype != torch.float32 or partials.dim() != 3 or partials.shape[1:] != (rows, hidden_size):
+        raise ValueError(
+            f"partials must be fp32 [S, {rows}, {hidden_size}], got {partials.dtype} {tuple(partials.shape)}"
+        )
     for name, t in (("bias", bias), ("weight", weight)):
         if t is not None and (t.dtype != torch.bfloat16 or tuple(t.shape) != (hidden_size,)):
             raise ValueError(f"{name} must be bf16 [{hidden_size}], got {t.dtype} {tuple(t.shape)}")
-    if operand and (weight is None or hidden_size % 128):
+    if operand and (weight is None or hidden_size % 128 or rows > MAX_ROWS):
         raise ValueError(
-            f"add_partials(operand=True) needs the norm's weight and H a multiple of 128 (H = {hidden_size})"
+            f"add_partials(operand=True) needs the norm's weight, H a multiple of 128 and at most {MAX_ROWS} rows "
+            f"(H = {hidden_size}, {rows} rows)"
         )
+    if rows > 1:
+        return _add_rows(residual, partials, bias, weight, eps, rows, operand)
     if workspace is None and weight is not None:
         workspace = add_partials_workspace(residual.device)
     elif workspace is not None and (workspace.dtype != torch.int32 or workspace.numel() != 1 + _NORM_PROGRAMS):
@@ -180,6 +214,29 @@ def add_partials(
         SPLIT=partials.shape[0], HAS_BIAS=bias is not None, NORM=weight is not None, BLOCK=block, BLOCK_H=block_h,
         BLOCK_P=triton.next_power_of_2(programs), OPERAND=operand, EARLY=early, FENCE=residual.is_cuda,
         num_warps=4 if block_h <= 2048 else 8, **pdl(early),
+    )  # fmt: skip
+    return hidden, normed
+
+
+def _add_rows(residual, partials, bias, weight, eps: float, rows: int, operand: bool):
+    """``add_partials`` for several rows, one program a row (``_add_rows_kernel``)."""
+    hidden_size = residual.shape[-1]
+    hidden = torch.empty_like(residual)
+    if weight is None:
+        normed = None
+    elif operand:
+        normed = RowOperand.empty(hidden_size, residual.dtype, residual.device, rows=rows)
+    else:
+        normed = torch.empty_like(residual)
+    block_h = triton.next_power_of_2(hidden_size)
+    early = early_launch(residual.device)
+    _add_rows_kernel[(rows,)](
+        residual, partials.contiguous(), bias if bias is not None else residual,
+        weight if weight is not None else residual, hidden,
+        normed.values if operand else normed if normed is not None else hidden,
+        normed.sums if operand else hidden, rows * hidden_size, hidden_size, eps,
+        SPLIT=partials.shape[0], HAS_BIAS=bias is not None, NORM=weight is not None, BLOCK_H=block_h,
+        OPERAND=operand, EARLY=early, num_warps=4 if block_h <= 2048 else 8, **pdl(early),
     )  # fmt: skip
     return hidden, normed
 

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from compute.kernels.gemv import sum_partials
+
 __all__ = [
     "paged_attention_supported",
     "paged_decode_attention",
@@ -183,17 +185,22 @@ def reference_paged_decode_attention(
 
 @triton.jit
 def _rotary_pool_write_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_ptr, v_ptr, stride_qkv,
-    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+    part_ptr, bias_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_ptr, v_ptr, stride_split, stride_row,
+    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Row ``program_id(0)``, head ``program_id(1)`` (q heads, then k heads, then v heads) of the q|k|v product:
-    rotated into ``q``, rotated into the key pool at the row's slot, or as it is into the value pool."""
+    """Row ``program_id(0)``, head ``program_id(1)`` (q heads, then k heads, then v heads) of the q|k|v product
+    (``bf16(sum of SPLITS partial rows + bias)``): rotated into ``q``, rotated into the key pool at the row's
+    slot, or as it is into the value pool."""
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     d = tl.arange(0, D)
-    source = qkv_ptr + row * stride_qkv + head * D
-    x = tl.load(source + d).to(tl.float32)
-    partner = tl.load(source + (d + D // 2) % D).to(tl.float32)  # rotate_half: -x[d + D/2], then x[d - D/2]
+    source = part_ptr + row * stride_row
+    x = sum_partials(source, stride_split, head * D + d, d < D, bias_ptr, head * D + d, SPLITS, HAS_BIAS)
+    x = x.to(tl.bfloat16).to(tl.float32)
+    # rotate_half: -x[d + D/2], then x[d - D/2]; the partner is summed again, in the same order: the same bits
+    partner = sum_partials(source, stride_split, head * D + (d + D // 2) % D, d < D, bias_ptr,
+                           head * D + (d + D // 2) % D, SPLITS, HAS_BIAS)  # fmt: skip
+    partner = partner.to(tl.bfloat16).to(tl.float32)
     rotated_half = tl.where(d < D // 2, -partner, partner)
     cos = tl.load(cos_ptr + row * D + d).to(tl.float32)
     sin = tl.load(sin_ptr + row * D + d).to(tl.float32)
@@ -213,9 +220,17 @@ def _rotary_pool_write_kernel(
 
 def reference_rotary_pool_write(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, key_pool: torch.Tensor,
-    value_pool: torch.Tensor, *, num_heads: int, num_kv_heads: int,
+    value_pool: torch.Tensor, *, num_heads: int, num_kv_heads: int, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """``rotary_pool_write`` in plain torch: HF's ``apply_rotary_pos_emb`` row by row, ``index_copy_`` into the pool."""
+    """``rotary_pool_write`` in plain torch: the projection rounded to bf16 (partials summed in split order, bias
+    added), HF's ``apply_rotary_pos_emb`` row by row, ``index_copy_`` into the pool."""
+    if qkv.dim() == 3:  # fp32 partial sums [S, T, N]
+        total = qkv[0].clone()
+        for part in qkv[1:]:
+            total += part
+        qkv = (total + (bias.float() if bias is not None else 0)).to(torch.bfloat16)
+    elif bias is not None:
+        qkv = qkv + bias
     rows, head_dim = qkv.shape[0], cos.shape[-1]
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     cos, sin = cos.reshape(rows, 1, head_dim), sin.reshape(rows, 1, head_dim)
@@ -232,25 +247,34 @@ def reference_rotary_pool_write(
 
 def rotary_pool_write(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, key_pool: torch.Tensor,
-    value_pool: torch.Tensor, *, num_heads: int, num_kv_heads: int,
+    value_pool: torch.Tensor, *, num_heads: int, num_kv_heads: int, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """The rotated queries ``[T, H, D]`` of ``qkv`` ``[T, (H + 2 KVH) D]`` bf16 (unit stride along features),
-    ``cos``/``sin`` ``[T, D]`` bf16 (any shape of T * D contiguous elements), after writing the rotated keys and the
-    values to ``key_pool``/``value_pool`` ``[slots, KVH, D]`` bf16 at ``slots`` [T] int64 (module docstring)."""
-    rows, head_dim = qkv.shape[0], cos.shape[-1]
-    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
-        raise ValueError(f"qkv must be [T, (H + 2 KVH) D] with unit stride, got {tuple(qkv.shape)}")
+    """The rotated queries ``[T, H, D]`` of the q|k|v projection, after writing the rotated keys and the values to
+    ``key_pool``/``value_pool`` ``[slots, KVH, D]`` bf16 at ``slots`` [T] int64 (module docstring). ``qkv`` is the
+    projection without its bias, bf16 ``[T, (H + 2 KVH) D]`` (unit stride along features) or the GEMV's fp32
+    split-K partial sums ``[S, T, (H + 2 KVH) D]`` (``int4_gemv(partials=True)``), summed here; ``bias`` bf16
+    ``[(H + 2 KVH) D]`` or None; ``cos``/``sin`` ``[T, D]`` bf16 (any shape of T * D contiguous elements)."""
+    partials = qkv.dim() == 3
+    rows, width, head_dim = qkv.shape[-2], qkv.shape[-1], cos.shape[-1]
+    if width != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be [..., T, (H + 2 KVH) D] with unit stride, got {tuple(qkv.shape)}")
+    if partials and (qkv.dtype != torch.float32 or not qkv.is_contiguous()):
+        raise ValueError(f"partial sums must be contiguous fp32 [S, T, N], got {qkv.dtype} {tuple(qkv.shape)}")
     if cos.numel() != rows * head_dim or sin.numel() != rows * head_dim:
         raise ValueError(f"cos and sin must hold {rows} rows of {head_dim}, got {tuple(cos.shape)}")
     if tuple(key_pool.shape[1:]) != (num_kv_heads, head_dim) or not key_pool.is_contiguous():
         raise ValueError(f"the pool must be [slots, {num_kv_heads}, {head_dim}] contiguous, got {tuple(key_pool.shape)}")
     if head_dim & (head_dim - 1) or slots.shape != (rows,):
         raise ValueError(f"head_dim {head_dim} must be a power of two and slots [{rows}], got {tuple(slots.shape)}")
-    q = torch.empty((rows, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if bias is not None and tuple(bias.shape) != (width,):
+        raise ValueError(f"bias must be [{width}], got {tuple(bias.shape)}")
+    q = torch.empty((rows, num_heads, head_dim), dtype=torch.bfloat16, device=qkv.device)
     if rows:
         _rotary_pool_write_kernel[(rows, num_heads + 2 * num_kv_heads)](
-            qkv, cos.contiguous(), sin.contiguous(), slots, q, key_pool, value_pool, qkv.stride(0),
-            H=num_heads, KVH=num_kv_heads, D=head_dim, num_warps=1,
+            qkv, bias if bias is not None else cos, cos.contiguous(), sin.contiguous(), slots, q, key_pool, value_pool,
+            rows * width if partials else 0, qkv.stride(-2),
+            H=num_heads, KVH=num_kv_heads, D=head_dim, SPLITS=qkv.shape[0] if partials else 1,
+            HAS_BIAS=bias is not None, num_warps=1,
             enable_fp_fusion=False,  # keep HF's two roundings before the sum
         )  # fmt: skip
     return q
