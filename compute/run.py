@@ -25,9 +25,10 @@ from pathlib import Path
 import click
 import torch
 
-from compute.config import DEMO_MAX_CONTEXT, KernelOptions, RunConfig, kernel_options
+from compute.config import DEMO_MAX_CONTEXT, KernelOptions, RunConfig, default_draft_shape, kernel_options
 from compute.launch import LaunchedLoader, LoaderStartError
 from compute.resolve import ModelResolveError, ResolvedModel, default_cache_dir, resolve_model
+from compute.speculation import DEFAULT_CHAIN_TOKENS, DEFAULT_MAX_DRAFT_TOKENS, DRAFT_SHAPES
 from protocol.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_POLICY, POLICY_NAMES
 from protocol.launch import LoaderCommand
 from protocol.sizes import SIZE
@@ -102,7 +103,11 @@ def model_options(command):
 @click.option("--draft-model", metavar="PATH|REPO_ID", help="Speculative decoding with this smaller model (same "
               "tokenizer; quantized like --model), held resident in device memory within --gpu-memory.")
 @click.option("--draft-tokens", type=click.IntRange(min=1), help="Drafted tokens each pass checks. "
-              "[default: as many as pay for themselves at the measured cost of a pass, at most 128]")
+              f"[default: as many as pay for themselves at the measured cost of a pass, at most "
+              f"{DEFAULT_MAX_DRAFT_TOKENS}; a chain drafts at most {DEFAULT_CHAIN_TOKENS}]")
+@click.option("--draft-shape", type=click.Choice(DRAFT_SHAPES), help="How --draft-model drafts: chain = its greedy "
+              "continuation, one decode step (a CUDA graph replay) a token; tree = a tree of likely continuations "
+              "grown by a few wide forwards. [default: chain on cuda, tree on cpu]")
 @click.pass_context
 def run(ctx: click.Context, **options) -> None:
     """Chat with a model whose INT4 weights stream from a loader process."""
@@ -142,6 +147,9 @@ def build_config(options: dict, *, verbose: int) -> RunConfig:
         raise click.UsageError("--speculate ngram and --draft-model are two ways of drafting: choose one")
     if options.get("draft_tokens") and not (options.get("speculate") or options.get("draft_model")):
         raise click.UsageError("--draft-tokens needs --speculate ngram or --draft-model")
+    if options.get("draft_shape") and not options.get("draft_model"):
+        raise click.UsageError("--draft-shape needs --draft-model")
+    device = _device(options["device"])
     return RunConfig(
         model=options["model"],
         prompt=options.get("prompt"),
@@ -153,7 +161,7 @@ def build_config(options: dict, *, verbose: int) -> RunConfig:
         seed=options.get("seed"),
         policy=options["policy"],
         gpu_memory=options["gpu_memory"],
-        device=_device(options["device"]),
+        device=device,
         max_context=options["max_context"],
         raw=options.get("raw", False),
         output_format=options.get("output_format", "text"),
@@ -164,6 +172,7 @@ def build_config(options: dict, *, verbose: int) -> RunConfig:
         speculate=options.get("speculate"),
         draft_model=options.get("draft_model"),
         draft_tokens=options.get("draft_tokens"),
+        draft_shape=options.get("draft_shape") or default_draft_shape(device),
         max_batch=options.get("max_batch", 1),
         kv_tokens=options.get("kv_tokens"),
     )
