@@ -13,7 +13,9 @@ import torch
 
 from compute.decode import stacked
 from compute.engine import Engine
-from compute.draft_model import DraftChain, DraftModel, DraftModelError, ResidentWeights, check_same_tokenizer
+from compute.draft_model import (
+    DraftChain, DraftModel, DraftModelError, ResidentWeights, check_same_tokenizer, open_drafter,
+)  # fmt: skip
 from compute.sampling import SamplingParams
 from compute.speculate.tree import ROOT, DraftTree
 from conftest import make_tiny_qwen2
@@ -174,6 +176,20 @@ def test_a_chain_drafted_by_the_target_itself_is_accepted_whole(tiny_q, referenc
     stats = result.speculation
     # 14 decode tokens: two passes of a 6-token chain, all accepted, + 1 each
     assert stats.target_passes == 2 and stats.accepted_tokens == stats.drafted_tokens == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_chain_drafts_by_replaying_its_captured_decode_step_as_eager_steps_would(tiny_q):
+    drafters = [open_drafter(QuantizedCheckpoint(tiny_q), shape="chain", device="cuda", max_context=64,
+                             vocab_size=320, max_tokens=6) for _ in range(2)]  # fmt: skip
+    drafters[1].engine.cuda_graphs = False
+    context = random_prompt(9)
+    for _ in range(3):  # after each: two nodes accepted, then another token
+        graphed, eager = (drafter.propose(context, 6) for drafter in drafters)
+        assert graphed.tokens == eager.tokens and len(graphed) == 6
+        context = context + list(graphed.tokens[:2]) + [7]
+    assert drafters[0].engine.decode_mode == "graph" and drafters[1].engine.decode_mode.startswith("eager")
 
 
 def test_a_draft_with_another_tokenizer_is_refused_in_one_line(tiny_q, tmp_path):
