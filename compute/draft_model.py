@@ -24,11 +24,14 @@ there, and the loader's planner reserves their bytes (``loader.planner.draft_lin
     forwards: what pays where a forward costs little more for 16 rows than for one (a CPU, eager launches).
   - ``DraftChain`` (shape "chain") drafts the draft's greedy continuation, one token per ``Engine._decode_step``
     (a CUDA graph replay where the draft engine captures its decode step, eager elsewhere), up to ``max_tokens``
-    tokens, each node carrying the chain's cumulative log-probability under the draft. The chain's keys/values
-    stay in the draft's cache, recorded as cached ids: the next context is the accepted part of the chain plus the
-    target's token, so the next call keeps that prefix (``Engine._reuse_prefix`` rewinds the cache's length, in
-    place, past it) and feeds one or two tokens, by decode steps too. Many one-token forwards: what pays where a
-    forward's cost is its launches and a graph removes them.
+    tokens, each node carrying the chain's cumulative log-probability under the draft. It stops only at that
+    length, never at a probability threshold: the engine's sizing (``compute.speculate.sizing``) keeps the prefix
+    worth checking, from those log-probabilities and the measured costs. The chain's keys/values stay in the
+    draft's cache, recorded as cached ids: the next context is the accepted part of the chain plus the target's
+    token, so the next call keeps that prefix (``Engine._reuse_prefix`` moves the cache layers' lengths back in
+    place, the very tensors a captured step reads; the step's position buffer is written before every step) and
+    feeds one or two tokens, by decode steps too. Many one-token forwards: what pays where a forward's cost is its
+    launches and a graph removes them.
 
 * ``open_drafter(checkpoint, shape=..., device=..., ...)`` builds the draft engine (resident weights; CUDA graphs
   for its decode steps where the device has them) and the drafter of that shape.
@@ -42,10 +45,10 @@ from collections.abc import Sequence
 import torch
 
 from compute.engine import Engine
-from compute.speculation import DEFAULT_CHAIN_TOKENS, DRAFT_SHAPES
 from compute.speculate.tree import DraftTree, chain, grow_tree
-from protocol.defaults import DEFAULT_PREFILL_CHUNK
+from compute.speculation import DEFAULT_CHAIN_TOKENS, DRAFT_SHAPES
 from protocol.cpu_kernel_form import has_kernel_form, pack_for_cpu_kernel
+from protocol.defaults import DEFAULT_PREFILL_CHUNK
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX
 
