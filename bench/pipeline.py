@@ -197,19 +197,19 @@ def run_budget(model_dir: Path, budget: str, *, policy: str, max_context: int, p
 
 
 def _speculative_decode(engine, draft_model: Path | None, prompt: list[int], greedy, decode_tokens: int) -> dict:
-    """The decode run again, drafted by ``draft_model`` held resident in this process, or by prompt lookup (None)."""
-    from compute.draft_model import DraftModel, ResidentWeights
-    from compute.engine import Engine
+    """The decode run again, drafted by ``draft_model`` held resident in this process (in the shape ``spillover run``
+    drafts on CUDA by default), or by prompt lookup (None)."""
+    from compute.config import default_draft_shape
+    from compute.draft_model import open_drafter
     from compute.speculation import NgramDrafter
     from quantizer.checkpoint import QuantizedCheckpoint
 
     if draft_model is None:
         engine.drafter = NgramDrafter()
     else:
-        checkpoint = QuantizedCheckpoint(draft_model)
-        draft = Engine(checkpoint, ResidentWeights(checkpoint, "cuda"), device="cuda", max_context=engine.max_context,
-                       cuda_graphs=False)  # fmt: skip
-        engine.drafter = DraftModel(draft, vocab_size=engine.vocab_size)
+        engine.drafter = open_drafter(QuantizedCheckpoint(draft_model), shape=default_draft_shape("cuda"),
+                                      device="cuda", max_context=engine.max_context,
+                                      vocab_size=engine.vocab_size)  # fmt: skip
     engine.reset()
     engine.generate(prompt, dataclasses.replace(greedy, max_new_tokens=16))  # warm-up
     engine.reset()

@@ -104,6 +104,7 @@ class RunConfig:
     speculate: str | None = None  # "ngram": prompt-lookup drafting; None: none (or the draft model's, if given)
     draft_model: str | None = None  # --draft-model as given (like --model); None = no draft model
     draft_tokens: int | None = None  # drafted tokens per target pass; None = sized from the measured pass cost
+    draft_shape: str = "tree"  # how the draft model drafts: one of compute.speculation.DRAFT_SHAPES
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -136,6 +137,13 @@ def default_max_context(model: ResolvedModel) -> int:
     config = json.loads((model.path / "config.json").read_text())
     default = DEMO_MAX_CONTEXT if model.is_demo else DEFAULT_MAX_CONTEXT
     return min(default, config.get("max_position_embeddings") or default)
+
+
+def default_draft_shape(device: str) -> str:
+    """``--draft-shape`` when none is given: a chain on CUDA, where the draft's decode steps replay as CUDA graphs
+    (a token's step costs little more than its weight reads), a tree elsewhere, where a draft forward over 16 rows
+    costs little more than over one and a tree gets more tokens accepted per target pass."""
+    return "chain" if device == "cuda" else "tree"
 
 
 def default_budget(device: str, *, demo: bool) -> int:

@@ -12,14 +12,29 @@ there, and the loader's planner reserves their bytes (``loader.planner.draft_lin
   (``protocol.cpu_kernel_form``), so a draft forward dequantizes nothing.
 * ``check_same_tokenizer(target, draft, label)``: ``DraftModelError`` (one line) unless both tokenizers map every
   token, special ones included, to the same id.
-* ``DraftModel(engine, vocab_size=..., ...)``: a ``compute.speculation.Drafter`` over an ``Engine`` of the draft.
-  ``propose(context, max_tokens)`` brings the draft's KV cache to ``context`` (reusing the prefix it holds, as
-  ``Engine.generate`` does), then grows a SpecExec tree (``compute.speculate.tree.grow_tree``): the draft's
-  ``top_k`` most likely tokens after the root, then ``rounds`` rounds each expanding up to ``expand_per_round`` of
-  the best candidates in ONE draft forward (``Engine.forward_rows`` under a tree mask: a row sees the context, its
-  ancestors' cached rows and itself). The tree's keys/values are dropped afterwards: the next call feeds the
-  accepted tokens again (a few rows, in the pass that also yields the new root's distribution). Node ids are
-  limited to the target's vocabulary.
+* Two ``compute.speculation.Drafter``s over an ``Engine`` of the draft (``ModelDrafter``, their common part: both
+  bring the draft's KV cache to the ``context`` of ``propose(context, max_tokens)`` first, reusing the prefix it
+  holds as ``Engine.generate`` does, and limit node ids to the target's vocabulary):
+
+  - ``DraftModel`` (shape "tree") grows a SpecExec tree (``compute.speculate.tree.grow_tree``): the draft's
+    ``top_k`` most likely tokens after the root, then ``rounds`` rounds each expanding up to ``expand_per_round``
+    of the best candidates in ONE draft forward (``Engine.forward_rows`` under a tree mask: a row sees the context,
+    its ancestors' cached rows and itself). The tree's keys/values are dropped afterwards: the next call feeds the
+    accepted tokens again (a few rows, in the pass that also yields the new root's distribution). Few, wide draft
+    forwards: what pays where a forward costs little more for 16 rows than for one (a CPU, eager launches).
+  - ``DraftChain`` (shape "chain") drafts the draft's greedy continuation, one token per ``Engine._decode_step``
+    (a CUDA graph replay where the draft engine captures its decode step, eager elsewhere), up to ``max_tokens``
+    tokens, each node carrying the chain's cumulative log-probability under the draft. It stops only at that
+    length, never at a probability threshold: the engine's sizing (``compute.speculate.sizing``) keeps the prefix
+    worth checking, from those log-probabilities and the measured costs. The chain's keys/values stay in the
+    draft's cache, recorded as cached ids: the next context is the accepted part of the chain plus the target's
+    token, so the next call keeps that prefix (``Engine._reuse_prefix`` moves the cache layers' lengths back in
+    place, the very tensors a captured step reads; the step's position buffer is written before every step) and
+    feeds one or two tokens, by decode steps too. Many one-token forwards: what pays where a forward's cost is its
+    launches and a graph removes them.
+
+* ``open_drafter(checkpoint, shape=..., device=..., ...)`` builds the draft engine (resident weights; CUDA graphs
+  for its decode steps where the device has them) and the drafter of that shape.
 """
 
 from __future__ import annotations
@@ -30,8 +45,10 @@ from collections.abc import Sequence
 import torch
 
 from compute.engine import Engine
-from compute.speculate.tree import DraftTree, grow_tree
+from compute.speculate.tree import DraftTree, chain, grow_tree
+from compute.speculation import DEFAULT_CHAIN_TOKENS, DRAFT_SHAPES
 from protocol.cpu_kernel_form import has_kernel_form, pack_for_cpu_kernel
+from protocol.defaults import DEFAULT_PREFILL_CHUNK
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.format import QWEIGHT_SUFFIX, SCALES_SUFFIX
 
@@ -42,6 +59,8 @@ DEFAULT_TOP_K = 4  # children the draft proposes per expanded node
 DEFAULT_EXPAND_PER_ROUND = 16  # nodes expanded together in one draft forward
 DEFAULT_ROUNDS = 12  # draft forwards per tree, after the one that yields the root's distribution
 DEFAULT_MAX_DEPTH = 24  # nodes deep at most
+# New context tokens a chain feeds by decode steps (more go through prefill chunks): the one or two a pass leaves
+FOLLOW_BY_STEPS = 2
 
 
 class DraftModelError(ValueError):
@@ -111,10 +130,43 @@ def check_same_tokenizer(target, draft, label: str) -> None:
     )
 
 
-class DraftModel:
-    """Drafts SpecExec trees with a smaller model; see the module docstring."""
+class ModelDrafter:
+    """What both shapes of draft share: the draft's engine, the target's vocabulary, following the conversation."""
 
     name = "draft-model"
+
+    def __init__(self, engine: Engine, *, vocab_size: int):
+        self.engine = engine
+        self.vocab_size = min(vocab_size, engine.vocab_size)  # ids the target knows
+
+    def reset(self) -> None:
+        self.engine.reset()
+
+    def accepted(self, drafted: int, accepted: int) -> None:
+        """The draft's probabilities already carry what it expects; nothing to learn here."""
+
+    def _follow(self, context: list[int], *, by_steps: int = 0) -> torch.Tensor:
+        """Bring the draft's cache to hold ``context``; the logits after its last token ([vocab], valid until the
+        draft's next forward). Up to ``by_steps`` new tokens run as decode steps, more in prefill chunks."""
+        engine = self.engine
+        keep = engine._reuse_prefix(context)  # at least the last token runs
+        if len(context) - keep <= by_steps:
+            for position in range(keep, len(context)):
+                logits = engine._decode_step(context[position], position)
+                engine._cached_ids.append(context[position])
+            return logits
+        for begin in range(keep, len(context), engine.prefill_chunk):
+            logits = engine._prefill_chunk(context[begin : begin + engine.prefill_chunk], begin)
+            engine._cached_ids.extend(context[begin : begin + engine.prefill_chunk])
+        return logits
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the ids the target knows, float32, of ``logits`` ([..., vocab])."""
+        return torch.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
+
+
+class DraftModel(ModelDrafter):
+    """Drafts SpecExec trees with a smaller model; see the module docstring."""
 
     def __init__(
         self,
@@ -126,18 +178,11 @@ class DraftModel:
         rounds: int = DEFAULT_ROUNDS,
         max_depth: int = DEFAULT_MAX_DEPTH,
     ):
-        self.engine = engine
-        self.vocab_size = min(vocab_size, engine.vocab_size)  # ids the target knows
+        super().__init__(engine, vocab_size=vocab_size)
         self.top_k = top_k
         self.expand_per_round = expand_per_round
         self.rounds = rounds
         self.max_depth = max_depth
-
-    def reset(self) -> None:
-        self.engine.reset()
-
-    def accepted(self, drafted: int, accepted: int) -> None:
-        """The tree's probabilities already carry what the draft expects; nothing to learn here."""
 
     @torch.inference_mode()
     def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree:
@@ -179,17 +224,69 @@ class DraftModel:
         finally:
             self.engine._rewind_cache(base)  # the tree's keys/values are not the conversation's
 
-    def _follow(self, context: list[int]) -> torch.Tensor:
-        """Bring the draft's cache to hold ``context``; the logits after its last token ([vocab])."""
-        engine = self.engine
-        keep = engine._reuse_prefix(context)
-        for begin in range(keep, len(context), engine.prefill_chunk):
-            logits = engine._prefill_chunk(context[begin : begin + engine.prefill_chunk], begin)
-            engine._cached_ids.extend(context[begin : begin + engine.prefill_chunk])
-        return logits
-
     def _top_k(self, logits: torch.Tensor) -> list[tuple[list[int], list[float]]]:
         """Per row of ``logits`` (rows, vocab): the ``top_k`` ids the target knows and their log-probabilities."""
-        log_probs = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
-        values, ids = log_probs.topk(self.top_k, dim=-1)
+        values, ids = self._log_probs(logits).topk(self.top_k, dim=-1)
         return [(i.tolist(), v.tolist()) for i, v in zip(ids.cpu(), values.cpu())]
+
+
+class DraftChain(ModelDrafter):
+    """Drafts the draft model's greedy continuation, one decode step a token; see the module docstring."""
+
+    name = "draft-chain"
+
+    def __init__(self, engine: Engine, *, vocab_size: int, max_tokens: int = DEFAULT_CHAIN_TOKENS):
+        if max_tokens < 1:
+            raise ValueError(f"a chain needs max_tokens >= 1, got {max_tokens}")
+        super().__init__(engine, vocab_size=vocab_size)
+        self.max_tokens = max_tokens
+
+    @torch.inference_mode()
+    def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree:
+        """The draft's greedy chain after ``context``: at most ``max_tokens`` (and ``self.max_tokens``) nodes, node
+        i under node i - 1, its log-probability the chain's down to it. The cache then holds ``context`` and every
+        node but the last (``engine._cached_ids`` says so)."""
+        context = [int(t) for t in context]
+        engine = self.engine
+        # node i is fed at position len(context) + i - 1; the last node is never fed
+        length = min(max_tokens, self.max_tokens, engine.max_context + 1 - len(context))
+        if length < 1:
+            return chain([])
+        logits = self._follow(context, by_steps=FOLLOW_BY_STEPS)
+        tokens: list[int] = []
+        log_probs: list[float] = []
+        total = 0.0
+        while True:
+            log_prob, token = self._log_probs(logits).max(dim=-1)
+            total += float(log_prob)
+            tokens.append(int(token))
+            log_probs.append(total)
+            if len(tokens) == length:
+                return chain(tokens, log_probs)
+            logits = engine._decode_step(tokens[-1], len(engine._cached_ids))
+            engine._cached_ids.append(tokens[-1])
+
+
+def open_drafter(
+    checkpoint: QuantizedCheckpoint,
+    *,
+    shape: str,
+    device: torch.device | str,
+    max_context: int,
+    vocab_size: int,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    max_tokens: int | None = None,
+) -> ModelDrafter:
+    """The draft model of ``checkpoint`` resident on ``device`` (on CPU in the CPU kernel's form, as the planner
+    counts it), its engine's KV cache for ``max_context`` tokens, drafting in ``shape`` ("tree" or "chain") for a
+    target of ``vocab_size`` ids. The engine captures its decode steps as CUDA graphs where the device has them:
+    a chain runs on them, a tree never takes a decode step. ``max_tokens`` caps a chain (default
+    ``DEFAULT_CHAIN_TOKENS``); a tree is capped by what ``propose`` is asked for."""
+    if shape not in DRAFT_SHAPES:
+        raise ValueError(f"draft shape {shape!r} is none of {DRAFT_SHAPES}")
+    device = torch.device(device)
+    weights = ResidentWeights(checkpoint, device, cpu_kernel_form=device.type == "cpu")
+    engine = Engine(checkpoint, weights, device=device, max_context=max_context, prefill_chunk=prefill_chunk)
+    if shape == "chain":
+        return DraftChain(engine, vocab_size=vocab_size, max_tokens=max_tokens or DEFAULT_CHAIN_TOKENS)
+    return DraftModel(engine, vocab_size=vocab_size)

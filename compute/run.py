@@ -26,9 +26,10 @@ from pathlib import Path
 import click
 import torch
 
-from compute.config import DEMO_MAX_CONTEXT, KernelOptions, RunConfig, kernel_options
+from compute.config import DEMO_MAX_CONTEXT, KernelOptions, RunConfig, default_draft_shape, kernel_options
 from compute.launch import LaunchedLoader, LoaderStartError
 from compute.resolve import ModelResolveError, ResolvedModel, default_cache_dir, resolve_model
+from compute.speculation import DEFAULT_CHAIN_TOKENS, DEFAULT_MAX_DRAFT_TOKENS, DRAFT_SHAPES
 from protocol.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_POLICY, POLICY_NAMES
 from protocol.launch import LoaderCommand
 from protocol.sizes import SIZE
@@ -88,7 +89,11 @@ MODEL_OPTIONS = [
     click.option("--draft-model", metavar="PATH|REPO_ID", help="Speculative decoding with this smaller model (same "
                  "tokenizer; quantized like --model), held resident in device memory within --gpu-memory."),
     click.option("--draft-tokens", type=click.IntRange(min=1), help="Drafted tokens each pass checks. "
-                 "[default: as many as pay for themselves at the measured cost of a pass, at most 128]"),
+                 f"[default: as many as pay for themselves at the measured cost of a pass, at most "
+                 f"{DEFAULT_MAX_DRAFT_TOKENS}; a chain drafts at most {DEFAULT_CHAIN_TOKENS}]"),
+    click.option("--draft-shape", type=click.Choice(DRAFT_SHAPES), help="How --draft-model drafts: chain = its "
+                 "greedy continuation, one decode step (a CUDA graph replay) a token; tree = a tree of likely "
+                 "continuations grown by a few wide forwards. [default: chain on cuda, tree on cpu]"),
 ]
 # fmt: on
 
@@ -138,19 +143,26 @@ def drive(ctx: click.Context, config: RunConfig, serve: ModelCommand) -> None:
         sys.exit(130)
 
 
-def check_speculation(speculate: str | None, draft_model: str | Path | None, draft_tokens: int | None = None) -> None:
-    """``--speculate``, ``--draft-model`` and ``--draft-tokens`` together make sense, else ``click.UsageError``."""
+def check_speculation(
+    speculate: str | None, draft_model: str | Path | None, draft_tokens: int | None = None, draft_shape: str | None = None
+) -> None:
+    """``--speculate``, ``--draft-model``, ``--draft-tokens`` and ``--draft-shape`` together make sense, else
+    ``click.UsageError``."""
     if speculate and draft_model:
         raise click.UsageError("--speculate ngram and --draft-model are two ways of drafting: choose one")
     if draft_tokens and not (speculate or draft_model):
         raise click.UsageError("--draft-tokens needs --speculate ngram or --draft-model")
+    if draft_shape and not draft_model:
+        raise click.UsageError("--draft-shape needs --draft-model")
 
 
 def build_config(options: dict, *, verbose: int) -> RunConfig:
     """The RunConfig of a model command's options; those only ``spillover run`` has may be absent."""
     if options.get("output_format") == "json" and options.get("prompt") is None:
         raise click.UsageError("--output-format json needs a prompt (-p): the chat REPL writes text only")
-    check_speculation(options.get("speculate"), options.get("draft_model"), options.get("draft_tokens"))
+    check_speculation(options.get("speculate"), options.get("draft_model"), options.get("draft_tokens"),
+                      options.get("draft_shape"))
+    device = _device(options["device"])
     return RunConfig(
         model=options["model"],
         prompt=options.get("prompt"),
@@ -162,7 +174,7 @@ def build_config(options: dict, *, verbose: int) -> RunConfig:
         seed=options.get("seed"),
         policy=options["policy"],
         gpu_memory=options["gpu_memory"],
-        device=_device(options["device"]),
+        device=device,
         max_context=options["max_context"],
         raw=options.get("raw", False),
         output_format=options.get("output_format", "text"),
@@ -173,6 +185,7 @@ def build_config(options: dict, *, verbose: int) -> RunConfig:
         speculate=options.get("speculate"),
         draft_model=options.get("draft_model"),
         draft_tokens=options.get("draft_tokens"),
+        draft_shape=options.get("draft_shape") or default_draft_shape(device),
         max_batch=options.get("max_batch", 1),
         kv_tokens=options.get("kv_tokens"),
     )

@@ -9,9 +9,10 @@ chunks: what the budget counted), and closes the connection when left. It then s
 * ``chat()``: the multi-turn REPL of ``compute.chat``.
 
 With ``config.speculate`` ("ngram") or a draft model (``draft``, resolved from ``--draft-model``) the engine
-decodes speculatively (``compute.speculation``); the draft model is held here, resident, and must be the one the
-loader's plan reserved room for (``Plan.draft_model``) and have the target's tokenizer, else ``DraftModelError``.
-``build_engine`` builds that engine; ``spillover serve`` builds its one-conversation engine with it too.
+decodes speculatively (``compute.speculation``); the draft model is held here, resident, drafting chains or trees
+(``config.draft_shape``), and must be the one the loader's plan reserved room for (``Plan.draft_model``) and have
+the target's tokenizer, else ``DraftModelError``. ``build_engine`` builds that engine; ``spillover serve`` builds
+its one-conversation engine with it too.
 
 Any failure of the loader connection becomes ``LoaderLost``, whose message names the loader and its pid. A
 watchdog thread also checks, every ``WATCH_S``, that the loader process lives: resident weights need no
@@ -35,7 +36,7 @@ import torch
 
 from compute.chat import Conversation, Reply, ReplyRefused, StopOnInterrupt, StreamingDetokenizer, reply_once, repl
 from compute.config import RunConfig
-from compute.draft_model import DraftModel, DraftModelError, ResidentWeights, check_same_tokenizer
+from compute.draft_model import DraftModelError, ModelDrafter, check_same_tokenizer, open_drafter
 from compute.engine import ContextLengthError, Engine, FinishReason, GenerationResult
 from compute.resolve import ResolvedModel
 from compute.speculation import Drafter, NgramDrafter
@@ -252,7 +253,7 @@ def build_engine(
         drafter=_drafter(config, draft, plan, checkpoint, address),
         draft_tokens=config.draft_tokens,
     )
-    if isinstance(engine.drafter, DraftModel):
+    if isinstance(engine.drafter, ModelDrafter):
         check_same_tokenizer(engine.tokenizer, engine.drafter.engine.tokenizer, config.draft_model)
     return engine
 
@@ -270,14 +271,15 @@ def _drafter(
             f"the loader at {address} reserved no room for the draft model {draft.path} "
             f"(it counted {plan.draft_model or 'none'}): start it with --draft-model {draft.path}"
         )
-    checkpoint = QuantizedCheckpoint(draft.path)
-    engine = Engine(
-        checkpoint,
-        ResidentWeights(checkpoint, config.device, cpu_kernel_form=config.device == "cpu"),
+    drafter = open_drafter(
+        QuantizedCheckpoint(draft.path),
+        shape=config.draft_shape,
         device=config.device,
         max_context=plan.max_context,
+        vocab_size=int(target.config["vocab_size"]),
         prefill_chunk=min(plan.prefill_chunk, DEFAULT_PREFILL_CHUNK),  # what the planner counted for the draft
-        cuda_graphs=False,
+        max_tokens=config.draft_tokens,
     )
-    log.info("draft model %s: %d layers, resident", draft.label, engine.config.num_hidden_layers)
-    return DraftModel(engine, vocab_size=int(target.config["vocab_size"]))
+    log.info("draft model %s: %d layers, resident, drafting a %s", draft.label,
+             drafter.engine.config.num_hidden_layers, config.draft_shape)  # fmt: skip
+    return drafter

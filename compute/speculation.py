@@ -12,8 +12,8 @@ This module promises:
 * ``Drafter``: ``propose(context, max_tokens) -> DraftTree`` (``context``: every id of the conversation, the root
   token last; at most ``max_tokens`` nodes), ``accepted(drafted, accepted)`` (feedback after each pass), ``reset()``
   and ``name``. ``NgramDrafter`` drafts by prompt lookup (``compute.speculate.ngram``), a chain whose nodes carry the
-  acceptance rate it has measured, so that sizing can weigh them; ``compute.draft_model.DraftModel`` runs a smaller
-  model.
+  acceptance rate it has measured, so that sizing can weigh them; ``compute.draft_model`` runs a smaller model,
+  in one of the ``DRAFT_SHAPES``.
 * ``speculative_step(engine, ...)``: one such pass for ``Engine.generate`` (drafting, sizing the tree by
   ``compute.speculate.sizing`` unless ``engine.draft_tokens`` fixes it, ``verify``, the walk, ``Engine.keep_rows``).
 * ``SpeculationStats``: per reply, target passes (decode only), drafted and accepted tokens, the seconds the draft
@@ -43,8 +43,12 @@ if TYPE_CHECKING:
     from compute.engine import Engine
 
 DEFAULT_MAX_DRAFT_TOKENS = 128  # nodes per tree at most (a verification pass checks this many + 1 rows)
+DEFAULT_CHAIN_TOKENS = 16  # tokens per drafted chain at most: each costs a draft decode step
 NGRAM_MAX = 3  # longest suffix prompt lookup matches
 NGRAM_PRIOR_ACCEPTANCE = 0.5  # what a drafted n-gram token is assumed worth before any was checked
+# how a draft model drafts (compute.draft_model): "chain", its greedy continuation one decode step a token, or
+# "tree", a SpecExec tree a few wide forwards grow
+DRAFT_SHAPES = ("chain", "tree")
 
 
 class Drafter(Protocol):
@@ -92,7 +96,7 @@ class NgramDrafter:
 class SpeculationStats:
     """What speculation did during one reply's decode."""
 
-    drafter: str  # the drafter's name: "ngram" or "draft-model"
+    drafter: str  # the drafter's name: "ngram", "draft-model" (a tree) or "draft-chain"
     target_passes: int = 0  # decode forward passes of the target (verification passes and one-token passes)
     emitted_tokens: int = 0  # tokens those passes emitted (accepted drafts + the target's own one per pass)
     drafted_tokens: int = 0  # tree nodes the target checked

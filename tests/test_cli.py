@@ -76,8 +76,9 @@ def test_json_output_is_one_object_with_the_fed_ids_and_stats(tiny_q, tmp_path):
 
 
 def test_the_loader_gets_its_share_of_the_options(tiny_q, monkeypatch):
-    commands = []
-    monkeypatch.setattr(run_command, "_chat", lambda config, model, command: commands.append(command))
+    commands, configs = [], []
+    monkeypatch.setattr(run_command, "_chat", lambda config, model, command: (commands.append(command),
+                                                                             configs.append(config)))  # fmt: skip
     args = ["--model", str(tiny_q), "--gpu-memory", "3GiB", "--policy", "stream", "--device", "cpu", "-p", "hi"]
     result = CliRunner().invoke(main, ["-v", "run", *args, "--max-context", "64", "-n", "3"])
     assert result.exit_code == 0, result.output
@@ -92,6 +93,12 @@ def test_the_loader_gets_its_share_of_the_options(tiny_q, monkeypatch):
     result = CliRunner().invoke(main, ["run", *args, "--draft-model", str(tiny_q)])
     assert result.exit_code == 0, result.output
     assert commands[-1].draft_model == Path(tiny_q).resolve()
+    assert configs[-1].draft_shape == "tree"  # on CPU a draft grows trees unless told otherwise
+    result = CliRunner().invoke(main, ["run", *args, "--draft-model", str(tiny_q), "--draft-shape", "chain"])
+    assert result.exit_code == 0, result.output
+    assert configs[-1].draft_shape == "chain"
+    result = CliRunner().invoke(main, ["run", *args, "--draft-shape", "chain"])
+    assert result.exit_code == 2 and "--draft-shape needs --draft-model" in result.output
 
 
 def test_an_unknown_policy_or_size_is_refused_before_anything_starts(tmp_path):

@@ -1,6 +1,7 @@
-"""compute.draft_model: resident draft weights in the loader's unit layout, the draft's tree (each node's
-log-probability is the path's under stock transformers), speculative decode with a draft (teacher-forced), the
-tokenizer check, the planner's reservation, and ``spillover run --draft-model`` through real processes."""
+"""compute.draft_model: resident draft weights in the loader's unit layout, the draft's tree and chain (each node's
+log-probability is the path's under stock transformers; a chain's cache stays consistent from one proposal to the
+next), speculative decode with a draft (teacher-forced), the tokenizer check, the planner's reservation, and
+``spillover run --draft-model`` through real processes."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import torch
 
 from compute.decode import stacked
 from compute.engine import Engine
-from compute.draft_model import DraftModel, DraftModelError, ResidentWeights, check_same_tokenizer
+from compute.draft_model import (
+    DraftChain, DraftModel, DraftModelError, ResidentWeights, check_same_tokenizer, open_drafter,
+)  # fmt: skip
 from compute.sampling import SamplingParams
+from compute.speculate.tree import ROOT, DraftTree
 from conftest import make_tiny_qwen2
 from loader.layout import layout_units
 from loader.planner import draft_lines, plan_placement
@@ -32,12 +36,21 @@ def tiny_draft_q(tmp_path_factory):
     return quantize_checkpoint(hf, root / "q", device="cpu", progress=False)
 
 
-def draft_of(qdir, dtype=torch.bfloat16, **options) -> DraftModel:
+def draft_engine(qdir, dtype=torch.bfloat16) -> Engine:
     checkpoint = QuantizedCheckpoint(qdir)
-    engine = Engine(
+    return Engine(
         checkpoint, ResidentWeights(checkpoint, "cpu"), device="cpu", max_context=64, prefill_chunk=4, dtype=dtype
     )
+
+
+def draft_of(qdir, dtype=torch.bfloat16, **options) -> DraftModel:
+    engine = draft_engine(qdir, dtype)
     return DraftModel(engine, vocab_size=engine.vocab_size, **options)
+
+
+def chain_of(qdir, dtype=torch.bfloat16, **options) -> DraftChain:
+    engine = draft_engine(qdir, dtype)
+    return DraftChain(engine, vocab_size=engine.vocab_size, **options)
 
 
 def test_resident_weights_hold_every_tensor_with_a_units_qkv_as_one_matrix(tiny_q):
@@ -93,6 +106,92 @@ def test_speculative_decode_with_a_different_draft_still_gives_the_targets_token
     assert engine.generate(random_prompt(5), sampled).speculation.emitted_tokens >= 1
 
 
+def test_a_chain_is_the_drafts_greedy_continuation_each_node_carrying_its_log_probability(tiny_q, references):
+    drafter = chain_of(tiny_q, max_tokens=6)
+    context = random_prompt(9)
+    tree = drafter.propose(context, 10)  # the chain's own cap is the lower
+    assert len(tree) == 6 and tree.parents == (ROOT, 0, 1, 2, 3, 4)
+    with torch.inference_mode():
+        ids = torch.tensor([context + list(tree.tokens[:-1])])
+        log_probs = torch.log_softmax(references(tiny_q)(input_ids=ids).logits[0, len(context) - 1 :].float(), dim=-1)
+    for i, token in enumerate(tree.tokens):
+        assert log_probs[i, token] >= log_probs[i].max() - 2 * LOGIT_TOLERANCE, i  # the argmax, up to rounding
+        expected = sum(float(log_probs[j, tree.tokens[j]]) for j in range(i + 1))
+        assert tree.log_probs[i] == pytest.approx(expected, abs=3 * LOGIT_TOLERANCE * (i + 1)), i
+    # the chain's keys/values stay: every node but the last was fed, and the cache's length says so
+    assert drafter.engine._cached_ids == context + list(tree.tokens[:-1])
+    assert all(int(layer.cumulative_length) == len(context) + 5 for layer in drafter.engine.cache.layers)
+    assert len(drafter.propose(context, 2)) == 2 and len(drafter.propose(context, 0)) == 0
+
+
+def test_a_chain_leaves_the_drafts_cache_consistent_from_one_proposal_to_the_next(tiny_q):
+    """Whatever the target accepted of the last chain, the next one is what a draft that prefills the whole context
+    from an empty cache proposes (float32: the decode step and a prefill round differently in bf16)."""
+    drafter = chain_of(tiny_q, dtype=torch.float32, max_tokens=8)
+    fresh = chain_of(tiny_q, dtype=torch.float32, max_tokens=8)
+
+    def proposes_as_fresh(context: list[int]) -> DraftTree:
+        chain = drafter.propose(context, 8)
+        fresh.reset()
+        expected = fresh.propose(context, 8)
+        assert chain.tokens == expected.tokens and chain.parents == expected.parents
+        assert chain.log_probs == pytest.approx(expected.log_probs, abs=1e-4)
+        engine = drafter.engine
+        assert engine._cached_ids == context + list(chain.tokens[:-1])
+        assert all(int(layer.cumulative_length) == len(engine._cached_ids) for layer in engine.cache.layers)
+        return chain
+
+    context = random_prompt(7)
+    chain = proposes_as_fresh(context)
+    assert proposes_as_fresh(context).tokens == chain.tokens  # the same context again: its last token runs again
+    other = (chain.tokens[3] + 1) % 300
+    context = context + list(chain.tokens[:3]) + [other]  # three accepted, then the target's own token
+    chain = proposes_as_fresh(context)
+    context = context + list(chain.tokens) + [5]  # all accepted: the last node and the target's token are new
+    chain = proposes_as_fresh(context)
+    proposes_as_fresh(context[:4] + random_prompt(9))  # another conversation sharing a prefix: prefilled
+
+
+def test_speculative_decode_with_a_chain_gives_the_targets_greedy_reply(qdir, tiny_draft_q, references):
+    exact = torch.float32  # a verification pass rounds differently from a one-row pass: no near-tie may flip
+    engine = make_engine(qdir, drafter=chain_of(tiny_draft_q, dtype=exact, max_tokens=5), dtype=exact)
+    plain = make_engine(qdir, dtype=exact)
+    engine.eos_token_ids = plain.eos_token_ids = frozenset()
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    prompt = random_prompt(7)
+    result = generate_checked(engine, references(qdir), prompt, params)  # chains sized from the measured pass cost
+    assert result.token_ids == plain.generate(prompt, params).token_ids
+    stats = result.speculation
+    assert stats.drafter == "draft-chain" and stats.target_passes == result.decode_passes
+    assert stats.emitted_tokens == result.decode_tokens and stats.draft_seconds > 0
+    follow = prompt + list(result.token_ids) + random_prompt(3)  # a second turn over both engines' caches
+    assert engine.generate(follow, params).token_ids == plain.generate(follow, params).token_ids
+
+
+def test_a_chain_drafted_by_the_target_itself_is_accepted_whole(tiny_q, references):
+    drafter = chain_of(tiny_q, dtype=torch.float32, max_tokens=6)
+    engine = make_engine(tiny_q, drafter=drafter, draft_tokens=6, dtype=torch.float32)
+    engine.eos_token_ids = frozenset()
+    result = generate_checked(engine, references(tiny_q), random_prompt(8), SamplingParams(temperature=0, max_new_tokens=15))
+    stats = result.speculation
+    # 14 decode tokens: two passes of a 6-token chain, all accepted, + 1 each
+    assert stats.target_passes == 2 and stats.accepted_tokens == stats.drafted_tokens == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_chain_drafts_by_replaying_its_captured_decode_step_as_eager_steps_would(tiny_q):
+    drafters = [open_drafter(QuantizedCheckpoint(tiny_q), shape="chain", device="cuda", max_context=64,
+                             vocab_size=320, max_tokens=6) for _ in range(2)]  # fmt: skip
+    drafters[1].engine.cuda_graphs = False
+    context = random_prompt(9)
+    for _ in range(3):  # after each: two nodes accepted, then another token
+        graphed, eager = (drafter.propose(context, 6) for drafter in drafters)
+        assert graphed.tokens == eager.tokens and len(graphed) == 6
+        context = context + list(graphed.tokens[:2]) + [7]
+    assert drafters[0].engine.decode_mode == "graph" and drafters[1].engine.decode_mode.startswith("eager")
+
+
 def test_a_draft_with_another_tokenizer_is_refused_in_one_line(tiny_q, tmp_path):
     from transformers import AutoTokenizer
 
@@ -131,6 +230,10 @@ def test_run_with_a_draft_model_through_both_processes(tiny_q, tiny_draft_q, tmp
     assert stats["drafter"] == "draft-model" and stats["target_passes"] >= 1
     assert stats["emitted_tokens"] == len(reply["token_ids"]) - 1
     assert reply["token_ids"] == json.loads(plain.stdout)["token_ids"] or reply["finish_reason"] == "length"
+    chained = subprocess.run(spillover(*args, "--draft-model", str(tiny_draft_q), "--draft-shape", "chain"),
+                             capture_output=True, text=True, env=spillover_env(tmp_path), timeout=180)  # fmt: skip
+    assert chained.returncode == 0, chained.stderr
+    assert json.loads(chained.stdout)["stats"]["speculation"]["drafter"] == "draft-chain"
     ngram = subprocess.run(spillover(*args, "--speculate", "ngram"),
                            capture_output=True, text=True, env=spillover_env(tmp_path), timeout=180)  # fmt: skip
     assert ngram.returncode == 0, ngram.stderr
