@@ -36,14 +36,17 @@ _POINTERS = {"x_ptr": "*bf16", "sums_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*
 _FLOATS = {"offset": "fp32"}
 
 
-def compile_gemv(cfg: MmaConfig, k: int, *, capability: int = 90, dtype: str = "bf16"):
-    """The one-row GEMV kernel compiled for ``cfg`` and ``k`` input features, as ``int4_gemv(partials=True)``
-    launches it on Hopper for a row of ``dtype`` ("bf16" or "fp16")."""
+def compile_gemv(cfg: MmaConfig, k: int, *, capability: int = 90, dtype: str = "bf16", rows: int = 1):
+    """The tensor-core GEMV kernel compiled for ``cfg``, ``k`` input features and ``rows`` rows of x (one: the row
+    broadcast over the mma's columns; 2 … 16: one row a column), as ``int4_gemv(partials=True)`` launches it on
+    Hopper for rows of ``dtype`` ("bf16" or "fp16")."""
     kernel = gemv_mma._gemv_mma_kernel
     names = kernel.arg_names
+    cols = 0 if rows == 1 else (8 if rows <= 8 else 16)
+    x_layout = gemv_mma._x_layout(cfg.warps) if cols == 0 else gemv_mma._x_rows_layout(cols, cfg.warps)
     constexprs = dict(
         KW=k // 8, TILES=cfg.tiles, WARPS=cfg.warps, GROUPS=cfg.groups, SPLIT=True, HAS_BIAS=False, EARLY=True,
-        words_layout=gemv_mma._words_layout(cfg.tiles, cfg.warps), x_layout=gemv_mma._x_layout(cfg.warps),
+        COLS=cols, ACC_COLS=cols or 8, words_layout=gemv_mma._words_layout(cfg.tiles, cfg.warps), x_layout=x_layout,
     )  # fmt: skip
     types = {**_POINTERS, **_FLOATS, "x_ptr": f"*{dtype}"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
