@@ -27,7 +27,9 @@
   cost of a pass, up to ``compute.speculation.DEFAULT_MAX_DRAFT_TOKENS``) and emits the accepted ones plus one. The target still
   chooses every token (the argmax when greedy, a draw from its own distribution otherwise, one draw per token as
   without a drafter), so replies are the same up to the arithmetic's rounding in a pass over several rows.
-  ``GenerationResult.speculation`` reports what it did. A drafter that proposes nothing costs a one-token pass.
+  ``GenerationResult.speculation`` reports what it did. A drafter that proposes nothing costs a one-token pass;
+  where drafting costs more per token than one-token passes, the engine stops drafting for a while
+  (``compute.speculation.SpeculationGovernor``): the first decode step of an engine is a one-token step.
 * Two primitives serve speculation and the draft model: ``forward_rows(ids, positions, mask)``, one forward over
   arbitrary rows (any positions, a boolean mask over the whole cache; keys/values appended after what the cache
   holds; every row's logits), and ``keep_rows(prefix, rows)``, which moves the kept rows' keys/values into place
@@ -64,7 +66,7 @@ from compute.decoder import Decoder
 from compute.model import HostEmbedding, UnitWeights, build_model
 from compute.sampling import SamplingParams, sample_next
 from compute.speculate.sizing import PassCost
-from compute.speculation import Drafter, SpeculationStats, speculative_step
+from compute.speculation import Drafter, SpeculationGovernor, SpeculationStats, speculative_step
 from protocol.defaults import DEFAULT_PREFILL_CHUNK
 from quantizer.checkpoint import QuantizedCheckpoint
 from quantizer.model_spec import head_dim, kv_cache_nbytes
@@ -179,6 +181,7 @@ class Engine:
         self.drafter = drafter
         self.draft_tokens = draft_tokens  # nodes per drafted tree; None = sized from the measured pass cost
         self._pass_cost = PassCost()  # decode passes' seconds against their rows, for sizing draft trees
+        self.governor = SpeculationGovernor()  # whether drafting pays, from the passes' own timings
         self.model = build_model(checkpoint, weights, self.device, dtype, host_embedding=host_embedding)
         self.config: PretrainedConfig = self.model.config
         self.vocab_size: int = self.config.vocab_size

@@ -16,6 +16,10 @@ This module promises:
   in one of the ``DRAFT_SHAPES``.
 * ``speculative_step(engine, ...)``: one such pass for ``Engine.generate`` (drafting, sizing the tree by
   ``compute.speculate.sizing`` unless ``engine.draft_tokens`` fixes it, ``verify``, the walk, ``Engine.keep_rows``).
+* ``SpeculationGovernor``: whether the next step drafts at all. Drafting pays only where a pass over many rows
+  costs about what a pass over one does; where it does not (everything resident, a one-token step replayed from a
+  CUDA graph in a fraction of the time a verifying pass takes), the engine's own timings say so and it decodes one
+  token a pass, trying drafting again after a doubling number of steps.
 * ``SpeculationStats``: per reply, target passes (decode only), drafted and accepted tokens, the seconds the draft
   took and the seconds the target's passes took; ``tokens_per_pass`` counts every token a decode pass emitted.
   ``a + b`` sums two records (a server's totals over its replies).
@@ -132,6 +136,46 @@ class SpeculationStats:
         }
 
 
+class SpeculationGovernor:
+    """Compares the seconds a token costs by one-token steps and by speculative passes (draft and verify over the
+    tokens the pass emitted), each a moving average of what the engine measured, and says whether to draft.
+
+    The first step of an engine is a one-token step (its cost is then known). While speculation costs more per token
+    than plain steps, the next ``backoff`` steps are plain; ``backoff`` starts at ``probe_after`` and doubles each
+    time a probe loses again (to ``max_probe_after``), and returns to ``probe_after`` when speculation wins."""
+
+    def __init__(self, probe_after: int = 16, max_probe_after: int = 1024, weight: float = 0.3):
+        self.probe_after = probe_after
+        self.max_probe_after = max_probe_after
+        self.weight = weight  # of the newest measurement in the moving averages
+        self.plain: float | None = None  # seconds per token, one-token steps
+        self.speculative: float | None = None  # seconds per emitted token, speculative passes
+        self._plain_left = 0
+        self._backoff = probe_after
+
+    def should_draft(self) -> bool:
+        if self.plain is None:
+            return False
+        if self._plain_left > 0:
+            self._plain_left -= 1
+            return False
+        return True
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.weight) * old + self.weight * new
+
+    def record_plain(self, seconds: float) -> None:
+        self.plain = self._average(self.plain, seconds)
+
+    def record_speculative(self, seconds: float, emitted: int) -> None:
+        self.speculative = self._average(self.speculative, seconds / max(emitted, 1))
+        if self.plain is not None and self.speculative > self.plain:
+            self._plain_left = self._backoff
+            self._backoff = min(2 * self._backoff, self.max_probe_after)
+        else:
+            self._backoff = self.probe_after
+
+
 def speculative_step(
     engine: Engine,
     token: int,
@@ -149,6 +193,9 @@ def speculative_step(
     started = time.perf_counter()
     # nodes past the reply's end or the cache's are wasted: at most room - 1 (one token comes from the target)
     limit = min(engine.draft_tokens or DEFAULT_MAX_DRAFT_TOKENS, room - 1, engine.max_context - prefix - 1)
+    governed = engine.draft_tokens is None  # a fixed --draft-tokens drafts every step
+    if governed and not engine.governor.should_draft():
+        limit = 0
     tree = engine.drafter.propose([*engine._cached_ids, token], limit) if limit > 0 else DraftTree((), (), ())
     draft_seconds = time.perf_counter() - started
     if engine.draft_tokens is None:
@@ -172,6 +219,10 @@ def speculative_step(
         chosen = list(accepted.tokens)
     seconds = time.perf_counter() - verify_started
     engine._pass_cost.record(1 + len(tree), seconds)
+    if not len(tree):
+        engine.governor.record_plain(seconds)
+    elif governed:
+        engine.governor.record_speculative(draft_seconds + seconds, len(chosen))
     engine.drafter.accepted(len(tree), len(chosen) - 1)
     stats.target_passes += 1
     stats.emitted_tokens += len(chosen)

@@ -305,3 +305,23 @@ def test_multi_draft_step_accepts_a_candidate_the_target_prefers_and_emits_no_im
     for _ in range(20):  # candidates the target never emits are rejected; the residual is the target itself
         assert multi_draft_step([0, 1], q, p, g) == (None, 2)
     assert multi_draft_step([2], torch.tensor([0.0, 0.0, 1.0, 0.0]), p, g) == (0, 2)
+
+
+def test_the_governor_drafts_only_while_drafting_costs_less_per_token():
+    from compute.speculation import SpeculationGovernor
+
+    governor = SpeculationGovernor(probe_after=2, max_probe_after=8, weight=1.0)
+    assert not governor.should_draft()  # the first step is plain: its cost must be known
+    governor.record_plain(0.010)
+    assert governor.should_draft()
+    governor.record_speculative(0.100, emitted=5)  # 20 ms a token against 10: lose, then 2 plain steps
+    assert [governor.should_draft() for _ in range(3)] == [False, False, True]
+    governor.record_speculative(0.100, emitted=5)  # lose again: 4 plain steps
+    assert [governor.should_draft() for _ in range(5)] == [False] * 4 + [True]
+    for _ in range(3):
+        governor.record_speculative(0.100, emitted=5)
+        while not governor.should_draft():
+            pass
+    assert governor._backoff == 8  # doubled up to its cap
+    governor.record_speculative(0.030, emitted=5)  # 6 ms a token: drafting wins, every step drafts
+    assert all(governor.should_draft() for _ in range(10)) and governor._backoff == 2
