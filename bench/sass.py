@@ -92,9 +92,10 @@ def loop_opcodes(sass: str) -> list[str]:
     return [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for text in body]
 
 
-def describe_loop(cfg: MmaConfig, k: int) -> dict:
-    """Instructions per weight byte of one thread's share of a loop step, the opcode counts, and the registers."""
-    compiled = compile_gemv(cfg, k)
+def describe_loop(cfg: MmaConfig, k: int, rows: int = 1) -> dict:
+    """Instructions per weight byte of one thread's share of a loop step, the opcode counts, and the registers, for
+    ``rows`` rows of x."""
+    compiled = compile_gemv(cfg, k, rows=rows)
     opcodes = loop_opcodes(disassemble(compiled))
     bytes_per_thread = 16 * cfg.tiles * cfg.groups * 64 / 32  # 64 bytes of 16 rows a tile and group, over 32 lanes
     return dict(

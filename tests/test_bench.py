@@ -75,6 +75,14 @@ def test_sass_counts_the_one_row_gemv_loop_without_a_gpu():
     # an fp16 row (the magic 1024 + u): fp16 mmas
     sass = disassemble(compile_gemv(MmaConfig(), 5120, dtype="fp16"))
     assert "HMMA.16816.F32 " in sass and "BF16" not in sass
+    # 16 rows: two mmas a tile and k-step (two n-tiles), x in 8 loads of 16 bytes a lane, still no conversion
+    for cfg in (MmaConfig(tiles=1, groups=2), MmaConfig(tiles=2, warps=2, groups=1)):
+        loop = describe_loop(cfg, 5120, rows=16)
+        opcodes = dict(loop["opcodes"])
+        assert opcodes.get("HMMA.16816.F32.BF16") == 16 * cfg.tiles * cfg.groups, opcodes
+        assert opcodes.get("LDG.E.128") == (2 * cfg.tiles + 8) * cfg.groups, opcodes
+        assert not any(op.startswith(("STS", "LDS", "SHFL", "BAR")) for op in opcodes), opcodes
+        assert loop["registers"] <= 168, loop
 
 
 def test_decode_timeline_averages_the_trailing_repeated_steps():
