@@ -253,7 +253,7 @@ def _by_share(shapes: list[tuple]) -> list[tuple]:
 def sweep_configs(kernel: str, n: int) -> list[GemvConfig | MmaConfig]:
     """The grid of ``kernel`` for ``n`` output rows, less configs that launch fewer programs than an H200 has SMs
     or more than ~60 of one warp an SM (never the best), or that hold more than 32 words a thread (spills)."""
-    if kernel == "mma":
+    if kernel in ("mma", "mma-rows"):
         configs = [MmaConfig(*values) for values in itertools.product(*SWEEP_MMA.values())]
         keep = [c for c in configs if c.tiles * c.warps <= 4 and 132 <= math.ceil(n / c.rows) * c.splits <= 8192]
         return keep
@@ -273,6 +273,8 @@ def sweep_gemv(
     can then only keep it or find better."""
     shapes = {
         "mma": (1, [(name, n, k, partials) for name, n, k, _, partials in _by_share(DECODE_SHAPES_32B)]),
+        # the batched decode layer's GEMVs at a full batch of 16 rows (compute.batch_engine), the same shapes
+        "mma-rows": (16, [(name, n, k, partials) for name, n, k, _, partials in _by_share(DECODE_SHAPES_32B)]),
         "dot": (SWEEP_DOT_ROWS, [(name, n, k, False) for name, n, k, _ in SHAPES_32B]),
     }
     if only:
@@ -325,8 +327,9 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]
               default=Path("bench_kernels.json"), show_default=True, help="Where to write all measurements.")
 @click.option("--sweep/--no-sweep", default=False, help="Also time a grid of GEMV configs per shape.")
 @click.option("--sweep-seconds", type=float, default=90.0, show_default=True, help="Time budget of the sweep.")
-@click.option("--sweep-kernels", type=click.Choice(["mma", "dot", "both"]), default="both", show_default=True,
-              help="Which grid to sweep: mma (one row, decode) or dot (2-16 rows).")
+@click.option("--sweep-kernels", type=click.Choice(["mma", "mma-rows", "dot", "both"]), default="both",
+              show_default=True, help="Which grid to sweep: mma (one row, decode), mma-rows (the tensor-core kernel at "
+              "16 rows, batched decode) or dot (the dot kernel, 8 rows); both = mma and dot.")
 @click.option("--sweep-shape", "sweep_shapes", multiple=True, metavar="NAME",
               help="Sweep only the shapes whose name starts with NAME (repeatable), e.g. 'down'.")  # fmt: skip
 @click.option("--crossover/--no-crossover", default=True, help="Time GEMV against the prefill path for M up to 64.")

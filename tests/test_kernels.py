@@ -305,6 +305,17 @@ def test_an_early_launched_gemv_reads_the_operand_its_producer_just_wrote_on_cud
     assert not early_launch(torch.device("cpu"))
 
 
+def test_several_rows_take_their_own_tuned_config_else_the_one_row_kernels(monkeypatch):
+    from compute.kernels import gemv_configs as configs
+
+    monkeypatch.setattr(configs, "TUNED_CONFIGS", dict(configs.TUNED_CONFIGS))
+    assert configs.gemv_config("mma-rows", 7168, 5120) == configs.gemv_config("mma", 7168, 5120)
+    assert configs.gemv_config("mma-rows", 300, 1408) == configs.gemv_config("mma", 300, 1408)
+    configs.TUNED_CONFIGS[("mma-rows", 7168, 5120)] = configs.MmaConfig(4, 1, 1, 2)
+    assert configs.gemv_config("mma-rows", 7168, 5120) == configs.MmaConfig(4, 1, 1, 2)
+    assert configs.gemv_config("mma", 7168, 5120) != configs.MmaConfig(4, 1, 1, 2)
+
+
 def test_tuned_configs_load_from_a_sweep_table_and_bad_tables_are_named(tmp_path, monkeypatch):
     from compute.kernels import gemv_configs as configs
 

@@ -363,7 +363,7 @@ def int4_gemv(
     else:
         (m, k), dtype, device, kernel = x.shape, x.dtype, x.device, "dot"
     n = qweight.shape[0]
-    cfg = config or gemv_config(kernel, n, k, _multiprocessors(device))
+    cfg = config or gemv_config("mma-rows" if kernel == "mma" and m > 1 else kernel, n, k, _multiprocessors(device))
     words = qweight.view(torch.int32)  # [N, K / 8]; the pool starts every qweight at a multiple of 64 bytes
     n_groups = k // BLOCK_SIZE
     if kernel == "mma":

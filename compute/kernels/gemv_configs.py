@@ -65,7 +65,7 @@ TUNED_CONFIGS: dict[tuple[str, int, int], GemvConfig | MmaConfig] = {
     ("mma", 5120, 27648): MmaConfig(tiles=2, warps=2, groups=2, splits=12),
     ("mma", 152064, 5120): MmaConfig(tiles=2, warps=2, groups=2, splits=2),
 }
-_CONFIG_TYPES = {"dot": GemvConfig, "mma": MmaConfig}
+_CONFIG_TYPES = {"dot": GemvConfig, "mma": MmaConfig, "mma-rows": MmaConfig}
 
 
 def read_tuned_configs(path: str | os.PathLike) -> dict[tuple[str, int, int], GemvConfig | MmaConfig]:
@@ -97,11 +97,14 @@ _MMA_HEURISTIC_WARPS_PER_SM = 16
 
 
 def gemv_config(kernel: str, n: int, k: int, sms: int = H200_SMS) -> GemvConfig | MmaConfig:
-    """The config for ``kernel`` ("mma": one row, or "dot": a few) on an ``[n, k]`` weight: the measured one, else a
-    heuristic (for a GPU of ``sms`` multiprocessors)."""
+    """The config for ``kernel`` ("mma": the tensor-core kernel for one row, "mma-rows": for 2 … 16, or "dot": the
+    dot kernel) on an ``[n, k]`` weight: the measured one, else a heuristic (for a GPU of ``sms`` multiprocessors;
+    for "mma-rows", the one-row kernel's config)."""
     tuned = TUNED_CONFIGS.get((kernel, n, k))
     if tuned is not None:
         return tuned
+    if kernel == "mma-rows":
+        return gemv_config("mma", n, k, sms)
     n_groups = k // BLOCK_SIZE
     splits = 1
     if kernel == "mma":
