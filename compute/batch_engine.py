@@ -54,7 +54,7 @@ from transformers import AutoTokenizer, PretrainedConfig
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from compute.batch_decode import BatchDecoder
-from compute.decode import fused_decode_unsupported, stacked
+from compute.decode import fused_decode_unsupported, stacked, stacked_bias
 from compute.engine import PREFILL_ATTENTION_BACKENDS, reply_end_ids
 from compute.kernels import int4_matmul
 from compute.kernels.activation import silu_mul
@@ -147,7 +147,8 @@ class BatchEngine:
         if fused and reason is not None:
             raise ValueError(f"fused=True, but {reason}")
         self.fused = (self.device.type == "cuda" and reason is None) if fused is None else fused
-        self._qkv_bias = [_stacked_bias(layer.self_attn) for layer in self.layers] if self.fused else []
+        attentions = [layer.self_attn for layer in self.layers] if self.fused else []
+        self._qkv_bias = [stacked_bias((a.q_proj, a.k_proj, a.v_proj)) for a in attentions]
         # one-row residual adds with the norm meet here (one call at a time); made before any graph captures them
         self._norm_workspace = add_partials_workspace(self.device) if self.fused else None
         self.decoder = BatchDecoder(self, cuda_graphs=cuda_graphs)
@@ -299,18 +300,6 @@ class BatchEngine:
                 q.transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask, scale=scale
             )
         return out[0].transpose(0, 1)  # (n, H, D)
-
-
-def _stacked_bias(attention) -> torch.Tensor | None:
-    """The q|k|v projections' biases as one (zeros for one without), None when none has one."""
-    linears = (attention.q_proj, attention.k_proj, attention.v_proj)
-    if all(linear.bias is None for linear in linears):
-        return None
-    device = next(linear.bias.device for linear in linears if linear.bias is not None)
-    return torch.cat([
-        linear.bias if linear.bias is not None else torch.zeros(linear.out_features, dtype=torch.bfloat16, device=device)
-        for linear in linears
-    ])  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -69,6 +69,18 @@ def stacked(linears: tuple[Int4Linear, ...]) -> tuple[torch.Tensor, torch.Tensor
     return _stack([linear.qweight for linear in linears]), _stack([linear.scales for linear in linears])
 
 
+def stacked_bias(linears: tuple[Int4Linear, ...]) -> torch.Tensor | None:
+    """The biases of ``linears`` as one (zeros for a Linear without one, bf16), for their ``stacked`` weight; None
+    when none has one."""
+    if all(linear.bias is None for linear in linears):
+        return None
+    device = next(linear.bias.device for linear in linears if linear.bias is not None)
+    return torch.cat([
+        linear.bias if linear.bias is not None else torch.zeros(linear.out_features, dtype=torch.bfloat16, device=device)
+        for linear in linears
+    ])  # fmt: skip
+
+
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     first = tensors[0]
     storage = first.untyped_storage().data_ptr()
@@ -101,12 +113,7 @@ class FusedDecodeLayer:
         self.eps = layer.input_layernorm.variance_epsilon
         self.qkv = (attention.q_proj, attention.k_proj, attention.v_proj)
         self.gate_up = (layer.mlp.gate_proj, layer.mlp.up_proj)
-        biases = [linear.bias for linear in self.qkv]
-        self.qkv_bias = None  # Qwen2's q/k/v have biases; where only some have one, the others add zeros
-        if any(b is not None for b in biases):
-            device = next(b.device for b in biases if b is not None)
-            zeros = [torch.zeros(linear.out_features, dtype=torch.bfloat16, device=device) for linear in self.qkv]
-            self.qkv_bias = torch.cat([b if b is not None else z for b, z in zip(biases, zeros)])
+        self.qkv_bias = stacked_bias(self.qkv)  # Qwen2's q/k/v have biases
         if any(linear.bias is not None for linear in self.gate_up):
             raise ValueError("the fused decode layer's gate/up projections take no bias (Qwen2's have none)")
         self.intermediate = layer.mlp.gate_proj.out_features

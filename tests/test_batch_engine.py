@@ -159,6 +159,23 @@ def tokens_of(events) -> tuple[int, ...]:
     return tuple(e.token_id for e in events if isinstance(e, TokenEvent))
 
 
+def alone_then_together(engine, work, max_batch: int) -> tuple[list[tuple[int, ...]], list[list], object]:
+    """Each (prompt, params) of ``work`` through a scheduler of one sequence at a time, then all of them queued at
+    once to a scheduler of ``max_batch``: (the replies alone, the batched replies' events, the batch's stats)."""
+    replies = Replies()
+    alone_scheduler = Scheduler(engine, max_batch=1)
+    alone_scheduler.start()
+    alone = [tokens_of(replies.wait(replies.submit(alone_scheduler, p, params))) for p, params in work]
+    alone_scheduler.close(drain=True)
+    scheduler = Scheduler(engine, max_batch=max_batch)
+    ids = [replies.submit(scheduler, p, params) for p, params in work]  # all queued before the thread starts
+    scheduler.start()
+    batched = [replies.wait(i) for i in ids]
+    stats = scheduler.stats()
+    scheduler.close(drain=True)
+    return alone, batched, stats
+
+
 def assert_same_or_near_tie(batched, alone, prompt, reference) -> None:
     """The module docstring's rule: equal, or different first at a near-tie of the reference's logits."""
     if batched == alone:
@@ -194,20 +211,8 @@ def test_concurrent_requests_through_a_streaming_loader_match_their_replies_alon
         engine = BatchEngine.for_plan(checkpoint, client, device="cpu")
         engine.prefill_chunk = 16  # passes that mix prefill chunks and decode rows, with these short prompts
         engine.eos_token_ids = frozenset()
-        replies = Replies()
-
-        alone_scheduler = Scheduler(engine, max_batch=1)
-        alone_scheduler.start()
-        alone = [tokens_of(replies.wait(replies.submit(alone_scheduler, p, params))) for p, params in work]
-        alone_scheduler.close(drain=True)
+        alone, batched, stats = alone_then_together(engine, work, max_batch=6)
         assert engine.kv_pool.free_tokens == engine.kv_pool.total_tokens
-
-        scheduler = Scheduler(engine, max_batch=6)
-        ids = [replies.submit(scheduler, p, params) for p, params in work]  # all queued before the thread starts
-        scheduler.start()
-        batched = [replies.wait(i) for i in ids]
-        stats = scheduler.stats()
-        scheduler.close(drain=True)
     reference = reference_model(deep_q, tmp_path)
     for (prompt, params), events, single in zip(work, batched, alone):
         assert events[-1] == FinishEvent(events[-1].request_id, FinishReason.LENGTH, len(prompt), params.max_new_tokens)
@@ -301,16 +306,8 @@ def test_batched_decode_on_cuda_replays_graphs_and_each_reply_is_its_reply_alone
     engine.eos_token_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=8)
     prompts = [random_prompt(n) for n in (3, 9, 20, 5, 14)]
-    replies = Replies()
-    alone_scheduler = Scheduler(engine, max_batch=1)
-    alone_scheduler.start()
-    alone = [tokens_of(replies.wait(replies.submit(alone_scheduler, p, params))) for p in prompts]
-    alone_scheduler.close(drain=True)
-    scheduler = Scheduler(engine, max_batch=8)
-    ids = [replies.submit(scheduler, p, params) for p in prompts]
-    scheduler.start()
-    batched = [tokens_of(replies.wait(i)) for i in ids]
-    scheduler.close(drain=True)
+    alone, events, _ = alone_then_together(engine, [(p, params) for p in prompts], max_batch=8)
+    batched = [tokens_of(e) for e in events]
     # the buckets captured depend on how many rows each pass held (admission follows the pass's token budget)
     assert engine.decoder.mode.startswith("graph (buckets 1, 2"), engine.decoder.mode
     reference = reference_model(qdir, tmp_path).to("cuda")
@@ -342,16 +339,8 @@ def test_batched_decode_through_a_streaming_loader_on_cuda_replays_its_resident_
         assert any(unit.pool_offset is None for unit in client.plan.units)
         engine = BatchEngine.for_plan(checkpoint, client, device="cuda")
         engine.eos_token_ids = frozenset()
-        replies = Replies()
-        alone_scheduler = Scheduler(engine, max_batch=1)
-        alone_scheduler.start()
-        alone = [tokens_of(replies.wait(replies.submit(alone_scheduler, p, params))) for p in prompts]
-        alone_scheduler.close(drain=True)
-        scheduler = Scheduler(engine, max_batch=4)
-        ids = [replies.submit(scheduler, p, params) for p in prompts]
-        scheduler.start()
-        batched = [tokens_of(replies.wait(i)) for i in ids]
-        scheduler.close(drain=True)
+        alone, events, _ = alone_then_together(engine, [(p, params) for p in prompts], max_batch=4)
+        batched = [tokens_of(e) for e in events]
         assert engine.decoder.mode.startswith("piecewise ("), engine.decoder.mode
     reference = reference_model(deep_q, tmp_path).to("cuda")
     for prompt, together, single in zip(prompts, batched, alone):

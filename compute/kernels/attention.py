@@ -96,9 +96,29 @@ _LOG2_E = 1.4426950408889634  # scores are kept in base 2, for exp2
 
 
 @triton.jit
-def _projection(part_ptr, bias_ptr, features, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """bf16(partials[0] + ... + partials[SPLITS - 1] + bias) at ``features``, summed in that order in fp32."""
-    return sum_partials(part_ptr, N, features, features < N, bias_ptr, features, SPLITS, HAS_BIAS).to(tl.bfloat16)
+def rotary_projection(part_ptr, stride_split, bias_ptr, first, cos, sin, D: tl.constexpr, SPLITS: tl.constexpr,
+                      HAS_BIAS: tl.constexpr):  # fmt: skip
+    """Features ``first … first + D - 1`` (one head) of a projection whose SPLITS partial rows lie ``stride_split``
+    apart from ``part_ptr``: ``bf16(sum + bias)`` (in fp32, in split order) and HF's rotary of it with ``cos`` and
+    ``sin`` (fp32 [D]). Returns (the projection, the rotated head), each a bf16 value, the first widened to fp32.
+
+    rotate_half(x)[d] = -x[d + D/2] for d < D/2, x[d - D/2] otherwise: the partner is summed again, from the same
+    partials in the same order, so it is bit for bit the value another lane holds. HF rounds both products to bf16
+    before the sum (three bf16 ops). LLVM narrows these fp32 ops to bf16 ones (exact: fp32 holds a bf16 product
+    exactly and a bf16 sum to more than twice bf16's precision) and would then contract a product and the sum into
+    one FMA: a launch must turn FP fusion off to keep the rounding."""
+    d = tl.arange(0, D)
+    features = first + d
+    x = sum_partials(part_ptr, stride_split, features, d < D, bias_ptr, features, SPLITS, HAS_BIAS)
+    x = x.to(tl.bfloat16).to(tl.float32)
+    partners = first + (d + D // 2) % D
+    partner = sum_partials(part_ptr, stride_split, partners, d < D, bias_ptr, partners, SPLITS, HAS_BIAS)
+    partner = partner.to(tl.bfloat16).to(tl.float32)
+    rotated_half = tl.where(d < D // 2, -partner, partner)
+    rotated = ((x * cos).to(tl.bfloat16).to(tl.float32) + (rotated_half * sin).to(tl.bfloat16).to(tl.float32)).to(
+        tl.bfloat16
+    )
+    return x, rotated
 
 
 @triton.jit
@@ -114,19 +134,9 @@ def _rotary_cache_write_kernel(
     head = tl.program_id(0)
     d = tl.arange(0, D)
     wait_for_producers(EARLY)
-    x = _projection(part_ptr, bias_ptr, head * D + d, N, SPLITS, HAS_BIAS).to(tl.float32)
-    # rotate_half(x)[d] = -x[d + D/2] for d < D/2, x[d - D/2] otherwise: the partner is computed again, from the
-    # same partials in the same order, so it is bit for bit the value another lane holds
-    partner = _projection(part_ptr, bias_ptr, head * D + (d + D // 2) % D, N, SPLITS, HAS_BIAS).to(tl.float32)
-    rotated_half = tl.where(d < D // 2, -partner, partner)
     cos = tl.load(cos_ptr + d).to(tl.float32)
     sin = tl.load(sin_ptr + d).to(tl.float32)
-    # HF rounds both products to bf16 before the sum (three bf16 ops). LLVM narrows these fp32 ops to bf16 ones
-    # (exact: fp32 holds a bf16 product exactly and a bf16 sum to more than twice bf16's precision) and would then
-    # contract a product and the sum into one FMA; the launch turns FP fusion off to keep the rounding.
-    rotated = ((x * cos).to(tl.bfloat16).to(tl.float32) + (rotated_half * sin).to(tl.bfloat16).to(tl.float32)).to(
-        tl.bfloat16
-    )
+    x, rotated = rotary_projection(part_ptr, N, bias_ptr, head * D, cos, sin, D, SPLITS, HAS_BIAS)
     position = tl.load(position_ptr)
     # a position outside the cache writes nothing (a scalar condition turned into a lane count: the interpreter
     # mishandles a boolean scalar broadcast against a vector)

@@ -73,6 +73,17 @@ def _fence():
 
 
 @triton.jit
+def _residual_add(residual_ptr, part_ptr, stride_split, bias_ptr, cols, mask, SPLIT: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):  # fmt: skip
+    """``residual + bf16(sum of SPLIT partial rows + bias)`` at ``cols``, bf16: the Linear's output rounded as HF has
+    it, then HF's residual add (bf16 + bf16, rounded once)."""
+    delta = sum_partials(part_ptr, stride_split, cols, mask, bias_ptr, cols, SPLIT, HAS_BIAS)
+    delta = delta.to(tl.bfloat16).to(tl.float32)
+    residual = tl.load(residual_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return (residual + delta).to(tl.bfloat16)
+
+
+@triton.jit
 def _add_partials_kernel(
     residual_ptr, part_ptr, bias_ptr, weight_ptr, hidden_ptr, normed_ptr, sums_ptr, count_ptr, squares_ptr, H, eps,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -88,10 +99,7 @@ def _add_partials_kernel(
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
     wait_for_producers(EARLY)
-    delta = sum_partials(part_ptr, H, cols, mask, bias_ptr, cols, SPLIT, HAS_BIAS)
-    delta = delta.to(tl.bfloat16).to(tl.float32)  # the Linear's bf16 output, as HF has it
-    residual = tl.load(residual_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    hidden = (residual + delta).to(tl.bfloat16)  # HF's residual add: bf16 + bf16, rounded once
+    hidden = _residual_add(residual_ptr, part_ptr, H, bias_ptr, cols, mask, SPLIT, HAS_BIAS)
     tl.store(hidden_ptr + cols, hidden, mask=mask)
     if NORM:
         x = hidden.to(tl.float32)  # masked lanes are 0 and add nothing
@@ -126,10 +134,8 @@ def _add_rows_kernel(
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
     wait_for_producers(EARLY)
-    delta = sum_partials(part_ptr + row * H, stride_split, cols, mask, bias_ptr, cols, SPLIT, HAS_BIAS)
-    delta = delta.to(tl.bfloat16).to(tl.float32)  # the Linear's bf16 output, as HF has it
-    residual = tl.load(residual_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-    hidden = (residual + delta).to(tl.bfloat16)  # HF's residual add: bf16 + bf16, rounded once
+    hidden = _residual_add(residual_ptr + row * H, part_ptr + row * H, stride_split, bias_ptr, cols, mask, SPLIT,
+                           HAS_BIAS)  # fmt: skip
     tl.store(hidden_ptr + row * H + cols, hidden, mask=mask)
     if NORM:
         x = hidden.to(tl.float32)  # masked lanes are 0 and add nothing

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compute.kernels.gemv import sum_partials
+from compute.kernels.attention import rotary_projection
 
 __all__ = [
     "paged_attention_supported",
@@ -194,20 +194,10 @@ def _rotary_pool_write_kernel(
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     d = tl.arange(0, D)
-    source = part_ptr + row * stride_row
-    x = sum_partials(source, stride_split, head * D + d, d < D, bias_ptr, head * D + d, SPLITS, HAS_BIAS)
-    x = x.to(tl.bfloat16).to(tl.float32)
-    # rotate_half: -x[d + D/2], then x[d - D/2]; the partner is summed again, in the same order: the same bits
-    partner = sum_partials(source, stride_split, head * D + (d + D // 2) % D, d < D, bias_ptr,
-                           head * D + (d + D // 2) % D, SPLITS, HAS_BIAS)  # fmt: skip
-    partner = partner.to(tl.bfloat16).to(tl.float32)
-    rotated_half = tl.where(d < D // 2, -partner, partner)
     cos = tl.load(cos_ptr + row * D + d).to(tl.float32)
     sin = tl.load(sin_ptr + row * D + d).to(tl.float32)
-    # HF's three bf16 ops, each rounded (the launch turns FP fusion off so that no FMA merges them)
-    rotated = ((x * cos).to(tl.bfloat16).to(tl.float32) + (rotated_half * sin).to(tl.bfloat16).to(tl.float32)).to(
-        tl.bfloat16
-    )
+    x, rotated = rotary_projection(part_ptr + row * stride_row, stride_split, bias_ptr, head * D, cos, sin, D, SPLITS,
+                                   HAS_BIAS)  # fmt: skip
     if head < H:
         tl.store(q_ptr + (row * H + head) * D + d, rotated)
     else:
