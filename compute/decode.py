@@ -29,6 +29,11 @@ The arithmetic is HF's, rounding for rounding, except attention, which keeps sco
 noise (tests/test_decode.py). The position lives on the device (``DecodeStep.position``): nothing synchronises
 with the host, and the layer captures in a CUDA graph.
 
+The same layer takes up to ``gemv_mma.MAX_ROWS`` rows of one conversation at once: the rows a speculative pass
+verifies (the token the last pass chose and the drafted tokens after it). Every kernel above takes rows, the GEMVs
+read each weight once for all of them, and attention follows the drafted tree's shape (``tree``), so a pass over
+16 rows costs little more than one.
+
 ``fused_decode_unsupported(config)`` says why a model cannot take this path (None when it can); the decode step
 then keeps HF's modules, as it does on CPU.
 """
@@ -127,10 +132,16 @@ class FusedDecodeLayer:
         cos: torch.Tensor,
         sin: torch.Tensor,
         *,
+        tree: torch.Tensor | None = None,
         normed: RowOperand | None = None,
         next_norm: nn.Module | None = None,
     ) -> tuple[torch.Tensor, RowOperand | None]:
-        """``hidden`` bf16 [1, 1, hidden] -> the layer's output, the token's keys and values written at ``position``.
+        """``hidden`` bf16 [1, T, hidden] -> the layer's output, the token's keys and values written at ``position``.
+
+        T rows (at most ``gemv_mma.MAX_ROWS``: a speculative pass verifying drafted tokens) are written at cache
+        slots ``position … position + T - 1``, each row at its own rotary angle (``cos``/``sin`` [1, T, D]); row t
+        attends the cache before ``position`` and the rows whose bits are set in ``tree[t]`` (int32 [T] on the
+        device; None: rows 0 … t, a chain), as ``compute.kernels.attention.decode_attention`` says.
 
         ``normed`` is this layer's input_layernorm of ``hidden`` as the q|k|v GEMV's operand, when the layer before
         made it; ``next_norm`` an RMSNorm (the next layer's input_layernorm) to apply to the output, fused into the
@@ -139,26 +150,26 @@ class FusedDecodeLayer:
         layer = self.layer
         attention = layer.self_attn
         cache = self.cache_layer
-        size = hidden.shape[-1]
+        rows, size = hidden.shape[1], hidden.shape[2]
         # Each GEMV directly follows the kernel that writes its operand, and may start before it ends, reading its
         # weight first (compute.kernels.pdl): a stacked weight that must be copied is copied earlier.
         qkv_weight, qkv_scales = stacked(self.qkv)
         gate_up_weight, gate_up_scales = stacked(self.gate_up)
         if normed is None:
-            normed = rms_norm(hidden.view(1, size), layer.input_layernorm.weight, self.eps, operand=True)
+            normed = rms_norm(hidden.view(rows, size), layer.input_layernorm.weight, self.eps, operand=True)
         qkv = int4_gemv(normed, qkv_weight, qkv_scales, partials=True)
         query = rotary_cache_write(
             qkv, self.qkv_bias, cos, sin, cache.keys, cache.values, position, cache.cumulative_length,
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
         )  # fmt: skip
-        attended = decode_attention(query, cache.keys, cache.values, position, self.scaling, operand=True)
+        attended = decode_attention(query, cache.keys, cache.values, position, self.scaling, tree=tree, operand=True)
         o_proj = attention.o_proj
         out = int4_gemv(attended, o_proj.qweight, o_proj.scales, partials=True)
         hidden, normed = add_partials(
             hidden, out, o_proj.bias, layer.post_attention_layernorm.weight, self.eps, operand=True,
             workspace=self.norm_workspace,
         )
-        gate_up = int4_gemv(normed, gate_up_weight, gate_up_scales)  # [1, 2 I] bf16
+        gate_up = int4_gemv(normed, gate_up_weight, gate_up_scales)  # [T, 2 I] bf16
         act = silu_mul(gate_up[:, : self.intermediate], gate_up[:, self.intermediate :], operand=True)
         down = layer.mlp.down_proj
         out = int4_gemv(act, down.qweight, down.scales, partials=True)

@@ -33,7 +33,10 @@
 * Two primitives serve speculation and the draft model: ``forward_rows(ids, positions, mask)``, one forward over
   arbitrary rows (any positions, a boolean mask over the whole cache; keys/values appended after what the cache
   holds; every row's logits), and ``keep_rows(prefix, rows)``, which moves the kept rows' keys/values into place
-  and cuts the cache there.
+  and cuts the cache there. Up to ``step_rows`` rows (16 where the fused decode layers run, else 1),
+  ``step_rows_forward(ids, positions, ancestors)`` does what ``forward_rows`` does through the decode step's
+  kernels, a row's mask given by the rows it attends (bits), replayed from CUDA graphs where decode is: the pass a
+  speculative step takes when everything is resident costs a few one-token steps, not an eager forward.
 * ``prompt_ids`` is the whole conversation so far. The KV cache is kept between calls, and the longest prefix
   the new prompt shares with what the cache holds is not computed again (a multi-turn chat prefills only the
   new turn). ``reset()`` empties the cache; it is never required for correctness.
@@ -65,6 +68,7 @@ from compute.decode_step import DecodeStep, keyword_of
 from compute.decoder import Decoder
 from compute.model import HostEmbedding, UnitWeights, build_model
 from compute.sampling import SamplingParams, sample_next
+from compute.segments import streamed_units
 from compute.speculate.sizing import PassCost
 from compute.speculation import Drafter, SpeculationGovernor, SpeculationStats, speculative_step
 from protocol.defaults import DEFAULT_PREFILL_CHUNK
@@ -215,7 +219,12 @@ class Engine:
         self._ids_device = torch.device("cpu") if host_embedding else self.device
         # The decode step over static buffers (one token at one position, rewritten in place every step).
         step = DecodeStep(self.model, self.cache, self.device, max_context)
-        self._decoder = Decoder(step, self.model.unit_binder, weights, self.device)
+        # steps of several rows too: a speculative pass of up to 16 rows runs the decode step's kernels
+        # (Decoder.rows), each bucket's step made (and captured) at its first use
+        def make_step(rows: int) -> DecodeStep:
+            return DecodeStep(self.model, self.cache, self.device, max_context, rows=rows)
+
+        self._decoder = Decoder(step, self.model.unit_binder, weights, self.device, make_step=make_step)
         self._cached_ids: list[int] = []  # the ids whose keys/values the cache holds, in position order
         log.info("KV cache: %d tokens, %.1f MiB", max_context, self.kv_cache_bytes / 2**20)
 
@@ -447,6 +456,24 @@ class Engine:
         otherwise. The logits of a replay live in the graph's memory: they are valid until the next step.
         """
         return self._decoder(token, position, cuda_graphs=self.cuda_graphs)
+
+    @property
+    def step_rows(self) -> int:
+        """How many rows ``step_rows_forward`` takes at most (1: none beyond the decode step's one)."""
+        return self._decoder.max_rows
+
+    @property
+    def streams(self) -> bool:
+        """Whether the plan in force streams any unit (a pass then costs the bus's time, whatever its rows)."""
+        return bool(streamed_units(self.weights.plan))
+
+    def step_rows_forward(self, ids: list[int], positions: list[int], ancestors: list[int]) -> torch.Tensor:
+        """``forward_rows`` for at most ``step_rows`` rows, through the decode step's fused kernels (replayed from
+        CUDA graphs where the decode step is): row t attends the cache and the rows whose bits are set in
+        ``ancestors[t]``. Every row's logits (T, vocab), valid until the next pass; the cache's length afterwards
+        is for ``_rewind_cache`` (``keep_rows``) to set."""
+        prefix = len(self._cached_ids)
+        return self._decoder.rows(ids, positions, prefix, ancestors, cuda_graphs=self.cuda_graphs)
 
     def forward_rows(self, ids: list[int], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One forward over the rows ``ids`` at ``positions`` ((T,) int64), each attending where ``mask`` ((T,

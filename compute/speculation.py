@@ -41,7 +41,7 @@ from compute.sampling import SamplingParams, sample_next
 from compute.speculate.accept import walk_tree
 from compute.speculate.ngram import propose_ngram
 from compute.speculate.sizing import tree_size
-from compute.speculate.tree import DraftTree, chain, tree_attention_mask, tree_positions
+from compute.speculate.tree import DraftTree, ancestor_bits, chain, tree_attention_mask, tree_positions
 
 if TYPE_CHECKING:
     from compute.engine import Engine
@@ -193,6 +193,10 @@ def speculative_step(
     started = time.perf_counter()
     # nodes past the reply's end or the cache's are wasted: at most room - 1 (one token comes from the target)
     limit = min(engine.draft_tokens or DEFAULT_MAX_DRAFT_TOKENS, room - 1, engine.max_context - prefix - 1)
+    if engine.step_rows > 1 and not engine.streams:
+        # everything resident: a pass over the decode step's rows costs a few one-token steps, one over more runs
+        # HF's modules eagerly (an order of magnitude more), so no tree outgrows the step
+        limit = min(limit, engine.step_rows - 1)
     governed = engine.draft_tokens is None  # a fixed --draft-tokens drafts every step
     if governed and not engine.governor.should_draft():
         limit = 0
@@ -235,7 +239,10 @@ def speculative_step(
 def verify(engine: Engine, token: int, tree: DraftTree, prefix: int) -> torch.Tensor:
     """The target over ``token`` (at ``prefix``) and every node of ``tree``, each row attending to the cache and
     its own ancestors (``compute.speculate.tree``); their keys/values go to positions ``prefix …`` in row order.
-    Returns every row's logits, (1 + N, vocab)."""
+    Returns every row's logits, (1 + N, vocab): through the decode step's kernels where they take that many rows,
+    else through the model's modules."""
     positions = tree_positions(tree, prefix)
+    if 1 + len(tree) <= engine.step_rows:
+        return engine.step_rows_forward([token, *tree.tokens], positions.tolist(), ancestor_bits(tree))
     mask = tree_attention_mask(tree, prefix, engine.max_context)
     return engine.forward_rows([token, *tree.tokens], positions, mask)

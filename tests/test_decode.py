@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention import sdpa_kernel
 from transformers import AutoConfig, StaticCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,9 @@ from compute.decode import fused_decode_unsupported, stacked  # noqa: E402
 from quantizer.model_spec import head_dim  # noqa: E402
 from compute.decode_step import DecodeStep  # noqa: E402
 from compute.segments import eager_segment  # noqa: E402
+from compute.engine import PREFILL_ATTENTION_BACKENDS  # noqa: E402
 from compute.model import build_model  # noqa: E402
+from compute.speculate.tree import ROOT, DraftTree, ancestor_bits, tree_attention_mask, tree_positions  # noqa: E402
 from loader.layout import layout_units  # noqa: E402
 from quantizer.checkpoint import QuantizedCheckpoint, tensor_view  # noqa: E402
 from test_model import CheckpointWeights  # noqa: E402
@@ -35,6 +38,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 MAX_CONTEXT = 32
 PROMPT = [5, 17, 3, 250, 42, 7, 99]
 DECODED = [11, 180, 64, 2]  # fed one per decode step, at positions len(PROMPT) ...
+# a speculative pass's rows after PROMPT: the root token, then a drafted tree (two children of the root, a chain
+# under the first, a leaf under the second)
+ROOT_TOKEN = 9
+TREE = DraftTree((11, 180, 64, 2, 77), (ROOT, ROOT, 0, 2, 1), (0.0,) * 5)
 
 
 class PooledWeights(CheckpointWeights):
@@ -63,11 +70,7 @@ def decode_both_ways(
     units = [name for name, _ in model.unit_binder.units]
     results = {}
     for fused in ways:
-        cache = StaticCache(config=config, max_cache_len=MAX_CONTEXT)
-        cache.early_initialization(
-            batch_size=1, num_heads=config.num_key_value_heads, head_dim=head_dim(config), dtype=torch.bfloat16,
-            device=device,
-        )  # fmt: skip
+        cache = make_cache(config, device)
         with torch.inference_mode():
             model(input_ids=torch.tensor([PROMPT], device=device), past_key_values=cache, use_cache=True)
             step = DecodeStep(model, cache, torch.device(device), MAX_CONTEXT, fused=fused)
@@ -82,6 +85,64 @@ def decode_both_ways(
             "lengths": torch.stack([layer.cumulative_length for layer in cache.layers]),
         }
     return results
+
+
+def make_cache(config, device: str) -> StaticCache:
+    cache = StaticCache(config=config, max_cache_len=MAX_CONTEXT)
+    cache.early_initialization(
+        batch_size=1, num_heads=config.num_key_value_heads, head_dim=head_dim(config), dtype=torch.bfloat16,
+        device=device,
+    )  # fmt: skip
+    return cache
+
+
+def verify_both_ways(qdir: Path, device: str, rows: int | None = None) -> dict[bool, dict[str, torch.Tensor]]:
+    """Prefill ``PROMPT``, then run the rows of ``TREE`` (after ``ROOT_TOKEN``) in one pass: through HF's modules
+    under the tree's attention mask (False; what ``Engine.forward_rows`` runs) and through a fused step of ``rows``
+    rows (True; default: as many as the tree's, else the extra ones padding as ``Decoder.rows`` pads them). Per
+    way every real row's logits and every layer's cache rows after the prompt."""
+    checkpoint = QuantizedCheckpoint(qdir)
+    model = build_model(checkpoint, PooledWeights(checkpoint, device), device)
+    config = model.config
+    units = [name for name, _ in model.unit_binder.units]
+    prefix, real = len(PROMPT), 1 + len(TREE)
+    rows = rows or real
+    tokens, positions = [ROOT_TOKEN, *TREE.tokens], tree_positions(TREE, prefix)
+    results = {}
+    for fused in (False, True):
+        cache = make_cache(config, device)
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([PROMPT], device=device), past_key_values=cache, use_cache=True)
+            if fused:
+                step = DecodeStep(model, cache, torch.device(device), MAX_CONTEXT, fused=True, rows=rows)
+                pad = rows - real
+                step.set_rows(tokens + [0] * pad, positions.tolist() + [prefix] * pad, prefix,
+                              ancestor_bits(TREE) + [1 << r for r in range(real, rows)])  # fmt: skip
+                logits = step.run(eager_segment(units, config.num_hidden_layers))[:real]
+            else:
+                mask = tree_attention_mask(TREE, prefix, MAX_CONTEXT).to(device)[None, None]
+                with sdpa_kernel(PREFILL_ATTENTION_BACKENDS):
+                    out = model(
+                        input_ids=torch.tensor([tokens], device=device), position_ids=positions.to(device)[None],
+                        attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=0,
+                    )  # fmt: skip
+                logits = out.logits[0]
+        results[fused] = {
+            "logits": logits.float().clone(),
+            "keys": torch.stack([layer.keys[..., prefix : prefix + real, :].float() for layer in cache.layers]),
+            "values": torch.stack([layer.values[..., prefix : prefix + real, :].float() for layer in cache.layers]),
+        }
+    return results
+
+
+def check_verify_agreement(results, logit_tolerance: float, cache_tolerance: float) -> None:
+    hf, fused = results[False], results[True]
+    for name in ("keys", "values"):
+        for layer, (ours, theirs) in enumerate(zip(fused[name], hf[name])):
+            error = float((ours - theirs).norm() / theirs.norm())
+            assert error < cache_tolerance, f"layer {layer}'s {name}: relative error {error:.2e} against HF's"
+    torch.testing.assert_close(fused["logits"], hf["logits"], atol=logit_tolerance, rtol=0)
+    assert torch.equal(fused["logits"].argmax(-1), hf["logits"].argmax(-1))
 
 
 def check_agreement(results: dict[bool, dict[str, torch.Tensor]], logit_tolerance: float, cache_tolerance: float) -> None:
@@ -143,6 +204,10 @@ def test_the_decode_step_keeps_hf_layers_on_cpu_unless_told(tiny_q):
     cache = StaticCache(config=model.config, max_cache_len=MAX_CONTEXT)
     assert DecodeStep(model, cache, torch.device("cpu"), MAX_CONTEXT).fused_layers is None
     assert DecodeStep(model, cache, torch.device("cpu"), MAX_CONTEXT, fused=True).fused_layers is not None
+    with pytest.raises(ValueError, match="a step of 4 rows needs fused decode layers"):
+        DecodeStep(model, cache, torch.device("cpu"), MAX_CONTEXT, rows=4)
+    with pytest.raises(ValueError, match="a step of 17 rows"):
+        DecodeStep(model, cache, torch.device("cpu"), MAX_CONTEXT, fused=True, rows=17)
     model.config.hidden_act = "gelu"
     with pytest.raises(ValueError, match="gelu"):
         DecodeStep(model, cache, torch.device("cpu"), MAX_CONTEXT, fused=True)
@@ -156,7 +221,7 @@ def test_fused_decode_layers_follow_hf_in_the_interpreter(tiny_q):
         timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, f"interpreter cases failed:\n{done.stdout}\n{done.stderr}"
-    assert done.stdout.count("ok ") == 2, done.stdout
+    assert done.stdout.count("ok ") == 4, done.stdout
 
 
 def interpreter_cases(untied: Path) -> None:
@@ -167,6 +232,10 @@ def interpreter_cases(untied: Path) -> None:
     print("ok untied, pooled weights")
     check_agreement(decode_both_ways(untied, "cpu", CheckpointWeights), logit_tolerance=0.1, cache_tolerance=0.03)
     print("ok untied, separate weights (copied into one matrix)")
+    check_verify_agreement(verify_both_ways(untied, "cpu"), logit_tolerance=0.1, cache_tolerance=0.03)
+    print("ok a tree of 6 rows in one pass")
+    check_verify_agreement(verify_both_ways(untied, "cpu", rows=8), logit_tolerance=0.1, cache_tolerance=0.03)
+    print("ok the same tree padded to 8 rows")
 
 
 @pytest.mark.gpu
@@ -174,6 +243,13 @@ def interpreter_cases(untied: Path) -> None:
 @pytest.mark.parametrize("weights_class", [PooledWeights, CheckpointWeights], ids=["pooled", "separate"])
 def test_fused_decode_layers_follow_hf_on_cuda(tiny_q, weights_class):
     check_agreement(decode_both_ways(tiny_q, "cuda", weights_class), logit_tolerance=0.03, cache_tolerance=0.01)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("rows", [None, 16])
+def test_fused_verify_rows_follow_hf_on_cuda(tiny_q, rows):
+    check_verify_agreement(verify_both_ways(tiny_q, "cuda", rows), logit_tolerance=0.03, cache_tolerance=0.01)
 
 
 @pytest.mark.gpu

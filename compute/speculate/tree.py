@@ -156,6 +156,11 @@ def ancestor_rows(tree: DraftTree) -> torch.Tensor:
     return mask
 
 
+def ancestor_bits(tree: DraftTree) -> list[int]:
+    """``ancestor_rows`` as one bit mask a row: bit c of row r's is [r, c]."""
+    return [sum(1 << c for c in range(len(row)) if row[c]) for row in ancestor_rows(tree).tolist()]
+
+
 def tree_positions(tree: DraftTree, prefix: int) -> torch.Tensor:
     """Positions of the 1 + N rows: the root at ``prefix`` (the cached prefix's length), node i at prefix + 1 + depth."""
     return torch.tensor([prefix, *(prefix + 1 + d for d in tree.depths())], dtype=torch.long)
