@@ -370,7 +370,7 @@ def test_the_wrappers_refuse_bad_operands():
         operands.update(changes)
         return rotary_cache_write(**operands)
 
-    with pytest.raises(ValueError, match=r"fp32 \[S, 1, N\] with N = \(H \+ 2 KVH\) D = 128"):
+    with pytest.raises(ValueError, match=r"fp32 \[S, T, N\] with N = \(H \+ 2 KVH\) D = 128"):
         write(qkv_partials=partials[:, :, :96])
     with pytest.raises(ValueError, match="fp32"):
         write(qkv_partials=partials.to(torch.bfloat16))
@@ -396,7 +396,7 @@ def test_the_wrappers_refuse_bad_operands():
         write(cache_length=length.view(1))
 
     q = torch.randn(1, 4, 16).to(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"q must be bf16 \[1, H, D\] with D = 16"):
+    with pytest.raises(ValueError, match=r"q must be bf16 \[T, H, D\] with D = 16"):
         decode_attention(q.float(), keys, values, position, 0.25)
     with pytest.raises(ValueError, match="H = 3 query heads must be a positive multiple of the caches' KVH = 2"):
         decode_attention(q[:, :3], keys, values, position, 0.25)

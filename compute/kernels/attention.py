@@ -77,11 +77,13 @@ import triton.language as tl
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from compute.kernels.gemv import RowOperand, store_operand, sum_partials
+from compute.kernels.gemv_mma import MAX_ROWS
 from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 
 __all__ = [
     "MAX_SPLITS",
     "SplitConfig",
+    "attended_slots",
     "decode_attention",
     "reference_decode_attention",
     "reference_rotary_cache_write",
@@ -92,6 +94,8 @@ __all__ = [
 MAX_SPLITS = 64  # splits per KV head at most: the combine holds [splits, D] fp32 in one program
 _BLOCK_KEYS = 64  # keys per block: a [64, D] tile of K and one of V per step of a program
 _MIN_DOT_ROWS = 16  # the smallest tensor-core tile: q tiles have at least this many rows
+_MAX_TILE_ELEMENTS = 64 * 128  # q tile rows times D at most: [64, 128] fp32 accumulators are 64 registers a thread
+_ATTENTION_WARPS = 4
 _LOG2_E = 1.4426950408889634  # scores are kept in base 2, for exp2
 
 
@@ -128,65 +132,77 @@ def _rotary_cache_write_kernel(
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LENGTH: tl.constexpr, EARLY: tl.constexpr,
 ):
-    """Head ``program_id(0)`` of the projection (q heads, then k heads, then v heads): rotated into ``q`` or
-    into the key cache, or unrotated into the value cache, at ``position``."""
+    """Head ``program_id(0)`` (q heads, then k heads, then v heads) of row ``program_id(1)`` (of T =
+    ``num_programs(1)``) of the projection: rotated into ``q`` or into the key cache, or unrotated into the value
+    cache, at slot ``position + row``."""
     signal_dependents(EARLY)  # launched early: compute.kernels.pdl
     head = tl.program_id(0)
+    row = tl.program_id(1)
+    rows = tl.num_programs(1)
     d = tl.arange(0, D)
     wait_for_producers(EARLY)
-    cos = tl.load(cos_ptr + d).to(tl.float32)
-    sin = tl.load(sin_ptr + d).to(tl.float32)
-    x, rotated = rotary_projection(part_ptr, N, bias_ptr, head * D, cos, sin, D, SPLITS, HAS_BIAS)
+    cos = tl.load(cos_ptr + row * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + row * D + d).to(tl.float32)
+    x, rotated = rotary_projection(part_ptr + row * N, rows * N, bias_ptr, head * D, cos, sin, D, SPLITS, HAS_BIAS)
     position = tl.load(position_ptr)
-    # a position outside the cache writes nothing (a scalar condition turned into a lane count: the interpreter
+    slot = position + row
+    # a slot outside the cache writes nothing (a scalar condition turned into a lane count: the interpreter
     # mishandles a boolean scalar broadcast against a vector)
-    in_cache = d < tl.where((position >= 0) & (position < C), D, 0)
+    in_cache = d < tl.where((slot >= 0) & (slot < C), D, 0)
     if head < H:
-        tl.store(q_ptr + head * D + d, rotated)
+        tl.store(q_ptr + (row * H + head) * D + d, rotated)
     elif head < H + KVH:
-        row = ((head - H).to(tl.int64) * C + position) * D
-        tl.store(k_cache_ptr + row + d, rotated, mask=in_cache)
+        cache_row = ((head - H).to(tl.int64) * C + slot) * D
+        tl.store(k_cache_ptr + cache_row + d, rotated, mask=in_cache)
     else:
-        row = ((head - H - KVH).to(tl.int64) * C + position) * D
-        tl.store(v_cache_ptr + row + d, x.to(tl.bfloat16), mask=in_cache)
+        cache_row = ((head - H - KVH).to(tl.int64) * C + slot) * D
+        tl.store(v_cache_ptr + cache_row + d, x.to(tl.bfloat16), mask=in_cache)
     if HAS_LENGTH:
-        if head == 0:
-            tl.store(length_ptr, position + 1)
+        if (head == 0) & (row == 0):
+            tl.store(length_ptr, position + rows)
 
 
 @triton.jit
 def _split_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, position_ptr, part_ptr, lse_ptr,
-    C, qk_scale,
+    q_ptr, k_cache_ptr, v_cache_ptr, position_ptr, tree_ptr, part_ptr, lse_ptr,
+    C, T, qk_scale,
     G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, STEPS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, EARLY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TREE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     """KV head ``program_id(0)``, key blocks ``split, split + SPLITS, ...`` (``split`` = ``program_id(1)``, STEPS
-    blocks of BLOCK_N positions at most), for the G query heads that share it.
+    blocks of BLOCK_N slots at most), for the query rows ``program_id(2) * BLOCK_M ...`` of the T * G that share it
+    (row ``m`` is token ``m // G``'s query head ``kv * G + m % G``).
 
-    Writes, for each of those heads, the softmax-weighted mean of this split's values (fp32, ``part [H, SPLITS,
-    D]``) and the base-2 log-sum-exp of its scaled scores (``lse [H, SPLITS]``), if the split holds any position up
-    to ``position``; otherwise nothing. ``qk_scale`` is the softmax scale times log2(e).
+    Writes, for each of those rows, the softmax-weighted mean of this split's values (fp32, ``part [T * H, SPLITS,
+    D]``) and the base-2 log-sum-exp of its scaled scores (``lse [T * H, SPLITS]``), if the split holds any slot
+    below ``position + T``; otherwise nothing. A row that attends no key of the split gets a zero mean and a
+    log-sum-exp of -inf. ``qk_scale`` is the softmax scale times log2(e).
     """
     signal_dependents(EARLY)  # launched early: compute.kernels.pdl; every program waits, live or not
     kv = tl.program_id(0)
     split = tl.program_id(1)
     wait_for_producers(EARLY)
-    live = tl.minimum(tl.load(position_ptr) + 1, C)  # keys 0 .. position attend
-    if split * BLOCK_N < live:  # the split's first block holds a live key
-        g = tl.arange(0, BLOCK_G)
+    position = tl.load(position_ptr)
+    live = tl.minimum(position + T, C)  # slots 0 .. position + T - 1 may attend
+    if split * BLOCK_N < live:  # the split's first block holds a live slot
+        H = G * tl.num_programs(0)
+        m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        token = m // G
+        heads = token * H + kv * G + m % G  # rows of q [T * H, D]
+        real = m < T * G  # rows past T * G pad the tile to tensor-core size: q reads as 0 there, nothing is stored
         d = tl.arange(0, D)
-        heads = kv * G + g
-        real = g < G  # rows past G pad the tile to tensor-core size: q reads as 0 there, nothing is stored
         q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
         if DOT_IN_FP32:
             q = q.to(tl.float32)
+        if TREE:  # the draft slots a row attends, as bits: bit j for slot position + j
+            drafts = tl.load(tree_ptr + token, mask=real, other=0)
         cache_rows = kv.to(tl.int64) * C
-        m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)  # running maximum of the scores (base 2)
-        l_i = tl.zeros((BLOCK_G,), tl.float32)  # running sum of exp2(score - m_i)
-        acc = tl.zeros((BLOCK_G, D), tl.float32)  # running sum of exp2(score - m_i) * v
-        # A constant trip count (the interpreter of Triton 3.6 cannot loop to a loaded bound); the first step holds a
-        # live key, so m_i is finite after it, and blocks past `live` are skipped.
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running maximum of the scores (base 2)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)  # running sum of exp2(score - m_i) * v
+        # A constant trip count (the interpreter of Triton 3.6 cannot loop to a loaded bound); blocks past `live` are
+        # skipped.
         for step in range(STEPS):
             start = (split + step * SPLITS) * BLOCK_N
             if start < live:
@@ -199,10 +215,20 @@ def _split_attention_kernel(
                     scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
                 else:
                     scores = tl.dot(q, tl.trans(k))
-                scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
+                # every row attends the prefix, slots below position, and of the T draft slots its chain or tree's
+                draft = n - position  # (BLOCK_N,) int64: a far position must not wrap around
+                if TREE:
+                    bit = tl.where((draft >= 0) & (draft < T), draft, 0).to(tl.int32)
+                    chosen = ((drafts[:, None] >> bit[None, :]) & 1) != 0
+                else:
+                    chosen = draft[None, :] <= token[:, None]
+                attend = (valid & (draft < 0))[None, :] | ((valid & (draft < T))[None, :] & chosen)
+                scores = tl.where(attend, scores * qk_scale, float("-inf"))  # (BLOCK_M, BLOCK_N)
                 m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(scores - m_new[:, None])
+                # a row with no attended key so far keeps m_i = -inf: subtract 0 there, not -inf (exp2 of NaN)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(scores - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None]
                 if DOT_IN_FP32:
@@ -211,24 +237,27 @@ def _split_attention_kernel(
                     acc = tl.dot(p.to(tl.bfloat16), v, acc)  # HF's eager attention also multiplies bf16 probabilities
                 m_i = m_new
         slots = heads.to(tl.int64) * SPLITS + split
-        tl.store(part_ptr + slots[:, None] * D + d[None, :], acc / l_i[:, None], mask=real[:, None])
-        tl.store(lse_ptr + slots, m_i + tl.log2(l_i), mask=real)
+        attended = l_i > 0
+        mean = acc / tl.where(attended, l_i, 1.0)[:, None]
+        tl.store(part_ptr + slots[:, None] * D + d[None, :], mean, mask=real[:, None])
+        tl.store(lse_ptr + slots, tl.where(attended, m_i + tl.log2(l_i), float("-inf")), mask=real)
 
 
 @triton.jit
 def _combine_kernel(
-    part_ptr, lse_ptr, position_ptr, out_ptr, sums_ptr, C, H,
+    part_ptr, lse_ptr, position_ptr, out_ptr, sums_ptr, C, H, T,
     D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HEADS: tl.constexpr,
     OPERAND: tl.constexpr, EARLY: tl.constexpr,
 ):
-    """Query heads ``program_id(0) * HEADS …``: the splits' partial outputs weighed by ``exp2(lse)``, rounded to
-    bf16, stored as bf16 or, with OPERAND, into the o_proj GEMV's row operand (whose groups of 128 elements a
-    program's heads cover whole). Splits whose first block starts past ``position`` were not written and are not
-    read."""
+    """Query heads ``program_id(0) * HEADS …`` of the T * H (token-major, a program's heads within one token): the
+    splits' partial outputs weighed by ``exp2(lse)``, rounded to bf16, stored as bf16 or, with OPERAND, into the
+    o_proj GEMV's row operand of the token (whose groups of 128 elements a program's heads cover whole). Splits whose
+    first block starts at or past ``position + T`` were not written and are not read; those a row attends nothing of
+    weigh 0 (their lse is -inf, their mean 0)."""
     signal_dependents(EARLY)  # launched early: compute.kernels.pdl
     heads = tl.program_id(0) * HEADS + tl.arange(0, HEADS)
     wait_for_producers(EARLY)
-    live = tl.minimum(tl.load(position_ptr) + 1, C)
+    live = tl.minimum(tl.load(position_ptr) + T, C)
     s = tl.arange(0, BLOCK_S)
     used = (s < SPLITS) & (s * BLOCK_N < live)
     slots = heads.to(tl.int64)[:, None] * SPLITS + s[None, :]  # (HEADS, BLOCK_S)
@@ -249,8 +278,11 @@ def _combine_kernel(
     out = (total / weights[:, None]).to(tl.bfloat16)  # (HEADS, D)
     if OPERAND:
         groups: tl.constexpr = HEADS * D // 128
+        token = tl.program_id(0) * HEADS // H
+        row_groups = H * D // 128
         row = tl.reshape(out.to(tl.float32), (HEADS * D,))
-        store_operand(out_ptr, sums_ptr, row, tl.program_id(0) * groups, H * D // 128, groups)
+        group0 = (tl.program_id(0) * HEADS - token * H) * D // 128
+        store_operand(out_ptr + token * (H * D), sums_ptr + token * row_groups, row, group0, row_groups, groups)
     else:
         tl.store(out_ptr + heads[:, None] * D + d[None, :], out)
 
@@ -299,6 +331,11 @@ def _check_position(position: torch.Tensor, device: torch.device) -> None:
         )
 
 
+def _check_rows(rows: int, what: str) -> None:
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"{what} holds {rows} rows (tokens): it must hold 1 ... {MAX_ROWS}")
+
+
 def _check_rotary_operands(
     qkv_partials: torch.Tensor,
     bias: torch.Tensor | None,
@@ -319,18 +356,23 @@ def _check_rotary_operands(
             f"caches' KVH = {kv_heads}"
         )
     n = (num_heads + 2 * num_kv_heads) * head_dim
-    if qkv_partials.dtype != torch.float32 or qkv_partials.dim() != 3 or qkv_partials.shape[1:] != (1, n):
+    if qkv_partials.dtype != torch.float32 or qkv_partials.dim() != 3 or qkv_partials.shape[2] != n:
         raise ValueError(
-            f"qkv_partials must be fp32 [S, 1, N] with N = (H + 2 KVH) D = {n}, got {qkv_partials.dtype} "
+            f"qkv_partials must be fp32 [S, T, N] with N = (H + 2 KVH) D = {n}, got {qkv_partials.dtype} "
             f"{tuple(qkv_partials.shape)}"
         )
     if qkv_partials.shape[0] == 0:
         raise ValueError("qkv_partials holds no partial sums (S = 0)")
+    rows = qkv_partials.shape[1]
+    _check_rows(rows, "qkv_partials")
     if bias is not None and (bias.dtype != torch.bfloat16 or tuple(bias.shape) != (n,)):
         raise ValueError(f"bias must be bf16 [N] = [{n}] or None, got {bias.dtype} {tuple(bias.shape)}")
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.dtype != torch.bfloat16 or t.numel() != head_dim or t.shape[-1] != head_dim:
-            raise ValueError(f"{name} must be bf16 [1, 1, D] with D = {head_dim}, got {t.dtype} {tuple(t.shape)}")
+        if t.dtype != torch.bfloat16 or t.numel() != rows * head_dim or t.shape[-1] != head_dim:
+            raise ValueError(
+                f"{name} must be bf16 [1, T, D] with T = {rows} and D = {head_dim} (or [T, D]), got {t.dtype} "
+                f"{tuple(t.shape)}"
+            )
     _check_position(position, device)
     if cache_length is not None and (cache_length.dtype != torch.int64 or cache_length.dim() != 0):
         raise ValueError(
@@ -355,18 +397,19 @@ def rotary_cache_write(
     num_heads: int,
     num_kv_heads: int,
 ) -> torch.Tensor:
-    """Sum the q/k/v projection's partials and bias, rotate q and k, write k and v into the caches at ``position``
-    and set ``cache_length`` to ``position + 1``; returns the rotated query ``[1, H, D]`` bf16. One launch (CUDA
+    """Sum the q/k/v projection's partials and bias for each of its T rows, rotate q and k by the row's ``cos`` and
+    ``sin``, write row t's k and v into the caches at slot ``position + t`` (slots outside the cache: nowhere) and
+    set ``cache_length`` to ``position + T``; returns the rotated queries ``[T, H, D]`` bf16. One launch (CUDA
     tensors, or CPU ones under the Triton interpreter); operands as in the module docstring."""
     _check_rotary_operands(
         qkv_partials, bias, cos, sin, key_cache, value_cache, position, cache_length, num_heads, num_kv_heads
     )
-    splits, _, n = qkv_partials.shape
+    splits, rows, n = qkv_partials.shape
     capacity, head_dim = key_cache.shape[2], key_cache.shape[3]
-    q = torch.empty((1, num_heads, head_dim), dtype=torch.bfloat16, device=key_cache.device)  # (B, H, D)
+    q = torch.empty((rows, num_heads, head_dim), dtype=torch.bfloat16, device=key_cache.device)  # (T, H, D)
     partials = qkv_partials.contiguous()
     early = early_launch(key_cache.device)
-    _rotary_cache_write_kernel[(num_heads + 2 * num_kv_heads,)](
+    _rotary_cache_write_kernel[(num_heads + 2 * num_kv_heads, rows)](
         partials, bias if bias is not None else partials, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(),
         q, key_cache, value_cache, position, cache_length if cache_length is not None else position,
         n, capacity,
@@ -378,6 +421,12 @@ def rotary_cache_write(
     return q
 
 
+def _tile_rows(rows: int, head_dim: int) -> int:
+    """Rows of the q tile for ``rows`` query rows of a KV head (T * G): all of them, padded to a power of two of at
+    least 16, up to ``_MAX_TILE_ELEMENTS // head_dim``; past that, row groups of that many (more programs)."""
+    return max(_MIN_DOT_ROWS, min(triton.next_power_of_2(rows), _MAX_TILE_ELEMENTS // head_dim))
+
+
 def decode_attention(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -385,24 +434,32 @@ def decode_attention(
     position: torch.Tensor,
     scale: float,
     *,
+    tree: torch.Tensor | None = None,
     config: SplitConfig | None = None,
     operand: bool = False,
 ) -> torch.Tensor | RowOperand:
-    """``softmax(scale * q k^T) v`` of ``q [1, H, D]`` over cache positions ``0 .. position`` -> ``[1, 1, H * D]``
-    bf16, head-major, or with ``operand`` (H * D a multiple of 128) the same row as the next GEMV's ``RowOperand``.
-    Two launches (CUDA
-    tensors, or CPU ones under the Triton interpreter). ``config`` overrides ``split_config(C)``, for tests of many
-    splits and blocks on small caches."""
+    """``softmax(scale * q k^T) v`` for each of the T rows of ``q [T, H, D]``: row t over cache slots ``0 ..
+    position - 1`` and slot ``position + j`` for each j of its chain (j <= t) or, with ``tree`` (int32 [T], read on
+    the device), each bit j set in ``tree[t]`` (bit t must be: a row attends itself) -> ``[1, T, H * D]`` bf16,
+    head-major per row, or with ``operand`` (H * D a multiple of 128) the same rows as the next GEMV's
+    ``RowOperand`` (one-dimensional for T = 1). Two launches (CUDA tensors, or CPU ones under the Triton
+    interpreter). ``config`` overrides ``split_config(C)``, for tests of many splits and blocks on small caches."""
     kv_heads, capacity, head_dim = _check_cache(key_cache, value_cache)
     device = key_cache.device
-    if q.dtype != torch.bfloat16 or q.dim() != 3 or q.shape[0] != 1 or q.shape[2] != head_dim:
-        raise ValueError(f"q must be bf16 [1, H, D] with D = {head_dim}, got {q.dtype} {tuple(q.shape)}")
-    heads = q.shape[1]
+    if q.dtype != torch.bfloat16 or q.dim() != 3 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be bf16 [T, H, D] with D = {head_dim}, got {q.dtype} {tuple(q.shape)}")
+    rows, heads = q.shape[0], q.shape[1]
+    _check_rows(rows, "q")
     if heads == 0 or heads % kv_heads:
         raise ValueError(f"q's H = {heads} query heads must be a positive multiple of the caches' KVH = {kv_heads}")
     if q.device != device:
         raise ValueError(f"q is on {q.device} but the caches are on {device}: all must be on one device")
     _check_position(position, device)
+    if tree is not None and (tree.dtype != torch.int32 or tuple(tree.shape) != (rows,) or tree.device != device):
+        raise ValueError(
+            f"tree must be an int32 [T] = [{rows}] tensor on {device} (bit j of tree[t]: row t attends slot "
+            f"position + j) or None, got {tree.dtype} {tuple(tree.shape)} on {tree.device}"
+        )
     if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale}")
     config = config or split_config(capacity)
@@ -411,28 +468,29 @@ def decode_attention(
         raise ValueError(f"{config} must have block_keys a power of two of at least 16 and 1 ... {MAX_SPLITS} splits")
     steps = triton.cdiv(triton.cdiv(capacity, block_keys), splits)  # blocks per split, at most
     group = heads // kv_heads
-    part = torch.empty((heads, splits, head_dim), dtype=torch.float32, device=device)  # (H, splits, D)
-    lse = torch.empty((heads, splits), dtype=torch.float32, device=device)  # (H, splits)
-    # With the operand a combine program takes whole 128-element groups of it: 128 / D heads (D <= 128) or one
+    tile_rows = _tile_rows(rows * group, head_dim)
+    part = torch.empty((rows * heads, splits, head_dim), dtype=torch.float32, device=device)  # (T * H, splits, D)
+    lse = torch.empty((rows * heads, splits), dtype=torch.float32, device=device)  # (T * H, splits)
+    # With the operand a combine program takes whole 128-element groups of a row: 128 / D heads (D <= 128) or one
     combine_heads = max(1, 128 // head_dim) if operand else 1
     if operand:
         if (heads * head_dim) % 128:
             raise ValueError(f"decode_attention(operand=True) needs H * D a multiple of 128, got {heads} * {head_dim}")
-        out = RowOperand.empty(heads * head_dim, torch.bfloat16, device)
+        out = RowOperand.empty(heads * head_dim, torch.bfloat16, device, rows=None if rows == 1 else rows)
     else:
-        out = torch.empty((1, 1, heads * head_dim), dtype=torch.bfloat16, device=device)  # (B, T, H * D)
+        out = torch.empty((1, rows, heads * head_dim), dtype=torch.bfloat16, device=device)  # (B, T, H * D)
     q = q.contiguous()
     early = early_launch(device)
-    _split_attention_kernel[(kv_heads, splits)](
-        q, key_cache, value_cache, position, part, lse,
-        capacity, scale * _LOG2_E,
-        G=group, D=head_dim, SPLITS=splits, STEPS=steps,
-        BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(group)), BLOCK_N=block_keys,
+    _split_attention_kernel[(kv_heads, splits, triton.cdiv(rows * group, tile_rows))](
+        q, key_cache, value_cache, position, tree if tree is not None else position, part, lse,
+        capacity, rows, scale * _LOG2_E,
+        G=group, D=head_dim, SPLITS=splits, STEPS=steps, BLOCK_M=tile_rows, BLOCK_N=block_keys,
+        TREE=tree is not None,
         DOT_IN_FP32=device.type == "cpu",  # on CPU the kernels only run in the Triton interpreter
-        EARLY=early, num_warps=4, num_stages=2, **pdl(early),
+        EARLY=early, num_warps=_ATTENTION_WARPS, num_stages=2, **pdl(early),
     )  # fmt: skip
-    _combine_kernel[(heads // combine_heads,)](
-        part, lse, position, out.values if operand else out, out.sums if operand else out, capacity, heads,
+    _combine_kernel[(rows * heads // combine_heads,)](
+        part, lse, position, out.values if operand else out, out.sums if operand else out, capacity, heads, rows,
         D=head_dim, SPLITS=splits, BLOCK_N=block_keys, BLOCK_S=triton.next_power_of_2(splits), HEADS=combine_heads,
         OPERAND=operand, EARLY=early, num_warps=4, **pdl(early),
     )  # fmt: skip
@@ -453,39 +511,64 @@ def reference_rotary_cache_write(
     num_kv_heads: int,
 ) -> torch.Tensor:
     """``rotary_cache_write`` in plain torch: HF's bf16 ops (``apply_rotary_pos_emb``, ``StaticLayer.update``'s
-    ``index_copy_``) on the projection summed as the module docstring says. Mutates the caches and
-    ``cache_length`` as the kernel does; no host sync."""
-    head_dim = key_cache.shape[-1]
-    total = qkv_partials[0].clone()  # (1, N) fp32
+    ``index_copy_`` at slots ``position .. position + T - 1``) on the projection summed as the module docstring
+    says. Mutates the caches and ``cache_length`` as the kernel does; no host sync."""
+    _, rows, _ = qkv_partials.shape
+    _, kv_heads, capacity, head_dim = key_cache.shape
+    total = qkv_partials[0].clone()  # (T, N) fp32
     for partial in qkv_partials[1:]:
         total += partial
     if bias is not None:
         total += bias.float()
-    projected = total.to(torch.bfloat16).view(1, 1, num_heads + 2 * num_kv_heads, head_dim).transpose(1, 2)
+    projected = total.to(torch.bfloat16).view(1, rows, num_heads + 2 * num_kv_heads, head_dim).transpose(1, 2)
     query, key, value = projected.split([num_heads, num_kv_heads, num_kv_heads], dim=1)  # (B, heads, T, D) each
-    cos, sin = cos.view(1, 1, 1, head_dim), sin.view(1, 1, 1, head_dim)
+    cos, sin = cos.view(1, 1, rows, head_dim), sin.view(1, 1, rows, head_dim)
     query = (query * cos) + (rotate_half(query) * sin)
     key = (key * cos) + (rotate_half(key) * sin)
-    index = position.reshape(1)
-    key_cache.index_copy_(2, index, key)
-    value_cache.index_copy_(2, index, value)
+    slots = position.reshape(1) + torch.arange(rows, device=position.device)
+    # a slot outside the cache goes to a scratch row past it (index_copy_ refuses it; a mask would sync)
+    inside = (slots >= 0) & (slots < capacity)
+    slots = torch.where(inside, slots, capacity + torch.arange(rows, device=position.device))
+    for cache, states in ((key_cache, key), (value_cache, value)):
+        padded = torch.cat([cache, cache.new_empty(1, kv_heads, rows, head_dim)], dim=2)
+        padded.index_copy_(2, slots, states)
+        cache.copy_(padded[:, :, :capacity])
     if cache_length is not None:
-        cache_length.copy_(index[0] + 1)
-    return query.reshape(1, num_heads, head_dim).contiguous()
+        cache_length.copy_(position.reshape(()) + rows)
+    return query.transpose(1, 2).reshape(rows, num_heads, head_dim).contiguous()
+
+
+def attended_slots(position: torch.Tensor, tree: torch.Tensor | None, rows: int, capacity: int) -> torch.Tensor:
+    """bool ``[T, C]``: whether row t attends cache slot c, as ``decode_attention`` defines it (every slot below
+    ``position``, and slot ``position + j`` for j in row t's chain or tree). No host sync."""
+    draft = torch.arange(capacity, device=position.device) - position.reshape(())  # (C,): j of slot position + j
+    token = torch.arange(rows, device=position.device)[:, None]
+    if tree is None:
+        chosen = draft[None, :] <= token
+    else:
+        chosen = (tree.long()[:, None] >> draft.clamp(0, rows - 1)[None, :]) & 1 == 1
+    return (draft < 0)[None, :] | (((draft >= 0) & (draft < rows))[None, :] & chosen)
 
 
 def reference_decode_attention(
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, position: torch.Tensor, scale: float
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    position: torch.Tensor,
+    scale: float,
+    tree: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``decode_attention`` in plain torch, with HF's eager arithmetic (bf16 products, softmax in fp32, bf16
-    probabilities) over the whole cache, positions past ``position`` masked out; no host sync. Cache entries past
-    ``position`` must be finite (a zero probability times NaN or infinity is NaN)."""
+    probabilities) over the whole cache, each row's unattended slots (``attended_slots``) masked out; no host sync.
+    Unattended cache entries must be finite (a zero probability times NaN or infinity is NaN)."""
     _, kv_heads, capacity, head_dim = key_cache.shape
-    heads = q.shape[1]
-    grouped = q.view(1, kv_heads, heads // kv_heads, head_dim)  # (B, KVH, G, D): repeat_kv's grouping
-    scores = torch.matmul(grouped, key_cache.transpose(-1, -2)) * scale  # (B, KVH, G, C)
-    attend = torch.arange(capacity, device=q.device) <= position.reshape(())
+    rows, heads = q.shape[0], q.shape[1]
+    group = heads // kv_heads
+    # (B, KVH, T * G, D): repeat_kv's grouping, the rows of a KV head token-major
+    grouped = q.view(rows, kv_heads, group, head_dim).transpose(0, 1).reshape(1, kv_heads, rows * group, head_dim)
+    scores = torch.matmul(grouped, key_cache.transpose(-1, -2)) * scale  # (B, KVH, T * G, C)
+    attend = attended_slots(position, tree, rows, capacity).repeat_interleave(group, dim=0)  # (T * G, C)
     scores = scores.masked_fill(~attend, float("-inf"))
     probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probabilities, value_cache)  # (B, KVH, G, D)
-    return out.reshape(1, 1, heads * head_dim)
+    out = torch.matmul(probabilities, value_cache)  # (B, KVH, T * G, D)
+    return out.view(kv_heads, rows, group, head_dim).transpose(0, 1).reshape(1, rows, heads * head_dim)
