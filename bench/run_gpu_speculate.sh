@@ -6,7 +6,8 @@
 # result measured (its rows and draft sizes are timed too). From the repository root on a machine with a CUDA GPU:
 #   bench/run_gpu_speculate.sh OUTDIR [PAIR_JSON]
 # It stops after SPECULATE_TIMEOUT seconds (480, writing the synthetic checkpoints first included when they are
-# missing); the JSON holds every budget finished by then.
+# missing); the JSON holds every budget finished by then. BUDGETS (e.g. "24GiB 8GiB"), ROWS, TREES and CHAINS
+# (comma-separated) narrow the run.
 set -u
 out=${1:?usage: bench/run_gpu_speculate.sh OUTDIR [PAIR_JSON]}
 pair=${2:-bench/results/2026-12-06-cpu-speculate-pair-chain.json}
@@ -17,6 +18,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
 timeout "${SPECULATE_TIMEOUT:-480}" "$python" -m bench.speculate passes \
     --checkpoint "${CHECKPOINT:-/tmp/spillover-synth-qwen2-32b}" \
     --draft-checkpoint "${DRAFT_CHECKPOINT:-/tmp/spillover-synth-qwen2-0.5b}" \
+    $(for b in ${BUDGETS:-24GiB 12GiB 8GiB}; do echo --gpu-memory "$b"; done) \
+    ${ROWS:+--rows "$ROWS"} ${TREES:+--trees "$TREES"} ${CHAINS:+--chains "$CHAINS"} \
     ${pair:+--tokens-per-pass "$pair"} --json "$out/speculate_passes.json" >"$out/speculate_passes.log" 2>&1
 echo "exit $?" >>"$out/speculate_passes.log"
 tail -n 80 "$out/speculate_passes.log" >&2

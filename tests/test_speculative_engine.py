@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import unittest.mock
 
+import pytest
 import compute.engine
 import compute.sampling
 import torch
@@ -13,6 +14,10 @@ from compute.sampling import SamplingParams
 from compute.speculate.tree import ROOT, DraftTree
 from compute.speculation import NgramDrafter
 from test_engine import GREEDY, LOGIT_TOLERANCE, generate_checked, make_engine, qdir, random_prompt, references  # noqa: F401 (fixtures)
+from test_engine import reference_model
+from test_model import CheckpointWeights
+from compute.engine import Engine
+from quantizer.checkpoint import QuantizedCheckpoint
 
 
 class OracleDrafter:
@@ -147,3 +152,28 @@ def test_drafts_never_run_past_the_context(tiny_q):
     result = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=20))
     assert result.finish_reason is FinishReason.CONTEXT and len(prompt) + len(result.token_ids) == 17
     assert len(engine._cached_ids) == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_tree_passes_run_the_graphed_decode_step_and_follow_stock_transformers(qdir, tmp_path):
+    """On CUDA a tree of up to 15 nodes is checked by the decode step's fused kernels over 16 rows at most,
+    replayed from a CUDA graph per bucket: every row's logits still follow the reference, and the accepted path's
+    keys/values are the ones the next turn reads."""
+    checkpoint = QuantizedCheckpoint(qdir)
+    reference = reference_model(qdir, tmp_path).to("cuda")
+
+    def engine_on_cuda(**kwargs):
+        engine = Engine(checkpoint, CheckpointWeights(checkpoint, device="cuda"), device="cuda", max_context=64,
+                        prefill_chunk=4, **kwargs)  # fmt: skip
+        engine.eos_token_ids = frozenset()
+        return engine
+
+    plain = engine_on_cuda()
+    engine = engine_on_cuda(drafter=OracleDrafter(plain, depth=4), draft_tokens=8)
+    prompt = random_prompt(7)
+    result = generate_checked(engine, reference, prompt, SamplingParams(temperature=0, max_new_tokens=12))
+    assert engine.step_rows == 16 and engine.decode_mode == "graph"
+    assert 16 in engine._decoder._row_graphs and engine._decoder._row_graphs[16] is not None  # 9 rows: bucket 16
+    assert result.speculation.accepted_tokens > 0 and result.decode_passes < result.decode_tokens
+    generate_checked(engine, reference, prompt + list(result.token_ids) + random_prompt(3))
