@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_kernels import assert_operand
 
 from compute.kernels.gemv import RowOperand
 from compute.kernels.paged_attention import (
@@ -32,7 +33,6 @@ from compute.kernels.paged_attention import (
     reference_rotary_pool_write,
     rotary_pool_write,
 )
-from test_kernels import assert_operand
 
 REPO = Path(__file__).resolve().parent.parent
 # (H, KVH, D, P, lengths of the rows)

@@ -50,8 +50,8 @@ from compute.kernels.gemv import RowOperand, store_operand
 
 __all__ = [
     "paged_attention_supported",
-    "paged_operand_supported",
     "paged_decode_attention",
+    "paged_operand_supported",
     "reference_paged_decode_attention",
     "reference_rotary_pool_write",
     "rotary_pool_write",
@@ -66,7 +66,7 @@ def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, out_ptr, sums_ptr, qk_scale,
     KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, W: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_IN_FP32: tl.constexpr, OPERAND: tl.constexpr,
-):
+):  # fmt: skip
     """Row ``program_id(0)``, KV head ``program_id(1)``: the attention output of its G query heads, stored as bf16
     or, with OPERAND (``G * D`` a multiple of 128), as groups ``kv * G * D / 128 …`` of the row's operand."""
     row = tl.program_id(0)
