@@ -39,6 +39,7 @@ from compute.segments import Segment, describe, plan_generation, plan_segments, 
 
 if TYPE_CHECKING:
     from compute.batch_engine import BatchEngine, Chunk
+    from compute.kernels.gemv import RowOperand
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +102,16 @@ class DecodeInputs:
             return self.embedded
         return engine.model.model.embed_tokens(self.ids.unsqueeze(0))
 
-    def attend(self, engine: BatchEngine, index: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Every row over its sequence's positions: the paged kernel in one launch, else the same per-sequence
-        attention a mixed pass uses (``BatchEngine.sequence_attention``), so a row's result does not depend on the
-        pass it lands in; padding rows give zeros there."""
+    def attend(
+        self, engine: BatchEngine, index: int, q: torch.Tensor, scale: float, *, operand: bool = False
+    ) -> torch.Tensor | RowOperand:
+        """Every row over its sequence's positions (rows, H, D): the paged kernel in one launch, else the same
+        per-sequence attention a mixed pass uses (``BatchEngine.sequence_attention``), so a row's result does not
+        depend on the pass it lands in; padding rows give zeros there. With ``operand``, where the paged kernel runs
+        and can write it (``engine.attention_operand``), the o projection's ``RowOperand`` of the rows instead."""
         if engine.paged_kernel:
-            return engine.paged_attention(index, q, self.page_table, self.lengths, scale)
+            operand = operand and engine.attention_operand
+            return engine.paged_attention(index, q, self.page_table, self.lengths, scale, operand=operand)
         out = torch.zeros_like(q)  # (rows, H, D)
         for row, slots in enumerate(self.row_slots):
             out[row : row + 1] = engine.sequence_attention(index, q[row : row + 1], slots, scale)
@@ -129,9 +134,13 @@ class DecodeInputs:
         else:
             hidden = self.hidden_state
         binder = engine.model.unit_binder
-        for index in segment.layers:
+        layers = segment.layers
+        normed = None  # the next layer's input norm, made by the layer before it in this segment (fused layers)
+        for n, index in enumerate(layers):
+            next_norm = engine.layers[layers[n + 1]].input_layernorm if n + 1 < len(layers) else None
             with binder.bound(index):  # layer i is unit i (plan_segments checks the order)
-                hidden = engine._layer(index, engine.layers[index], hidden, (self.cos, self.sin), self.slots, self)
+                hidden, normed = engine._layer(index, engine.layers[index], hidden, (self.cos, self.sin), self.slots,
+                                               self, normed=normed, next_norm=next_norm)  # fmt: skip
         if segment.head:
             return engine.model.lm_head(inner.norm(hidden))[0]  # (rows, vocab); an untied head's hooks bind it
         self.hidden_state.copy_(hidden)

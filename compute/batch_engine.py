@@ -24,15 +24,18 @@ Attention: on CUDA the decode rows (chunks of one token) of a pass go through on
 keys/values from the pages and run torch's SDPA (HF's arithmetic: bf16, ``repeat_kv``'s head grouping).
 
 A layer on CUDA bf16 (where ``compute.decode.fused_decode_unsupported`` finds nothing against the model) runs in
-about eleven launches for a decode pass of up to 16 rows, where HF's modules take forty, much as the one-row decode
-step (``compute.decode``) does: the fused RMSNorm writing the GEMV's operand, q|k|v as one GEMV whose split-K
-partial sums the rotary kernel adds up (with the bias) before it writes the keys and values into their pages
-(``compute.kernels.paged_attention.rotary_pool_write``), the o projection's partial sums added by the residual add
-that also applies the post-attention norm (``compute.kernels.norm.add_partials``), gate|up as one GEMV, the fused
-SiLU·up writing the down projection's operand, and its partial sums added by the last residual add. The arithmetic,
-rounding for rounding, is the modules' (the GEMVs' sums aside, which are the kernels' for a stacked weight); a
-longer pass (prefill) takes the same kernels where they apply, dequantize-then-cuBLAS for its products; elsewhere
-(CPU) the layer runs HF's modules.
+nine launches for a decode pass of up to 16 rows, where HF's modules take forty, as the one-row decode step
+(``compute.decode``) does: q|k|v as one GEMV on the input norm's operand, its split-K partial sums added up (with
+the bias) by the rotary kernel, which writes the keys and values into their pages
+(``compute.kernels.paged_attention.rotary_pool_write``); the paged attention, writing the o projection's operand
+(where a KV head's G * D outputs are whole 128-element groups, ``paged_operand_supported``; else the GEMV makes it,
+one launch more); the o projection's partial sums added by the residual add that also applies the post-attention
+norm (``compute.kernels.norm.add_partials``); gate|up as one GEMV; the fused SiLU·up writing the down projection's
+operand; and its partial sums added by the last residual add, which also applies the next layer's input norm when
+that layer runs right after (in one ``run_pass``, or in one segment of ``compute.batch_decode``); the first layer of
+a pass or segment norms its own input (one launch more). The arithmetic, rounding for rounding, is the modules'
+(the GEMVs' sums aside, which are the kernels' for a stacked weight); a longer pass (prefill) takes the same kernels
+where they apply, dequantize-then-cuBLAS for its products; elsewhere (CPU) the layer runs HF's modules.
 
 A pass interrupted by an exception walks the rest of its units (``UnitBinder.abandon_pass``) before re-raising,
 so the loader's ring stays in step; the keys/values the pass wrote are then not to be trusted (the caller
@@ -58,12 +61,13 @@ from compute.decode import fused_decode_unsupported, stacked, stacked_bias
 from compute.engine import PREFILL_ATTENTION_BACKENDS, reply_end_ids
 from compute.kernels import int4_matmul
 from compute.kernels.activation import silu_mul
-from compute.kernels.gemv import int4_gemv
+from compute.kernels.gemv import RowOperand, int4_gemv
 from compute.kernels.gemv_mma import MAX_ROWS
 from compute.kernels.norm import add_partials, add_partials_workspace, rms_norm
 from compute.kernels.paged_attention import (
     paged_attention_supported,
     paged_decode_attention,
+    paged_operand_supported,
     rotary_pool_write,
 )
 from compute.kv_pages import KVPagePool
@@ -141,6 +145,8 @@ class BatchEngine:
         self._binder = binder
         self._head_unit = next((i for i, (name, _) in enumerate(binder.units) if name == LM_HEAD_UNIT), None)
         self.paged_kernel = paged_attention_supported(self.device, dtype, self.head_dim)
+        # where the paged kernel runs, whether it can write the o projection's operand (the heads' shapes only)
+        self.attention_operand = paged_operand_supported(self.num_heads, self.num_kv_heads, self.head_dim)
         # the fused layer (module docstring): on CUDA where the model allows; True forces it (on CPU, the Triton
         # interpreter runs its kernels: tests)
         reason = fused_decode_unsupported(self.config, dtype)
@@ -203,15 +209,19 @@ class BatchEngine:
         logit_rows: list[int] | None,
     ) -> torch.Tensor:
         """The pass over embedded rows ``hidden`` (1, T, hidden) at ``positions`` [T], their keys/values stored at
-        ``slots`` [T]; ``attention.attend(layer, q, scale)`` attends each row over its own sequence. The logits of
-        ``logit_rows`` ([len, vocab]; None: of every row). Every unit is visited once, in order; nothing here reads
-        a value back from the device, so with static inputs it can be captured in a CUDA graph."""
+        ``slots`` [T]; ``attention.attend(engine, layer, q, scale, operand=...)`` attends each row over its own
+        sequence. The logits of ``logit_rows`` ([len, vocab]; None: of every row). Every unit is visited once, in
+        order; nothing here reads a value back from the device, so with static inputs it can be captured in a CUDA
+        graph."""
         inner = self.model.model
         cos, sin = inner.rotary_emb(hidden, positions.unsqueeze(0))  # (1, T, D) each
         rotary = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # (T, 1, D): one row per token, every head
+        normed = None  # the next layer's input norm, made by the layer before it (the fused decode layer)
         for index, layer in enumerate(self.layers):
+            next_norm = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else None
             with self._binder.bound(index):  # layer i is unit i: the binder checks the order
-                hidden = self._layer(index, layer, hidden, rotary, slots, attention)
+                hidden, normed = self._layer(index, layer, hidden, rotary, slots, attention, normed=normed,
+                                             next_norm=next_norm)  # fmt: skip
         if logit_rows is not None and not logit_rows:
             if self._head_unit is not None:
                 with self._binder.bound(self._head_unit):  # the ring expects the head every pass
@@ -220,9 +230,17 @@ class BatchEngine:
         rows = hidden if logit_rows is None else hidden[:, logit_rows]  # (1, asking, hidden)
         return self.model.lm_head(inner.norm(rows))[0]  # (asking, vocab); an untied head's hooks bind its unit
 
-    def _layer(self, index: int, layer, hidden: torch.Tensor, rotary, slots: torch.Tensor, attention) -> torch.Tensor:
+    def _layer(
+        self, index: int, layer, hidden: torch.Tensor, rotary, slots: torch.Tensor, attention, *,
+        normed: RowOperand | None = None, next_norm=None,
+    ) -> tuple[torch.Tensor, RowOperand | None]:  # fmt: skip
+        """Layer ``index`` over ``hidden`` (1, T, hidden) -> (its output, ``next_norm`` of the output as the next
+        layer's q|k|v operand, or None). ``normed`` is this layer's input norm of ``hidden`` as that operand when the
+        layer before made it; ``next_norm`` the next layer's input_layernorm when it runs right after this one. Only
+        the fused layer's decode passes (``_fused_layer``, up to ``MAX_ROWS`` rows) take them; else the norm is the
+        next layer's own, and None is returned."""
         if self.fused:
-            return self._fused_layer(index, layer, hidden, rotary, slots, attention)
+            return self._fused_layer(index, layer, hidden, rotary, slots, attention, normed, next_norm)
         attn = layer.self_attn
         tokens = hidden.shape[1]
         x = layer.input_layernorm(hidden)
@@ -235,12 +253,18 @@ class BatchEngine:
         self.kv_pool.write(index, slots, k, v)
         out = attention.attend(self, index, q, attn.scaling)  # (T, H, D)
         hidden = hidden + attn.o_proj(out.reshape(1, tokens, -1))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), None
 
-    def _fused_layer(self, index: int, layer, hidden: torch.Tensor, rotary, slots: torch.Tensor, attention):
+    def _fused_layer(
+        self, index: int, layer, hidden: torch.Tensor, rotary, slots: torch.Tensor, attention,
+        normed: RowOperand | None, next_norm,
+    ) -> tuple[torch.Tensor, RowOperand | None]:  # fmt: skip
         """``_layer`` in the fused kernels (module docstring); ``hidden`` (1, T, hidden) bf16 on CUDA. Up to
         ``MAX_ROWS`` rows, the q|k|v, o and down GEMVs leave their split-K partial sums to the kernel after them
-        (rotary, and the residual adds, the first with the post-attention norm), as the one-row decode step does."""
+        (rotary, and the residual adds, the first with the post-attention norm, the last with ``next_norm``), the
+        paged attention writes the o projection's operand where it can, and ``normed`` (the layer before's last add
+        made it) stands for the input norm, as in the one-row decode step. A longer pass (prefill) leaves
+        ``next_norm`` to the next layer and returns None (so its layers never get a ``normed``)."""
         attn, mlp = layer.self_attn, layer.mlp
         tokens, size = hidden.shape[1], hidden.shape[2]
         cos, sin = rotary
@@ -260,28 +284,37 @@ class BatchEngine:
             x = rms_norm(hidden.view(tokens, size), post_norm.weight, post_norm.variance_epsilon)
             gate_up = int4_matmul(x, gate_up_weight, gate_up_scales)
             act = silu_mul(gate_up[:, :intermediate], gate_up[:, intermediate:])
-            return hidden + down(act.view(1, tokens, intermediate))
-        x = rms_norm(hidden.view(tokens, size), norm.weight, norm.variance_epsilon, operand=True)
-        qkv = int4_gemv(x, qkv_weight, qkv_scales, partials=True)
+            return hidden + down(act.view(1, tokens, intermediate)), None
+        if normed is None:
+            normed = rms_norm(hidden.view(tokens, size), norm.weight, norm.variance_epsilon, operand=True)
+        qkv = int4_gemv(normed, qkv_weight, qkv_scales, partials=True)
         q = rotary_pool_write(qkv, cos, sin, slots, pool.flat_keys(index), pool.flat_values(index),
                               num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                               bias=self._qkv_bias[index])  # fmt: skip
-        out = attention.attend(self, index, q, attn.scaling)  # (T, H, D)
-        partials = int4_gemv(out.view(tokens, -1), o_proj.qweight, o_proj.scales, partials=True)
+        # the o projection's operand where the paged kernel writes it, else (T, H, D) (the GEMV makes the operand)
+        out = attention.attend(self, index, q, attn.scaling, operand=True)
+        if not isinstance(out, RowOperand):
+            out = out.view(tokens, -1)
+        partials = int4_gemv(out, o_proj.qweight, o_proj.scales, partials=True)
         hidden, x = add_partials(hidden, partials, o_proj.bias, post_norm.weight, post_norm.variance_epsilon,
                                  operand=True, workspace=self._norm_workspace)  # fmt: skip
         gate_up = int4_gemv(x, gate_up_weight, gate_up_scales)  # [T, 2 I] bf16
         act = silu_mul(gate_up[:, :intermediate], gate_up[:, intermediate:], operand=True)
         partials = int4_gemv(act, down.qweight, down.scales, partials=True)
-        return add_partials(hidden, partials, down.bias)[0]
+        if next_norm is None:
+            return add_partials(hidden, partials, down.bias)[0], None
+        return add_partials(hidden, partials, down.bias, next_norm.weight, next_norm.variance_epsilon, operand=True,
+                            workspace=self._norm_workspace)  # fmt: skip
 
     def paged_attention(
-        self, index: int, q: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor, scale: float
-    ) -> torch.Tensor:
+        self, index: int, q: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor, scale: float, *,
+        operand: bool = False,
+    ) -> torch.Tensor | RowOperand:  # fmt: skip
         """One decode row per sequence over its pages in one launch (``compute.kernels.paged_attention``; only where
-        ``paged_kernel`` holds): [rows, H, D]."""
+        ``paged_kernel`` holds): [rows, H, D], or with ``operand`` (only where ``attention_operand`` holds too) the
+        o projection's ``RowOperand`` of the rows, the same values."""
         return paged_decode_attention(
-            q, self.kv_pool.keys[index], self.kv_pool.values[index], page_table, lengths, scale=scale
+            q, self.kv_pool.keys[index], self.kv_pool.values[index], page_table, lengths, scale=scale, operand=operand
         )
 
     def sequence_attention(self, index: int, q: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
@@ -316,8 +349,15 @@ class _Batch:
     page_table: torch.Tensor | None  # int32 [decode rows, max pages]: each one's sequence's pages
     decode_lengths: torch.Tensor | None  # int32 [decode rows]: positions each attends over (its own included)
 
-    def attend(self, engine: BatchEngine, index: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Each chunk's rows over its own sequence: decode rows in one paged launch on CUDA, the rest by SDPA."""
+    def attend(
+        self, engine: BatchEngine, index: int, q: torch.Tensor, scale: float, *, operand: bool = False
+    ) -> torch.Tensor | RowOperand:
+        """Each chunk's rows over its own sequence: decode rows in one paged launch on CUDA, the rest by SDPA;
+        (T, H, D). With ``operand``, when every row is a decode row (the paged launch's rows are the pass's, in
+        order) and the kernel can write it (``engine.attention_operand``), the o projection's ``RowOperand`` of the
+        rows instead; else still (T, H, D)."""
+        if operand and engine.paged_kernel and engine.attention_operand and not self.prefill_chunks:
+            return engine.paged_attention(index, q, self.page_table, self.decode_lengths, scale, operand=True)
         out = torch.empty_like(q)  # (T, H, D)
         chunks = self.all_chunks
         if engine.paged_kernel and self.decode_index is not None:

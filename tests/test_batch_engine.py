@@ -13,10 +13,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Self
 
 import pytest
 import torch
 
+import compute.batch_engine
 from compute.batch_engine import BatchEngine, Chunk
 from compute.engine import FinishReason
 from compute.kv_pages import KVPagePool
@@ -29,6 +31,7 @@ from loader.policies import get_policy
 from protocol.client import LoaderClient
 from protocol.launch import LoaderCommand
 from quantizer.checkpoint import QuantizedCheckpoint
+from conftest import make_tiny_qwen2
 from test_engine import LOGIT_TOLERANCE, PIPELINE_CONTEXT, deep_q, random_prompt  # noqa: F401
 from test_model import CheckpointWeights, reference_model
 
@@ -74,29 +77,83 @@ def qdir(request) -> Path:
     return request.getfixturevalue("tiny_q" if request.param == "untied" else "tiny_q_tied")
 
 
+@pytest.fixture(scope="module")
+def wide_q(tmp_path_factory) -> Path:
+    """A tiny model of hidden size 256 (4 heads of 64, 2 KV heads): a KV head's two query heads give 128 outputs, a
+    whole group of the o projection's operand, so the paged kernel writes that operand (``tiny_q``'s 2 * 32 cannot)."""
+    from quantizer.quantize import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("wide")
+    hf = make_tiny_qwen2(root / "hf", hidden_size=256, shards=1, seed=5)
+    return quantize_checkpoint(hf, root / "q", device="cpu", shard_bytes=150_000, progress=False)
+
+
 def test_one_pass_of_mixed_prefill_and_decode_rows_follows_stock_transformers(qdir, tmp_path):
     check_mixed_passes(qdir, tmp_path, fused=False)
 
 
-def test_the_fused_layer_in_the_interpreter_follows_stock_transformers(tiny_q, tmp_path):
-    """The CUDA layer's kernels (``BatchEngine`` with ``fused``) on CPU through the Triton interpreter, in a child
-    process (``TRITON_INTERPRET=1`` must be set before ``@triton.jit`` runs): the same passes (the tolerance: see
-    the end of this file)."""
+@pytest.mark.parametrize("model", ["tiny_q", "wide_q"])
+def test_the_fused_layer_in_the_interpreter_follows_stock_transformers(model, request, tmp_path):
+    """The CUDA layer's kernels (``BatchEngine`` with ``fused``, the paged attention kernel included) on CPU through
+    the Triton interpreter, in a child process (``TRITON_INTERPRET=1`` must be set before ``@triton.jit`` runs): the
+    same passes (the tolerance: see the end of this file), and the decode passes' launches: the input norm only in
+    the first layer (the others' made by the last residual add before them); the o projection's operand written by
+    the attention kernel where the heads allow it (``wide_q``), not (``tiny_q``); and a decode pass whole and cut
+    into a segment a layer give the same logits (``check_norm_handoff``)."""
+    qdir = request.getfixturevalue(model)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    done = subprocess.run([sys.executable, __file__, str(tiny_q), str(tmp_path)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, __file__, str(qdir), str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert done.returncode == 0, f"interpreter case failed:\n{done.stdout}\n{done.stderr}"
     assert "ok fused mixed passes" in done.stdout, done.stdout
+    assert f"attention operand {model == 'wide_q'}" in done.stdout, done.stdout
+    assert done.stdout.count("ok the norm handed to the next layer") == 2, done.stdout
 
 
-def check_mixed_passes(qdir: Path, tmp_path: Path, *, fused: bool, tolerance: float = LOGIT_TOLERANCE) -> None:
-    """Passes mixing prefill chunks (one longer than the 16 rows the fused decode kernels take) and decode rows,
-    each chunk's logits against stock transformers on the same dequantized weights."""
+class LaunchCounts:
+    """Counts the fused layer's input norms and its paged attention calls (with and without ``operand``) while
+    active, by wrapping the functions ``compute.batch_engine`` calls."""
+
+    def __init__(self):
+        self.norms = 0
+        self.attention: list[bool] = []  # each call's operand flag
+
+    def __enter__(self) -> Self:
+        module = compute.batch_engine
+        self._saved = (module.rms_norm, module.paged_decode_attention)
+        rms_norm, attention = self._saved
+
+        def counted_norm(*args, **kwargs):
+            self.norms += 1
+            return rms_norm(*args, **kwargs)
+
+        def counted_attention(*args, operand=False, **kwargs):
+            self.attention.append(operand)
+            return attention(*args, operand=operand, **kwargs)
+
+        module.rms_norm, module.paged_decode_attention = counted_norm, counted_attention
+        return self
+
+    def __exit__(self, *exc) -> None:
+        compute.batch_engine.rms_norm, compute.batch_engine.paged_decode_attention = self._saved
+
+
+def check_mixed_passes(
+    qdir: Path, tmp_path: Path, *, fused: bool, tolerance: float = LOGIT_TOLERANCE, paged: bool = False
+) -> BatchEngine:
+    """Passes mixing prefill chunks (one longer than the 16 rows the fused decode kernels take) and decode rows, and
+    decode passes of one row and of several, each chunk's logits against stock transformers on the same dequantized
+    weights. ``paged``: the paged attention kernel runs (on CPU: in the interpreter) and the fused layer's launches
+    are checked. Returns the engine, its sequences released."""
     checkpoint = QuantizedCheckpoint(qdir)
     weights = CheckpointWeights(checkpoint)
     engine = BatchEngine(checkpoint, weights, device="cpu", max_context=64, kv_tokens=200, max_batch=4, fused=fused)
+    if paged:
+        engine.paged_kernel = True  # on CUDA only, by itself
+    layers = len(engine.layers)
+    assert layers >= 2  # a layer hands the next one its input norm
     reference = reference_model(qdir, tmp_path)
-    texts = {name: random_prompt(n) for name, n in (("a", 26), ("b", 13), ("c", 41), ("d", 5))}
+    texts = {name: random_prompt(n) for name, n in (("a", 27), ("b", 13), ("c", 41), ("d", 5))}
     fed = dict.fromkeys(texts, 0)
     # passes: (sequence, tokens fed) in each; a chunk asks for logits, compared at its last position
     passes = [
@@ -106,6 +163,7 @@ def check_mixed_passes(qdir: Path, tmp_path: Path, *, fused: bool, tolerance: fl
         [("a", 1), ("c", 5)],
         [("a", 1), ("b", 1), ("c", 1), ("d", 1)],  # decode rows only: the batched decode pass
         [("b", 1), ("d", 1)],
+        [("a", 1)],  # one row
     ]  # fmt: skip
     with torch.inference_mode():
         expected = {name: reference(input_ids=torch.tensor([ids])).logits[0].float() for name, ids in texts.items()}
@@ -115,8 +173,19 @@ def check_mixed_passes(qdir: Path, tmp_path: Path, *, fused: bool, tolerance: fl
             assert engine.kv_pool.reserve(name, fed[name] + n)
             batch.append(Chunk(name, tuple(texts[name][fed[name] : fed[name] + n]), fed[name], logits=True))
             fed[name] += n
-        logits = engine.forward(batch)
+        with LaunchCounts() as counts:
+            logits = engine.forward(batch)
         assert logits.shape == (len(batch), 320)
+        if paged:
+            tokens = sum(n for _, n in chunks)
+            decode = all(n == 1 for _, n in chunks)
+            # up to 16 rows the first layer norms its input and hands the next its norm; a prefill pass, each its own
+            assert counts.norms == (1 if tokens <= 16 else 2 * layers), (chunks, counts.norms)
+            assert len(counts.attention) == (layers if any(n == 1 for _, n in chunks) else 0)
+            if decode:
+                assert set(counts.attention) == {engine.attention_operand}, (chunks, counts.attention)
+            else:  # rows of prefill chunks among them: the plain output
+                assert not any(counts.attention), (chunks, counts.attention)
         for row, (name, _) in zip(logits, chunks):
             torch.testing.assert_close(row.float(), expected[name][fed[name] - 1], atol=tolerance, rtol=0)
     assert weights.held is None
@@ -127,6 +196,39 @@ def check_mixed_passes(qdir: Path, tmp_path: Path, *, fused: bool, tolerance: fl
     engine.kv_pool.reserve("d", fed["d"] + 1)
     assert engine.forward([Chunk("d", (5,), fed["d"], logits=False)]).shape == (0, 320)
     assert [name for kind, name in weights.calls if kind == "acquire"][-len(units) :] == units
+    for name in texts:
+        engine.kv_pool.release(name)
+    return engine
+
+
+def check_norm_handoff(engine: BatchEngine, rows: int) -> None:
+    """A decode pass of ``rows`` rows through the fused layers, whole (``run_pass``: every layer after the first gets
+    its input norm from the last residual add before it) and cut into one segment per layer (each layer norms its
+    own input), gives the same logits bit for bit: the fused norm is rms_norm's arithmetic."""
+    from compute.batch_decode import DecodeInputs
+    from compute.segments import plan_segments
+
+    chunks = []
+    for row in range(rows):
+        name, prompt = f"handoff{row}", random_prompt(4 + 7 * row)
+        assert engine.kv_pool.reserve(name, len(prompt))
+        engine.forward([Chunk(name, tuple(prompt[:-1]), 0, logits=False)])
+        chunks.append(Chunk(name, (prompt[-1],), len(prompt) - 1, logits=True))
+    inputs = DecodeInputs(engine, rows)
+    inputs.set(engine, chunks)
+    layers = len(engine.layers)
+    units = [name for name, _ in engine.model.unit_binder.units]
+    segments = plan_segments(units, {f"layers.{i}" for i in range(1, layers, 2)}, layers)
+    assert [len(s.layers) for s in segments if s.layers] == [1] * layers  # a segment a layer
+    with torch.inference_mode():
+        with LaunchCounts() as whole_counts:
+            whole = inputs.run(engine)
+        with LaunchCounts() as cut_counts:
+            pieces = [inputs.run_segment(engine, segment) for segment in segments]
+    assert (whole_counts.norms, cut_counts.norms) == (1, layers)
+    assert whole.shape == (rows, 320) and torch.equal(pieces[-1], whole)
+    for chunk in chunks:
+        engine.kv_pool.release(chunk.seq)
 
 
 class Replies:
@@ -351,5 +453,9 @@ if __name__ == "__main__":  # the interpreter case: python tests/test_batch_engi
     # The interpreter rounds toward zero at every bf16 conversion (norms, rotary, residual adds, activation), a
     # biased rounding that adds up over the layers where CUDA's to-nearest cancels: up to 0.05 seen. A wrong row,
     # slot or position is off by whole logits.
-    check_mixed_passes(Path(sys.argv[1]), Path(sys.argv[2]), fused=True, tolerance=2 * LOGIT_TOLERANCE)
-    print("ok fused mixed passes")
+    fused_engine = check_mixed_passes(Path(sys.argv[1]), Path(sys.argv[2]), fused=True,
+                                      tolerance=2 * LOGIT_TOLERANCE, paged=True)  # fmt: skip
+    print("ok fused mixed passes; attention operand", fused_engine.attention_operand)
+    for n in (1, 3):
+        check_norm_handoff(fused_engine, n)
+        print(f"ok the norm handed to the next layer, {n} rows")

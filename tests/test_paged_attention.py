@@ -6,6 +6,9 @@
 * Each case: pages shuffled in the pool, rows of different lengths (one position, a partial last page, whole
   pages), several rows on one sequence's pages; every pool slot no row may read holds 1e30 or NaN, and the value
   at each row's last position is scaled up, so a page, mask or length off by one breaks the bound by far.
+* The operand form (``operand=True``: the o projection's row operand written by the kernel) against the plain
+  output of the same call turned into an operand (``test_kernels.assert_operand``: the permuted values exactly, the
+  group sums to fp32 rounding), for several rows and for one (the 1-D operand).
 * Bound per element: ``|out - exact| <= 2**-6 * (|exact| + sum_i p_i |v_i|)``: the kernel's errors are the bf16
   probabilities in the second product (2**-8 of ``sum_i p_i |v_i|``) and the output's rounding (2**-8 of
   ``|exact|``, 2**-7 truncating in the interpreter).
@@ -20,9 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_kernels import assert_operand
 
+from compute.kernels.gemv import RowOperand
 from compute.kernels.paged_attention import (
     paged_decode_attention,
+    paged_operand_supported,
     reference_paged_decode_attention,
     reference_rotary_pool_write,
     rotary_pool_write,
@@ -38,6 +44,15 @@ SHAPES = [
     (28, 4, 128, 32, [1000] * 16),
 ]
 INTERPRETED = SHAPES[:3]
+# The operand form: G * D whole 128-element groups (G = H / KVH). Several rows, and one (a 1-D operand).
+OPERAND_SHAPES = [
+    (8, 2, 32, 16, [1, 17, 40]),
+    (4, 2, 64, 32, [33, 2, 64, 5]),
+    (2, 1, 128, 16, [20]),
+    (40, 8, 128, 32, [300, 1, 4096, 77] * 4),
+    (40, 8, 128, 32, [999]),
+]
+OPERAND_INTERPRETED = OPERAND_SHAPES[:3]
 
 
 def exact_attention(q, keys, values, scale):
@@ -49,7 +64,8 @@ def exact_attention(q, keys, values, scale):
     return torch.einsum("hl,hld->hd", p, v), torch.einsum("hl,hld->hd", p, v.abs())
 
 
-def check_paged(shape, device: str) -> None:
+def paged_case(shape):
+    """(q, keys, values, page table, lengths, scale) of a case (the module docstring), on the CPU."""
     heads, kv_heads, dim, page, lengths = shape
     width = max(-(-n // page) for n in lengths)
     pool_pages = width * len(lengths) + 3
@@ -68,7 +84,12 @@ def check_paged(shape, device: str) -> None:
         values[last] *= 4 * length  # the last position must count, with its weight
     q = torch.randn((len(lengths), heads, dim)).to(torch.bfloat16)
     lengths_t = torch.tensor(lengths, dtype=torch.int32)
-    scale = dim**-0.5
+    return q, keys, values, table, lengths_t, dim**-0.5
+
+
+def check_paged(shape, device: str) -> None:
+    _, _, _, page, lengths = shape
+    q, keys, values, table, lengths_t, scale = paged_case(shape)
     out = paged_decode_attention(
         q.to(device), keys.to(device), values.to(device), table.to(device), lengths_t.to(device), scale=scale
     ).cpu()
@@ -84,6 +105,24 @@ def check_paged(shape, device: str) -> None:
             assert bool((error <= bound).all()), (
                 f"{name}, {shape} row {row}: error {float(error.max()):.3g} over the bound {float(bound.min()):.3g}"
             )
+
+
+def check_operand(shape, device: str) -> None:
+    """The operand form of a call is its plain output's operand, row by row."""
+    heads, kv_heads, dim, _, lengths = shape
+    assert paged_operand_supported(heads, kv_heads, dim)
+    inputs = [t.to(device) for t in paged_case(shape)[:5]]
+    scale = dim**-0.5
+    plain = paged_decode_attention(*inputs, scale=scale)
+    operand = paged_decode_attention(*inputs, scale=scale, operand=True)
+    assert isinstance(operand, RowOperand) and operand.in_features == heads * dim
+    if len(lengths) == 1:
+        assert operand.values.dim() == 1, tuple(operand.values.shape)  # one row: the 1-D operand
+        assert_operand(operand, plain[0].reshape(-1))
+        return
+    assert operand.rows == len(lengths)
+    for row in range(len(lengths)):
+        assert_operand(RowOperand(operand.values[row], operand.sums[row]), plain[row].reshape(-1))
 
 
 def test_the_reference_matches_float64_attention():
@@ -115,6 +154,10 @@ def test_bad_operands_are_refused():
     with pytest.raises(ValueError, match="pages of 12 positions"):
         odd = torch.zeros((3, 12, 2, 16), dtype=torch.bfloat16)
         paged_decode_attention(q, odd, odd, table, lengths)
+    # the operand form needs each KV head's G * D outputs to be whole 128-element groups: here 2 * 16
+    assert not paged_operand_supported(4, 2, 16) and paged_operand_supported(40, 8, 128)
+    with pytest.raises(ValueError, match="needs G \\* D a multiple of 128"):
+        paged_decode_attention(q, pages, pages, table, lengths, operand=True)
 
 
 def test_the_kernel_in_the_interpreter():
@@ -122,7 +165,7 @@ def test_the_kernel_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"interpreter cases failed:\n{done.stdout}\n{done.stderr}"
-    assert done.stdout.count("ok ") == len(INTERPRETED) + len(ROTARY_SHAPES), done.stdout
+    assert done.stdout.count("ok ") == len(INTERPRETED) + len(OPERAND_INTERPRETED) + len(ROTARY_SHAPES), done.stdout
 
 
 # (rows, heads, KV heads, head size): a decode batch of the 32B model's heads, a tiny model's, one row
@@ -173,10 +216,20 @@ def test_the_kernel_on_cuda(shape):
     check_paged(shape, "cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", OPERAND_SHAPES)
+def test_the_operand_form_on_cuda(shape):
+    check_operand(shape, "cuda")
+
+
 def interpreter_cases() -> None:
     for shape in INTERPRETED:
         check_paged(shape, "cpu")
         print("ok paged_decode_attention", shape[:4])
+    for shape in OPERAND_INTERPRETED:
+        check_operand(shape, "cpu")
+        print("ok paged_decode_attention(operand=True)", shape[:4], len(shape[4]), "rows")
     for shape in ROTARY_SHAPES:
         check_rotary_pool_write(shape, "cpu")
         print("ok rotary_pool_write", shape)

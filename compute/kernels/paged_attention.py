@@ -10,7 +10,8 @@ N pages of P positions, W pages per row at most):
     key_pages    [N, P, KVH, D]   bf16, contiguous (one layer of ``compute.kv_pages.KVPagePool.keys``); values alike
     page_table   [B, W]           int32: row b's position p is in page page_table[b, p // P] at offset p % P
     lengths      [B]              int32, 1 <= lengths[b] <= W * P: positions row b attends over
-    out          [B, H, D]        bf16
+    out          [B, H, D]        bf16, or with ``operand=True`` the o projection's ``RowOperand`` of the B rows
+                                  of H * D (``compute.kernels.gemv``; one row: its 1-D form)
 
 One program per (row, KV head) serves the G query heads sharing that KV head: q is a ``[BLOCK_G, D]`` tile (G
 padded to at least 16 rows, the smallest tensor-core tile) and a page's ``[P, D]`` keys and values are read
@@ -19,6 +20,13 @@ Pages past ``lengths[b]`` are skipped, positions past it inside the last page ma
 page holds there cannot reach the output. Probabilities enter the second product as bf16, as in HF's eager
 attention; scores, maxima and sums are fp32. Sizes are shapes only and lengths are read on the device, so a
 call can be captured in a CUDA graph and replayed for other lengths.
+
+With ``operand=True`` each program writes its G heads' outputs, the same bf16 values, into the o projection's row
+operand instead (``compute.kernels.gemv.store_operand``: each 8-element word permuted, each 128-element group's
+sum), saving the GEMV the launch that would make it (``row_operand``). A program writes whole groups only (a
+group's sum is one program's), so the operand form needs ``G * D`` to be a multiple of 128 (the 32B model: 5 heads
+of 128; ``paged_operand_supported``): for other shapes the caller takes the plain output, and the GEMV makes its
+operand as before.
 
 ``rotary_pool_write(qkv, cos, sin, slots, key_pool, value_pool, num_heads=H, num_kv_heads=KVH)`` is the step
 before it in a pass of T rows (``compute.batch_engine``): from the q|k|v product ``[T, (H + 2 KVH) D]`` (bias
@@ -38,10 +46,12 @@ import triton
 import triton.language as tl
 
 from compute.kernels.attention import rotary_projection
+from compute.kernels.gemv import RowOperand, store_operand
 
 __all__ = [
     "paged_attention_supported",
     "paged_decode_attention",
+    "paged_operand_supported",
     "reference_paged_decode_attention",
     "reference_rotary_pool_write",
     "rotary_pool_write",
@@ -53,11 +63,12 @@ _LOG2_E = 1.4426950408889634
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, out_ptr, qk_scale,
+    q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, out_ptr, sums_ptr, qk_scale,
     KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, W: tl.constexpr,
-    BLOCK_G: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-):
-    """Row ``program_id(0)``, KV head ``program_id(1)``: the attention output of its G query heads."""
+    BLOCK_G: tl.constexpr, DOT_IN_FP32: tl.constexpr, OPERAND: tl.constexpr,
+):  # fmt: skip
+    """Row ``program_id(0)``, KV head ``program_id(1)``: the attention output of its G query heads, stored as bf16
+    or, with OPERAND (``G * D`` a multiple of 128), as groups ``kv * G * D / 128 …`` of the row's operand."""
     row = tl.program_id(0)
     kv = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
@@ -98,12 +109,27 @@ def _paged_decode_kernel(
                 acc = tl.dot(p.to(tl.bfloat16), v, acc)
             m_i = m_new
     out = (acc / l_i[:, None]).to(tl.bfloat16)
-    tl.store(out_ptr + q_rows[:, None] * D + d[None, :], out, mask=real[:, None])
+    if OPERAND:
+        # The tile's real rows are its first G * D elements (row-major): this program's whole groups of the row's
+        # operand; the padding rows after them fall past ``last`` and are not written.
+        first = kv * (G * D // 128)
+        last = first + G * D // 128
+        row_base = row.to(tl.int64) * (KVH * G * D)
+        store_operand(out_ptr + row_base, sums_ptr + row_base // 128, tl.reshape(out.to(tl.float32), (BLOCK_G * D,)),
+                      first, last, BLOCK_G * D // 128)  # fmt: skip
+    else:
+        tl.store(out_ptr + q_rows[:, None] * D + d[None, :], out, mask=real[:, None])
 
 
 def paged_attention_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """The kernel runs on CUDA, bf16, for power-of-two head sizes from 16 to 256."""
     return device.type == "cuda" and dtype == torch.bfloat16 and 16 <= head_dim <= 256 and not head_dim & (head_dim - 1)
+
+
+def paged_operand_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether ``paged_decode_attention(operand=True)`` takes these heads: a program's ``G * D`` outputs (G query
+    heads a KV head) must be whole 128-element groups of the operand."""
+    return num_kv_heads > 0 and num_heads % num_kv_heads == 0 and (num_heads // num_kv_heads * head_dim) % 128 == 0
 
 
 def _check(q, key_pages, value_pages, page_table, lengths) -> None:
@@ -136,20 +162,32 @@ def paged_decode_attention(
     lengths: torch.Tensor,
     *,
     scale: float | None = None,
-) -> torch.Tensor:
-    """Attention of one query row per sequence over its pages; see the module docstring. [B, H, D] bf16."""
+    operand: bool = False,
+) -> torch.Tensor | RowOperand:
+    """Attention of one query row per sequence over its pages; see the module docstring. [B, H, D] bf16, or with
+    ``operand`` (where ``paged_operand_supported``) the rows ``[B, H * D]`` as the next GEMV's ``RowOperand`` (of
+    one row, 1-D, for B = 1): the same bf16 values."""
     _check(q, key_pages, value_pages, page_table, lengths)
     batch, heads, dim = q.shape
     _, page_tokens, kv_heads, _ = key_pages.shape
     groups = heads // kv_heads
-    out = torch.empty_like(q)
+    if operand:
+        if not paged_operand_supported(heads, kv_heads, dim):
+            raise ValueError(
+                f"paged_decode_attention(operand=True) needs G * D a multiple of 128, got {groups} * {dim} "
+                f"({heads} heads, {kv_heads} KV heads)"
+            )
+        out = RowOperand.empty(heads * dim, q.dtype, q.device, rows=None if batch == 1 else batch)
+    else:
+        out = torch.empty_like(q)
     if batch == 0:
         return out
     scale = dim**-0.5 if scale is None else scale
     _paged_decode_kernel[(batch, kv_heads)](
-        q, key_pages, value_pages, page_table, lengths, out, scale * _LOG2_E,
+        q, key_pages, value_pages, page_table, lengths, out.values if operand else out,
+        out.sums if operand else out, scale * _LOG2_E,
         KVH=kv_heads, G=groups, D=dim, P=page_tokens, W=page_table.shape[1],
-        BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(groups)), DOT_IN_FP32=not q.is_cuda,
+        BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(groups)), DOT_IN_FP32=not q.is_cuda, OPERAND=operand,
         num_warps=4,
     )  # fmt: skip
     return out
