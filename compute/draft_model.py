@@ -24,9 +24,10 @@ there, and the loader's planner reserves their bytes (``loader.planner.draft_lin
     forwards: what pays where a forward costs little more for 16 rows than for one (a CPU, eager launches).
   - ``DraftChain`` (shape "chain") drafts the draft's greedy continuation, one token per ``Engine._decode_step``
     (a CUDA graph replay where the draft engine captures its decode step, eager elsewhere), up to ``max_tokens``
-    tokens, each node carrying the chain's cumulative log-probability under the draft. It stops only at that
-    length, never at a probability threshold: the engine's sizing (``compute.speculate.sizing``) keeps the prefix
-    worth checking, from those log-probabilities and the measured costs. The chain's keys/values stay in the
+    tokens, each node carrying the chain's cumulative log-probability under the draft. It stops there, or before a
+    node less probable than the ``min_probability`` the engine asks for (what a node must bring to pay for its
+    draft step and its row: ``SpeculationGovernor.chain_floor``); the engine's sizing (``compute.speculate.sizing``)
+    then keeps the prefix worth checking. The chain's keys/values stay in the
     draft's cache, recorded as cached ids: the next context is the accepted part of the chain plus the target's
     token, so the next call keeps that prefix (``Engine._reuse_prefix`` moves the cache layers' lengths back in
     place, the very tensors a captured step reads; the step's position buffer is written before every step) and
@@ -40,6 +41,7 @@ there, and the loader's planner reserves their bytes (``loader.planner.draft_lin
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -185,7 +187,9 @@ class DraftModel(ModelDrafter):
         self.max_depth = max_depth
 
     @torch.inference_mode()
-    def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree:
+    def propose(self, context: Sequence[int], max_tokens: int, min_probability: float = 0.0) -> DraftTree:
+        """A SpecExec tree of at most ``max_tokens`` nodes (its cost grows by forwards, not by nodes: it does not
+        stop at ``min_probability``; the engine's sizing cuts what is not worth checking)."""
         context = [int(t) for t in context]
         if max_tokens < 1:
             return DraftTree((), (), ())
@@ -242,10 +246,11 @@ class DraftChain(ModelDrafter):
         self.max_tokens = max_tokens
 
     @torch.inference_mode()
-    def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree:
+    def propose(self, context: Sequence[int], max_tokens: int, min_probability: float = 0.0) -> DraftTree:
         """The draft's greedy chain after ``context``: at most ``max_tokens`` (and ``self.max_tokens``) nodes, node
-        i under node i - 1, its log-probability the chain's down to it. The cache then holds ``context`` and every
-        node but the last (``engine._cached_ids`` says so)."""
+        i under node i - 1, its log-probability the chain's down to it, stopping before a node whose probability is
+        below ``min_probability``. The cache then holds ``context`` and every node but the last (every node, when
+        the chain stopped at ``min_probability``): ``engine._cached_ids`` says which."""
         context = [int(t) for t in context]
         engine = self.engine
         # node i is fed at position len(context) + i - 1; the last node is never fed
@@ -256,9 +261,12 @@ class DraftChain(ModelDrafter):
         tokens: list[int] = []
         log_probs: list[float] = []
         total = 0.0
+        floor = math.log(min_probability) if min_probability > 0 else -math.inf
         while True:
             log_prob, token = self._log_probs(logits).max(dim=-1)
             total += float(log_prob)
+            if total < floor:
+                return chain(tokens, log_probs)
             tokens.append(int(token))
             log_probs.append(total)
             if len(tokens) == length:

@@ -9,14 +9,19 @@ keeps the keys/values of the accepted path and drops the rest. A step emits the 
 
 This module promises:
 
-* ``Drafter``: ``propose(context, max_tokens) -> DraftTree`` (``context``: every id of the conversation, the root
-  token last; at most ``max_tokens`` nodes), ``accepted(drafted, accepted)`` (feedback after each pass), ``reset()``
+* ``Drafter``: ``propose(context, max_tokens, min_probability=0.0) -> DraftTree`` (``context``: every id of the
+  conversation, the root token last; at most ``max_tokens`` nodes; a chain stops before a node whose probability,
+  the draft's for the chain down to it, is below ``min_probability``: a tree, whose cost does not grow node by
+  node, may ignore it), ``accepted(drafted, accepted)`` (feedback after each pass), ``reset()``
   and ``name``. ``NgramDrafter`` drafts by prompt lookup (``compute.speculate.ngram``), a chain whose nodes carry the
   acceptance rate it has measured, so that sizing can weigh them; ``compute.draft_model`` runs a smaller model,
   in one of the ``DRAFT_SHAPES``.
 * ``speculative_step(engine, ...)``: one such pass for ``Engine.generate`` (drafting, sizing the tree by
   ``compute.speculate.sizing`` unless ``engine.draft_tokens`` fixes it, ``verify``, the walk, ``Engine.keep_rows``).
-* ``SpeculationGovernor``: whether the next step drafts at all. Drafting pays only where a pass over many rows
+* ``SpeculationGovernor``: whether the next step drafts at all, and how probable a chain's node must be to be worth
+  drafting (``chain_floor``: a node costs a draft step and a verified row, and pays while the tokens it is expected
+  to bring per second beat what speculative passes achieve; so a chain is long where passes stream, short where
+  everything is resident). Drafting pays only where a pass over many rows
   costs about what a pass over one does; where it does not (everything resident, a one-token step replayed from a
   CUDA graph in a fraction of the time a verifying pass takes), the engine's own timings say so and it decodes one
   token a pass, trying drafting again after a doubling number of steps.
@@ -58,7 +63,7 @@ DRAFT_SHAPES = ("chain", "tree")
 class Drafter(Protocol):
     name: str
 
-    def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree: ...
+    def propose(self, context: Sequence[int], max_tokens: int, min_probability: float = 0.0) -> DraftTree: ...
 
     def accepted(self, drafted: int, accepted: int) -> None: ...
 
@@ -80,13 +85,14 @@ class NgramDrafter:
         """Accepted / drafted tokens over this drafter's life (with one prior draft counted at the prior rate)."""
         return (self._accepted + NGRAM_PRIOR_ACCEPTANCE) / (self._drafted + 1)
 
-    def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree:
+    def propose(self, context: Sequence[int], max_tokens: int, min_probability: float = 0.0) -> DraftTree:
         if max_tokens < 1:
             return chain([])
         tokens = propose_ngram(context, max_tokens, max_ngram=self.max_ngram)
         # the i-th drafted token is accepted only if the ones before it were: a geometric guess
         log_rate = math.log(max(self.acceptance, 1e-6))
-        return chain(tokens, [log_rate * (i + 1) for i in range(len(tokens))])
+        drafted = chain(tokens, [log_rate * (i + 1) for i in range(len(tokens))])
+        return drafted.prefix(sum(math.exp(lp) >= min_probability for lp in drafted.log_probs))
 
     def accepted(self, drafted: int, accepted: int) -> None:
         self._drafted += drafted
@@ -150,6 +156,7 @@ class SpeculationGovernor:
         self.weight = weight  # of the newest measurement in the moving averages
         self.plain: float | None = None  # seconds per token, one-token steps
         self.speculative: float | None = None  # seconds per emitted token, speculative passes
+        self.draft_node: float | None = None  # seconds per drafted node
         self._plain_left = 0
         self._backoff = probe_after
 
@@ -166,6 +173,18 @@ class SpeculationGovernor:
 
     def record_plain(self, seconds: float) -> None:
         self.plain = self._average(self.plain, seconds)
+
+    def record_draft(self, seconds: float, nodes: int) -> None:
+        if nodes:
+            self.draft_node = self._average(self.draft_node, seconds / nodes)
+
+    def chain_floor(self, row_seconds: float) -> float:
+        """The least probability a chain's next node must have to be drafted: it costs ``draft_node`` seconds and a
+        verified row (``row_seconds``) and brings that many tokens on average, which pays while it beats the
+        tokens per second of speculative passes (a node below it lowers the rate). 0 until both are measured."""
+        if self.draft_node is None or self.speculative is None:
+            return 0.0
+        return min(1.0, (self.draft_node + row_seconds) / self.speculative)
 
     def record_speculative(self, seconds: float, emitted: int) -> None:
         self.speculative = self._average(self.speculative, seconds / max(emitted, 1))
@@ -200,8 +219,12 @@ def speculative_step(
     governed = engine.draft_tokens is None  # a fixed --draft-tokens drafts every step
     if governed and not engine.governor.should_draft():
         limit = 0
-    tree = engine.drafter.propose([*engine._cached_ids, token], limit) if limit > 0 else DraftTree((), (), ())
+    line = engine._pass_cost.line()
+    floor = engine.governor.chain_floor(line[1] if line is not None else 0.0)
+    context = [*engine._cached_ids, token]
+    tree = engine.drafter.propose(context, limit, min_probability=floor) if limit > 0 else DraftTree((), (), ())
     draft_seconds = time.perf_counter() - started
+    engine.governor.record_draft(draft_seconds, len(tree))
     if engine.draft_tokens is None:
         tree = tree.prefix(tree_size(tree.expected_accepted(), engine._pass_cost, draft_seconds))
     verify_started = time.perf_counter()

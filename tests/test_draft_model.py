@@ -6,6 +6,7 @@ next), speculative decode with a draft (teacher-forced), the tokenizer check, th
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
 import pytest
@@ -122,6 +123,19 @@ def test_a_chain_is_the_drafts_greedy_continuation_each_node_carrying_its_log_pr
     assert drafter.engine._cached_ids == context + list(tree.tokens[:-1])
     assert all(int(layer.cumulative_length) == len(context) + 5 for layer in drafter.engine.cache.layers)
     assert len(drafter.propose(context, 2)) == 2 and len(drafter.propose(context, 0)) == 0
+
+
+def test_a_chain_stops_before_a_node_less_probable_than_asked(tiny_q):
+    drafter = chain_of(tiny_q, max_tokens=8)
+    context = random_prompt(9)
+    full = drafter.propose(context, 8)
+    floor = math.exp((full.log_probs[2] + full.log_probs[3]) / 2)  # between the third node's and the fourth's
+    cut = drafter.propose(context, 8, min_probability=floor)
+    assert cut.tokens == full.tokens[:3] and cut.log_probs == pytest.approx(full.log_probs[:3], abs=6 * LOGIT_TOLERANCE)
+    # stopped at the floor, the chain's every node was fed: the cache holds them all
+    assert drafter.engine._cached_ids == context + list(cut.tokens)
+    assert len(drafter.propose(context, 8, min_probability=1.0)) == 0
+    assert drafter.propose(context, 8).tokens == full.tokens  # and the next proposal starts from there
 
 
 def test_a_chain_leaves_the_drafts_cache_consistent_from_one_proposal_to_the_next(tiny_q):

@@ -325,3 +325,24 @@ def test_the_governor_drafts_only_while_drafting_costs_less_per_token():
     assert governor._backoff == 8  # doubled up to its cap
     governor.record_speculative(0.030, emitted=5)  # 6 ms a token: drafting wins, every step drafts
     assert all(governor.should_draft() for _ in range(10)) and governor._backoff == 2
+
+
+def test_a_chains_node_must_bring_more_than_its_cost_at_the_rate_speculation_achieves():
+    from compute.speculation import NgramDrafter, SpeculationGovernor
+
+    governor = SpeculationGovernor(weight=1.0)
+    assert governor.chain_floor(0.001) == 0.0  # nothing measured yet: no floor
+    governor.record_draft(0.009, nodes=10)  # 0.9 ms a drafted node
+    assert governor.chain_floor(0.001) == 0.0
+    governor.record_speculative(0.020, emitted=5)  # 4 ms a token: 250 tok/s
+    # a node costs 0.9 + 0.3 ms and must bring 1.2 ms x 250 tok/s = 0.3 tokens
+    assert governor.chain_floor(0.0003) == pytest.approx(0.3)
+    governor.record_speculative(0.500, emitted=5)  # 100 ms a token (layers stream): nearly any node pays
+    assert governor.chain_floor(0.0003) == pytest.approx(0.012)
+    governor.record_speculative(0.001, emitted=1)
+    assert governor.chain_floor(0.0003) == 1.0  # capped: no node is that sure
+    drafter = NgramDrafter()  # prior acceptance 0.5: node i has probability 0.5 ** (i + 1)
+    context = [1, 2, 3, 4, 5, 6, 1, 2, 3]
+    assert len(drafter.propose(context, 6)) == 6
+    assert len(drafter.propose(context, 6, min_probability=0.2)) == 2  # 0.5, 0.25; not 0.125
+    assert len(drafter.propose(context, 6, min_probability=0.9)) == 0
