@@ -1,11 +1,13 @@
-"""The batch-1 decode step of a Qwen2 attention layer in three Triton launches, for CUDA bf16 and CUDA graphs.
+"""The decode step of a Qwen2 attention layer for one conversation, in three Triton launches, for CUDA bf16 and
+CUDA graphs: one token, or the T tokens (1 ... ``MAX_ROWS``) of a speculative verify pass, a chain or a tree.
 
 HF's decode step runs its rotary embedding (about ten small kernels), ``StaticLayer.update`` (``index_copy_``
 and ``cumulative_length.add_``) and an attention of several ops over the whole static cache. Here:
 
-* ``rotary_cache_write`` (one launch) adds the fused q/k/v projection's split-K partial sums and bias, rotates
-  the q and k heads, writes k and v into the cache at ``position`` and returns the rotated query. Its arithmetic
-  is HF's, rounding for rounding (``reference_rotary_cache_write``)::
+* ``rotary_cache_write`` (one launch) adds the fused q/k/v projection's split-K partial sums and bias for each
+  of the T rows, rotates the q and k heads by the row's cos/sin, writes row t's k and v into the cache at slot
+  ``position + t`` and returns the rotated queries. Its arithmetic is HF's, rounding for rounding
+  (``reference_rotary_cache_write``)::
 
       x = bf16(partials[0] + partials[1] + ... + bias)                 # fp32 sum, in this order, one rounding
       out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))           # q and k heads; v is x itself
@@ -15,55 +17,69 @@ and ``cumulative_length.add_``) and an attention of several ops over the whole s
   otherwise contract a product and the sum into one bf16 FMA, skipping a rounding). HF's own bf16 ``F.linear``
   rounds one fp32 accumulation in cuBLAS's order, so against HF the projection may differ by an ulp where the
   order tips a rounding.
-* ``decode_attention`` (two launches) is ``softmax(scale * q k^T) v`` over cache positions ``0 .. position``,
-  query head ``h`` reading KV head ``h // (H / KVH)`` (HF's ``repeat_kv``), split over the cache ("flash
-  decoding"): ``_split_attention_kernel`` leaves one fp32 partial output and log-sum-exp per (head, split),
+* ``decode_attention`` (two launches) is ``softmax(scale * q k^T) v`` for each row t: over cache slots ``0 ..
+  position - 1`` (the prefix) and the draft slots ``position + j`` of its chain (j <= t) or, given ``tree``,
+  of the bits j set in ``tree[t]`` (``attended_slots``); one row without a tree is "positions 0 .. position".
+  Query head ``h`` reads KV head ``h // (H / KVH)`` (HF's ``repeat_kv``), split over the cache ("flash
+  decoding"): ``_split_attention_kernel`` leaves one fp32 partial output and log-sum-exp per (row, head, split),
   ``_combine_kernel`` weighs the splits into the bf16 output. Scores, running maxima and sums are fp32; the
   probabilities enter the second product as bf16, as in HF's eager attention (``softmax(...).to(bf16)``).
   Against float64 the output is within ``2**-8 * (|out| + sum_i p_i |v_i|)`` per element (bf16 probabilities
   and the output's rounding, each half an ulp; fp32 scores add far less for scores of ordinary size).
 
-Operands, as the kernels see them (H query heads, KVH KV heads, G = H / KVH, D the head size, a power of two in
-16 ... 256, C the cache capacity, S split-K partial sums, N = (H + 2 KVH) D):
+Operands, as the kernels see them (T rows, H query heads, KVH KV heads, G = H / KVH, D the head size, a power of
+two in 16 ... 256, C the cache capacity, S split-K partial sums, N = (H + 2 KVH) D):
 
-    qkv_partials   [S, 1, N]        fp32, contiguous: features q heads, then k heads, then v heads, D each
+    qkv_partials   [S, T, N]        fp32, contiguous: features q heads, then k heads, then v heads, D each
     bias           [N] or absent    bf16
-    cos, sin       [1, 1, D]        bf16 (``Qwen2RotaryEmbedding``'s output for the position)
+    cos, sin       [1, T, D]        bf16 (``Qwen2RotaryEmbedding``'s output for the rows' rotary positions, which
+                                    in a tree are prefix + depth, not the slots), or [T, D] or [T, 1, D]
     key_cache      [1, KVH, C, D]   bf16, contiguous (a ``StaticLayer``'s ``keys``); value_cache the same
-    position       [1] or [1, 1]    int64, on the device: the token's position, never read by the host
-    cache_length   []               int64 or absent (``StaticLayer.cumulative_length``): set to position + 1
-    q              [1, H, D]        bf16, contiguous (``rotary_cache_write``'s result)
-    out            [1, 1, H * D]    bf16, head-major (element h * D + d): HF's attention output after its
-                                    ``reshape(B, T, H * D)``, what ``o_proj`` takes
+    position       [1] or [1, 1]    int64, on the device: row 0's cache slot (the prefix's length), never read
+                                    by the host
+    tree           [T] or absent    int32, on the device: bit j of tree[t] set if row t attends slot position + j
+                                    (bit t must be); absent: a chain
+    cache_length   []               int64 or absent (``StaticLayer.cumulative_length``): set to position + T
+    q              [T, H, D]        bf16, contiguous (``rotary_cache_write``'s result)
+    out            [1, T, H * D]    bf16, head-major per row (element t, h * D + d): HF's attention output after its
+                                    ``reshape(B, T, H * D)``, what ``o_proj`` takes; or its ``RowOperand``
+                                    (``[H * D]`` for one row, ``[T, H * D]`` for several)
 
 Why this design:
 
-* Rotary: one program per head (H + 2 KVH programs of D lanes), each reading its head's partials twice (the
-  values and their ``rotate_half`` partners; the second read hits L1), so nothing crosses programs.
-* Split-KV: at batch 1 one program per KV head would leave all but KVH of the GPU's SMs idle, so the cache is cut
-  into blocks of ``block_keys`` positions dealt out to ``splits`` programs per KV head, grid ``(KVH, splits)``:
-  split ``s`` takes blocks ``s, s + splits, s + 2 splits, ...``. The config depends only on C (``split_config``:
-  64-key blocks, at most ``MAX_SPLITS`` splits), so the grid and the workspaces are shapes, not data; dealing the
-  blocks out round-robin spreads the live ones, ``0 .. position``, evenly over the splits whatever the position,
+* Rotary: one program per (head, row) (H + 2 KVH by T programs of D lanes), each reading its head's partials
+  twice (the values and their ``rotate_half`` partners; the second read hits L1), so nothing crosses programs.
+* Split-KV: one program per KV head would leave all but KVH of the GPU's SMs idle, so the cache is cut into blocks
+  of ``block_keys`` slots dealt out to ``splits`` programs per KV head, grid ``(KVH, splits, row groups)``: split
+  ``s`` takes blocks ``s, s + splits, s + 2 splits, ...``. The config depends only on C (``split_config``: 64-key
+  blocks, at most ``MAX_SPLITS`` splits), so the grid and the workspaces are shapes, not data; dealing the blocks
+  out round-robin spreads the live ones, ``0 .. position + T - 1``, evenly over the splits whatever the position,
   so a short context runs one block per program and a long one keeps every program busy (contiguous pieces, one
-  per split, would leave most programs without live keys at short positions). A program with no live block returns at once, blocks past ``position`` are skipped, and the
-  combine reads only splits that hold a live block; positions past ``position`` inside the last live block are
-  masked loads, never read, so whatever the cache holds there (stale keys, NaN) cannot reach the output.
-* Each program serves all G query heads of its KV head: q is a ``[BLOCK_G, D]`` tile (G padded to a power of two,
-  at least 16) and both products are ``tl.dot`` on tensor cores, so each key and value row is read from memory
-  once for the G heads. With broadcast FMAs a ``[G, BLOCK_N, D]`` product would sit in registers for every block
-  of keys; on tensor cores the padding rows (11 of 16 for the 32B model's G = 5) cost nothing, the kernel being
-  bound by the bytes of K and V.
-* Positions are a device tensor read by the kernels; nothing synchronises with the host and every allocation's
-  size depends on shapes only, so a call can be captured in a CUDA graph and replayed for any position.
+  per split, would leave most programs without live keys at short positions). A program with no live block returns
+  at once, blocks past the live slots are skipped, and the combine reads only splits that hold a live block; slots
+  past them inside the last live block are masked loads, never read, so whatever the cache holds there (stale
+  keys, NaN) cannot reach the output.
+* Each program serves all T * G query rows of its KV head (row m: token m // G, head m % G): q is a ``[BLOCK_M,
+  D]`` tile (T * G padded to a power of two, at least 16) and both products are ``tl.dot`` on tensor cores, so
+  each key and value row is read from memory once for all rows; the per-(row, key) mask comes from position and
+  tree. The padding rows (11 of 16 for the 32B model's G = 5 at T = 1) cost nothing, the kernel being bound by the
+  bytes of K and V. Tiles of more than 128 x 128 elements are cut into row groups (each reading K and V again);
+  a 128-row tile (the 32B model at T = 16: 80 rows) runs 8 warps, so that its fp32 accumulator stays at 64
+  registers a thread (ptxas for sm_90: 124 registers, no spills).
+* A row may attend no key of a split (a split holding only draft slots of other branches): its running maximum
+  stays -inf, so the kernel subtracts 0 instead (no ``-inf - -inf``), stores a zero mean and a log-sum-exp of
+  -inf, and the combine gives that split weight 0. Every row attends its own slot, so its sum is never empty.
+* Positions and the tree are device tensors read by the kernels; nothing synchronises with the host and every
+  allocation's size depends on shapes only, so a call can be captured in a CUDA graph and replayed for any position
+  and tree written in place.
 
 Its speed on the H200 is in docs/performance.md ("Measurements behind the code").
 
-What it promises, and what it does not: for ``0 <= position < C`` the results above; for any position value, no
-read or write outside the cache (outside ``[0, C)`` nothing is written; a position past the cache attends over all
-of it, a negative one gives NaN). The Triton interpreter (CPU tensors) runs the same kernels, its dots widened to
-fp32 (its bf16 ``tl.dot`` is wrong, as in gemv.py) and its fp32 -> bf16 conversions truncating rather than
-rounding (docs/kernels.md).
+What it promises, and what it does not: for ``0 <= position`` and ``position + T <= C`` the results above; for any
+position value, no read or write outside the cache (outside ``[0, C)`` nothing is written; slots past the cache
+are not attended, a negative position gives NaN). The Triton interpreter (CPU tensors) runs the same kernels, its
+dots widened to fp32 (its bf16 ``tl.dot`` is wrong, as in gemv.py) and its fp32 -> bf16 conversions truncating
+rather than rounding (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -94,8 +110,8 @@ __all__ = [
 MAX_SPLITS = 64  # splits per KV head at most: the combine holds [splits, D] fp32 in one program
 _BLOCK_KEYS = 64  # keys per block: a [64, D] tile of K and one of V per step of a program
 _MIN_DOT_ROWS = 16  # the smallest tensor-core tile: q tiles have at least this many rows
-_MAX_TILE_ELEMENTS = 64 * 128  # q tile rows times D at most: [64, 128] fp32 accumulators are 64 registers a thread
-_ATTENTION_WARPS = 4
+_MAX_TILE_ELEMENTS = 128 * 128  # q tile rows times D at most (the 32B model's 16 rows x 5 heads in one tile)
+_TILE_ELEMENTS_PER_WARP = 2048  # the accumulator's fp32 elements per warp: 64 registers a thread
 _LOG2_E = 1.4426950408889634  # scores are kept in base 2, for exp2
 
 
@@ -240,7 +256,8 @@ def _split_attention_kernel(
         attended = l_i > 0
         mean = acc / tl.where(attended, l_i, 1.0)[:, None]
         tl.store(part_ptr + slots[:, None] * D + d[None, :], mean, mask=real[:, None])
-        tl.store(lse_ptr + slots, tl.where(attended, m_i + tl.log2(l_i), float("-inf")), mask=real)
+        lse = tl.where(attended, m_i + tl.log2(tl.where(attended, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + slots, lse, mask=real)
 
 
 @triton.jit
@@ -421,10 +438,13 @@ def rotary_cache_write(
     return q
 
 
-def _tile_rows(rows: int, head_dim: int) -> int:
-    """Rows of the q tile for ``rows`` query rows of a KV head (T * G): all of them, padded to a power of two of at
-    least 16, up to ``_MAX_TILE_ELEMENTS // head_dim``; past that, row groups of that many (more programs)."""
-    return max(_MIN_DOT_ROWS, min(triton.next_power_of_2(rows), _MAX_TILE_ELEMENTS // head_dim))
+def _tile(rows: int, head_dim: int) -> tuple[int, int]:
+    """(rows of the q tile, warps) for ``rows`` query rows of a KV head (T * G): all of them, padded to a power of
+    two of at least 16, up to ``_MAX_TILE_ELEMENTS // head_dim`` (past that, row groups of that many: more programs,
+    each reading the split's keys and values again); 4 warps, or 8 for a tile whose accumulator would hold more than
+    64 registers a thread (ptxas, sm_90: 242 registers for a [128, 128] tile on 4 warps, 124 on 8)."""
+    tile_rows = max(_MIN_DOT_ROWS, min(triton.next_power_of_2(rows), _MAX_TILE_ELEMENTS // head_dim))
+    return tile_rows, min(8, max(4, tile_rows * head_dim // _TILE_ELEMENTS_PER_WARP))
 
 
 def decode_attention(
@@ -468,7 +488,7 @@ def decode_attention(
         raise ValueError(f"{config} must have block_keys a power of two of at least 16 and 1 ... {MAX_SPLITS} splits")
     steps = triton.cdiv(triton.cdiv(capacity, block_keys), splits)  # blocks per split, at most
     group = heads // kv_heads
-    tile_rows = _tile_rows(rows * group, head_dim)
+    tile_rows, warps = _tile(rows * group, head_dim)
     part = torch.empty((rows * heads, splits, head_dim), dtype=torch.float32, device=device)  # (T * H, splits, D)
     lse = torch.empty((rows * heads, splits), dtype=torch.float32, device=device)  # (T * H, splits)
     # With the operand a combine program takes whole 128-element groups of a row: 128 / D heads (D <= 128) or one
@@ -487,7 +507,7 @@ def decode_attention(
         G=group, D=head_dim, SPLITS=splits, STEPS=steps, BLOCK_M=tile_rows, BLOCK_N=block_keys,
         TREE=tree is not None,
         DOT_IN_FP32=device.type == "cpu",  # on CPU the kernels only run in the Triton interpreter
-        EARLY=early, num_warps=_ATTENTION_WARPS, num_stages=2, **pdl(early),
+        EARLY=early, num_warps=warps, num_stages=2, **pdl(early),
     )  # fmt: skip
     _combine_kernel[(rows * heads // combine_heads,)](
         part, lse, position, out.values if operand else out, out.sums if operand else out, capacity, heads, rows,
