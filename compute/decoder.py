@@ -92,6 +92,9 @@ class Decoder:
         pad = bucket - n
         step.set_rows([*tokens, *[0] * pad], [*positions, *[positions[-1]] * pad], slot,
                       [*tree, *(1 << row for row in range(n, bucket))])  # fmt: skip
+        # deciding may capture the one-row step, whose warm-up writes a token's keys/values at its position: let
+        # that be this pass's first slot, which the pass writes again (not a stale position the cache holds)
+        self.step.set(tokens[0], slot)
         self._decide(cuda_graphs)
         if self.graphs is not None:
             if bucket not in self._row_graphs:

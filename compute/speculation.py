@@ -246,9 +246,9 @@ def speculative_step(
         chosen = list(accepted.tokens)
     seconds = time.perf_counter() - verify_started
     engine._pass_cost.record(1 + len(tree), seconds)
-    if not len(tree):
+    if limit == 0:
         engine.governor.record_plain(seconds)
-    elif governed:
+    elif governed:  # a draft that proposed nothing still cost its time: a speculative pass that emitted one token
         engine.governor.record_speculative(draft_seconds + seconds, len(chosen))
     engine.drafter.accepted(len(tree), len(chosen) - 1)
     stats.target_passes += 1

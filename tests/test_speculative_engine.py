@@ -31,7 +31,7 @@ class OracleDrafter:
     def __init__(self, plain, depth: int, wrong_after: int | None = None, vocab: int = 300):
         self.plain, self.depth, self.wrong_after, self.vocab = plain, depth, wrong_after, vocab
 
-    def propose(self, context, max_tokens):
+    def propose(self, context, max_tokens, min_probability=0.0):  # every node is sure
         params = SamplingParams(temperature=0, max_new_tokens=self.depth)
         # the plain engine's own choices, even while a test records the speculating engine's (by patching the name)
         with unittest.mock.patch.object(compute.engine, "sample_next", compute.sampling.sample_next):
