@@ -7,8 +7,11 @@ prompts of ``prompt_tokens``, greedy, ``new_tokens`` each, EOS ignored so that e
 and waits for all of them. It records, from the events' arrival times in the engine thread:
 
 * aggregate decode tokens/s: the tokens after each request's first, over the time from the first request's
-  first token to the last token (the steady state of N streams; prefill is in TTFT), and the whole run's
-  completion tokens over its wall time;
+  first token to the last token (prefill is in TTFT; where requests arrive one after another, as over HTTP, the
+  first one's first token comes a prefill pass before the others' and the span holds that pass too), the tokens
+  that arrived while all N requests were streaming over that window (the steady state of N streams: from the last
+  first token to the first last token; none when the level queues requests past ``--max-batch``), and the whole
+  run's completion tokens over its wall time;
 * time to first token (submit -> first TokenEvent) and inter-token latency (gaps between a request's
   consecutive tokens), p50 and p99 over every request and gap;
 * forward passes and tokens per pass (the scheduler's counters), and the peak device memory of each process
@@ -40,6 +43,7 @@ class LevelResult:
     new_tokens: int  # per request
     wall_s: float  # first submit -> last token
     decode_tokens_per_s: float  # tokens after each request's first / (first first token -> last token)
+    all_streaming_tokens_per_s: float  # tokens while all stream / (last first token -> first last token); nan if none
     total_tokens_per_s: float  # every completion token / wall_s
     ttft_p50_s: float
     ttft_p99_s: float
@@ -63,12 +67,21 @@ class LevelResult:
         ttfts = [arrivals[0] - sent for sent, arrivals in timed]
         completion = sum(tokens for _, _, tokens in requests)
         steady = last - min(firsts) if firsts else 0.0
+        # while every request streams: after the last one's first token, up to the first one's last
+        together_from = max(firsts, default=0.0)
+        together_to = min((arrivals[-1] for _, arrivals in timed), default=0.0)
+        together = sum(together_from < t <= together_to for _, arrivals in timed for t in arrivals)
         return cls(
             concurrency=concurrency,
             prompt_tokens=prompt_tokens,
             new_tokens=new_tokens,
             wall_s=last - started,
             decode_tokens_per_s=(completion - concurrency) / steady if steady > 0 else float("nan"),
+            all_streaming_tokens_per_s=(
+                together / (together_to - together_from)
+                if len(timed) == concurrency and together_to > together_from and together
+                else float("nan")
+            ),
             total_tokens_per_s=completion / (last - started) if last > started else float("nan"),
             ttft_p50_s=percentile(ttfts, 50),
             ttft_p99_s=percentile(ttfts, 99),
@@ -206,8 +219,9 @@ def format_concurrency_table(results: list[ConcurrencyResult], baseline: dict[st
     gib = 2**30
     lines = [
         "| budget | policy | resident/streamed | max batch | KV tokens | concurrency | decode tok/s | x one request "
-        "| total tok/s | TTFT p50/p99 s | ITL p50/p99 ms | tokens/pass | decode | peak loader+compute GiB (budget) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| all streaming tok/s (x) | total tok/s | TTFT p50/p99 s | ITL p50/p99 ms | tokens/pass | decode "
+        "| peak loader+compute GiB (budget) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peak = r.peak_device_bytes
@@ -219,9 +233,11 @@ def format_concurrency_table(results: list[ConcurrencyResult], baseline: dict[st
         one = (baseline or {}).get(r.budget) or alone
         for lv in r.levels:
             speedup = f"{lv.decode_tokens_per_s / one:.1f}" if one else "-"
+            streaming = lv.all_streaming_tokens_per_s
+            together = "-" if streaming != streaming else f"{streaming:.1f}" + (f" ({streaming / one:.1f})" if one else "")
             lines.append(
                 f"| {r.budget} | {r.policy} | {r.resident_units}/{r.streamed_units} | {r.max_batch} | {r.kv_tokens} "
-                f"| {lv.concurrency} | {lv.decode_tokens_per_s:.1f} | {speedup} | {lv.total_tokens_per_s:.1f} "
+                f"| {lv.concurrency} | {lv.decode_tokens_per_s:.1f} | {speedup} | {together} | {lv.total_tokens_per_s:.1f} "
                 f"| {lv.ttft_p50_s:.2f}/{lv.ttft_p99_s:.2f} | {1e3 * lv.itl_p50_s:.1f}/{1e3 * lv.itl_p99_s:.1f} "
                 f"| {lv.tokens_per_pass:.1f} | {r.decode_mode} | {peak_text} |"
             )

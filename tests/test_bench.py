@@ -124,6 +124,20 @@ def test_the_concurrency_benchmark_serves_every_level_through_a_real_loader(tiny
     assert len(rows) == 3 and rows[0].startswith("| 1GiB | stream | 0/3 | 3 | 64 | 1 |") and "| 1.0 |" in rows[0]
 
 
+def test_a_levels_rates_count_the_span_and_the_window_where_every_request_streams():
+    from bench.concurrency import LevelResult
+
+    # request A arrives first and streams alone for a while (its first token 0.4 s before B's), then both stream
+    a = (0.0, [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1], 7)
+    b = (0.05, [0.5, 0.7, 0.9, 1.1, 1.3], 5)
+    level = LevelResult.measure([a, b], prompt_tokens=3, new_tokens=7, started=0.0, passes=9)
+    assert level.decode_tokens_per_s == pytest.approx((12 - 2) / (1.3 - 0.1))
+    # together from 0.5 (B's first token) to 1.1 (A's last): A's 0.7, 0.9, 1.1 and B's 0.7, 0.9, 1.1
+    assert level.all_streaming_tokens_per_s == pytest.approx(6 / 0.6)
+    queued = LevelResult.measure([a, (1.2, [1.5, 1.6], 2)], prompt_tokens=3, new_tokens=7, started=0.0, passes=9)
+    assert queued.all_streaming_tokens_per_s != queued.all_streaming_tokens_per_s  # never all at once: nan
+
+
 def test_concurrency_levels_are_checked_before_anything_runs(tmp_path):
     from bench.concurrency import parse_levels, percentile
 
