@@ -232,7 +232,8 @@ class BatchRunner:
         tokens: list[int | None] = [None] * len(seqs)
         plain = [i for i, seq in enumerate(seqs) if seq.entry.params.greedy and seq.entry.params.repetition_penalty == 1]
         if plain:
-            best = logits[plain].float().argmax(dim=-1).tolist()
+            rows = logits if len(plain) == len(seqs) else logits[plain]  # no index copy in the common case
+            best = rows.float().argmax(dim=-1).tolist()
             for i, token in zip(plain, best):
                 tokens[i] = token
         for i, seq in enumerate(seqs):
