@@ -60,7 +60,8 @@ OPERAND_SHAPES = [
 ]
 OPERAND_INTERPRETED = OPERAND_SHAPES[:3]
 # Split over the pages, in the interpreter: (shape, forced split counts; None: paged_splits' choice). Blocks of 64
-# positions (4 pages of 16, 2 of 32): 20 positions leave splits 1 … 3 empty, 130 split 3, 300 gives split 0 two blocks.
+# positions (4 pages of 16, 2 of 32): 20 positions leave splits 1 … 3 empty, 130 split 3; 300 give split 0 two
+# blocks.
 SPLIT_INTERPRETED = [
     ((8, 2, 32, 16, [1, 5, 300, 20, 130, 64, 65]), (1, 3, 4, None)),
     ((5, 1, 32, 32, [40, 3, 257]), (3, 4, None)),
@@ -273,7 +274,8 @@ def test_the_operand_form_on_cuda(shape):
 
 def split_cuda_case(rows: int):
     """The 32B model's attention for ``rows`` rows of up to 4096 positions (256 pages of 16), lengths of all sizes."""
-    lengths = [4096, 1, 1000, 17, 2500, 64, 65, 300][:rows] + [int(n) for n in torch.randint(1, 4097, (max(0, rows - 8),))]
+    more = torch.randint(1, 4097, (max(0, rows - 8),), generator=torch.Generator().manual_seed(rows))
+    lengths = [4096, 1, 1000, 17, 2500, 64, 65, 300][:rows] + more.tolist()
     return (40, 8, 128, 16, lengths)
 
 
@@ -333,7 +335,7 @@ def interpreter_cases() -> None:
     for shape, counts in SPLIT_INTERPRETED:
         for splits in counts:
             check_paged(shape, "cpu", splits)
-            print("ok paged_decode_attention(splits=%s)" % splits, shape[:4])
+            print(f"ok paged_decode_attention(splits={splits})", shape[:4])
     for shape, splits in SPLIT_OPERAND_INTERPRETED:
         check_operand(shape, "cpu", splits)
         print(f"ok paged_decode_attention(operand=True, splits={splits})", shape[:4], len(shape[4]), "rows")

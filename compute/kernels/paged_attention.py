@@ -21,6 +21,24 @@ page holds there cannot reach the output. Probabilities enter the second product
 attention; scores, maxima and sums are fp32. Sizes are shapes only and lengths are read on the device, so a
 call can be captured in a CUDA graph and replayed for other lengths.
 
+Split over the pages ("flash decoding", ``compute.kernels.attention``'s design on the static cache): B * KVH
+programs leave most SMs idle for a few rows (the 32B model's one row: 8 programs on an H100's 132 SMs, each
+walking every page in turn), so unless the rows fill the GPU each (row, KV head) gets ``paged_splits`` programs,
+grid ``(B, KVH, splits)``. A step reads a block of ``max(P, 64)`` positions (4 pages of 16, their page ids gathered
+from the table), and split ``s`` takes the row's blocks ``s, s + splits, s + 2 splits, …`` below its length, a
+bound read on the device: dealt out round-robin, a short row's few blocks and a long row's many spread over all
+the splits alike. Each program leaves its G heads' softmax-weighted mean (fp32) and base-2 log-sum-exp in
+workspaces ``[B, H, splits, D]`` and ``[B, H, splits]`` (shapes only); a split whose first block starts at or past
+the length returns at once, writes nothing and is not read. The combine, grid ``(B, H / heads a program)``, weighs
+the splits by ``exp2(lse - max)`` one after another in split order and rounds to bf16 once, storing the output or,
+with ``operand=True``, the row operand (a program's heads are whole 128-element groups: 128 / D heads, or one; the
+sum is the same for any count, so the operand is bit for bit the plain output). Every row's length is at least 1,
+so split 0 always holds a position and each split read holds its first block's first one: no empty sum, no NaN.
+The count (``paged_splits``) depends on shapes only: ``ceil(2 SMs / (B KVH))``, at most ``MAX_SPLITS`` and the
+blocks of a full row; at 1 (B KVH of at least 2 SMs) the single kernel above runs, with no combine. For the 32B
+model on an H100: one row, 33 splits (264 programs) and the combine's 40; 16 rows, 3 splits (384) and 640.
+Against the single kernel the result differs only by the order of the sums (within the same bound).
+
 With ``operand=True`` each program writes its G heads' outputs, the same bf16 values, into the o projection's row
 operand instead (``compute.kernels.gemv.store_operand``: each 8-element word permuted, each 128-element group's
 sum), saving the GEMV the launch that would make it (``row_operand``). A program writes whole groups only (a
@@ -213,7 +231,8 @@ def _paged_combine_kernel(
         slot = rows * SPLITS + split
         written = split * BLOCK_N < length  # as lane counts below: see attention._rotary_cache_write_kernel
         weight = tl.exp2(tl.load(lse_ptr + slot, mask=h < tl.where(written, HEADS, 0), other=float("-inf")) - top)
-        part = tl.load(part_ptr + slot[:, None] * D + d[None, :], mask=(d < tl.where(written, D, 0))[None, :], other=0.0)
+        live_d = d < tl.where(written, D, 0)
+        part = tl.load(part_ptr + slot[:, None] * D + d[None, :], mask=live_d[None, :], other=0.0)
         total += part * weight[:, None]
         weights += weight
     out = (total / weights[:, None]).to(tl.bfloat16)  # (HEADS, D)
