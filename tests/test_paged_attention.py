@@ -288,8 +288,7 @@ def test_the_split_kernel_on_cuda(rows):
     check_paged(shape, "cuda")
     check_paged(shape, "cuda", splits=1)
     check_paged(shape, "cuda", splits=7)
-    if rows > 1:
-        check_operand(shape, "cuda")
+    check_operand(shape, "cuda")
 
 
 @pytest.mark.gpu
