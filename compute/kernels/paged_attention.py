@@ -21,6 +21,24 @@ page holds there cannot reach the output. Probabilities enter the second product
 attention; scores, maxima and sums are fp32. Sizes are shapes only and lengths are read on the device, so a
 call can be captured in a CUDA graph and replayed for other lengths.
 
+Split over the pages ("flash decoding", ``compute.kernels.attention``'s design on the static cache): B * KVH
+programs leave most SMs idle for a few rows (the 32B model's one row: 8 programs on an H100's 132 SMs, each
+walking every page in turn), so unless the rows fill the GPU each (row, KV head) gets ``paged_splits`` programs,
+grid ``(B, KVH, splits)``. A step reads a block of ``max(P, 64)`` positions (4 pages of 16, their page ids gathered
+from the table), and split ``s`` takes the row's blocks ``s, s + splits, s + 2 splits, …`` below its length, a
+bound read on the device: dealt out round-robin, a short row's few blocks and a long row's many spread over all
+the splits alike. Each program leaves its G heads' softmax-weighted mean (fp32) and base-2 log-sum-exp in
+workspaces ``[B, H, splits, D]`` and ``[B, H, splits]`` (shapes only); a split whose first block starts at or past
+the length returns at once, writes nothing and is not read. The combine, grid ``(B, H / heads a program)``, weighs
+the splits by ``exp2(lse - max)`` one after another in split order and rounds to bf16 once, storing the output or,
+with ``operand=True``, the row operand (a program's heads are whole 128-element groups: 128 / D heads, or one; the
+sum is the same for any count, so the operand is bit for bit the plain output). Every row's length is at least 1,
+so split 0 always holds a position and each split read holds its first block's first one: no empty sum, no NaN.
+The count (``paged_splits``) depends on shapes only: ``ceil(2 SMs / (B KVH))``, at most ``MAX_SPLITS`` and the
+blocks of a full row; at 1 (B KVH of at least 2 SMs) the single kernel above runs, with no combine. For the 32B
+model on an H100: one row, 33 splits (264 programs) and the combine's 40; 16 rows, 3 splits (384) and 640.
+Against the single kernel the result differs only by the order of the sums (within the same bound).
+
 With ``operand=True`` each program writes its G heads' outputs, the same bf16 values, into the o projection's row
 operand instead (``compute.kernels.gemv.store_operand``: each 8-element word permuted, each 128-element group's
 sum), saving the GEMV the launch that would make it (``row_operand``). A program writes whole groups only (a
@@ -41,17 +59,20 @@ interpreter (CPU tensors) runs the same kernel with its dots in fp32 (its bf16 `
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from compute.kernels.attention import rotary_projection
+from compute.kernels.attention import MAX_SPLITS, rotary_projection
 from compute.kernels.gemv import RowOperand, store_operand
 
 __all__ = [
     "paged_attention_supported",
     "paged_decode_attention",
     "paged_operand_supported",
+    "paged_splits",
     "reference_paged_decode_attention",
     "reference_rotary_pool_write",
     "rotary_pool_write",
@@ -59,6 +80,9 @@ __all__ = [
 
 _MIN_DOT_ROWS = 16
 _LOG2_E = 1.4426950408889634
+_BLOCK_POSITIONS = 64  # positions a step of the split kernel at least: 4 pages of 16, whole pages for larger ones
+_PROGRAMS_PER_SM = 2  # the split count aims at this many split programs per SM
+_CPU_SMS = 132  # the SM count assumed on the CPU (the interpreter): an H100's
 
 
 @triton.jit
@@ -121,6 +145,106 @@ def _paged_decode_kernel(
         tl.store(out_ptr + q_rows[:, None] * D + d[None, :], out, mask=real[:, None])
 
 
+@triton.jit
+def _paged_split_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, part_ptr, lse_ptr, qk_scale,
+    KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, W: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):  # fmt: skip
+    """Row ``program_id(0)``, KV head ``program_id(1)``, split ``program_id(2)``: the row's blocks of BLOCK_N
+    positions (BLOCK_N / P pages) ``split, split + SPLITS, …`` below its length, for its G query heads.
+
+    Writes, for each head h of them, the softmax-weighted mean of the split's values (fp32, ``part [B, H, SPLITS,
+    D]``) and the base-2 log-sum-exp of its scaled scores (``lse [B, H, SPLITS]``), if the split's first block
+    starts below the length; otherwise nothing (the combine does not read it). A split that runs holds the first
+    position of its first block, so each of its heads has a finite maximum and a positive sum."""
+    row = tl.program_id(0)
+    kv = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(lengths_ptr + row)
+    if split * BLOCK_N < length:
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        real = g < G  # rows past G pad the tile: q reads as 0 there, nothing is stored
+        q_rows = (row * KVH * G + kv * G + g).to(tl.int64)  # rows of q [B * H, D]
+        q = tl.load(q_ptr + q_rows[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
+        table_row = table_ptr + row.to(tl.int64) * W
+        m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, D), tl.float32)
+        # Blocks split, split + SPLITS, … up to the row's last: a bound read on the device, no step past the length
+        for block in range(split, tl.cdiv(length, BLOCK_N), SPLITS):
+            n = block * BLOCK_N + tl.arange(0, BLOCK_N)  # positions
+            valid = n < length
+            page = tl.load(table_row + n // P, mask=valid, other=0).to(tl.int64)  # each position's page
+            ptrs = ((page * P + n % P) * KVH + kv)[:, None] * D + d[None, :]  # (BLOCK_N, D)
+            k = tl.load(k_ptr + ptrs, mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptr + ptrs, mask=valid[:, None], other=0.0)
+            if DOT_IN_FP32:
+                scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: the first block's first position is valid
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            if DOT_IN_FP32:
+                acc = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(tl.bfloat16), v, acc)
+            m_i = m_new
+        slots = q_rows * SPLITS + split
+        tl.store(part_ptr + slots[:, None] * D + d[None, :], acc / l_i[:, None], mask=real[:, None])
+        tl.store(lse_ptr + slots, m_i + tl.log2(l_i), mask=real)
+
+
+@triton.jit
+def _paged_combine_kernel(
+    part_ptr, lse_ptr, lengths_ptr, out_ptr, sums_ptr,
+    H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEADS: tl.constexpr, OPERAND: tl.constexpr,
+):  # fmt: skip
+    """Row ``program_id(0)``, query heads ``program_id(1) * HEADS …``: the splits' partial outputs weighed by
+    ``exp2(lse)``, added in split order, rounded to bf16 once, stored as bf16 or, with OPERAND, as the row
+    operand's groups the heads cover whole (``HEADS * D`` a multiple of 128). Splits whose first block starts at or
+    past the row's length were not written and are not read (``compute.kernels.attention._combine_kernel``'s design,
+    the live positions a row's own)."""
+    row = tl.program_id(0)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    length = tl.load(lengths_ptr + row)
+    s = tl.arange(0, BLOCK_S)
+    used = (s < SPLITS) & (s * BLOCK_N < length)  # split 0 always: every length is at least 1
+    rows = row.to(tl.int64) * H + heads  # (HEADS,) rows of the workspaces
+    top = tl.max(tl.load(lse_ptr + rows[:, None] * SPLITS + s[None, :], mask=used[None, :], other=float("-inf")),
+                 axis=1)  # fmt: skip
+    # One split at a time, in order, so that the sum does not depend on HEADS: the operand (HEADS = 128 / D) is
+    # bit for bit the plain output (HEADS = 1).
+    d = tl.arange(0, D)
+    h = tl.arange(0, HEADS)
+    total = tl.zeros((HEADS, D), tl.float32)
+    weights = tl.zeros((HEADS,), tl.float32)
+    for split in tl.static_range(SPLITS):
+        slot = rows * SPLITS + split
+        written = split * BLOCK_N < length  # as lane counts below: see attention._rotary_cache_write_kernel
+        weight = tl.exp2(tl.load(lse_ptr + slot, mask=h < tl.where(written, HEADS, 0), other=float("-inf")) - top)
+        live_d = d < tl.where(written, D, 0)
+        part = tl.load(part_ptr + slot[:, None] * D + d[None, :], mask=live_d[None, :], other=0.0)
+        total += part * weight[:, None]
+        weights += weight
+    out = (total / weights[:, None]).to(tl.bfloat16)  # (HEADS, D)
+    if OPERAND:
+        row_base = row.to(tl.int64) * (H * D)
+        store_operand(out_ptr + row_base, sums_ptr + row_base // 128, tl.reshape(out.to(tl.float32), (HEADS * D,)),
+                      tl.program_id(1) * (HEADS * D // 128), H * D // 128, HEADS * D // 128)  # fmt: skip
+    else:
+        tl.store(out_ptr + rows[:, None] * D + d[None, :], out)
+
+
+
 def paged_attention_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """The kernel runs on CUDA, bf16, for power-of-two head sizes from 16 to 256."""
     return device.type == "cuda" and dtype == torch.bfloat16 and 16 <= head_dim <= 256 and not head_dim & (head_dim - 1)
@@ -163,11 +287,15 @@ def paged_decode_attention(
     *,
     scale: float | None = None,
     operand: bool = False,
+    splits: int | None = None,
 ) -> torch.Tensor | RowOperand:
     """Attention of one query row per sequence over its pages; see the module docstring. [B, H, D] bf16, or with
     ``operand`` (where ``paged_operand_supported``) the rows ``[B, H * D]`` as the next GEMV's ``RowOperand`` (of
-    one row, 1-D, for B = 1): the same bf16 values."""
+    one row, 1-D, for B = 1): the same bf16 values. ``splits`` overrides ``paged_splits`` (1 … ``MAX_SPLITS``;
+    for tests): one launch for 1, else the split kernel and the combine."""
     _check(q, key_pages, value_pages, page_table, lengths)
+    if splits is not None and not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be 1 … {MAX_SPLITS}, got {splits}")
     batch, heads, dim = q.shape
     _, page_tokens, kv_heads, _ = key_pages.shape
     groups = heads // kv_heads
@@ -183,14 +311,51 @@ def paged_decode_attention(
     if batch == 0:
         return out
     scale = dim**-0.5 if scale is None else scale
-    _paged_decode_kernel[(batch, kv_heads)](
-        q, key_pages, value_pages, page_table, lengths, out.values if operand else out,
-        out.sums if operand else out, scale * _LOG2_E,
-        KVH=kv_heads, G=groups, D=dim, P=page_tokens, W=page_table.shape[1],
-        BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(groups)), DOT_IN_FP32=not q.is_cuda, OPERAND=operand,
-        num_warps=4,
+    width = page_table.shape[1]
+    block_g = max(_MIN_DOT_ROWS, triton.next_power_of_2(groups))
+    splits = splits or paged_splits(batch, kv_heads, width, page_tokens, q.device)
+    if splits == 1:
+        _paged_decode_kernel[(batch, kv_heads)](
+            q, key_pages, value_pages, page_table, lengths, out.values if operand else out,
+            out.sums if operand else out, scale * _LOG2_E,
+            KVH=kv_heads, G=groups, D=dim, P=page_tokens, W=width,
+            BLOCK_G=block_g, DOT_IN_FP32=not q.is_cuda, OPERAND=operand, num_warps=4,
+        )  # fmt: skip
+        return out
+    block_n = max(page_tokens, _BLOCK_POSITIONS)
+    part = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
+    _paged_split_kernel[(batch, kv_heads, splits)](
+        q, key_pages, value_pages, page_table, lengths, part, lse, scale * _LOG2_E,
+        KVH=kv_heads, G=groups, D=dim, P=page_tokens, W=width, SPLITS=splits, BLOCK_G=block_g, BLOCK_N=block_n,
+        DOT_IN_FP32=not q.is_cuda, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    # With the operand a program takes whole 128-element groups of its row: 128 / D heads (D <= 128), or one
+    combine_heads = max(1, 128 // dim) if operand else 1
+    _paged_combine_kernel[(batch, heads // combine_heads)](
+        part, lse, lengths, out.values if operand else out, out.sums if operand else out,
+        H=heads, D=dim, SPLITS=splits, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits),
+        HEADS=combine_heads, OPERAND=operand, num_warps=4,
     )  # fmt: skip
     return out
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (``_CPU_SMS`` for the CPU, where the interpreter runs the kernels)."""
+    if device.type != "cuda":
+        return _CPU_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def paged_splits(batch: int, kv_heads: int, width: int, page_tokens: int, device: torch.device) -> int:
+    """Programs per (row, KV head) for ``paged_decode_attention``: about ``_PROGRAMS_PER_SM`` programs per SM in all
+    (``ceil(2 SMs / (B KVH))``), at most ``MAX_SPLITS`` and at most the blocks of a full row (``W`` pages in blocks of
+    ``max(P, 64)`` positions). Shapes only, never lengths, so that a graph captured for B rows replays for any.
+    1 (B KVH of at least 2 SMs, or rows of one block): the single kernel."""
+    blocks = triton.cdiv(width * page_tokens, max(page_tokens, _BLOCK_POSITIONS))
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * _multiprocessors(device), max(1, batch * kv_heads))
+    return max(1, min(wanted, MAX_SPLITS, blocks))
 
 
 def reference_paged_decode_attention(
