@@ -18,7 +18,8 @@ This module promises:
   in one of the ``DRAFT_SHAPES``.
 * ``speculative_step(engine, ...)``: one such pass for ``Engine.generate`` (drafting, sizing the tree by
   ``compute.speculate.sizing`` unless ``engine.draft_tokens`` fixes it, ``verify``, the walk, ``Engine.keep_rows``).
-* ``SpeculationGovernor``: whether the next step drafts at all, and how probable a chain's node must be to be worth
+* ``SpeculationGovernor``: whether the next step drafts at all (a probe drafts at most ``PROBE_TOKENS``, so a draft
+  that does not pay costs little to find out), and how probable a chain's node must be to be worth
   drafting (``chain_floor``: a node costs a draft step and a verified row, and pays while the tokens it is expected
   to bring per second beat what speculative passes achieve; so a chain is long where passes stream, short where
   everything is resident). Drafting pays only where a pass over many rows
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_DRAFT_TOKENS = 128  # nodes per tree at most (a verification pass checks this many + 1 rows)
 DEFAULT_CHAIN_TOKENS = 16  # tokens per drafted chain at most: each costs a draft decode step
 NGRAM_MAX = 3  # longest suffix prompt lookup matches
+PROBE_TOKENS = 4  # nodes a probing pass drafts at most: drafting has not won yet, so the probe is kept cheap
 NGRAM_PRIOR_ACCEPTANCE = 0.5  # what a drafted n-gram token is assumed worth before any was checked
 # how a draft model drafts (compute.draft_model): "chain", its greedy continuation one decode step a token, or
 # "tree", a SpecExec tree a few wide forwards grow
@@ -160,6 +162,11 @@ class SpeculationGovernor:
         self._plain_left = 0
         self._backoff = probe_after
 
+    @property
+    def probing(self) -> bool:
+        """Whether the next speculative pass is a probe: none has been measured, or the last lost to plain steps."""
+        return self.speculative is None or (self.plain is not None and self.speculative > self.plain)
+
     def should_draft(self) -> bool:
         if self.plain is None:
             return False
@@ -219,6 +226,8 @@ def speculative_step(
     governed = engine.draft_tokens is None  # a fixed --draft-tokens drafts every step
     if governed and not engine.governor.should_draft():
         limit = 0
+    elif governed and engine.governor.probing:
+        limit = min(limit, PROBE_TOKENS)
     line = engine._pass_cost.line()
     floor = engine.governor.chain_floor(line[1] if line is not None else 0.0)
     context = [*engine._cached_ids, token]

@@ -323,8 +323,10 @@ def test_the_governor_drafts_only_while_drafting_costs_less_per_token():
         while not governor.should_draft():
             pass
     assert governor._backoff == 8  # doubled up to its cap
+    assert governor.probing  # the last pass lost: the next is a probe, drafting little
     governor.record_speculative(0.030, emitted=5)  # 6 ms a token: drafting wins, every step drafts
     assert all(governor.should_draft() for _ in range(10)) and governor._backoff == 2
+    assert not governor.probing and SpeculationGovernor().probing  # and drafts in full; a fresh one probes
 
 
 def test_a_chains_node_must_bring_more_than_its_cost_at_the_rate_speculation_achieves():

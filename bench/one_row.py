@@ -1,0 +1,110 @@
+"""Where a one-row decode pass of the batched engine spends its time, in pieces (CUDA).
+
+``python -m bench.one_row [--checkpoint DIR] [--gpu-memory 24GiB] [--steps 64]`` starts a real loader planned for
+16 sequences, builds ``compute.batch_engine.BatchEngine`` on its plan, prefills one 128-token sequence and times,
+per decode pass of that one row (milliseconds, the median of ``--steps``):
+
+* ``replay``: the captured pass replayed on inputs already set, and a device sync (the GPU's time, launch included);
+* ``set``: writing the pass's inputs into the static buffers (``DecodeInputs.set``) and a device sync;
+* ``forward``: ``engine.forward([chunk])`` and the argmax read back (what a caller of the engine pays);
+* ``scheduler``: the inter-token latency of one request through ``compute.scheduler.Scheduler`` (what
+  ``spillover bench --concurrency 1`` reports), every event delivered to a callback.
+
+So ``forward - replay`` is the host's work around a pass and ``scheduler - forward`` the scheduler's.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import click
+import torch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _median_ms(run, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        _sync()
+        started = time.perf_counter()
+        run()
+        _sync()
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+@click.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=Path("/tmp/spillover-synth-qwen2-32b"),
+              show_default=True)
+@click.option("--gpu-memory", "budget", default="24GiB", show_default=True)
+@click.option("--steps", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def main(checkpoint: Path, budget: str, steps: int, device: str, json_path: Path | None) -> None:
+    """Time the batched engine's one-row decode pass in pieces (see the module docstring)."""
+    import random
+
+    from bench.concurrency import measure_level
+    from compute.batch_engine import BatchEngine, Chunk
+    from compute.launch import LaunchedLoader
+    from compute.scheduler import Scheduler
+    from protocol.client import LoaderClient
+    from protocol.launch import LoaderCommand
+    from protocol.sizes import parse_size
+    from quantizer.checkpoint import QuantizedCheckpoint
+
+    options = LoaderCommand(model=checkpoint, gpu_memory=parse_size(budget), policy="hybrid", device=device,
+                            max_context=4096, max_batch=16, kv_tokens=4096)  # fmt: skip
+    rng = random.Random(0)
+    with (
+        LaunchedLoader.start(options) as loader,
+        LoaderClient.connect(loader.address, timeout_s=120) as client,
+        torch.inference_mode(),  # the engine's static buffers are inference tensors: written only in this mode
+    ):
+        engine = BatchEngine.for_plan(QuantizedCheckpoint(checkpoint), client, device=device)
+        vocab = min(engine.vocab_size, 1000)
+        prompt = tuple(rng.randrange(vocab) for _ in range(128))
+        pool = engine.kv_pool
+        pool.reserve("s", len(prompt) + 2 * steps + 8)
+        engine.forward([Chunk("s", prompt, 0, logits=True)])
+        position = len(prompt)
+
+        def forward() -> None:
+            nonlocal position
+            logits = engine.forward([Chunk("s", (int(rng.randrange(vocab)),), position, logits=True)])
+            int(logits.float().argmax(-1)[0])
+            position += 1
+
+        forward()  # captures the one-row pass
+        forward_ms = _median_ms(forward, steps)
+        chunk = [Chunk("s", (7,), position, logits=True)]
+        set_ms = replay_ms = float("nan")  # without CUDA graphs there is no captured pass
+        if 1 in engine.decoder._graphs:
+            inputs, graphs = engine.decoder._graphs[1]
+            set_ms = _median_ms(lambda: inputs.set(engine, chunk), steps)
+            replay_ms = _median_ms(lambda: engine.decoder._run_segments(inputs, graphs), steps)
+        pool.release("s")
+        scheduler = Scheduler(engine, max_batch=16, max_waiting=4)
+        scheduler.start()
+        try:
+            measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=8, rng=rng)  # warm-up
+            level = measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=steps, rng=rng)
+        finally:
+            scheduler.close(drain=False)
+    result = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "budget": budget, "decode_mode": engine.decoder.mode,
+              "replay_ms": replay_ms, "set_ms": set_ms, "forward_ms": forward_ms,
+              "scheduler_itl_p50_ms": 1e3 * level.itl_p50_s}  # fmt: skip
+    click.echo(json.dumps(result, indent=1))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
