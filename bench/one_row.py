@@ -8,7 +8,14 @@ per decode pass of that one row (milliseconds, the median of ``--steps``):
 * ``set``: writing the pass's inputs into the static buffers (``DecodeInputs.set``) and a device sync;
 * ``forward``: ``engine.forward([chunk])`` and the argmax read back (what a caller of the engine pays);
 * ``scheduler``: the inter-token latency of one request through ``compute.scheduler.Scheduler`` (what
-  ``spillover bench --concurrency 1`` reports), every event delivered to a callback.
+  ``spillover bench --concurrency 1`` reports), every event delivered to a callback;
+* ``one_conversation``: a decode token of ``compute.engine.Engine`` (what ``spillover run`` decodes with) on the
+  same loader's weights, in the same process: the baseline.
+
+As a check that the batched pass computes what the decode step does (its kernels launch early on Hopper), both
+engines then decode the same 16 tokens after the same prompt: ``logits_relative_error`` is the largest
+``||batched - single|| / ||single||`` over those steps (bf16 noise is ~1e-2; a kernel reading its input too early
+gives ~1).
 
 So ``forward - replay`` is the host's work around a pass and ``scheduler - forward`` the scheduler's.
 """
@@ -53,6 +60,8 @@ def main(checkpoint: Path, budget: str, steps: int, device: str, json_path: Path
 
     from bench.concurrency import measure_level
     from compute.batch_engine import BatchEngine, Chunk
+    from compute.engine import Engine
+    from compute.sampling import SamplingParams
     from compute.launch import LaunchedLoader
     from compute.scheduler import Scheduler
     from protocol.client import LoaderClient
@@ -98,9 +107,26 @@ def main(checkpoint: Path, budget: str, steps: int, device: str, json_path: Path
             level = measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=steps, rng=rng)
         finally:
             scheduler.close(drain=False)
+        single = Engine(QuantizedCheckpoint(checkpoint), client, device=device, max_context=1024)
+        single.eos_token_ids = frozenset()
+        greedy = SamplingParams(temperature=0, max_new_tokens=steps)
+        single.generate(list(prompt), greedy)  # captures the decode step
+        single.reset()
+        one_conversation_ms = 1e3 / single.generate(list(prompt), greedy).decode_tokens_per_s
+        single.reset()
+        single.generate(list(prompt), SamplingParams(temperature=0, max_new_tokens=1))  # the cache holds the prompt
+        pool.reserve("c", len(prompt) + 17)
+        engine.forward([Chunk("c", prompt, 0, logits=True)])
+        error = 0.0
+        for offset in range(16):
+            token = rng.randrange(vocab)
+            ours = engine.forward([Chunk("c", (token,), len(prompt) + offset, logits=True)])[0].float()
+            theirs = single._decode_step(token, len(prompt) + offset).float()
+            error = max(error, float((ours - theirs).norm() / theirs.norm()))
     result = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "budget": budget, "decode_mode": engine.decoder.mode,
               "replay_ms": replay_ms, "set_ms": set_ms, "forward_ms": forward_ms,
-              "scheduler_itl_p50_ms": 1e3 * level.itl_p50_s}  # fmt: skip
+              "scheduler_itl_p50_ms": 1e3 * level.itl_p50_s, "one_conversation_ms": one_conversation_ms,
+              "logits_relative_error": error}  # fmt: skip
     click.echo(json.dumps(result, indent=1))
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -1,4 +1,5 @@
-"""compute.kernels.pdl's rules, checked in the PTX of every kernel of the decode step as the H200 runs it.
+"""compute.kernels.pdl's rules, checked in the PTX of every kernel of the decode step (and of the batched engine's
+decode pass) as the H200 runs it.
 
 Each kernel is compiled here, without a GPU, for sm_90 with ``EARLY`` (launched early, as on Hopper). In its PTX it
 must signal its dependents (``griddepcontrol.launch_dependents``) and then wait for its producer
@@ -17,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from compute.kernels import activation, attention, gemv, norm
+from compute.kernels import activation, attention, gemv, norm, paged_attention
 
 BF16, FP32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
 
@@ -42,6 +43,19 @@ KERNELS = [
     (attention._combine_kernel, dict(part_ptr=FP32, lse_ptr=FP32, position_ptr=I64, out_ptr=BF16, sums_ptr=FP32), (),
      dict(D=128, SPLITS=16, BLOCK_N=64, BLOCK_S=16, HEADS=1, OPERAND=True), 4),
     (gemv._operand_kernel, dict(x_ptr=BF16, values_ptr=BF16, sums_ptr=FP32), (), dict(GROUPS=8), 4),
+    # the batched engine's: the pool write, and the paged attention (one row: split over the pages, then combined)
+    (paged_attention._rotary_pool_write_kernel,
+     dict(part_ptr=FP32, bias_ptr=BF16, cos_ptr=BF16, sin_ptr=BF16, slots_ptr=I64, q_ptr=BF16, k_ptr=BF16,
+          v_ptr=BF16), (), dict(H=40, KVH=8, D=128, SPLITS=8, HAS_BIAS=True), 1),
+    (paged_attention._paged_decode_kernel,
+     dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, table_ptr=I32, lengths_ptr=I32, out_ptr=BF16, sums_ptr=FP32),
+     ("qk_scale",), dict(KVH=8, G=5, D=128, P=16, W=256, BLOCK_G=16, DOT_IN_FP32=False, OPERAND=True), 4),
+    (paged_attention._paged_split_kernel,
+     dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, table_ptr=I32, lengths_ptr=I32, part_ptr=FP32, lse_ptr=FP32),
+     ("qk_scale",), dict(KVH=8, G=5, D=128, P=16, W=256, SPLITS=33, BLOCK_G=16, BLOCK_N=64, DOT_IN_FP32=False), 4),
+    (paged_attention._paged_combine_kernel,
+     dict(part_ptr=FP32, lse_ptr=FP32, lengths_ptr=I32, out_ptr=BF16, sums_ptr=FP32), (),
+     dict(H=40, D=128, SPLITS=33, BLOCK_N=64, BLOCK_S=64, HEADS=1, OPERAND=True), 4),
 ]  # fmt: skip
 
 

@@ -52,6 +52,10 @@ included) it returns the rotated queries ``[T, H, D]`` and writes the rotated ke
 of a layer's pool (``[slots, KVH, D]``, the pages flattened), in one launch where HF's rotary takes about a dozen
 and the pool's writes two. Its rounding is HF's: ``bf16(bf16(x cos) + bf16(rotate_half(x) sin))``.
 
+On Hopper and later every kernel here launches early, as the decode step's do (``compute.kernels.pdl``: it signals
+first and waits before reading anything), so in a batched decode pass the next kernel's launch overlaps this one's
+work where a plain launch would wait for it to end.
+
 ``reference_paged_decode_attention`` is the plain torch definition the kernel is tested against. The Triton
 interpreter (CPU tensors) runs the same kernel with its dots in fp32 (its bf16 ``tl.dot`` is wrong, as
 ``compute.kernels.attention`` notes).
@@ -67,6 +71,7 @@ import triton.language as tl
 
 from compute.kernels.attention import MAX_SPLITS, rotary_projection
 from compute.kernels.gemv import RowOperand, store_operand
+from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 
 __all__ = [
     "paged_attention_supported",
@@ -89,10 +94,12 @@ _CPU_SMS = 132  # the SM count assumed on the CPU (the interpreter): an H100's
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, out_ptr, sums_ptr, qk_scale,
     KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, W: tl.constexpr,
-    BLOCK_G: tl.constexpr, DOT_IN_FP32: tl.constexpr, OPERAND: tl.constexpr,
+    BLOCK_G: tl.constexpr, DOT_IN_FP32: tl.constexpr, OPERAND: tl.constexpr, EARLY: tl.constexpr,
 ):  # fmt: skip
     """Row ``program_id(0)``, KV head ``program_id(1)``: the attention output of its G query heads, stored as bf16
     or, with OPERAND (``G * D`` a multiple of 128), as groups ``kv * G * D / 128 …`` of the row's operand."""
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl
+    wait_for_producers(EARLY)
     row = tl.program_id(0)
     kv = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
@@ -150,6 +157,7 @@ def _paged_split_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, part_ptr, lse_ptr, qk_scale,
     KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, W: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    EARLY: tl.constexpr,
 ):  # fmt: skip
     """Row ``program_id(0)``, KV head ``program_id(1)``, split ``program_id(2)``: the row's blocks of BLOCK_N
     positions (BLOCK_N / P pages) ``split, split + SPLITS, …`` below its length, for its G query heads.
@@ -158,6 +166,8 @@ def _paged_split_kernel(
     D]``) and the base-2 log-sum-exp of its scaled scores (``lse [B, H, SPLITS]``), if the split's first block
     starts below the length; otherwise nothing (the combine does not read it). A split that runs holds the first
     position of its first block, so each of its heads has a finite maximum and a positive sum."""
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl; every program waits, live or not
+    wait_for_producers(EARLY)
     row = tl.program_id(0)
     kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -206,13 +216,15 @@ def _paged_split_kernel(
 def _paged_combine_kernel(
     part_ptr, lse_ptr, lengths_ptr, out_ptr, sums_ptr,
     H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    HEADS: tl.constexpr, OPERAND: tl.constexpr,
+    HEADS: tl.constexpr, OPERAND: tl.constexpr, EARLY: tl.constexpr,
 ):  # fmt: skip
     """Row ``program_id(0)``, query heads ``program_id(1) * HEADS …``: the splits' partial outputs weighed by
     ``exp2(lse)``, added in split order, rounded to bf16 once, stored as bf16 or, with OPERAND, as the row
     operand's groups the heads cover whole (``HEADS * D`` a multiple of 128). Splits whose first block starts at or
     past the row's length were not written and are not read (``compute.kernels.attention._combine_kernel``'s design,
     the live positions a row's own)."""
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl
+    wait_for_producers(EARLY)
     row = tl.program_id(0)
     heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     length = tl.load(lengths_ptr + row)
@@ -311,6 +323,7 @@ def paged_decode_attention(
     if batch == 0:
         return out
     scale = dim**-0.5 if scale is None else scale
+    early = early_launch(q.device)
     width = page_table.shape[1]
     block_g = max(_MIN_DOT_ROWS, triton.next_power_of_2(groups))
     splits = splits or paged_splits(batch, kv_heads, width, page_tokens, q.device)
@@ -319,7 +332,7 @@ def paged_decode_attention(
             q, key_pages, value_pages, page_table, lengths, out.values if operand else out,
             out.sums if operand else out, scale * _LOG2_E,
             KVH=kv_heads, G=groups, D=dim, P=page_tokens, W=width,
-            BLOCK_G=block_g, DOT_IN_FP32=not q.is_cuda, OPERAND=operand, num_warps=4,
+            BLOCK_G=block_g, DOT_IN_FP32=not q.is_cuda, OPERAND=operand, EARLY=early, num_warps=4, **pdl(early),
         )  # fmt: skip
         return out
     block_n = max(page_tokens, _BLOCK_POSITIONS)
@@ -328,14 +341,14 @@ def paged_decode_attention(
     _paged_split_kernel[(batch, kv_heads, splits)](
         q, key_pages, value_pages, page_table, lengths, part, lse, scale * _LOG2_E,
         KVH=kv_heads, G=groups, D=dim, P=page_tokens, W=width, SPLITS=splits, BLOCK_G=block_g, BLOCK_N=block_n,
-        DOT_IN_FP32=not q.is_cuda, num_warps=4, num_stages=2,
+        DOT_IN_FP32=not q.is_cuda, EARLY=early, num_warps=4, num_stages=2, **pdl(early),
     )  # fmt: skip
     # With the operand a program takes whole 128-element groups of its row: 128 / D heads (D <= 128), or one
     combine_heads = max(1, 128 // dim) if operand else 1
     _paged_combine_kernel[(batch, heads // combine_heads)](
         part, lse, lengths, out.values if operand else out, out.sums if operand else out,
         H=heads, D=dim, SPLITS=splits, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits),
-        HEADS=combine_heads, OPERAND=operand, num_warps=4,
+        HEADS=combine_heads, OPERAND=operand, EARLY=early, num_warps=4, **pdl(early),
     )  # fmt: skip
     return out
 
@@ -390,10 +403,13 @@ def reference_paged_decode_attention(
 def _rotary_pool_write_kernel(
     part_ptr, bias_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_ptr, v_ptr, stride_split, stride_row,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EARLY: tl.constexpr,
 ):  # fmt: skip
     """Row ``program_id(0)``, head ``program_id(1)`` (q heads, then k heads, then v heads) of the q|k|v product
     (``bf16(sum of SPLITS partial rows + bias)``): rotated into ``q``, rotated into the key pool at the row's
     slot, or as it is into the value pool."""
+    signal_dependents(EARLY)  # launched early: compute.kernels.pdl
+    wait_for_producers(EARLY)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     d = tl.arange(0, D)
@@ -462,12 +478,13 @@ def rotary_pool_write(
     if bias is not None and tuple(bias.shape) != (width,):
         raise ValueError(f"bias must be [{width}], got {tuple(bias.shape)}")
     q = torch.empty((rows, num_heads, head_dim), dtype=torch.bfloat16, device=qkv.device)
+    early = early_launch(qkv.device)
     if rows:
         _rotary_pool_write_kernel[(rows, num_heads + 2 * num_kv_heads)](
             qkv, bias if bias is not None else cos, cos.contiguous(), sin.contiguous(), slots, q, key_pool, value_pool,
             rows * width if partials else 0, qkv.stride(-2),
             H=num_heads, KVH=num_kv_heads, D=head_dim, SPLITS=qkv.shape[0] if partials else 1,
-            HAS_BIAS=bias is not None, num_warps=1,
+            HAS_BIAS=bias is not None, EARLY=early, num_warps=1, **pdl(early),
             enable_fp_fusion=False,  # keep HF's two roundings before the sum
         )  # fmt: skip
     return q
