@@ -33,7 +33,8 @@
 * Two primitives serve speculation and the draft model: ``forward_rows(ids, positions, mask)``, one forward over
   arbitrary rows (any positions, a boolean mask over the whole cache; keys/values appended after what the cache
   holds; every row's logits), and ``keep_rows(prefix, rows)``, which moves the kept rows' keys/values into place
-  and cuts the cache there. Up to ``step_rows`` rows (16 where the fused decode layers run, else 1),
+  and cuts the cache there. Up to ``step_rows`` rows (16 where the fused decode layers run and nothing streams,
+  else 1),
   ``step_rows_forward(ids, positions, ancestors)`` does what ``forward_rows`` does through the decode step's
   kernels, a row's mask given by the rows it attends (bits), replayed from CUDA graphs where decode is: the pass a
   speculative step takes when everything is resident costs a few one-token steps, not an eager forward.
@@ -459,8 +460,10 @@ class Engine:
 
     @property
     def step_rows(self) -> int:
-        """How many rows ``step_rows_forward`` takes at most (1: none beyond the decode step's one)."""
-        return self._decoder.max_rows
+        """How many rows ``step_rows_forward`` takes at most (1: none beyond the decode step's one). Only while the
+        plan streams nothing: when layers stream, a pass costs the bus's time whatever runs it, and a step per row
+        bucket would only add graphs (and their memory, which the plan does not count) to a tight budget."""
+        return 1 if self.streams else self._decoder.max_rows
 
     @property
     def streams(self) -> bool:

@@ -219,7 +219,7 @@ def speculative_step(
     started = time.perf_counter()
     # nodes past the reply's end or the cache's are wasted: at most room - 1 (one token comes from the target)
     limit = min(engine.draft_tokens or DEFAULT_MAX_DRAFT_TOKENS, room - 1, engine.max_context - prefix - 1)
-    if engine.step_rows > 1 and not engine.streams:
+    if engine.step_rows > 1:
         # everything resident: a pass over the decode step's rows costs a few one-token steps, one over more runs
         # HF's modules eagerly (an order of magnitude more), so no tree outgrows the step
         limit = min(limit, engine.step_rows - 1)
