@@ -1,9 +1,9 @@
 """How an engine runs its decode steps: CUDA graphs where the plan in force allows, eagerly otherwise.
 
 ``Decoder`` is what the engine calls per decode step, and per speculative pass of up to ``gemv_mma.MAX_ROWS`` rows
-where the fused decode layers run (``Decoder.rows``: a step of as many rows, in buckets of 2, 4, 8 and 16); it decides per plan generation whether to capture
-(``compute.cuda_graphs``), drops the graphs of an older plan, falls back to eager decode (reason logged) when capture
-fails; ``mode`` says how it runs. It reads the loader's plan through ``UnitWeights.plan`` and nothing else of the
+where the fused decode layers run (``Decoder.rows``: a step of as many rows, in buckets of 2, 4, 8 and 16); it
+decides per plan generation whether to capture (``compute.cuda_graphs``), drops the graphs of an older plan, falls
+back to eager decode (reason logged) when capture fails; ``mode`` says how it runs. It reads the loader's plan through ``UnitWeights.plan`` and nothing else of the
 protocol.
 """
 
@@ -92,9 +92,10 @@ class Decoder:
         pad = bucket - n
         step.set_rows([*tokens, *[0] * pad], [*positions, *[positions[-1]] * pad], slot,
                       [*tree, *(1 << row for row in range(n, bucket))])  # fmt: skip
-        # deciding may capture the one-row step, whose warm-up writes a token's keys/values at its position: let
-        # that be this pass's first slot, which the pass writes again (not a stale position the cache holds)
-        self.step.set(tokens[0], slot)
+        if self._decision(cuda_graphs) != self._decided_for:
+            # deciding may capture the one-row step, whose warm-up writes a token's keys/values at its position: let
+            # that be this pass's first slot, which the pass writes again (not a stale position the cache holds)
+            self.step.set(tokens[0], slot)
         self._decide(cuda_graphs)
         if self.graphs is not None:
             if bucket not in self._row_graphs:
@@ -119,8 +120,12 @@ class Decoder:
         log.info("%d-row step captured in %.2f s", bucket, time.perf_counter() - started)
         return graphs
 
+    def _decision(self, cuda_graphs: bool) -> tuple[int | None, bool]:
+        """What a decision is made for: the plan in force and ``cuda_graphs``."""
+        return plan_generation(self._weights.plan), cuda_graphs
+
     def _decide(self, cuda_graphs: bool) -> None:
-        key = (plan_generation(self._weights.plan), cuda_graphs)
+        key = self._decision(cuda_graphs)
         if key == self._decided_for:
             return
         self.graphs = None

@@ -142,6 +142,37 @@ def rotary_projection(part_ptr, stride_split, bias_ptr, first, cos, sin, D: tl.c
 
 
 @triton.jit
+def qk_scores(q, k, DOT_IN_FP32: tl.constexpr):
+    """``q kᵀ`` of a q tile and a block of keys, fp32, on tensor cores; with DOT_IN_FP32 (the interpreter, whose
+    bf16 ``tl.dot`` is wrong) in fp32 from q already widened."""
+    if DOT_IN_FP32:
+        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    return scores
+
+
+@triton.jit
+def online_softmax_step(scores, v, m_i, l_i, acc, DOT_IN_FP32: tl.constexpr):
+    """One block of keys into a running softmax (flash attention): ``scores`` scaled to base 2, -inf where a row
+    does not attend; ``m_i``/``l_i`` the rows' running maximum and sum of ``exp2(score - m_i)``, ``acc`` the running
+    sum of those weights times the values (fp32). Returns them updated. The probabilities enter the product with
+    ``v`` as bf16, as in HF's eager attention. A row with no attended key so far keeps ``m_i`` = -inf and sum 0
+    (it subtracts 0, not -inf: no exp2 of NaN)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if DOT_IN_FP32:
+        acc = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(tl.bfloat16), v, acc)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _rotary_cache_write_kernel(
     part_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_cache_ptr, v_cache_ptr, position_ptr, length_ptr,
     N, C,
@@ -227,10 +258,7 @@ def _split_attention_kernel(
                 ptrs = (cache_rows + n.to(tl.int64))[:, None] * D + d[None, :]  # (BLOCK_N, D)
                 k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
                 v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
-                if DOT_IN_FP32:
-                    scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-                else:
-                    scores = tl.dot(q, tl.trans(k))
+                scores = qk_scores(q, k, DOT_IN_FP32)
                 # every row attends the prefix, slots below position, and of the T draft slots its chain or tree's
                 draft = n - position  # (BLOCK_N,) int64: a far position must not wrap around
                 if TREE:
@@ -240,18 +268,7 @@ def _split_attention_kernel(
                     chosen = draft[None, :] <= token[:, None]
                 attend = (valid & (draft < 0))[None, :] | ((valid & (draft < T))[None, :] & chosen)
                 scores = tl.where(attend, scores * qk_scale, float("-inf"))  # (BLOCK_M, BLOCK_N)
-                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-                # a row with no attended key so far keeps m_i = -inf: subtract 0 there, not -inf (exp2 of NaN)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(scores - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None]
-                if DOT_IN_FP32:
-                    acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(p.to(tl.bfloat16), v, acc)  # HF's eager attention also multiplies bf16 probabilities
-                m_i = m_new
+                m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc, DOT_IN_FP32)
         slots = heads.to(tl.int64) * SPLITS + split
         attended = l_i > 0
         mean = acc / tl.where(attended, l_i, 1.0)[:, None]

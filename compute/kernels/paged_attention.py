@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compute.kernels.attention import MAX_SPLITS, rotary_projection
+from compute.kernels.attention import MAX_SPLITS, online_softmax_step, qk_scores, rotary_projection
 from compute.kernels.gemv import RowOperand, store_operand
 from compute.kernels.pdl import early_launch, pdl, signal_dependents, wait_for_producers
 
@@ -124,21 +124,8 @@ def _paged_decode_kernel(
             ptrs = ((page * P + t) * KVH + kv)[:, None] * D + d[None, :]  # (P, D)
             k = tl.load(k_ptr + ptrs, mask=valid[:, None], other=0.0)
             v = tl.load(v_ptr + ptrs, mask=valid[:, None], other=0.0)
-            if DOT_IN_FP32:
-                scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))  # (BLOCK_G, P)
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if DOT_IN_FP32:
-                acc = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(tl.bfloat16), v, acc)
-            m_i = m_new
+            scores = tl.where(valid[None, :], qk_scores(q, k, DOT_IN_FP32) * qk_scale, float("-inf"))  # (BLOCK_G, P)
+            m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc, DOT_IN_FP32)
     out = (acc / l_i[:, None]).to(tl.bfloat16)
     if OPERAND:
         # The tile's real rows are its first G * D elements (row-major): this program's whole groups of the row's
@@ -192,21 +179,10 @@ def _paged_split_kernel(
             ptrs = ((page * P + n % P) * KVH + kv)[:, None] * D + d[None, :]  # (BLOCK_N, D)
             k = tl.load(k_ptr + ptrs, mask=valid[:, None], other=0.0)
             v = tl.load(v_ptr + ptrs, mask=valid[:, None], other=0.0)
-            if DOT_IN_FP32:
-                scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: the first block's first position is valid
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if DOT_IN_FP32:
-                acc = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(tl.bfloat16), v, acc)
-            m_i = m_new
+            scores = qk_scores(q, k, DOT_IN_FP32) * qk_scale
+            scores = tl.where(valid[None, :], scores, float("-inf"))  # (BLOCK_G, BLOCK_N)
+            # the first block's first position is valid: every row's maximum is finite from the first step
+            m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc, DOT_IN_FP32)
         slots = q_rows * SPLITS + split
         tl.store(part_ptr + slots[:, None] * D + d[None, :], acc / l_i[:, None], mask=real[:, None])
         tl.store(lse_ptr + slots, m_i + tl.log2(l_i), mask=real)
