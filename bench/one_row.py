@@ -18,11 +18,17 @@ engines then decode the same 16 tokens after the same prompt: ``logits_relative_
 gives ~1).
 
 So ``forward - replay`` is the host's work around a pass and ``scheduler - forward`` the scheduler's.
+
+With ``--profile``, the kernels of both passes are traced (``torch.profiler``, which sees into CUDA graphs) and
+``kernels`` lists, per kernel name, its launches and microseconds per pass in each: the batched pass's replay and
+the one-conversation engine's decode step, side by side, the largest differences first. Kernel times add up to
+more than a pass where kernels launched early overlap, and leave out the gaps between launches.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -30,10 +36,46 @@ from pathlib import Path
 import click
 import torch
 
+from compute.config import KernelOptions, kernel_options
+
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _kernel_times(run, steps: int) -> dict[str, tuple[float, float]]:
+    """Per CUDA kernel name: (launches, microseconds) per call of ``run``, over ``steps`` traced calls."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        for _ in range(steps):
+            run()
+        _sync()
+    table: dict[str, list[float]] = {}
+    for event in trace.events():
+        if event.device_type == DeviceType.CUDA:
+            entry = table.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.elapsed_us()
+    return {name: (count / steps, total / steps) for name, (count, total) in table.items()}
+
+
+def _kernel_rows(batched: dict, single: dict) -> list[dict]:
+    """The two passes' kernel tables side by side, the largest difference in time first."""
+    rows = []
+    for name in set(batched) | set(single):
+        ours, theirs = batched.get(name, (0, 0.0)), single.get(name, (0, 0.0))
+        rows.append({"kernel": name[:90], "batched_launches": ours[0], "batched_us": round(ours[1], 1),
+                     "single_launches": theirs[0], "single_us": round(theirs[1], 1)})  # fmt: skip
+    rows.sort(key=lambda row: -abs(row["batched_us"] - row["single_us"]))
+    total = {"kernel": "(all)"}
+    for key in ("batched_launches", "batched_us", "single_launches", "single_us"):
+        total[key] = round(sum(row[key] for row in rows), 1)
+    return [total, *rows]
 
 
 def _median_ms(run, steps: int) -> float:
@@ -54,9 +96,15 @@ def _median_ms(run, steps: int) -> float:
 @click.option("--steps", type=click.IntRange(min=8), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-def main(checkpoint: Path, budget: str, steps: int, device: str, json_path: Path | None) -> None:
+@click.option("--profile", is_flag=True, help="Also list both passes' kernels, traced (CUDA).")
+@kernel_options
+def main(
+    checkpoint: Path, budget: str, steps: int, device: str, json_path: Path | None, profile: bool, **kernels
+) -> None:
     """Time the batched engine's one-row decode pass in pieces (see the module docstring)."""
     import random
+
+    KernelOptions(**kernels).apply()
 
     from bench.concurrency import measure_level
     from compute.batch_engine import BatchEngine, Chunk
@@ -95,10 +143,13 @@ def main(checkpoint: Path, budget: str, steps: int, device: str, json_path: Path
         forward_ms = _median_ms(forward, steps)
         chunk = [Chunk("s", (7,), position, logits=True)]
         set_ms = replay_ms = float("nan")  # without CUDA graphs there is no captured pass
+        batched_kernels: dict = {}
         if 1 in engine.decoder._graphs:
             inputs, graphs = engine.decoder._graphs[1]
             set_ms = _median_ms(lambda: inputs.set(engine, chunk), steps)
             replay_ms = _median_ms(lambda: engine.decoder._run_segments(inputs, graphs), steps)
+            if profile:
+                batched_kernels = _kernel_times(lambda: engine.decoder._run_segments(inputs, graphs), steps)
         pool.release("s")
         scheduler = Scheduler(engine, max_batch=16, max_waiting=4)
         scheduler.start()
@@ -113,6 +164,12 @@ def main(checkpoint: Path, budget: str, steps: int, device: str, json_path: Path
         single.generate(list(prompt), greedy)  # captures the decode step
         single.reset()
         one_conversation_ms = 1e3 / single.generate(list(prompt), greedy).decode_tokens_per_s
+        kernels_table = None
+        if profile and device == "cuda":
+            single.reset()
+            single.generate(list(prompt), SamplingParams(temperature=0, max_new_tokens=1))
+            single_kernels = _kernel_times(lambda: single._decode_step(7, len(prompt)), steps)  # the same slot
+            kernels_table = _kernel_rows(batched_kernels, single_kernels)
         single.reset()
         single.generate(list(prompt), SamplingParams(temperature=0, max_new_tokens=1))  # the cache holds the prompt
         pool.reserve("c", len(prompt) + 17)
@@ -122,11 +179,16 @@ def main(checkpoint: Path, budget: str, steps: int, device: str, json_path: Path
             token = rng.randrange(vocab)
             ours = engine.forward([Chunk("c", (token,), len(prompt) + offset, logits=True)])[0].float()
             theirs = single._decode_step(token, len(prompt) + offset).float()
-            error = max(error, float((ours - theirs).norm() / theirs.norm()))
+            difference = float((ours - theirs).norm() / theirs.norm())
+            error = difference if not math.isfinite(difference) else max(error, difference)  # NaN must show
+            if not math.isfinite(error):
+                break
     result = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "budget": budget, "decode_mode": engine.decoder.mode,
               "replay_ms": replay_ms, "set_ms": set_ms, "forward_ms": forward_ms,
               "scheduler_itl_p50_ms": 1e3 * level.itl_p50_s, "one_conversation_ms": one_conversation_ms,
               "logits_relative_error": error}  # fmt: skip
+    if kernels_table is not None:
+        result["kernels"] = kernels_table
     click.echo(json.dumps(result, indent=1))
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -7,7 +7,8 @@ between passes for a cancel; with the engine's drafter it decodes speculatively,
 the replies' ``compute.speculation.SpeculationStats`` (``BatchRunner.speculation`` is None: it never speculates).
 
 Both runners talk to the ``compute.scheduler.Scheduler`` only through its engine-thread methods
-(``next_requests``, ``token``, ``finish``, ``error``, ``should_stop``, ``count_pass``) and let out of ``run``
+(``next_requests``, ``token``, ``finish``, ``error``, ``should_stop``, ``count_pass``,
+``hold_events``, ``send_held_events``) and let out of ``run``
 only the exceptions that are fatal (``protocol.client.LoaderError``, or anything that is not an ``Exception``);
 any other exception fails the requests it touched and the loop goes on.
 """
@@ -135,16 +136,18 @@ class BatchRunner:
 
     def run(self) -> None:
         scheduler = self.scheduler
+        scheduler.hold_events()  # a pass's events go out once the next pass is launched (the scheduler's docstring)
         while True:
             self._stop_requested()
             self._admit()
             if not self.running:
+                scheduler.send_held_events()
                 if not scheduler.wait_for_work():
                     return
                 continue
             chunks, fed = self._plan_pass()
             try:
-                logits = self.engine.forward(chunks)
+                logits = self.engine.forward(chunks)  # launched: the device computes while the events go out
             except LoaderError:
                 raise
             except Exception as e:
@@ -152,6 +155,8 @@ class BatchRunner:
                 for seq in fed:
                     self._end(seq, error=failure_message(e))
                 continue
+            finally:
+                scheduler.send_held_events()
             scheduler.count_pass()
             self._advance(fed, chunks, logits)
 
