@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from compute.cuda_graphs import WARMUP_STEPS
+from compute.kernels.embedding import embedding_rows
 from compute.model import HostEmbedding
 from compute.segments import Segment, describe, plan_generation, plan_segments, streamed_units
 
@@ -95,6 +96,16 @@ class DecodeInputs:
         if self.host_embedding is not None:
             torch.index_select(self.host_embedding.weight, 0, host[0], out=self._staging)
             self.embedded[0].copy_(self._staging, non_blocking=True)
+
+    def set_ids(self, ids: torch.Tensor) -> None:
+        """Replace the token ids ``set`` wrote for the first ``len(ids)`` rows by ``ids`` (int64 on the device: the
+        argmax of the pass before, not read back): with a host embedding their rows are gathered from the pinned
+        table by the device (``compute.kernels.embedding``). After ``set``, on the same stream."""
+        n = ids.shape[0]
+        if self.host_embedding is not None:
+            embedding_rows(self.host_embedding.weight, ids, self.embedded[0, :n])
+        else:
+            self.ids[:n].copy_(ids)
 
     def hidden(self, engine: BatchEngine) -> torch.Tensor:
         """The rows' embeddings (1, rows, hidden)."""
@@ -174,7 +185,9 @@ class BatchDecoder:
             return f"{shape} (buckets {buckets})" if shape == "graph" else f"{shape[:-1]}; buckets {buckets})"
         return f"eager: {self._reason}"
 
-    def run(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+    def run(self, chunks: Sequence[Chunk], ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode pass of ``chunks``: their logits [rows, vocab]; ``ids`` (int64 [rows] on the device), when
+        given, are the rows' tokens instead of the chunks' (``DecodeInputs.set_ids``)."""
         self._decide()
         n = len(chunks)
         if self._segments is not None and n <= self.buckets[-1]:
@@ -183,11 +196,15 @@ class BatchDecoder:
             if captured is not None:
                 inputs, graphs = captured
                 inputs.set(self.engine, chunks)
+                if ids is not None:
+                    inputs.set_ids(ids)
                 return self._run_segments(inputs, graphs)[:n]
         inputs = self._eager_inputs.get(n)
         if inputs is None:
             inputs = self._eager_inputs[n] = DecodeInputs(self.engine, n)
         inputs.set(self.engine, chunks)
+        if ids is not None:
+            inputs.set_ids(ids)
         return inputs.run(self.engine)
 
     def _run_segments(self, inputs: DecodeInputs, graphs) -> torch.Tensor:

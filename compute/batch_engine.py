@@ -61,6 +61,7 @@ from compute.decode import fused_decode_unsupported, stacked, stacked_bias
 from compute.engine import PREFILL_ATTENTION_BACKENDS, reply_end_ids
 from compute.kernels import int4_matmul
 from compute.kernels.activation import silu_mul
+from compute.kernels.embedding import embedding_rows
 from compute.kernels.gemv import RowOperand, int4_gemv
 from compute.kernels.gemv_mma import MAX_ROWS
 from compute.kernels.norm import add_partials, add_partials_workspace, rms_norm
@@ -158,6 +159,7 @@ class BatchEngine:
         # one-row residual adds with the norm meet here (one call at a time); made before any graph captures them
         self._norm_workspace = add_partials_workspace(self.device) if self.fused else None
         self.decoder = BatchDecoder(self, cuda_graphs=cuda_graphs)
+        self.device_ids = self._device_ids_work()
         log.info(
             "paged KV pool: %d tokens in %d pages of %d, %.1f MiB; attention for decode rows: %s",
             self.kv_pool.total_tokens,
@@ -166,6 +168,25 @@ class BatchEngine:
             self.kv_pool.nbytes / 2**20,
             "paged Triton kernel" if self.paged_kernel else "torch SDPA per sequence",
         )
+
+    def _device_ids_work(self) -> bool:
+        """Whether a pass can take its token ids on the device (``forward(ids=...)``): with the embedding in host
+        memory on CUDA, only if the device reads the pinned table (``compute.kernels.embedding``), tried here once
+        on one row."""
+        embedding = self.model.model.embed_tokens
+        if not isinstance(embedding, HostEmbedding) or self.device.type != "cuda":
+            return True
+        try:
+            with torch.inference_mode():
+                row = embedding_rows(embedding.weight, torch.ones(1, dtype=torch.long, device=self.device),
+                                     torch.empty((1, embedding.weight.shape[1]), dtype=embedding.weight.dtype,
+                                                 device=self.device))  # fmt: skip
+                if torch.equal(row.cpu()[0], embedding.weight[1]):
+                    return True
+            log.warning("the device read a wrong row of the host embedding: passes wait for their tokens")
+        except Exception as e:  # noqa: BLE001 - any failure means only that passes are not launched ahead
+            log.warning("the device cannot read the host embedding (%s): passes wait for their tokens", e)
+        return False
 
     @classmethod
     def for_plan(cls, checkpoint: QuantizedCheckpoint, client, *, device: torch.device | str, **options) -> BatchEngine:
@@ -178,12 +199,20 @@ class BatchEngine:
         )  # fmt: skip
 
     @torch.inference_mode()
-    def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        """One pass over every chunk's tokens; the logits of the chunks that ask, [asking, vocab]."""
+    def forward(self, chunks: Sequence[Chunk], *, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One pass over every chunk's tokens; the logits of the chunks that ask, [asking, vocab].
+
+        ``ids`` (a pass of decode rows only, where ``device_ids`` holds): the rows' tokens as the device has them,
+        int64 [rows] (the argmax of the pass before, not read back yet), used instead of the chunks' token ids, so
+        that a pass can be launched before the host knows its tokens."""
         if not chunks:
             raise ValueError("a forward pass needs at least one chunk")
+        if ids is not None and not (
+            self.device_ids and all(len(chunk.token_ids) == 1 and chunk.logits for chunk in chunks)
+        ):
+            raise ValueError("token ids on the device are for passes of decode rows, where device_ids holds")
         try:
-            return self._forward(chunks)
+            return self._forward(chunks, ids)
         except BaseException:
             if self._binder.in_pass:
                 try:
@@ -192,9 +221,9 @@ class BatchEngine:
                     log.warning("could not finish the interrupted forward pass with the loader: %s", e)
             raise
 
-    def _forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+    def _forward(self, chunks: Sequence[Chunk], ids: torch.Tensor | None) -> torch.Tensor:
         if all(len(chunk.token_ids) == 1 and chunk.logits for chunk in chunks):
-            return self.decoder.run(chunks)  # decode rows only: static buffers, CUDA graphs where the plan allows
+            return self.decoder.run(chunks, ids)  # decode rows only: static buffers, CUDA graphs where the plan allows
         batch = _Batch.build(chunks, self.kv_pool, self.device, self.max_pages)
         ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self._ids_device).unsqueeze(0)  # (1, T)
         hidden = self.model.model.embed_tokens(ids)  # (1, T, hidden)

@@ -44,6 +44,7 @@ class SerialRunner:
     """One request at a time through ``Engine.generate``."""
 
     max_batch = 1
+    passes_ahead = 0  # each pass waits for the token before it
 
     def __init__(self, scheduler: Scheduler, engine: Engine):
         self.scheduler = scheduler
@@ -107,6 +108,40 @@ class Running:
         return self.entry.id
 
 
+def _plain_greedy(seq: Running) -> bool:
+    """The sequence's next token is its logits' argmax, whatever it saw before."""
+    return seq.entry.params.greedy and seq.entry.params.repetition_penalty == 1
+
+
+@dataclasses.dataclass(eq=False)
+class Launched:
+    """A pass on its way: its chunks and sequences, and its logits (or why it failed)."""
+
+    fed: list[Running]
+    chunks: list[Chunk]
+    logits: torch.Tensor | None = None
+    error: str | None = None  # the pass failed: its sequences end with this
+    greedy: torch.Tensor | None = None  # the argmax of every row (all plain greedy), on the device
+    _host: torch.Tensor | None = None  # ``greedy`` copied to host memory (pinned, on CUDA) as the device makes it
+    _ready: torch.cuda.Event | None = None  # recorded once the copy is on its way
+
+    def read_greedy(self) -> None:
+        """Take the argmax of every row on the device and start copying it to the host, without waiting."""
+        self.greedy = self.logits.float().argmax(dim=-1)
+        cuda = self.greedy.device.type == "cuda"
+        self._host = torch.empty(self.greedy.shape, dtype=self.greedy.dtype, pin_memory=cuda)
+        self._host.copy_(self.greedy, non_blocking=True)
+        if cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def tokens(self) -> list[int]:
+        """The argmax of every row, once the pass (and nothing launched after it) is done."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
 class BatchRunner:
     """Many requests per forward pass through a ``compute.batch_engine.BatchEngine``.
 
@@ -118,6 +153,13 @@ class BatchRunner:
     its pages are released and it is fed again from its first token once there is room (its tokens already
     sent stand; its reply goes on where it was, computed anew). Sampling is per sequence
     (``compute.sampling.sample_next``, the reply's own generator); greedy rows are one batched argmax.
+
+    A pass is launched ahead, before the tokens of the pass before it are read, where its rows are certain: every
+    running sequence decodes greedily, none can end but by EOS, nobody waits to join or is to stop
+    (``_launch_ahead``). Its token ids are the argmax the device just computed (``BatchEngine.forward(ids=...)``),
+    so the host's work between passes (reading the tokens, the events, the next pass's inputs) overlaps the
+    device's instead of adding to it. A sequence that ends at EOS meanwhile has its row of the pass ahead computed
+    and dropped. Each pass's tokens are the same as without it: the same argmax of the same logits.
     """
 
     speculation: SpeculationStats | None = None  # batched passes do not speculate
@@ -130,6 +172,7 @@ class BatchRunner:
         self.vocab_size: int = engine.vocab_size
         self.running: list[Running] = []  # in admission order
         self.preempted: list[Running] = []  # to be fed again, before any new request
+        self.passes_ahead = 0  # passes launched before the tokens of the pass before them were read
 
     def kv_tokens(self) -> tuple[int, int]:
         return self.pool.free_tokens, self.pool.total_tokens
@@ -137,28 +180,61 @@ class BatchRunner:
     def run(self) -> None:
         scheduler = self.scheduler
         scheduler.hold_events()  # a pass's events go out once the next pass is launched (the scheduler's docstring)
+        launched: Launched | None = None  # a pass on the device whose tokens are not read yet
         while True:
-            self._stop_requested()
-            self._admit()
-            if not self.running:
-                scheduler.send_held_events()
-                if not scheduler.wait_for_work():
-                    return
-                continue
-            chunks, fed = self._plan_pass()
-            try:
-                logits = self.engine.forward(chunks)  # launched: the device computes while the events go out
-            except LoaderError:
-                raise
-            except Exception as e:
-                log.exception("a forward pass of %d sequences failed", len(fed))
-                for seq in fed:
-                    self._end(seq, error=failure_message(e))
-                continue
-            finally:
-                scheduler.send_held_events()
-            scheduler.count_pass()
-            self._advance(fed, chunks, logits)
+            if launched is None:
+                self._stop_requested()
+                self._admit()
+                if not self.running:
+                    scheduler.send_held_events()
+                    if not scheduler.wait_for_work():
+                        return
+                    continue
+                launched = self._launch(*self._plan_pass())
+            following = self._launch_ahead(launched)
+            scheduler.send_held_events()  # the device computes while the events go out
+            self._advance(launched)
+            launched = following
+
+    def _launch(self, chunks: list[Chunk], fed: list[Running], ids: torch.Tensor | None = None) -> Launched:
+        """Launch the pass of ``chunks`` (their token ids ``ids`` on the device, for a pass launched ahead); when
+        every row asking for logits is plain greedy, their argmax starts on its way to the host."""
+        try:
+            logits = self.engine.forward(chunks, ids=ids)
+        except LoaderError:
+            raise
+        except Exception as e:
+            log.exception("a forward pass of %d sequences failed", len(fed))
+            return Launched(fed, chunks, error=failure_message(e))
+        self.scheduler.count_pass()
+        launched = Launched(fed, chunks, logits)
+        asking = [seq for seq, chunk in zip(fed, chunks) if chunk.logits]
+        if asking and all(_plain_greedy(seq) for seq in asking):
+            launched.read_greedy()
+        return launched
+
+    def _launch_ahead(self, launched: Launched) -> Launched | None:
+        """The next pass, launched before ``launched``'s tokens are read, when it is sure to be every running
+        sequence's next decode row: ``launched`` decodes every running sequence, greedily, none of them can end
+        but by EOS (then its row of the pass ahead is computed and dropped), no request waits to join, none is
+        to stop, and the pool holds each one's next position. Its token ids are ``launched``'s argmax, on the
+        device. None (the next pass is planned once the tokens are read) otherwise."""
+        if launched.greedy is None or not self.engine.device_ids or self.preempted:
+            return None
+        fed, chunks = launched.fed, launched.chunks
+        if len(fed) != len(self.running) or any(len(chunk.token_ids) != 1 or not chunk.logits for chunk in chunks):
+            return None
+        if self.scheduler.peek_waiting() is not None or any(self.scheduler.should_stop(seq.entry) for seq in fed):
+            return None
+        for seq in fed:  # after this pass's token: len(seq.ids) + 1 ids, position seq.fed + 1 fed next
+            produced = len(seq.ids) + 1 - seq.entry.prompt_tokens
+            if produced >= seq.entry.params.max_new_tokens or len(seq.ids) + 1 > self.engine.max_context:
+                return None
+        if not all(self.pool.reserve(seq.key, seq.fed + 2) for seq in fed):
+            return None
+        ahead = [Chunk(seq.key, (0,), seq.fed + 1, logits=True) for seq in fed]  # token 0: the ids are on the device
+        self.passes_ahead += 1
+        return self._launch(ahead, list(fed), ids=launched.greedy)
 
     def _stop_requested(self) -> None:
         self.scheduler.end_stopped_waiting()
@@ -220,12 +296,22 @@ class BatchRunner:
         self.running.remove(victim)
         self.preempted.insert(0, victim)
 
-    def _advance(self, fed: list[Running], chunks: list[Chunk], logits: torch.Tensor) -> None:
+    def _advance(self, launched: Launched) -> None:
+        """Read ``launched``'s tokens and hand them on; a sequence that ended before (a pass launched ahead of
+        its EOS) gets nothing more. A failed pass ends its sequences with the error."""
+        fed, chunks = launched.fed, launched.chunks
+        if launched.error is not None:
+            for seq in fed:
+                if seq in self.running:
+                    self._end(seq, error=launched.error)
+            return
         asking = [seq for seq, chunk in zip(fed, chunks) if chunk.logits]
         for seq, chunk in zip(fed, chunks):
             seq.fed += len(chunk.token_ids)
-        tokens = self._sample(asking, logits)
+        tokens = launched.tokens() if launched.greedy is not None else self._sample(asking, launched.logits)
         for seq, token in zip(asking, tokens):
+            if seq not in self.running:
+                continue
             seq.ids.append(token)
             self.scheduler.token(seq.entry, token)
             reason = self._finish_reason(seq, token)
@@ -235,7 +321,7 @@ class BatchRunner:
     def _sample(self, seqs: list[Running], logits: torch.Tensor) -> list[int]:
         """Each sequence's next token from its row of ``logits``: plain greedy rows in one argmax, others alone."""
         tokens: list[int | None] = [None] * len(seqs)
-        plain = [i for i, seq in enumerate(seqs) if seq.entry.params.greedy and seq.entry.params.repetition_penalty == 1]
+        plain = [i for i, seq in enumerate(seqs) if _plain_greedy(seq)]
         if plain:
             rows = logits if len(plain) == len(seqs) else logits[plain]  # no index copy in the common case
             best = rows.float().argmax(dim=-1).tolist()

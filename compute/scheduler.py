@@ -98,6 +98,8 @@ class SchedulerStats:
     max_batch: int  # sequences one forward pass can serve
     passes: int  # forward passes run since start
     tokens_generated: int  # tokens sent as TokenEvents since start
+    # of those passes, how many were launched before the tokens of the pass before them were read (batched, greedy)
+    passes_ahead: int = 0
     # what speculative decoding did over the replies that ended since start; None when the engine has no drafter
     speculation: SpeculationStats | None = None
 
@@ -202,6 +204,7 @@ class Scheduler:
             max_batch=self.max_batch,
             passes=self.passes,
             tokens_generated=self.tokens_generated,
+            passes_ahead=self._runner.passes_ahead,
             speculation=self._runner.speculation,
         )
 

@@ -361,6 +361,92 @@ def test_a_full_kv_pool_preempts_the_latest_sequence_and_its_reply_goes_on(tiny_
     assert engine.kv_pool.free_tokens == 64
 
 
+def in_process_engine(qdir: Path, **options) -> BatchEngine:
+    checkpoint = QuantizedCheckpoint(qdir)
+    engine = BatchEngine(checkpoint, CheckpointWeights(checkpoint), device="cpu", max_context=64, kv_tokens=512,
+                         max_batch=4, **options)  # fmt: skip
+    engine.eos_token_ids = frozenset()
+    return engine
+
+
+def run_together(engine: BatchEngine, work) -> tuple[list[list], object]:
+    """Every (prompt, params) of ``work`` queued at once to a scheduler of 4: (each request's events, the stats)."""
+    replies = Replies()
+    scheduler = Scheduler(engine, max_batch=4)
+    ids = [replies.submit(scheduler, p, params) for p, params in work]
+    scheduler.start()
+    events = [replies.wait(i) for i in ids]
+    stats = scheduler.stats()
+    scheduler.close(drain=True)
+    return events, stats
+
+
+def test_greedy_passes_launch_ahead_of_their_tokens_and_give_the_same_replies(qdir):
+    work = [(random_prompt(n), SamplingParams(temperature=0, max_new_tokens=k)) for n, k in ((5, 9), (12, 4), (3, 11))]
+    engine = in_process_engine(qdir)
+    engine.device_ids = False  # every pass waits for the tokens before it
+    waited, waited_stats = run_together(engine, work)
+    engine = in_process_engine(qdir)
+    assert engine.device_ids
+    ahead, stats = run_together(engine, work)
+    assert waited_stats.passes_ahead == 0 and stats.passes_ahead > 0
+    # the same passes (one launched ahead is the pass that would follow), so the same tokens, bit for bit
+    assert [tokens_of(e) for e in ahead] == [tokens_of(e) for e in waited]
+    assert stats.passes == waited_stats.passes
+    for (prompt, params), events in zip(work, ahead):
+        assert events[-1] == FinishEvent(events[-1].request_id, FinishReason.LENGTH, len(prompt), params.max_new_tokens)
+    assert engine.kv_pool.free_tokens == engine.kv_pool.total_tokens
+
+
+def test_a_reply_that_ends_at_eos_while_its_next_pass_runs_ends_there(tiny_q, tmp_path):
+    prompts = [random_prompt(6), random_prompt(9)]
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    engine = in_process_engine(tiny_q)
+    free, _ = run_together(engine, [(p, greedy) for p in prompts])
+    first = tokens_of(free[0])
+    eos = first[4]  # the first reply's fifth token ends it: its next row is already on its way
+    engine = in_process_engine(tiny_q)
+    engine.eos_token_ids = frozenset({eos})
+    events, stats = run_together(engine, [(p, greedy) for p in prompts])
+    assert stats.passes_ahead > 0
+    assert tokens_of(events[0]) == first[: first.index(eos) + 1]
+    assert events[0][-1].finish_reason is FinishReason.EOS
+    second = tokens_of(events[1])
+    if eos in second:
+        assert second == tokens_of(free[1])[: second.index(eos) + 1]
+    else:  # the second reply ran on alone after the first ended: a pass of one row, not two
+        assert_same_or_near_tie(second, tokens_of(free[1]), prompts[1], reference_model(tiny_q, tmp_path))
+    assert engine.kv_pool.free_tokens == engine.kv_pool.total_tokens
+
+
+def test_sampled_replies_and_cancels_stop_passes_going_ahead(tiny_q):
+    engine = in_process_engine(tiny_q)
+    sampled = SamplingParams(temperature=1.0, seed=3, max_new_tokens=6)
+    events, stats = run_together(engine, [(random_prompt(5), sampled), (random_prompt(4), sampled)])
+    assert stats.passes_ahead == 0 and [len(tokens_of(e)) for e in events] == [6, 6]
+
+    # A cancel from the third token's event (the engine thread, while the next pass may already run ahead): the
+    # request stops at the next pass boundary, one pass ahead at most.
+    scheduler = Scheduler(engine, max_batch=4)
+    seen, done = [], threading.Event()
+
+    def on_event(event):
+        seen.append(event)
+        if len(seen) == 3:
+            scheduler.cancel(event.request_id)
+        if not isinstance(event, TokenEvent):
+            done.set()
+
+    scheduler.submit(GenerationRequest(prompt_ids=tuple(random_prompt(5)), params=SamplingParams(temperature=0,
+                     max_new_tokens=50)), on_event)  # fmt: skip
+    scheduler.start()
+    assert done.wait(WAIT_S)
+    scheduler.close(drain=True)
+    assert seen[-1].finish_reason is FinishReason.STOPPED and 3 <= len(tokens_of(seen)) <= 5
+    assert scheduler.stats().passes_ahead > 0
+    assert engine.kv_pool.free_tokens == engine.kv_pool.total_tokens
+
+
 def test_decode_rows_padded_to_a_bucket_give_each_rows_own_logits(tiny_q):
     from compute.batch_decode import DecodeInputs
 
@@ -408,10 +494,12 @@ def test_batched_decode_on_cuda_replays_graphs_and_each_reply_is_its_reply_alone
     engine.eos_token_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=8)
     prompts = [random_prompt(n) for n in (3, 9, 20, 5, 14)]
-    alone, events, _ = alone_then_together(engine, [(p, params) for p in prompts], max_batch=8)
+    alone, events, stats = alone_then_together(engine, [(p, params) for p in prompts], max_batch=8)
     batched = [tokens_of(e) for e in events]
     # the buckets captured depend on how many rows each pass held (admission follows the pass's token budget)
     assert engine.decoder.mode.startswith("graph (buckets 1, 2"), engine.decoder.mode
+    # passes went ahead of their tokens, their ids on the device (the untied model's rows read from the host table)
+    assert engine.device_ids and stats.passes_ahead > 0
     reference = reference_model(qdir, tmp_path).to("cuda")
     for prompt, together, single in zip(prompts, batched, alone):
         assert_same_or_near_tie(together, single, prompt, reference)
