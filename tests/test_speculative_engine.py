@@ -127,7 +127,11 @@ def test_the_reply_ends_inside_a_pass_at_an_eos_and_the_cache_is_cut_back(tiny_q
 
 
 def test_ngram_speculation_gives_the_same_greedy_reply_and_sampled_reply_per_seed(qdir, references):
-    prompt = random_prompt(5) * 3  # repeats, so prompt lookup finds something to propose
+    # Repeats, so prompt lookup finds something to propose; and a fixed draw, because whether the first probe finds
+    # one depends on the reply's first tokens (prompt lookup matches the context's last tokens): with some prompts it
+    # finds none, the empty draft counts as a lost probe, and the next 16 steps are plain.
+    torch.manual_seed(3)
+    prompt = random_prompt(5) * 3
     plain = make_engine(qdir)
     plain.eos_token_ids = frozenset()
     engine = make_engine(qdir, drafter=NgramDrafter())
