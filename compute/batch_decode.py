@@ -71,8 +71,6 @@ class DecodeInputs:
         if self.host_embedding is not None:
             hidden = self.host_embedding.weight.shape[1]
             self.embedded = torch.zeros((1, rows, hidden), dtype=self.host_embedding.weight.dtype, device=device)
-            self._staging = torch.empty((rows, hidden), dtype=self.host_embedding.weight.dtype,
-                                        pin_memory=device.type == "cuda")  # fmt: skip
 
     def set(self, engine: BatchEngine, chunks: Sequence[Chunk]) -> None:
         """Write the rows of ``chunks`` (at most ``rows``); rows past them keep padding: token 0 at position 0,
@@ -94,8 +92,12 @@ class DecodeInputs:
         # without the paged kernel each row attends over its positions' slots, found here once, not in every layer
         self.row_slots = [] if engine.paged_kernel else [pool.slots(chunk.seq, 0, chunk.start + 1) for chunk in chunks]
         if self.host_embedding is not None:
-            torch.index_select(self.host_embedding.weight, 0, host[0], out=self._staging)
-            self.embedded[0].copy_(self._staging, non_blocking=True)
+            # Staged in pinned memory of torch's caching host allocator, fresh each pass: it is not handed out again
+            # before the copy has run, where a buffer of our own could be overwritten by the next pass's rows while
+            # a pass launched ahead still waits in the stream to copy it.
+            staging = torch.empty(self.embedded.shape[1:], dtype=self.embedded.dtype, pin_memory=self.embedded.is_cuda)
+            torch.index_select(self.host_embedding.weight, 0, host[0], out=staging)
+            self.embedded[0].copy_(staging, non_blocking=True)
 
     def set_ids(self, ids: torch.Tensor) -> None:
         """Replace the token ids ``set`` wrote for the first ``len(ids)`` rows by ``ids`` (int64 on the device: the

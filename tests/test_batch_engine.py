@@ -398,6 +398,16 @@ def test_greedy_passes_launch_ahead_of_their_tokens_and_give_the_same_replies(qd
     assert engine.kv_pool.free_tokens == engine.kv_pool.total_tokens
 
 
+def test_passes_ahead_gather_their_rows_of_a_host_embedding(tiny_q):
+    work = [(random_prompt(n), SamplingParams(temperature=0, max_new_tokens=6)) for n in (4, 10)]
+    engine = in_process_engine(tiny_q, host_embedding=True)
+    engine.device_ids = False
+    waited, _ = run_together(engine, work)
+    engine = in_process_engine(tiny_q, host_embedding=True)
+    ahead, stats = run_together(engine, work)
+    assert stats.passes_ahead > 0 and [tokens_of(e) for e in ahead] == [tokens_of(e) for e in waited]
+
+
 def test_a_reply_that_ends_at_eos_while_its_next_pass_runs_ends_there(tiny_q, tmp_path):
     prompts = [random_prompt(6), random_prompt(9)]
     greedy = SamplingParams(temperature=0, max_new_tokens=10)
