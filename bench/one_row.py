@@ -8,7 +8,8 @@ per decode pass of that one row (milliseconds, the median of ``--steps``):
 * ``set``: writing the pass's inputs into the static buffers (``DecodeInputs.set``) and a device sync;
 * ``forward``: ``engine.forward([chunk])`` and the argmax read back (what a caller of the engine pays);
 * ``scheduler``: the inter-token latency of one request through ``compute.scheduler.Scheduler`` (what
-  ``spillover bench --concurrency 1`` reports), every event delivered to a callback;
+  ``spillover bench --concurrency 1`` reports), every event delivered to a callback; ``passes_ahead`` counts its
+  passes launched before the tokens of the one before were read (``device_ids``: whether the engine can);
 * ``one_conversation``: a decode token of ``compute.engine.Engine`` (what ``spillover run`` decodes with) on the
   same loader's weights, in the same process: the baseline.
 
@@ -156,6 +157,7 @@ def main(
         try:
             measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=8, rng=rng)  # warm-up
             level = measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=steps, rng=rng)
+            passes_ahead = scheduler.stats().passes_ahead
         finally:
             scheduler.close(drain=False)
         single = Engine(QuantizedCheckpoint(checkpoint), client, device=device, max_context=1024)
@@ -185,7 +187,8 @@ def main(
                 break
     result = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "budget": budget, "decode_mode": engine.decoder.mode,
               "replay_ms": replay_ms, "set_ms": set_ms, "forward_ms": forward_ms,
-              "scheduler_itl_p50_ms": 1e3 * level.itl_p50_s, "one_conversation_ms": one_conversation_ms,
+              "scheduler_itl_p50_ms": 1e3 * level.itl_p50_s, "passes_ahead": passes_ahead,
+              "device_ids": engine.device_ids, "one_conversation_ms": one_conversation_ms,
               "logits_relative_error": error}  # fmt: skip
     if kernels_table is not None:
         result["kernels"] = kernels_table
