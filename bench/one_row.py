@@ -9,7 +9,8 @@ per decode pass of that one row (milliseconds, the median of ``--steps``):
 * ``forward``: ``engine.forward([chunk])`` and the argmax read back (what a caller of the engine pays);
 * ``scheduler``: the inter-token latency of one request through ``compute.scheduler.Scheduler`` (what
   ``spillover bench --concurrency 1`` reports), every event delivered to a callback; ``passes_ahead`` counts its
-  passes launched before the tokens of the one before were read (``device_ids``: whether the engine can);
+  passes launched before the tokens of the one before were read (``device_ids``: whether the engine can), and
+  ``scheduler_itl_p50_ms_waiting`` the same with every pass waiting for the tokens before it (``compute.batching``);
 * ``one_conversation``: a decode token of ``compute.engine.Engine`` (what ``spillover run`` decodes with) on the
   same loader's weights, in the same process: the baseline.
 
@@ -152,14 +153,20 @@ def main(
             if profile:
                 batched_kernels = _kernel_times(lambda: engine.decoder._run_segments(inputs, graphs), steps)
         pool.release("s")
-        scheduler = Scheduler(engine, max_batch=16, max_waiting=4)
-        scheduler.start()
-        try:
-            measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=8, rng=rng)  # warm-up
-            level = measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=steps, rng=rng)
-            passes_ahead = scheduler.stats().passes_ahead
-        finally:
-            scheduler.close(drain=False)
+        can_go_ahead = engine.device_ids
+        scheduler_itl_ms, passes_ahead = {}, 0
+        for ahead in (False, True) if can_go_ahead else (False,):  # every pass waiting for its tokens, then not
+            engine.device_ids = ahead
+            scheduler = Scheduler(engine, max_batch=16, max_waiting=4)
+            scheduler.start()
+            try:
+                measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=8, rng=rng)  # warm-up
+                level = measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=steps, rng=rng)
+                scheduler_itl_ms[ahead] = 1e3 * level.itl_p50_s
+                passes_ahead = scheduler.stats().passes_ahead
+            finally:
+                scheduler.close(drain=False)
+        engine.device_ids = can_go_ahead
         single = Engine(QuantizedCheckpoint(checkpoint), client, device=device, max_context=1024)
         single.eos_token_ids = frozenset()
         greedy = SamplingParams(temperature=0, max_new_tokens=steps)
@@ -187,8 +194,9 @@ def main(
                 break
     result = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "budget": budget, "decode_mode": engine.decoder.mode,
               "replay_ms": replay_ms, "set_ms": set_ms, "forward_ms": forward_ms,
-              "scheduler_itl_p50_ms": 1e3 * level.itl_p50_s, "passes_ahead": passes_ahead,
-              "device_ids": engine.device_ids, "one_conversation_ms": one_conversation_ms,
+              "scheduler_itl_p50_ms": scheduler_itl_ms.get(True, scheduler_itl_ms[False]),
+              "scheduler_itl_p50_ms_waiting": scheduler_itl_ms[False], "passes_ahead": passes_ahead,
+              "device_ids": can_go_ahead, "one_conversation_ms": one_conversation_ms,
               "logits_relative_error": error}  # fmt: skip
     if kernels_table is not None:
         result["kernels"] = kernels_table
