@@ -155,7 +155,7 @@ class BatchRunner:
     (``compute.sampling.sample_next``, the reply's own generator); greedy rows are one batched argmax.
 
     A pass is launched ahead, before the tokens of the pass before it are read, where its rows are certain: every
-    running sequence decodes greedily, none can end but by EOS, nobody waits to join or is to stop
+    running sequence decodes greedily, none can end but by EOS, no waiting request could join now, none is to stop
     (``_launch_ahead``). Its token ids are the argmax the device just computed (``BatchEngine.forward(ids=...)``),
     so the host's work between passes (reading the tokens, the events, the next pass's inputs) overlaps the
     device's instead of adding to it. A sequence that ends at EOS meanwhile has its row of the pass ahead computed
@@ -216,16 +216,21 @@ class BatchRunner:
     def _launch_ahead(self, launched: Launched) -> Launched | None:
         """The next pass, launched before ``launched``'s tokens are read, when it is sure to be every running
         sequence's next decode row: ``launched`` decodes every running sequence, greedily, none of them can end
-        but by EOS (then its row of the pass ahead is computed and dropped), no request waits to join, none is
-        to stop, and the pool holds each one's next position. Its token ids are ``launched``'s argmax, on the
-        device. None (the next pass is planned once the tokens are read) otherwise."""
+        but by EOS (then its row of the pass ahead is computed and dropped), no waiting request could join (a
+        batch row and room in the pool), none is to stop, and the pool holds each one's next position. Its token
+        ids are ``launched``'s argmax, on the device. None otherwise (the next pass is planned once the tokens are
+        read)."""
         if launched.greedy is None or not self.engine.device_ids or self.preempted:
             return None
         fed, chunks = launched.fed, launched.chunks
         if len(fed) != len(self.running) or any(len(chunk.token_ids) != 1 or not chunk.logits for chunk in chunks):
             return None
-        if self.scheduler.peek_waiting() is not None or any(self.scheduler.should_stop(seq.entry) for seq in fed):
+        if any(self.scheduler.should_stop(seq.entry) for seq in fed):
             return None
+        head = self.scheduler.peek_waiting()  # one that could join now joins now (``_admit``'s test)
+        if head is not None and len(self.running) < self.max_batch:
+            if self.pool.can_reserve(head.id, head.prompt_tokens + 1):
+                return None
         for seq in fed:  # after this pass's token: len(seq.ids) + 1 ids, position seq.fed + 1 fed next
             produced = len(seq.ids) + 1 - seq.entry.prompt_tokens
             if produced >= seq.entry.params.max_new_tokens or len(seq.ids) + 1 > self.engine.max_context:
@@ -233,8 +238,10 @@ class BatchRunner:
         if not all(self.pool.reserve(seq.key, seq.fed + 2) for seq in fed):
             return None
         ahead = [Chunk(seq.key, (0,), seq.fed + 1, logits=True) for seq in fed]  # token 0: the ids are on the device
-        self.passes_ahead += 1
-        return self._launch(ahead, list(fed), ids=launched.greedy)
+        following = self._launch(ahead, list(fed), ids=launched.greedy)
+        if following.error is None:
+            self.passes_ahead += 1
+        return following
 
     def _stop_requested(self) -> None:
         self.scheduler.end_stopped_waiting()

@@ -369,10 +369,11 @@ def in_process_engine(qdir: Path, **options) -> BatchEngine:
     return engine
 
 
-def run_together(engine: BatchEngine, work) -> tuple[list[list], object]:
-    """Every (prompt, params) of ``work`` queued at once to a scheduler of 4: (each request's events, the stats)."""
+def run_together(engine: BatchEngine, work, max_batch: int = 4) -> tuple[list[list], object]:
+    """Every (prompt, params) of ``work`` queued at once to a scheduler of ``max_batch``: (each request's events,
+    the stats)."""
     replies = Replies()
-    scheduler = Scheduler(engine, max_batch=4)
+    scheduler = Scheduler(engine, max_batch=max_batch)
     ids = [replies.submit(scheduler, p, params) for p, params in work]
     scheduler.start()
     events = [replies.wait(i) for i in ids]
@@ -396,6 +397,15 @@ def test_greedy_passes_launch_ahead_of_their_tokens_and_give_the_same_replies(qd
     for (prompt, params), events in zip(work, ahead):
         assert events[-1] == FinishEvent(events[-1].request_id, FinishReason.LENGTH, len(prompt), params.max_new_tokens)
     assert engine.kv_pool.free_tokens == engine.kv_pool.total_tokens
+
+
+def test_passes_go_ahead_while_requests_wait_that_cannot_join(tiny_q):
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    events, stats = run_together(in_process_engine(tiny_q), [(random_prompt(4), greedy)] * 2, max_batch=1)
+    assert [len(tokens_of(e)) for e in events] == [10, 10] and tokens_of(events[0]) == tokens_of(events[1])
+    # a reply's first token comes from its prefill pass, its second from a pass planned once that token is read;
+    # each of the 8 later passes goes ahead, while the other request waits as much as when it runs
+    assert stats.passes_ahead == 2 * (10 - 2)
 
 
 def test_passes_ahead_gather_their_rows_of_a_host_embedding(tiny_q):

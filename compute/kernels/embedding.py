@@ -40,7 +40,9 @@ def embedding_rows(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) ->
         raise ValueError(f"the table must be a contiguous 2-D host tensor, got {tuple(table.shape)} on {table.device}")
     rows, hidden = ids.numel(), table.shape[1]
     if ids.dtype != torch.int64 or ids.dim() != 1 or ids.device != out.device:
-        raise ValueError(f"ids must be int64 [rows] on {out.device}, got {ids.dtype} {tuple(ids.shape)} on {ids.device}")
+        raise ValueError(
+            f"ids must be int64 [rows] on {out.device}, got {ids.dtype} {tuple(ids.shape)} on {ids.device}"
+        )
     if tuple(out.shape) != (rows, hidden) or out.dtype != table.dtype or not out.is_contiguous():
         raise ValueError(
             f"out must be a contiguous {table.dtype} [{rows}, {hidden}] tensor, got {out.dtype} {tuple(out.shape)}"
