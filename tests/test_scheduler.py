@@ -1,8 +1,10 @@
 """compute.scheduler: requests through a real loader process, their events, cancels, refusals, close and failure.
 
 Every test drives the scheduler's engine thread against a live ``spillover loader`` child (``LaunchedLoader``)
-through ``protocol.client.LoaderClient``; a reply is checked against the same request run alone on a second
-engine (in-process weights), which is what "the output of a request does not depend on the others" means.
+through ``protocol.client.LoaderClient``; a reply is checked against the same request run alone through the same
+engine, which is what "the output of a request does not depend on the others" means. (Not against a second engine
+on in-process weights: the tiny random model's bf16 logits often tie exactly at the top, and the two weight forms'
+last-bit differences then pick different tokens.)
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from loader.policies import get_policy
 from protocol.client import LoaderClient, LoaderGone
 from protocol.launch import LoaderCommand
 from quantizer.checkpoint import QuantizedCheckpoint
-from test_model import CheckpointWeights
 
 CONTEXT = 48
 WAIT_S = 60.0  # the longest a test waits for a request to end
@@ -107,20 +108,6 @@ def scheduler(loader, tiny_q):
     client.close()
 
 
-@pytest.fixture(scope="module")
-def alone(tiny_q):
-    """A second engine on in-process weights: what each request gives when it runs by itself."""
-    checkpoint = QuantizedCheckpoint(tiny_q)
-    engine = Engine(checkpoint, CheckpointWeights(checkpoint), device="cpu", max_context=CONTEXT, prefill_chunk=8)
-    engine.eos_token_ids = frozenset()
-
-    def reply(prompt, params) -> tuple[int, ...]:
-        engine.reset()
-        return engine.generate(prompt, params).token_ids
-
-    return reply
-
-
 def test_concurrent_requests_each_get_the_reply_they_get_alone(scheduler):
     scheduler.start()
     recorder = Recorder()
@@ -144,9 +131,10 @@ def test_concurrent_requests_each_get_the_reply_they_get_alone(scheduler):
         assert tokens_of(recorder.wait(recorder.submit(scheduler, prompt, params))) == together
 
 
-def test_a_reply_ends_at_eos_or_when_the_context_is_full(scheduler, alone):
+def test_a_reply_ends_at_eos_or_when_the_context_is_full(scheduler):
     prompt = random_prompt(7)
-    full = alone(prompt, SamplingParams(temperature=0, max_new_tokens=6))
+    full = scheduler.engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=6)).token_ids  # no EOS
+    scheduler.engine.reset()  # the request then computes exactly this again (no prefix reused)
     scheduler.engine.eos_token_ids = frozenset({full[2]})
     assert scheduler.eos_token_ids == {full[2]}
     scheduler.start()
