@@ -51,11 +51,12 @@ class LevelResult:
     itl_p99_s: float
     passes: int  # forward passes the level took
     tokens_per_pass: float  # completion and prompt tokens fed per pass, on average
+    passes_ahead: int = 0  # of those passes, how many were launched before the tokens of the pass before them were read
 
     @classmethod
     def measure(
         cls, requests: Sequence[tuple[float, Sequence[float], int]], *, prompt_tokens: int, new_tokens: int,
-        started: float, passes: int,
+        started: float, passes: int, passes_ahead: int = 0,
     ) -> LevelResult:  # fmt: skip
         """A level's figures from each request's (sent at, arrival time of each token, completion tokens), the
         level's start and the forward passes it took (every time from ``time.perf_counter``)."""
@@ -89,6 +90,7 @@ class LevelResult:
             itl_p99_s=percentile(gaps, 99),
             passes=passes,
             tokens_per_pass=(completion + concurrency * prompt_tokens - concurrency) / max(passes, 1),
+            passes_ahead=passes_ahead,
         )
 
 
@@ -140,7 +142,7 @@ def measure_level(
                 ended[event.request_id] = event
                 done.notify_all()
 
-    passes_before = scheduler.stats().passes
+    before = scheduler.stats()
     prompts = [tuple(rng.randrange(vocab) for _ in range(prompt_tokens)) for _ in range(concurrency)]
     started = time.perf_counter()
     ids = [scheduler.submit(GenerationRequest(prompt_ids=p, params=params), on_event) for p in prompts]
@@ -150,9 +152,11 @@ def measure_level(
     failed = [event for event in ended.values() if not isinstance(event, FinishEvent)]
     if failed:
         raise RuntimeError(f"{len(failed)} of {concurrency} requests failed: {failed[0]}")
-    passes = scheduler.stats().passes - passes_before
+    after = scheduler.stats()
     timed = [(started, arrivals.get(i, []), len(arrivals.get(i, []))) for i in ids]
-    return LevelResult.measure(timed, prompt_tokens=prompt_tokens, new_tokens=new_tokens, started=started, passes=passes)
+    return LevelResult.measure(timed, prompt_tokens=prompt_tokens, new_tokens=new_tokens, started=started,
+                               passes=after.passes - before.passes,
+                               passes_ahead=after.passes_ahead - before.passes_ahead)  # fmt: skip
 
 
 def run_concurrency(
@@ -219,9 +223,9 @@ def format_concurrency_table(results: list[ConcurrencyResult], baseline: dict[st
     gib = 2**30
     lines = [
         "| budget | policy | resident/streamed | max batch | KV tokens | concurrency | decode tok/s | x one request "
-        "| all streaming tok/s (x) | total tok/s | TTFT p50/p99 s | ITL p50/p99 ms | tokens/pass | decode "
-        "| peak loader+compute GiB (budget) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| all streaming tok/s (x) | total tok/s | TTFT p50/p99 s | ITL p50/p99 ms | tokens/pass | passes ahead "
+        "| decode | peak loader+compute GiB (budget) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peak = r.peak_device_bytes
@@ -239,7 +243,7 @@ def format_concurrency_table(results: list[ConcurrencyResult], baseline: dict[st
                 f"| {r.budget} | {r.policy} | {r.resident_units}/{r.streamed_units} | {r.max_batch} | {r.kv_tokens} "
                 f"| {lv.concurrency} | {lv.decode_tokens_per_s:.1f} | {speedup} | {together} | {lv.total_tokens_per_s:.1f} "
                 f"| {lv.ttft_p50_s:.2f}/{lv.ttft_p99_s:.2f} | {1e3 * lv.itl_p50_s:.1f}/{1e3 * lv.itl_p99_s:.1f} "
-                f"| {lv.tokens_per_pass:.1f} | {r.decode_mode} | {peak_text} |"
+                f"| {lv.tokens_per_pass:.1f} | {lv.passes_ahead}/{lv.passes} | {r.decode_mode} | {peak_text} |"
             )
     return "\n".join(lines)
 

@@ -62,12 +62,14 @@ async def _level(url: str, vocab: list[int], concurrency: int, prompt_tokens: in
     prompts = [[rng.choice(vocab) for _ in range(prompt_tokens)] for _ in range(concurrency)]
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
-        passes_before = (await client.get(url + "/health")).json()["passes"]
+        before = (await client.get(url + "/health")).json()
         started = time.perf_counter()
         streams = await asyncio.gather(*(_stream(client, url, p, new_tokens) for p in prompts))
-        passes = (await client.get(url + "/health")).json()["passes"] - passes_before
+        after = (await client.get(url + "/health")).json()
     # passes: the scheduler's count, from GET /health before and after
-    return LevelResult.measure(streams, prompt_tokens=prompt_tokens, new_tokens=new_tokens, started=started, passes=passes)
+    return LevelResult.measure(streams, prompt_tokens=prompt_tokens, new_tokens=new_tokens, started=started,
+                               passes=after["passes"] - before["passes"],
+                               passes_ahead=after["passes_ahead"] - before["passes_ahead"])  # fmt: skip
 
 
 def run_http_concurrency(

@@ -116,12 +116,14 @@ def test_the_concurrency_benchmark_serves_every_level_through_a_real_loader(tiny
     # one request: a prefill pass and three decode passes; requests submitted together share passes (the engine
     # thread may start the first before the others arrive), five at a batch of three need more
     assert one.passes == 4 and three.passes < 3 * 4 and 4 < five.passes < 5 * 4
+    assert one.passes_ahead == 2  # the third and fourth passes went ahead of the tokens before them (greedy)
     assert three.tokens_per_pass == (3 * 4 + 3 * 6 - 3) / three.passes
     for lv in result.levels:
         assert 0 < lv.ttft_p50_s <= lv.ttft_p99_s <= lv.wall_s and 0 < lv.itl_p50_s <= lv.itl_p99_s
         assert lv.decode_tokens_per_s > 0 and lv.total_tokens_per_s > 0
     rows = format_concurrency_table([result], {"1GiB": one.decode_tokens_per_s}).splitlines()[2:]
     assert len(rows) == 3 and rows[0].startswith("| 1GiB | stream | 0/3 | 3 | 64 | 1 |") and "| 1.0 |" in rows[0]
+    assert "| 2/4 |" in rows[0]
 
 
 def test_a_levels_rates_count_the_span_and_the_window_where_every_request_streams():
@@ -157,6 +159,7 @@ def test_the_http_concurrency_benchmark_streams_every_level_from_a_live_server(t
     assert [lv.concurrency for lv in result.levels] == [1, 4] and result.kv_tokens == 64
     one, four = result.levels
     assert 0 < one.passes <= 5 and 0 < four.passes < 4 * 5  # requests that arrive together share passes
+    assert 0 < one.passes_ahead < one.passes  # counted by the server (GET /health)
     for lv in result.levels:
         assert 0 < lv.ttft_p50_s <= lv.ttft_p99_s <= lv.wall_s and lv.itl_p50_s <= lv.itl_p99_s
         assert lv.decode_tokens_per_s > 0
