@@ -560,7 +560,9 @@ def test_batched_decode_through_a_streaming_loader_on_cuda_replays_its_resident_
 if __name__ == "__main__":  # the interpreter case: python tests/test_batch_engine.py QDIR TMP
     # The interpreter rounds toward zero at every bf16 conversion (norms, rotary, residual adds, activation), a
     # biased rounding that adds up over the layers where CUDA's to-nearest cancels: up to 0.05 seen. A wrong row,
-    # slot or position is off by whole logits.
+    # slot or position is off by whole logits. The prompts are drawn from a fixed seed: that bias's worst case
+    # over random prompts reaches the tolerance now and then (0.099 seen once), and a test must not depend on luck.
+    torch.manual_seed(0)
     fused_engine = check_mixed_passes(Path(sys.argv[1]), Path(sys.argv[2]), fused=True,
                                       tolerance=2 * LOGIT_TOLERANCE, paged=True)  # fmt: skip
     print("ok fused mixed passes; attention operand", fused_engine.attention_operand)
