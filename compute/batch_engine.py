@@ -225,8 +225,8 @@ class BatchEngine:
         if all(len(chunk.token_ids) == 1 and chunk.logits for chunk in chunks):
             return self.decoder.run(chunks, ids)  # decode rows only: static buffers, CUDA graphs where the plan allows
         batch = _Batch.build(chunks, self.kv_pool, self.device, self.max_pages)
-        ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self._ids_device).unsqueeze(0)  # (1, T)
-        hidden = self.model.model.embed_tokens(ids)  # (1, T, hidden)
+        tokens = torch.tensor(batch.token_ids, dtype=torch.long, device=self._ids_device).unsqueeze(0)  # (1, T)
+        hidden = self.model.model.embed_tokens(tokens)  # (1, T, hidden)
         return self.run_pass(hidden, batch.positions, batch.slots, batch, batch.logit_rows)
 
     def run_pass(

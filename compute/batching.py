@@ -316,8 +316,9 @@ class BatchRunner:
         for seq, chunk in zip(fed, chunks):
             seq.fed += len(chunk.token_ids)
         tokens = launched.tokens() if launched.greedy is not None else self._sample(asking, launched.logits)
+        running = set(self.running)  # a sequence that ended since the pass was launched (ahead) gets nothing more
         for seq, token in zip(asking, tokens):
-            if seq not in self.running:
+            if seq not in running:
                 continue
             seq.ids.append(token)
             self.scheduler.token(seq.entry, token)

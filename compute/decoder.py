@@ -3,8 +3,8 @@
 ``Decoder`` is what the engine calls per decode step, and per speculative pass of up to ``gemv_mma.MAX_ROWS`` rows
 where the fused decode layers run (``Decoder.rows``: a step of as many rows, in buckets of 2, 4, 8 and 16); it
 decides per plan generation whether to capture (``compute.cuda_graphs``), drops the graphs of an older plan, falls
-back to eager decode (reason logged) when capture fails; ``mode`` says how it runs. It reads the loader's plan through ``UnitWeights.plan`` and nothing else of the
-protocol.
+back to eager decode (reason logged) when capture fails; ``mode`` says how it runs. It reads the loader's plan
+through ``UnitWeights.plan`` and nothing else of the protocol.
 """
 
 from __future__ import annotations

@@ -254,13 +254,16 @@ class Scheduler:
         try:
             self._runner.run()
         except BaseException as e:  # the runner lets only fatal errors out
-            self.send_held_events()
-            self._held = None
+            self._stop_holding()
             self._fail(e)
         else:
-            self.send_held_events()
-            self._held = None
+            self._stop_holding()
             self._end_all_queued(FinishReason.STOPPED)
+
+    def _stop_holding(self) -> None:
+        """Send what the runner held (before any event of the thread's end), and send the rest at once."""
+        self.send_held_events()
+        self._held = None
 
     def _fail(self, error: BaseException) -> None:
         log.error("the engine stopped: %s", error, exc_info=not isinstance(error, LoaderError))

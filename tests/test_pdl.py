@@ -69,7 +69,9 @@ def compile_early(kernel, pointers: dict[str, str], floats: tuple[str, ...], con
     }
     source = ASTSource(
         fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-        attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if signature[name] not in ("constexpr", "fp32")},
+        attrs={
+            (i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if signature[name] not in ("constexpr", "fp32")
+        },
     )  # fmt: skip
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
