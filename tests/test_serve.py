@@ -447,6 +447,7 @@ def test_sigterm_ends_open_streams_cleanly_and_stops_the_loader(tiny_q, tmp_path
     args = serve_args(tiny_q, "--max-batch", "4", "--shutdown-grace", str(grace))
     with ServerProcess(args, log_path=tmp_path / "log") as server:
         client = server.client()
+        random.seed(1)  # a prompt whose greedy reply runs past the grace without an EOS (some random ones end early)
         messages = [{"role": "user", "content": random_prompt()}]
         # two replies too long for the grace, one short enough to finish in it
         streams = [
