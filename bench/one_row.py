@@ -12,7 +12,8 @@ per decode pass of that one row (milliseconds, the median of ``--steps``):
   passes launched before the tokens of the one before were read (``device_ids``: whether the engine can), and
   ``scheduler_itl_p50_ms_waiting`` the same with every pass waiting for the tokens before it (``compute.batching``);
 * ``one_conversation``: a decode token of ``compute.engine.Engine`` (what ``spillover run`` decodes with) on the
-  same loader's weights, in the same process: the baseline.
+  same loader's weights, in the same process: the baseline; ``one_conversation_replay`` its captured decode step
+  replayed alone, as ``replay`` is.
 
 As a check that the batched pass computes what the decode step does (its kernels launch early on Hopper), both
 engines then decode the same 16 tokens after the same prompt: ``logits_relative_error`` is the largest
@@ -111,8 +112,8 @@ def main(
     from bench.concurrency import measure_level
     from compute.batch_engine import BatchEngine, Chunk
     from compute.engine import Engine
-    from compute.sampling import SamplingParams
     from compute.launch import LaunchedLoader
+    from compute.sampling import SamplingParams
     from compute.scheduler import Scheduler
     from protocol.client import LoaderClient
     from protocol.launch import LoaderCommand
@@ -167,12 +168,16 @@ def main(
             finally:
                 scheduler.close(drain=False)
         engine.device_ids = can_go_ahead
-        single = Engine(QuantizedCheckpoint(checkpoint), client, device=device, max_context=1024)
+        single = Engine(QuantizedCheckpoint(checkpoint), client, device=device, max_context=4096)  # as the batched pool
         single.eos_token_ids = frozenset()
         greedy = SamplingParams(temperature=0, max_new_tokens=steps)
         single.generate(list(prompt), greedy)  # captures the decode step
         single.reset()
         one_conversation_ms = 1e3 / single.generate(list(prompt), greedy).decode_tokens_per_s
+        one_conversation_replay_ms = float("nan")
+        if single._decoder.graphs is not None:  # the same slot each time, as the batched replay
+            single._decoder.step.set(7, len(prompt))
+            one_conversation_replay_ms = _median_ms(single._decoder.graphs.run, steps)
         kernels_table = None
         if profile and device == "cuda":
             single.reset()
@@ -197,6 +202,7 @@ def main(
               "scheduler_itl_p50_ms": scheduler_itl_ms.get(True, scheduler_itl_ms[False]),
               "scheduler_itl_p50_ms_waiting": scheduler_itl_ms[False], "passes_ahead": passes_ahead,
               "device_ids": can_go_ahead, "one_conversation_ms": one_conversation_ms,
+              "one_conversation_replay_ms": one_conversation_replay_ms,
               "logits_relative_error": error}  # fmt: skip
     if kernels_table is not None:
         result["kernels"] = kernels_table
