@@ -22,6 +22,10 @@ gives ~1).
 
 So ``forward - replay`` is the host's work around a pass and ``scheduler - forward`` the scheduler's.
 
+``--paged-splits N`` (a cap on ``paged_splits``' count) and ``--paged-stages N`` (the split kernel's pipeline
+stages) change the batched pass's attention for an experiment, one variant a run; the baseline is measured again
+in each run.
+
 With ``--profile``, the kernels of both passes are traced (``torch.profiler``, which sees into CUDA graphs) and
 ``kernels`` lists, per kernel name, its launches and microseconds per pass in each: the batched pass's replay and
 the one-conversation engine's decode step, side by side, the largest differences first. Kernel times add up to
@@ -40,6 +44,8 @@ import click
 import torch
 
 from compute.config import KernelOptions, kernel_options
+from compute.kernels import paged_attention
+from compute.kernels.attention import MAX_SPLITS
 
 
 def _sync() -> None:
@@ -100,14 +106,24 @@ def _median_ms(run, steps: int) -> float:
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--profile", is_flag=True, help="Also list both passes' kernels, traced (CUDA).")
+@click.option("--paged-splits", type=click.IntRange(min=1, max=MAX_SPLITS), default=None,
+              help="Cap the paged attention's splits (an experiment; default: paged_splits' count).")
+@click.option("--paged-stages", type=click.IntRange(min=1, max=4), default=None,
+              help="Pipeline stages of the paged split kernel's block loop (an experiment; default: SPLIT_STAGES).")
 @kernel_options
 def main(
-    checkpoint: Path, budget: str, steps: int, device: str, json_path: Path | None, profile: bool, **kernels
-) -> None:
+    checkpoint: Path, budget: str, steps: int, device: str, json_path: Path | None, profile: bool,
+    paged_splits: int | None, paged_stages: int | None, **kernels,
+) -> None:  # fmt: skip
     """Time the batched engine's one-row decode pass in pieces (see the module docstring)."""
     import random
 
     KernelOptions(**kernels).apply()
+    if paged_splits is not None:
+        full = paged_attention.paged_splits
+        paged_attention.paged_splits = lambda *shape: min(full(*shape), paged_splits)
+    if paged_stages is not None:
+        paged_attention.SPLIT_STAGES = paged_stages
 
     from bench.concurrency import measure_level
     from compute.batch_engine import BatchEngine, Chunk
@@ -203,7 +219,7 @@ def main(
               "scheduler_itl_p50_ms_waiting": scheduler_itl_ms[False], "passes_ahead": passes_ahead,
               "device_ids": can_go_ahead, "one_conversation_ms": one_conversation_ms,
               "one_conversation_replay_ms": one_conversation_replay_ms,
-              "logits_relative_error": error}  # fmt: skip
+              "logits_relative_error": error, "paged_splits": paged_splits, "paged_stages": paged_stages}  # fmt: skip
     if kernels_table is not None:
         result["kernels"] = kernels_table
     click.echo(json.dumps(result, indent=1))
