@@ -6,6 +6,7 @@ compiles for ``sm_90`` anywhere, and ships ``cuobjdump``.
 
     python -m bench.sass                                   # the decode step's configs in force
     python -m bench.sass --n 55296 --k 5120 --tiles 2 --groups 1
+    python -m bench.sass --attention                       # shared memory of the attention kernels, both caches
 
 The compiled kernel is the one ``int4_gemv`` launches for that shape (bf16, split-K partials, launched early as on
 Hopper). The loop is the span between the kernel's backward branch and its target.
@@ -23,6 +24,7 @@ from pathlib import Path
 import click
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from bench.kernels import DECODE_SHAPES_32B
@@ -107,6 +109,52 @@ def describe_loop(cfg: MmaConfig, k: int, rows: int = 1) -> dict:
     )
 
 
+def _compile_triton(kernel, pointers: dict[str, str], constexprs: dict, *, warps: int, stages: int = 3):
+    """A ``triton.jit`` kernel compiled for sm_90: ``pointers`` name its pointer arguments and their element types;
+    the other runtime arguments are i32, but any named ``qk_scale`` (fp32)."""
+    names = kernel.arg_names
+    kinds = {**pointers, "qk_scale": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else kinds.get(name, "i32") for name in names}
+    source = ASTSource(
+        fn=kernel, signature=signature,
+        constexprs={(names.index(key),): value for key, value in constexprs.items()},
+        attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in pointers},
+    )  # fmt: skip
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def attention_footprints() -> list[tuple[str, int, int]]:
+    """(kernel, shared memory bytes a program, registers a thread) of one decode row's attention kernels on the 32B
+    model's shapes (40 query heads, 8 KV heads of 128), as the decode step (a static cache of 4096 positions: 64
+    splits) and the batched engine (pages of 16, 33 splits) launch them on Hopper."""
+    from compute.kernels import attention, paged_attention
+
+    heads = {"D": 128, "EARLY": True}
+    paged_split = {"KVH": 8, "G": 5, "P": 16, "W": 256, "SPLITS": 33, "BLOCK_G": 16, "BLOCK_N": 64,
+                   "DOT_IN_FP32": False, **heads}  # fmt: skip
+    q_kv = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "table_ptr": "*i32", "lengths_ptr": "*i32",
+            "part_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
+    static = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "position_ptr": "*i64",
+              "tree_ptr": "*i32", "part_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
+    combine = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "sums_ptr": "*fp32"}
+    cases = [
+        ("static split (decode step)", attention._split_attention_kernel, static,
+         {"G": 5, "SPLITS": 64, "STEPS": 1, "BLOCK_M": 16, "BLOCK_N": 64, "TREE": False, "DOT_IN_FP32": False,
+          **heads}, 4, 2),
+        ("paged split, 2 stages (batched)", paged_attention._paged_split_kernel, q_kv, paged_split, 4, 2),
+        ("paged split, 1 stage", paged_attention._paged_split_kernel, q_kv, paged_split, 4, 1),
+        ("static combine", attention._combine_kernel, {**combine, "position_ptr": "*i64"},
+         {"SPLITS": 64, "BLOCK_N": 64, "BLOCK_S": 64, "HEADS": 1, "OPERAND": True, **heads}, 4, 3),
+        ("paged combine", paged_attention._paged_combine_kernel, {**combine, "lengths_ptr": "*i32"},
+         {"H": 40, "SPLITS": 33, "BLOCK_N": 64, "BLOCK_S": 64, "HEADS": 1, "OPERAND": True, **heads}, 4, 3),
+    ]  # fmt: skip
+    rows = []
+    for name, kernel, pointers, constexprs, warps, stages in cases:
+        compiled = _compile_triton(kernel, pointers, constexprs, warps=warps, stages=stages)
+        rows.append((name, compiled.metadata.shared, registers(compiled)))
+    return rows
+
+
 @click.command()
 @click.option("--n", type=int, default=None, help="Output features; with --k, one shape (default: the decode step's).")
 @click.option("--k", type=int, default=None, help="Input features.")
@@ -114,9 +162,15 @@ def describe_loop(cfg: MmaConfig, k: int, rows: int = 1) -> dict:
 @click.option("--warps", type=int, default=None, help="Override the config's warps a program.")
 @click.option("--groups", type=int, default=None, help="Override the config's 128-element groups a step.")
 @click.option("--opcodes/--no-opcodes", default=False, help="Also list the loop's opcodes by count.")
+@click.option("--attention", is_flag=True,
+              help="Instead, the shared memory and registers of one decode row's attention kernels, both caches.")
 def main(n: int | None, k: int | None, tiles: int | None, warps: int | None, groups: int | None,
-         opcodes: bool) -> None:  # fmt: skip
+         opcodes: bool, attention: bool) -> None:  # fmt: skip
     """Count the one-row GEMV loop's SASS instructions per weight byte for sm_90 (no GPU needed)."""
+    if attention:
+        for name, shared, regs in attention_footprints():
+            click.echo(f"{name}: {shared} bytes of shared memory a program, {regs} registers")
+        return
     shapes = [(f"{n}x{k}", n, k)] if n and k else [(name, n, k) for name, n, k, _, _ in DECODE_SHAPES_32B]
     for name, rows, cols in shapes:
         overrides = dict(tiles=tiles, warps=warps, groups=groups)

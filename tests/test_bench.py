@@ -85,6 +85,17 @@ def test_sass_counts_the_one_row_gemv_loop_without_a_gpu():
         assert loop["registers"] <= 168, loop
 
 
+def test_sass_reports_the_attention_kernels_shared_memory_without_a_gpu():
+    """bench.sass --attention compiles one decode row's attention kernels for sm_90 here: the paged split kernel's
+    block loop, pipelined in two stages, holds about twice the shared memory of its one-stage form and of the static
+    cache's split kernel (whose loop is not pipelined); the combines hold almost none."""
+    from bench.sass import attention_footprints
+
+    shared = {name.split(" (")[0]: nbytes for name, nbytes, _ in attention_footprints()}
+    assert shared["paged split, 2 stages"] > 1.5 * max(shared["paged split, 1 stage"], shared["static split"]), shared
+    assert max(shared["static combine"], shared["paged combine"]) <= 1024, shared
+
+
 def test_decode_timeline_averages_the_trailing_repeated_steps():
     from bench.decode import decode_timeline, format_timeline
 
