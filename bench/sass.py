@@ -38,12 +38,26 @@ _POINTERS = {"x_ptr": "*bf16", "sums_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*
 _FLOATS = {"offset": "fp32"}
 
 
+def compile_kernel(kernel, types: dict[str, str], constexprs: dict, *, source=ASTSource, capability: int = 90,
+                   **options):  # fmt: skip
+    """``kernel`` compiled for ``sm_{capability}`` without a GPU: ``types`` maps runtime arguments to Triton types
+    (pointers, ``"*bf16"`` and the like, 16-byte aligned; any other argument i32), ``constexprs`` the rest;
+    ``source`` is ``ASTSource`` for ``triton.jit`` kernels, ``GluonASTSource`` for Gluon ones; ``options`` such as
+    ``num_warps`` go to ``triton.compile``."""
+    names = kernel.arg_names
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
+    compiled_source = source(
+        fn=kernel, signature=signature,
+        constexprs={(names.index(key),): value for key, value in constexprs.items()},
+        attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types.get(name, "").startswith("*")},
+    )  # fmt: skip
+    return triton.compile(compiled_source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
 def compile_gemv(cfg: MmaConfig, k: int, *, capability: int = 90, dtype: str = "bf16", rows: int = 1):
     """The tensor-core GEMV kernel compiled for ``cfg``, ``k`` input features and ``rows`` rows of x (one: the row
     broadcast over the mma's columns; 2 … 16: one row a column), as ``int4_gemv(partials=True)`` launches it on
     Hopper for rows of ``dtype`` ("bf16" or "fp16")."""
-    kernel = gemv_mma._gemv_mma_kernel
-    names = kernel.arg_names
     cols = 0 if rows == 1 else (8 if rows <= 8 else 16)
     x_layout = gemv_mma._x_layout(cfg.warps) if cols == 0 else gemv_mma._x_rows_layout(cols, cfg.warps)
     constexprs = dict(
@@ -51,13 +65,8 @@ def compile_gemv(cfg: MmaConfig, k: int, *, capability: int = 90, dtype: str = "
         COLS=cols, ACC_COLS=cols or 8, words_layout=gemv_mma._words_layout(cfg.tiles, cfg.warps), x_layout=x_layout,
     )  # fmt: skip
     types = {**_POINTERS, **_FLOATS, "x_ptr": f"*{dtype}"}
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
-    source = GluonASTSource(
-        fn=kernel, signature=signature,
-        constexprs={(names.index(key),): value for key, value in constexprs.items()},
-        attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in _POINTERS},
-    )  # fmt: skip
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=cfg.warps))
+    return compile_kernel(gemv_mma._gemv_mma_kernel, types, constexprs, source=GluonASTSource, capability=capability,
+                          num_warps=cfg.warps)  # fmt: skip
 
 
 def _cuobjdump(compiled, option: str) -> str:
@@ -109,20 +118,6 @@ def describe_loop(cfg: MmaConfig, k: int, rows: int = 1) -> dict:
     )
 
 
-def _compile_triton(kernel, pointers: dict[str, str], constexprs: dict, *, warps: int, stages: int = 3):
-    """A ``triton.jit`` kernel compiled for sm_90: ``pointers`` name its pointer arguments and their element types;
-    the other runtime arguments are i32, but any named ``qk_scale`` (fp32)."""
-    names = kernel.arg_names
-    kinds = {**pointers, "qk_scale": "fp32"}
-    signature = {name: "constexpr" if name in constexprs else kinds.get(name, "i32") for name in names}
-    source = ASTSource(
-        fn=kernel, signature=signature,
-        constexprs={(names.index(key),): value for key, value in constexprs.items()},
-        attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in pointers},
-    )  # fmt: skip
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-
-
 def attention_footprints() -> list[tuple[str, int, int]]:
     """(kernel, shared memory bytes a program, registers a thread) of one decode row's attention kernels on the 32B
     model's shapes (40 query heads, 8 KV heads of 128), as the decode step (a static cache of 4096 positions: 64
@@ -150,7 +145,8 @@ def attention_footprints() -> list[tuple[str, int, int]]:
     ]  # fmt: skip
     rows = []
     for name, kernel, pointers, constexprs, warps, stages in cases:
-        compiled = _compile_triton(kernel, pointers, constexprs, warps=warps, stages=stages)
+        compiled = compile_kernel(kernel, {**pointers, "qk_scale": "fp32"}, constexprs, num_warps=warps,
+                                  num_stages=stages)  # fmt: skip
         rows.append((name, compiled.metadata.shared, registers(compiled)))
     return rows
 
