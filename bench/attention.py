@@ -6,7 +6,8 @@ between the q|k|v GEMV and the o GEMV:
 * ``static``: ``rotary_cache_write`` then ``decode_attention(operand=True)`` over a ``[1, KVH, C, D]`` cache (what
   ``spillover run``'s decode step runs; its split count follows the capacity C);
 * ``paged``: ``rotary_pool_write`` then ``paged_decode_attention(operand=True)`` over the pool's pages (what the
-  batched engine runs for one row), at ``paged_splits``' count and at fewer splits.
+  batched engine runs for one row), at ``paged_splits``' count and at fewer splits; with ``--stages 1,2`` the split
+  kernel's block loop pipelined in each of those stage counts (``paged_attention.SPLIT_STAGES``).
 
 Each chain is captured for 64 layers, each with a cache of its own, back to back in one CUDA graph, with early
 launch on and off (``compute.kernels.pdl``); figures are microseconds per layer at a few sequence lengths. The
@@ -23,7 +24,7 @@ import click
 import torch
 
 from bench.kernels import print_table, time_in_graph
-from compute.kernels import pdl
+from compute.kernels import paged_attention, pdl
 from compute.kernels.attention import decode_attention, rotary_cache_write
 from compute.kernels.paged_attention import paged_decode_attention, paged_splits, rotary_pool_write
 
@@ -85,10 +86,14 @@ def paged_calls(length: int, capacity: int, splits: int | None) -> list:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--lengths", default="128,512,2048", show_default=True, help="Sequence lengths (positions attended).")
 @click.option("--capacity", default=4096, show_default=True, help="The cache's / page table's positions (max context).")
-def main(json_path: Path | None, lengths: str, capacity: int) -> None:
+@click.option("--stages", default=None, help="Pipeline stages of the paged split kernel to time, e.g. 1,2 "
+              "(default: SPLIT_STAGES).")
+def main(json_path: Path | None, lengths: str, capacity: int, stages: str | None) -> None:
     """Time one decode row's rotary write and attention, static cache against paged pool."""
     if not torch.cuda.is_available():
         raise click.ClickException("bench.attention needs a CUDA device; none is visible")
+    default_stages = paged_attention.SPLIT_STAGES
+    stage_counts = [int(n) for n in stages.split(",")] if stages else [default_stages]
     auto = paged_splits(1, KV_HEADS, capacity // PAGE_TOKENS, PAGE_TOKENS, torch.device("cuda"))
     rows = []
     for early in (True, False):
@@ -97,15 +102,20 @@ def main(json_path: Path | None, lengths: str, capacity: int) -> None:
             cases = [(f"static C={capacity}", static_calls, (length, capacity))]
             if length < 1024:
                 cases.append(("static C=1024", static_calls, (length, 1024)))
-            cases += [(f"paged splits={s}{' (auto)' if s == auto else ''}", paged_calls, (length, capacity, s))
-                      for s in sorted({auto, 16, 8, 4, 1}, reverse=True)]  # fmt: skip
-            for name, make, args in cases:
+            cases = [(name, None, make, args) for name, make, args in cases]
+            cases += [(f"paged splits={s}{' (auto)' if s == auto else ''}{f' stages={n}' if s > 1 else ''}", n,
+                       paged_calls, (length, capacity, s))
+                      for n in stage_counts for s in sorted({auto, 16, 8, 4, 1}, reverse=True)
+                      if s > 1 or n == stage_counts[0]]  # fmt: skip
+            for name, stage_count, make, args in cases:
+                paged_attention.SPLIT_STAGES = stage_count or default_stages
                 calls = make(*args)
                 us = time_in_graph(calls) * 1e6
                 rows.append({"early_launch": early, "length": length, "chain": name, "us_per_layer": us})
                 del calls
                 torch.cuda.empty_cache()
     pdl.set_early_launch(True)
+    paged_attention.SPLIT_STAGES = default_stages
     print_table(f"{torch.cuda.get_device_name()}: one row's rotary write + attention, per layer", rows, [
         ("early launch", "early_launch", ""), ("length", "length", "d"), ("chain", "chain", ""),
         ("us per layer", "us_per_layer", ".2f"),

@@ -1,8 +1,8 @@
 """Where a one-row decode pass of the batched engine spends its time, in pieces (CUDA).
 
-``python -m bench.one_row [--checkpoint DIR] [--gpu-memory 24GiB] [--steps 64]`` starts a real loader planned for
-16 sequences, builds ``compute.batch_engine.BatchEngine`` on its plan, prefills one 128-token sequence and times,
-per decode pass of that one row (milliseconds, the median of ``--steps``):
+``python -m bench.one_row [--checkpoint DIR] [--gpu-memory 24GiB] [--steps 64] [--prompt-tokens 128]`` starts a real
+loader planned for 16 sequences, builds ``compute.batch_engine.BatchEngine`` on its plan, prefills one sequence of
+``--prompt-tokens`` and times, per decode pass of that one row (milliseconds, the median of ``--steps``):
 
 * ``replay``: the captured pass replayed on inputs already set, and a device sync (the GPU's time, launch included);
 * ``set``: writing the pass's inputs into the static buffers (``DecodeInputs.set``) and a device sync;
@@ -103,6 +103,8 @@ def _median_ms(run, steps: int) -> float:
               show_default=True)
 @click.option("--gpu-memory", "budget", default="24GiB", show_default=True)
 @click.option("--steps", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(min=1, max=3000), default=128, show_default=True,
+              help="Positions of the timed row's prompt (its attention's length).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--profile", is_flag=True, help="Also list both passes' kernels, traced (CUDA).")
@@ -112,7 +114,7 @@ def _median_ms(run, steps: int) -> float:
               help="Pipeline stages of the paged split kernel's block loop (an experiment; default: SPLIT_STAGES).")
 @kernel_options
 def main(
-    checkpoint: Path, budget: str, steps: int, device: str, json_path: Path | None, profile: bool,
+    checkpoint: Path, budget: str, steps: int, prompt_tokens: int, device: str, json_path: Path | None, profile: bool,
     paged_splits: int | None, paged_stages: int | None, **kernels,
 ) -> None:  # fmt: skip
     """Time the batched engine's one-row decode pass in pieces (see the module docstring)."""
@@ -146,7 +148,7 @@ def main(
     ):
         engine = BatchEngine.for_plan(QuantizedCheckpoint(checkpoint), client, device=device)
         vocab = min(engine.vocab_size, 1000)
-        prompt = tuple(rng.randrange(vocab) for _ in range(128))
+        prompt = tuple(rng.randrange(vocab) for _ in range(prompt_tokens))
         pool = engine.kv_pool
         pool.reserve("s", len(prompt) + 2 * steps + 8)
         engine.forward([Chunk("s", prompt, 0, logits=True)])
@@ -177,8 +179,8 @@ def main(
             scheduler = Scheduler(engine, max_batch=16, max_waiting=4)
             scheduler.start()
             try:
-                measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=8, rng=rng)  # warm-up
-                level = measure_level(scheduler, concurrency=1, prompt_tokens=128, new_tokens=steps, rng=rng)
+                measure_level(scheduler, concurrency=1, prompt_tokens=prompt_tokens, new_tokens=8, rng=rng)  # warm-up
+                level = measure_level(scheduler, concurrency=1, prompt_tokens=prompt_tokens, new_tokens=steps, rng=rng)
                 scheduler_itl_ms[ahead] = 1e3 * level.itl_p50_s
                 passes_ahead = scheduler.stats().passes_ahead
             finally:
@@ -219,7 +221,7 @@ def main(
               "scheduler_itl_p50_ms_waiting": scheduler_itl_ms[False], "passes_ahead": passes_ahead,
               "device_ids": can_go_ahead, "one_conversation_ms": one_conversation_ms,
               "one_conversation_replay_ms": one_conversation_replay_ms,
-              "logits_relative_error": error, "paged_splits": paged_splits, "paged_stages": paged_stages}  # fmt: skip
+              "logits_relative_error": error, "prompt_tokens": prompt_tokens, "paged_splits": paged_splits, "paged_stages": paged_stages}  # fmt: skip
     if kernels_table is not None:
         result["kernels"] = kernels_table
     click.echo(json.dumps(result, indent=1))

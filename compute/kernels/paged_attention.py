@@ -88,9 +88,11 @@ _LOG2_E = 1.4426950408889634
 _BLOCK_POSITIONS = 64  # positions a step of the split kernel at least: 4 pages of 16, whole pages for larger ones
 _PROGRAMS_PER_SM = 2  # the split count aims at this many split programs per SM
 _CPU_SMS = 132  # the SM count assumed on the CPU (the interpreter): an H100's
-# Software pipelining of the split kernel's block loop: 2 stages hold two blocks' keys and values in shared memory
-# (38.9 KB a program on sm_90, the static cache's split kernel 20.5 KB; 1 stage: 22.5 KB)
-SPLIT_STAGES = 2
+# Software pipelining of the split kernel's block loop: none. Two stages hold two blocks' keys and values in shared
+# memory (38.9 KB a program on sm_90 against 22.5 KB). Alone, the attention chain runs as fast either way; in a
+# whole one-row pass, beside the kernels launched early around it, 2 stages made the pass 4% slower at 128 positions
+# and 2% at 2048 (measured on an H100; docs/performance.md).
+SPLIT_STAGES = 1
 
 
 @triton.jit
