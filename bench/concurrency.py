@@ -103,6 +103,7 @@ class ConcurrencyResult:
     streamed_units: int
     max_batch: int
     kv_tokens: int
+    pass_tokens: int | None  # tokens a pass carried at most (the scheduler's; -1 where not reported)
     device: str
     decode_mode: str  # BatchEngine.decoder.mode after the levels: "graphs (buckets ...)" or "eager: <why>"
     levels: list[LevelResult]
@@ -162,7 +163,7 @@ def measure_level(
 def run_concurrency(
     model_dir: Path, budget: str, *, levels: list[int], policy: str = "hybrid", max_batch: int = 16,
     kv_tokens: int | None = None, max_context: int = 4096, prompt_tokens: int = 128, new_tokens: int = 128,
-    device: str = "cuda", seed: int = 0, kernels=None,
+    device: str = "cuda", seed: int = 0, kernels=None, max_pass_tokens: int | None = None,
 ) -> ConcurrencyResult:  # fmt: skip
     """Every level under one loader and one engine; see the module docstring. ``kernels``: a
     ``compute.config.KernelOptions`` to apply first (None: the kernels' defaults)."""
@@ -187,7 +188,9 @@ def run_concurrency(
     with LaunchedLoader.start(options) as loader, LoaderClient.connect(loader.address, timeout_s=120) as client:
         engine = BatchEngine.for_plan(QuantizedCheckpoint(model_dir), client, device=device)
         engine.eos_token_ids = frozenset()  # random weights: EOS would end replies at random lengths
-        scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max(levels) + max_batch)
+        scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max(levels) + max_batch,
+                              max_pass_tokens=max_pass_tokens)  # fmt: skip
+        pass_tokens = scheduler.stats().pass_tokens
         scheduler.start()
         try:
             for n in sorted({min(b, max_batch) for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch} | {max_batch}):
@@ -210,6 +213,7 @@ def run_concurrency(
         streamed_units=sum(u.pool_offset is None for u in plan.units),
         max_batch=plan.max_batch,
         kv_tokens=plan.kv_tokens,
+        pass_tokens=pass_tokens,
         device=device,
         decode_mode=decode_mode,
         levels=results,
@@ -222,10 +226,10 @@ def format_concurrency_table(results: list[ConcurrencyResult], baseline: dict[st
     engine) adds the speed-up of the aggregate over it."""
     gib = 2**30
     lines = [
-        "| budget | policy | resident/streamed | max batch | KV tokens | concurrency | decode tok/s | x one request "
+        "| budget | policy | resident/streamed | max batch | KV tokens | pass tokens | concurrency | decode tok/s | x one request "
         "| all streaming tok/s (x) | total tok/s | TTFT p50/p99 s | ITL p50/p99 ms | tokens/pass | passes ahead "
         "| decode | peak loader+compute GiB (budget) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peak = r.peak_device_bytes
@@ -241,7 +245,7 @@ def format_concurrency_table(results: list[ConcurrencyResult], baseline: dict[st
             together = "-" if streaming != streaming else f"{streaming:.1f}" + (f" ({streaming / one:.1f})" if one else "")
             lines.append(
                 f"| {r.budget} | {r.policy} | {r.resident_units}/{r.streamed_units} | {r.max_batch} | {r.kv_tokens} "
-                f"| {lv.concurrency} | {lv.decode_tokens_per_s:.1f} | {speedup} | {together} | {lv.total_tokens_per_s:.1f} "
+                f"| {r.pass_tokens} | {lv.concurrency} | {lv.decode_tokens_per_s:.1f} | {speedup} | {together} | {lv.total_tokens_per_s:.1f} "
                 f"| {lv.ttft_p50_s:.2f}/{lv.ttft_p99_s:.2f} | {1e3 * lv.itl_p50_s:.1f}/{1e3 * lv.itl_p99_s:.1f} "
                 f"| {lv.tokens_per_pass:.1f} | {lv.passes_ahead}/{lv.passes} | {r.decode_mode} | {peak_text} |"
             )

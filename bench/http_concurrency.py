@@ -75,7 +75,7 @@ async def _level(url: str, vocab: list[int], concurrency: int, prompt_tokens: in
 def run_http_concurrency(
     model_dir: Path, budget: str, *, levels: list[int], policy: str = "hybrid", max_batch: int = 16,
     kv_tokens: int | None = None, max_context: int = 4096, prompt_tokens: int = 128, new_tokens: int = 128,
-    device: str = "cuda", seed: int = 0,
+    device: str = "cuda", seed: int = 0, max_pass_tokens: int | None = None,
 ) -> ConcurrencyResult:  # fmt: skip
     """Every level against one ``spillover serve``; see the module docstring."""
     from compute.usage import PeakMemorySampler
@@ -90,6 +90,7 @@ def run_http_concurrency(
         "--model", str(model_dir), "--gpu-memory", budget, "--policy", policy, "--device", device,
         "--max-context", str(max_context), "--max-batch", str(max_batch), "--max-waiting", str(max(levels) + max_batch),
         *(["--kv-tokens", str(kv_tokens)] if kv_tokens is not None else []),  # else the server's default pool
+        *(["--max-pass-tokens", str(max_pass_tokens)] if max_pass_tokens is not None else []),
     ]  # fmt: skip
     rng = random.Random(seed)
     with ServeProcess([*args, "--served-model-name", MODEL_NAME]) as server:
@@ -107,6 +108,7 @@ def run_http_concurrency(
         streamed_units=-1,
         max_batch=max_batch,
         kv_tokens=int(health["kv_total_tokens"]) if isinstance(health, dict) and "kv_total_tokens" in health else -1,
+        pass_tokens=health.get("pass_tokens", -1) if isinstance(health, dict) else -1,
         device=device,
         decode_mode="http",
         levels=results,

@@ -287,6 +287,8 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
               help="Prompt per request (--concurrency).")
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True,
               help="Reply per request (--concurrency).")
+@click.option("--max-pass-tokens", type=click.IntRange(min=2), default=None,
+              help="Tokens a pass carries at most (--concurrency; default: the plan's prefill chunk).")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="With --concurrency, also run the one-conversation engine.")
 @click.option("--http", is_flag=True,
@@ -294,7 +296,8 @@ def format_table(ceilings: Ceilings, results: list[BudgetResult]) -> str:
 @kernel_options
 def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy: str, max_context: int,
           prefill_tokens: int, decode_tokens: int, json_path: Path | None, concurrency: str | None, max_batch: int,
-          kv_tokens: int | None, prompt_tokens: int, new_tokens: int, baseline: bool, http: bool,
+          kv_tokens: int | None, prompt_tokens: int, new_tokens: int, max_pass_tokens: int | None, baseline: bool,
+          http: bool,
           draft_model: Path | None, speculate: str | None,
           gemv_configs: Path | None, early_launch: bool) -> None:  # fmt: skip
     """Benchmark the two-process pipeline on a synthetic 32B-shaped model under each budget."""
@@ -342,7 +345,8 @@ def bench(checkpoint: Path, layers: int | None, budgets: tuple[str, ...], policy
                 click.echo(format_table(ceilings, results[-1:]).splitlines()[-1], err=True)
             if levels:
                 options = {"levels": levels, "policy": policy, "max_batch": max_batch, "kv_tokens": kv_tokens,
-                           "max_context": max_context, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+                           "max_context": max_context, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                           "max_pass_tokens": max_pass_tokens}
                 if http:  # the server is its own process: its kernels take their defaults
                     served.append(run_http_concurrency(checkpoint, budget, **options))
                 else:

@@ -45,6 +45,7 @@ class SerialRunner:
 
     max_batch = 1
     passes_ahead = 0  # each pass waits for the token before it
+    pass_tokens = None  # a prompt is prefilled in the engine's own chunks, with no other request in its passes
 
     def __init__(self, scheduler: Scheduler, engine: Engine):
         self.scheduler = scheduler
@@ -146,7 +147,8 @@ class BatchRunner:
     """Many requests per forward pass through a ``compute.batch_engine.BatchEngine``.
 
     Each pass: every running sequence whose prompt is fed gets one decode row (its last token); the rest of the
-    pass's token budget (the engine's ``prefill_chunk``) goes to prompts being prefilled, oldest first, in chunks;
+    pass's token budget (``pass_tokens``: the engine's ``prefill_chunk``, or ``max_pass_tokens`` where that is
+    less) goes to prompts being prefilled, oldest first, in chunks;
     a sequence's last prompt chunk asks for logits, so its first token comes from the same pass. Requests join
     between passes, up to ``max_batch`` running, in submission order, when the KV pool can hold their prompt
     and one more token. When a growing sequence finds the pool full, the sequence admitted last is preempted:
@@ -164,11 +166,18 @@ class BatchRunner:
 
     speculation: SpeculationStats | None = None  # batched passes do not speculate
 
-    def __init__(self, scheduler: Scheduler, engine: BatchEngine, max_batch: int):
+    def __init__(self, scheduler: Scheduler, engine: BatchEngine, max_batch: int, max_pass_tokens: int | None = None):
         self.scheduler = scheduler
         self.engine = engine
         self.pool = engine.kv_pool
         self.max_batch = min(max_batch, engine.max_batch)
+        if max_pass_tokens is not None and max_pass_tokens <= self.max_batch:
+            raise ValueError(
+                f"max pass tokens ({max_pass_tokens}) must be more than the max batch ({self.max_batch}): a pass "
+                "carries a row for each running sequence, and prompts are fed from what is left"
+            )
+        # tokens a pass carries at most: the activations are counted for the engine's prefill chunk
+        self.pass_tokens: int = min(engine.prefill_chunk, max_pass_tokens or engine.prefill_chunk)
         self.vocab_size: int = engine.vocab_size
         self.running: list[Running] = []  # in admission order
         self.preempted: list[Running] = []  # to be fed again, before any new request
@@ -274,7 +283,7 @@ class BatchRunner:
 
     def _plan_pass(self) -> tuple[list[Chunk], list[Running]]:
         """The pass's chunks (decode rows first, then prefill chunks within the token budget) and their sequences."""
-        budget = self.engine.prefill_chunk
+        budget = self.pass_tokens
         decoding = [seq for seq in self.running if seq.fed == len(seq.ids) - 1]
         for seq in decoding:
             while seq in self.running and not self.pool.reserve(seq.key, seq.fed + 1):

@@ -20,8 +20,9 @@ It promises:
   ``ValueError``; the reply needs at least one position), ``max_waiting`` requests already waiting
   ``QueueFullError``, a closed or failed scheduler ``SchedulerClosedError``.
 * Requests start in submission order. With a ``compute.batch_engine.BatchEngine`` up to ``max_batch`` run in
-  the same forward passes (``compute.batching``: decode rows of the running ones, prefill chunks of new ones, a
-  request admitted only when the KV pool can hold its prompt and a first token); with a
+  the same forward passes (``compute.batching``: decode rows of the running ones, prefill chunks of new ones, at
+  most ``max_pass_tokens`` tokens a pass, by default the engine's prefill chunk; a request admitted only when the
+  KV pool can hold its prompt and a first token); with a
   ``compute.engine.Engine`` (one conversation at a time) they run one after another, speculatively when the
   engine has a drafter (``stats().speculation`` then sums what speculation did over the replies that ended).
 * ``cancel`` stops a request at the next pass boundary, queued or running: it ends with
@@ -96,6 +97,8 @@ class SchedulerStats:
     kv_free_tokens: int  # KV positions not held by any sequence
     kv_total_tokens: int  # KV positions the engine has
     max_batch: int  # sequences one forward pass can serve
+    # tokens one batched pass carries at most (decode rows and prompt chunks); None: one request at a time
+    pass_tokens: int | None
     passes: int  # forward passes run since start
     tokens_generated: int  # tokens sent as TokenEvents since start
     # of those passes, how many were launched before the tokens of the pass before them were read (batched, greedy)
@@ -132,7 +135,7 @@ class Request:
 class Scheduler:
     """Admits requests, runs them on ``engine`` in one thread, and reports their events; see the module docstring."""
 
-    def __init__(self, engine, *, max_batch: int, max_waiting: int = 256):
+    def __init__(self, engine, *, max_batch: int, max_waiting: int = 256, max_pass_tokens: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_waiting < 0:
@@ -141,7 +144,7 @@ class Scheduler:
         self.max_context: int = engine.max_context
         self.tokenizer = engine.tokenizer
         self.max_waiting = max_waiting
-        self._runner = _make_runner(self, engine, max_batch)
+        self._runner = _make_runner(self, engine, max_batch, max_pass_tokens)
         self.max_batch = self._runner.max_batch
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -202,6 +205,7 @@ class Scheduler:
             kv_free_tokens=free,
             kv_total_tokens=total,
             max_batch=self.max_batch,
+            pass_tokens=self._runner.pass_tokens,
             passes=self.passes,
             tokens_generated=self.tokens_generated,
             passes_ahead=self._runner.passes_ahead,
@@ -382,11 +386,12 @@ class Scheduler:
             entry.cancelled = True
 
 
-def _make_runner(scheduler: Scheduler, engine, max_batch: int):
-    """The loop that drives ``engine``: batched for a ``BatchEngine``, one request at a time for an ``Engine``."""
+def _make_runner(scheduler: Scheduler, engine, max_batch: int, max_pass_tokens: int | None):
+    """The loop that drives ``engine``: batched for a ``BatchEngine`` (at most ``max_pass_tokens`` a pass), one
+    request at a time for an ``Engine``."""
     from compute.batch_engine import BatchEngine
     from compute.batching import BatchRunner, SerialRunner
 
     if isinstance(engine, BatchEngine):
-        return BatchRunner(scheduler, engine, max_batch)
+        return BatchRunner(scheduler, engine, max_batch, max_pass_tokens)
     return SerialRunner(scheduler, engine)

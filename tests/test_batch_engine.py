@@ -369,11 +369,13 @@ def in_process_engine(qdir: Path, **options) -> BatchEngine:
     return engine
 
 
-def run_together(engine: BatchEngine, work, max_batch: int = 4) -> tuple[list[list], object]:
+def run_together(
+    engine: BatchEngine, work, max_batch: int = 4, max_pass_tokens: int | None = None
+) -> tuple[list[list], object]:
     """Every (prompt, params) of ``work`` queued at once to a scheduler of ``max_batch``: (each request's events,
     the stats)."""
     replies = Replies()
-    scheduler = Scheduler(engine, max_batch=max_batch)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_pass_tokens=max_pass_tokens)
     ids = [replies.submit(scheduler, p, params) for p, params in work]
     scheduler.start()
     events = [replies.wait(i) for i in ids]
@@ -397,6 +399,31 @@ def test_greedy_passes_launch_ahead_of_their_tokens_and_give_the_same_replies(qd
     for (prompt, params), events in zip(work, ahead):
         assert events[-1] == FinishEvent(events[-1].request_id, FinishReason.LENGTH, len(prompt), params.max_new_tokens)
     assert engine.kv_pool.free_tokens == engine.kv_pool.total_tokens
+
+
+def test_a_cap_on_pass_tokens_spreads_prompts_over_more_passes_and_keeps_each_reply(tiny_q, tmp_path):
+    greedy = SamplingParams(temperature=0, max_new_tokens=5)
+    work = [(random_prompt(n), greedy) for n in (20, 14, 9)]  # 43 prompt tokens
+    uncapped, stats = run_together(in_process_engine(tiny_q), work)
+    engine = in_process_engine(tiny_q)
+    fed = []  # tokens of each pass
+    forward = engine.forward
+
+    def recorded(chunks, **options):
+        fed.append(sum(len(chunk.token_ids) for chunk in chunks))
+        return forward(chunks, **options)
+
+    engine.forward = recorded
+    capped, capped_stats = run_together(engine, work, max_pass_tokens=6)
+    assert stats.pass_tokens == engine.prefill_chunk > 43 and capped_stats.pass_tokens == 6
+    assert max(fed) == 6 and sum(fed[:8]) == 8 * 6  # the prompts fill the first eight passes to the cap
+    assert capped_stats.passes == len(fed) > stats.passes
+    reference = reference_model(tiny_q, tmp_path)
+    for (prompt, _), ours, theirs in zip(work, capped, uncapped):
+        assert len(tokens_of(ours)) == 5
+        assert_same_or_near_tie(tokens_of(ours), tokens_of(theirs), prompt, reference)
+    with pytest.raises(ValueError, match=r"max pass tokens \(4\) must be more than the max batch \(4\)"):
+        Scheduler(in_process_engine(tiny_q), max_batch=4, max_pass_tokens=4)
 
 
 def test_passes_go_ahead_while_requests_wait_that_cannot_join(tiny_q):

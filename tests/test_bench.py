@@ -122,6 +122,7 @@ def test_the_concurrency_benchmark_serves_every_level_through_a_real_loader(tiny
         new_tokens=4, device="cpu",
     )  # fmt: skip
     assert (result.max_batch, result.kv_tokens, result.streamed_units) == (3, 64, 3)
+    assert result.pass_tokens >= 64  # the plan's prefill chunk
     assert [lv.concurrency for lv in result.levels] == [1, 3, 5]
     one, three, five = result.levels
     # one request: a prefill pass and three decode passes; requests submitted together share passes (the engine
@@ -133,7 +134,7 @@ def test_the_concurrency_benchmark_serves_every_level_through_a_real_loader(tiny
         assert 0 < lv.ttft_p50_s <= lv.ttft_p99_s <= lv.wall_s and 0 < lv.itl_p50_s <= lv.itl_p99_s
         assert lv.decode_tokens_per_s > 0 and lv.total_tokens_per_s > 0
     rows = format_concurrency_table([result], {"1GiB": one.decode_tokens_per_s}).splitlines()[2:]
-    assert len(rows) == 3 and rows[0].startswith("| 1GiB | stream | 0/3 | 3 | 64 | 1 |") and "| 1.0 |" in rows[0]
+    assert len(rows) == 3 and rows[0].startswith(f"| 1GiB | stream | 0/3 | 3 | 64 | {result.pass_tokens} | 1 |") and "| 1.0 |" in rows[0]
     assert "| 2/4 |" in rows[0]
 
 

@@ -432,6 +432,20 @@ def test_a_batch_with_speculative_decoding_is_refused_in_one_line(tiny_q):
     assert both.returncode == 2 and "choose one" in both.stderr and "Traceback" not in both.stderr
 
 
+def test_a_pass_token_cap_the_batch_cannot_use_is_refused_in_one_line(tiny_q):
+    for extra, last_line in [
+        (["--max-batch", "4", "--max-pass-tokens", "4"], "Error: Invalid value for --max-pass-tokens: 4 is not more "
+         "than --max-batch (4): a pass carries a row for each running request, and new prompts are fed from what is "
+         "left"),
+        (["--max-batch", "1", "--max-pass-tokens", "64"], "Error: --max-pass-tokens sets how batched passes share "
+         "their tokens: it needs --max-batch above 1"),
+    ]:  # fmt: skip
+        result = subprocess.run([sys.executable, "-m", "compute.cli", "serve", *serve_args(tiny_q, *extra)],
+                                capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == last_line
+
+
 def test_a_port_in_use_is_one_line_before_anything_starts(server, tiny_q):
     port = server.url.rsplit(":", 1)[1]
     result = subprocess.run(
@@ -444,8 +458,9 @@ def test_a_port_in_use_is_one_line_before_anything_starts(server, tiny_q):
 
 def test_sigterm_ends_open_streams_cleanly_and_stops_the_loader(tiny_q, tmp_path):
     grace = 1.0  # the long replies (1000 tokens) take several seconds, the short one (2 tokens) far less
-    args = serve_args(tiny_q, "--max-batch", "4", "--shutdown-grace", str(grace))
+    args = serve_args(tiny_q, "--max-batch", "4", "--max-pass-tokens", "24", "--shutdown-grace", str(grace))
     with ServerProcess(args, log_path=tmp_path / "log") as server:
+        assert health(server)["pass_tokens"] == 24
         client = server.client()
         random.seed(1)  # a prompt whose greedy reply runs past the grace without an EOS (some random ones end early)
         messages = [{"role": "user", "content": random_prompt()}]

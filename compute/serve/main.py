@@ -4,7 +4,9 @@ It takes ``spillover run``'s model, budget and sampling options (``compute.run.M
 ones become the defaults of requests that leave them out, ``-n`` the default ``max_tokens``) and its own:
 ``--host`` (default 127.0.0.1: loopback only), ``--port`` (0: any free port), ``--api-key`` (or
 ``$SPILLOVER_API_KEY``), ``--max-batch`` and ``--kv-tokens`` (the loader's planner counts the paged KV pool they
-ask for), ``--max-waiting``, ``--served-model-name``, ``--shutdown-grace``. Like ``spillover run`` it starts the
+ask for), ``--max-pass-tokens`` (what one batched pass carries at most: new prompts are fed in what the running
+streams' rows leave of it, so a smaller value shortens the stall when prompts arrive, at the cost of more passes
+to prefill them), ``--max-waiting``, ``--served-model-name``, ``--shutdown-grace``. Like ``spillover run`` it starts the
 loader (or uses ``--connect``'s), builds the engine on the loader's plan (``compute.batch_engine.BatchEngine``
 when the plan's batch is more than one sequence, else the one-conversation ``compute.engine.Engine``) and puts a
 ``compute.scheduler.Scheduler`` over it.
@@ -68,6 +70,7 @@ class ServeConfig:
     port: int  # 0 = any free port
     api_key: str | None  # None: no key needed
     max_waiting: int  # requests queued beyond the running ones before 429
+    max_pass_tokens: int | None  # tokens one batched pass carries at most; None: the plan's prefill chunk
     model_id: str  # the model's name in the API
     shutdown_grace_s: float  # seconds running requests may go on after SIGINT/SIGTERM
 
@@ -88,6 +91,10 @@ class ServeConfig:
 @click.option("--kv-tokens", type=click.IntRange(min=1),
               help="Positions of the paged KV pool all sequences share (the budget counts it). [default: the "
                    "planner's: one context's memory, at least --max-context]")
+@click.option("--max-pass-tokens", type=click.IntRange(min=2),
+              help="Tokens one pass carries at most, a row for each running request and chunks of new prompts in "
+                   "the rest: smaller keeps streams flowing while prompts prefill, larger prefills in fewer passes. "
+                   "More than --max-batch; with --max-batch above 1. [default: the plan's prefill chunk]")
 @click.option("--max-waiting", type=click.IntRange(min=0), default=256, show_default=True,
               help="Requests queued beyond the running ones; more are refused with 429.")
 @click.option("--served-model-name", metavar="NAME", help="The model's name in the API. [default: --model as given]")
@@ -111,10 +118,26 @@ def serve(ctx: click.Context, **options) -> None:
         port=options["port"],
         api_key=options["api_key"],
         max_waiting=options["max_waiting"],
+        max_pass_tokens=_max_pass_tokens(options),
         model_id=options["served_model_name"] or run.model or "demo",
         shutdown_grace_s=options["shutdown_grace"],
     )
     drive(ctx, run, functools.partial(_serve, config))
+
+
+def _max_pass_tokens(options: dict) -> int | None:
+    """``--max-pass-tokens``, checked against ``--max-batch`` (``options["max_batch"]`` already decided)."""
+    tokens = options["max_pass_tokens"]
+    if tokens is not None and options["max_batch"] == 1:
+        raise click.UsageError("--max-pass-tokens sets how batched passes share their tokens: it needs --max-batch "
+                               "above 1")  # fmt: skip
+    if tokens is not None and tokens <= options["max_batch"]:
+        raise click.BadParameter(
+            f"{tokens} is not more than --max-batch ({options['max_batch']}): a pass carries a row for each running "
+            "request, and new prompts are fed from what is left",
+            param_hint="--max-pass-tokens",
+        )
+    return tokens
 
 
 def _max_batch(options: dict) -> int:
@@ -184,7 +207,11 @@ def _serve(config: ServeConfig, run: RunConfig, model: ResolvedModel, loader_com
             raise loader_failed(f"the loader (pid {plan.loader_pid}) failed: {e}") from None
         except DraftModelError as e:
             raise RunError(str(e)) from None
-        scheduler = Scheduler(engine, max_batch=plan.max_batch, max_waiting=config.max_waiting)
+        try:
+            scheduler = Scheduler(engine, max_batch=plan.max_batch, max_waiting=config.max_waiting,
+                                  max_pass_tokens=config.max_pass_tokens if plan.max_batch > 1 else None)
+        except ValueError as e:  # --connect: the loader's batch, not --max-batch, meets --max-pass-tokens here
+            raise RunError(f"--max-pass-tokens: {e}") from None
         scheduler.start()
         stack.callback(scheduler.close, drain=False)
         failure = asyncio.run(_http(config, run, scheduler, listener, plan.loader_pid))
