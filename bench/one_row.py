@@ -221,7 +221,8 @@ def main(
               "scheduler_itl_p50_ms_waiting": scheduler_itl_ms[False], "passes_ahead": passes_ahead,
               "device_ids": can_go_ahead, "one_conversation_ms": one_conversation_ms,
               "one_conversation_replay_ms": one_conversation_replay_ms,
-              "logits_relative_error": error, "prompt_tokens": prompt_tokens, "paged_splits": paged_splits, "paged_stages": paged_stages}  # fmt: skip
+              "logits_relative_error": error, "prompt_tokens": prompt_tokens, "paged_splits": paged_splits,
+              "paged_stages": paged_stages}  # fmt: skip
     if kernels_table is not None:
         result["kernels"] = kernels_table
     click.echo(json.dumps(result, indent=1))

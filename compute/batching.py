@@ -35,6 +35,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def check_pass_tokens(max_pass_tokens: int | None, max_batch: int) -> None:
+    """``ValueError`` unless a cap on a batched pass's tokens leaves room for prompts beside ``max_batch`` decode
+    rows (None: no cap)."""
+    if max_pass_tokens is not None and max_pass_tokens <= max_batch:
+        raise ValueError(
+            f"{max_pass_tokens} is not more than the max batch ({max_batch}): a pass carries a row for each running "
+            "request, and new prompts are fed from what is left"
+        )
+
+
 def failure_message(error: Exception) -> str:
     """One line for the requests a failed pass touched."""
     return f"generation failed: {type(error).__name__}: {error}"
@@ -171,11 +181,7 @@ class BatchRunner:
         self.engine = engine
         self.pool = engine.kv_pool
         self.max_batch = min(max_batch, engine.max_batch)
-        if max_pass_tokens is not None and max_pass_tokens <= self.max_batch:
-            raise ValueError(
-                f"max pass tokens ({max_pass_tokens}) must be more than the max batch ({self.max_batch}): a pass "
-                "carries a row for each running sequence, and prompts are fed from what is left"
-            )
+        check_pass_tokens(max_pass_tokens, self.max_batch)
         # tokens a pass carries at most: the activations are counted for the engine's prefill chunk
         self.pass_tokens: int = min(engine.prefill_chunk, max_pass_tokens or engine.prefill_chunk)
         self.vocab_size: int = engine.vocab_size

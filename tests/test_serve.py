@@ -435,7 +435,7 @@ def test_a_batch_with_speculative_decoding_is_refused_in_one_line(tiny_q):
 def test_a_pass_token_cap_the_batch_cannot_use_is_refused_in_one_line(tiny_q):
     for extra, last_line in [
         (["--max-batch", "4", "--max-pass-tokens", "4"], "Error: Invalid value for --max-pass-tokens: 4 is not more "
-         "than --max-batch (4): a pass carries a row for each running request, and new prompts are fed from what is "
+         "than the max batch (4): a pass carries a row for each running request, and new prompts are fed from what is "
          "left"),
         (["--max-batch", "1", "--max-pass-tokens", "64"], "Error: --max-pass-tokens sets how batched passes share "
          "their tokens: it needs --max-batch above 1"),

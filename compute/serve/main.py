@@ -127,16 +127,16 @@ def serve(ctx: click.Context, **options) -> None:
 
 def _max_pass_tokens(options: dict) -> int | None:
     """``--max-pass-tokens``, checked against ``--max-batch`` (``options["max_batch"]`` already decided)."""
+    from compute.batching import check_pass_tokens
+
     tokens = options["max_pass_tokens"]
     if tokens is not None and options["max_batch"] == 1:
         raise click.UsageError("--max-pass-tokens sets how batched passes share their tokens: it needs --max-batch "
                                "above 1")  # fmt: skip
-    if tokens is not None and tokens <= options["max_batch"]:
-        raise click.BadParameter(
-            f"{tokens} is not more than --max-batch ({options['max_batch']}): a pass carries a row for each running "
-            "request, and new prompts are fed from what is left",
-            param_hint="--max-pass-tokens",
-        )
+    try:
+        check_pass_tokens(tokens, options["max_batch"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-pass-tokens") from None
     return tokens
 
 
@@ -209,7 +209,7 @@ def _serve(config: ServeConfig, run: RunConfig, model: ResolvedModel, loader_com
             raise RunError(str(e)) from None
         try:
             scheduler = Scheduler(engine, max_batch=plan.max_batch, max_waiting=config.max_waiting,
-                                  max_pass_tokens=config.max_pass_tokens if plan.max_batch > 1 else None)
+                                  max_pass_tokens=config.max_pass_tokens)  # fmt: skip
         except ValueError as e:  # --connect: the loader's batch, not --max-batch, meets --max-pass-tokens here
             raise RunError(f"--max-pass-tokens: {e}") from None
         scheduler.start()
